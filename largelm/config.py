@@ -1,0 +1,292 @@
+"""One typed config for a whole run, loaded from YAML and validated before any process group starts.
+
+Every section is a pydantic model with ``extra="forbid"`` so a misspelt field is an error that names it.
+The DeepSpeed JSON config is *generated* from this object (``largelm.parallel.deepspeed_config``); it is
+never kept by hand in a second place.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or field is wrong; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Model *shape*. The parallel building blocks are chosen by the layer spec (largelm.model.specs)."""
+
+    arch: Literal["gpt", "bert"] = "gpt"
+    # gpt2: LayerNorm, GeLU MLP, learned absolute positions, biases.
+    # llama: RMSNorm, SwiGLU MLP, rotary positions, no biases, optional GQA.
+    style: Literal["gpt2", "llama"] = "gpt2"
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_query_groups: Optional[int] = Field(default=None, gt=0, description="GQA groups; None = MHA")
+    ffn_hidden_size: Optional[int] = Field(default=None, gt=0, description="default 4*hidden (gpt2)")
+    seq_length: int = Field(gt=0)
+    max_position_embeddings: Optional[int] = Field(default=None, gt=0)
+    # Filled from the tokenizer when left empty; padded up for tensor-parallel vocab sharding.
+    vocab_size: Optional[int] = Field(default=None, gt=0)
+    make_vocab_size_divisible_by: int = Field(default=128, gt=0)
+    tie_embeddings: bool = True
+    rotary_base: float = Field(default=10000.0, gt=0)
+    norm_epsilon: float = Field(default=1e-5, gt=0)
+    hidden_dropout: float = Field(default=0.0, ge=0, lt=1)
+    attention_dropout: float = Field(default=0.0, ge=0, lt=1)
+    init_method_std: float = Field(default=0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> "ModelConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        groups = self.num_query_groups
+        if groups is not None and self.num_attention_heads % groups:
+            raise ValueError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_query_groups={groups}"
+            )
+        if self.max_position_embeddings is not None and self.max_position_embeddings < self.seq_length:
+            raise ValueError(
+                f"model.max_position_embeddings={self.max_position_embeddings} is smaller than "
+                f"model.seq_length={self.seq_length}"
+            )
+        return self
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.style == "llama":  # Llama rule: 2/3 * 4h rounded up to a multiple of 256
+            return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
+        return 4 * self.hidden_size
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
+        if self.vocab_size is None:
+            raise ConfigError("model.vocab_size is not set (it is read from the tokenizer before building)")
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return multiple * math.ceil(self.vocab_size / multiple)
+
+
+class DatasetSpec(_Section):
+    path: str = Field(description="directory holding manifest.json and the tar shards")
+    weight: float = Field(default=1.0, gt=0)
+
+
+class DataConfig(_Section):
+    train: list[DatasetSpec] = Field(min_length=1)
+    valid: list[DatasetSpec] = Field(default_factory=list)
+    num_workers: int = Field(default=1, ge=0)
+    shuffle_buffer: int = Field(default=1000, ge=0)
+    seed: int = 1234
+    skip_bad_samples: bool = False
+
+
+class TokenizerConfig(_Section):
+    model: str = Field(description="path to a sentencepiece .model file")
+
+
+class ParallelConfig(_Section):
+    tensor_parallel: int = Field(default=1, ge=1)
+    pipeline_parallel: int = Field(default=1, ge=1)
+    sequence_parallel: bool = False
+    virtual_pipeline: Optional[int] = Field(default=None, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    backend: Optional[Literal["nccl", "gloo"]] = Field(default=None, description="default: nccl if CUDA else gloo")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParallelConfig":
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ValueError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+        if self.pipeline_parallel > 1 and self.zero_stage > 1:
+            raise ValueError(
+                f"parallel.zero_stage={self.zero_stage} with parallel.pipeline_parallel={self.pipeline_parallel}: "
+                "DeepSpeed's pipeline engine supports only ZeRO stage 0 or 1"
+            )
+        if self.virtual_pipeline is not None and self.pipeline_parallel == 1:
+            raise ValueError("parallel.virtual_pipeline needs parallel.pipeline_parallel > 1")
+        return self
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel
+
+
+class OptimizerConfig(_Section):
+    lr: float = Field(default=3e-4, gt=0)
+    min_lr: float = Field(default=3e-5, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(default=0.1, ge=0)
+    beta1: float = Field(default=0.9, gt=0, lt=1)
+    beta2: float = Field(default=0.95, gt=0, lt=1)
+    eps: float = Field(default=1e-8, gt=0)
+    grad_clip: float = Field(default=1.0, ge=0, description="0 disables clipping")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimizerConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"optimizer.min_lr={self.min_lr} is larger than optimizer.lr={self.lr}")
+        return self
+
+
+class TrainConfig(_Section):
+    steps: int = Field(gt=0, description="optimizer steps")
+    micro_batch_size: int = Field(default=1, gt=0)
+    grad_accum_steps: int = Field(default=1, gt=0)
+    precision: Literal["fp32", "bf16"] = "bf16"
+    seed: int = 1234
+    eval_interval: int = Field(default=100, ge=0, description="0 disables validation")
+    eval_steps: int = Field(default=10, gt=0)
+    log_interval: int = Field(default=10, gt=0)
+    max_bad_steps: int = Field(default=5, gt=0, description="abort after this many consecutive NaN/inf steps")
+
+
+class CheckpointConfig(_Section):
+    dir: str = "runs/default/checkpoints"
+    save_interval: int = Field(default=100, ge=0, description="0 saves only at the end")
+    keep_last: int = Field(default=3, ge=1)
+    resume: bool = True
+
+
+class LoggingConfig(_Section):
+    tensorboard_dir: Optional[str] = "runs/default/tensorboard"
+    progress_bar: bool = True
+    # MFU denominator per rank, e.g. 989 for an H100 in bf16. None: measured with a matmul at start-up.
+    peak_tflops_per_rank: Optional[float] = Field(default=None, gt=0)
+
+
+class Config(_Section):
+    name: str = "run"
+    model: ModelConfig
+    tokenizer: TokenizerConfig
+    data: DataConfig
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    train: TrainConfig
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> "Config":
+        m, p = self.model, self.parallel
+        if m.num_attention_heads % p.tensor_parallel:
+            raise ValueError(
+                f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                f"parallel.tensor_parallel={p.tensor_parallel}"
+            )
+        if m.kv_groups % p.tensor_parallel:
+            raise ValueError(
+                f"model.num_query_groups={m.kv_groups} is not divisible by parallel.tensor_parallel={p.tensor_parallel}"
+            )
+        stages = p.pipeline_parallel * (p.virtual_pipeline or 1)
+        if m.num_layers % stages:
+            raise ValueError(
+                f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_parallel x "
+                f"parallel.virtual_pipeline = {stages}"
+            )
+        if p.pipeline_parallel > 1 and self.train.grad_accum_steps < p.pipeline_parallel:
+            raise ValueError(
+                f"train.grad_accum_steps={self.train.grad_accum_steps} (micro-batches per step) is smaller than "
+                f"parallel.pipeline_parallel={p.pipeline_parallel}: the pipeline would never fill"
+            )
+        if self.optimizer.warmup_steps > self.train.steps:
+            raise ValueError(
+                f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds train.steps={self.train.steps}"
+            )
+        if m.arch == "bert" and m.style != "gpt2":
+            raise ValueError("model.style must be 'gpt2' (post-LN-free BERT layout) when model.arch is 'bert'")
+        return self
+
+    # --- derived quantities -------------------------------------------------------------------------
+    def data_parallel_size(self, world_size: int) -> int:
+        mp = self.parallel.model_parallel
+        if world_size % mp:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor_parallel x "
+                f"parallel.pipeline_parallel = {mp}"
+            )
+        return world_size // mp
+
+    def global_batch_size(self, world_size: int) -> int:
+        return self.train.micro_batch_size * self.train.grad_accum_steps * self.data_parallel_size(world_size)
+
+    def tokens_per_step(self, world_size: int) -> int:
+        return self.global_batch_size(world_size) * self.model.seq_length
+
+    def check_world_size(self, world_size: int) -> None:
+        """Validate the layout against the launcher's world size (before any process group starts)."""
+        self.data_parallel_size(world_size)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Config:
+    """Load and validate a YAML config. ``overrides`` are ``dotted.key=value`` strings (YAML-typed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())  # safe loader: no arbitrary Python objects
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    for item in overrides or []:
+        apply_override(data, item, source=str(path))
+    return config_from_dict(data, source=str(path))
+
+
+def apply_override(data: dict, item: str, source: str = "<override>") -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    key, raw = item.split("=", 1)
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section in {source}")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

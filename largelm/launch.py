@@ -1,0 +1,99 @@
+"""Start a training run with the deepspeed launcher or torchrun, after validating the config for the layout.
+
+    largelm-launch --config configs/gpt-tiny.yaml --nproc 2                      # deepspeed, this machine
+    largelm-launch --config c.yaml --hostfile launch/hostfile --num-nodes 2 --nproc 8
+    largelm-launch --config c.yaml --launcher torchrun --nproc 2 -- train.steps=50
+
+On a machine without CUDA it sets DS_ACCELERATOR=cpu and gives each rank an equal share of the cores
+(OMP_NUM_THREADS); with CUDA nothing changes and NCCL is used. The command is printed before it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+
+from largelm.config import ConfigError, load_config
+
+ENTRY_MODULE = "largelm.train.main"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+    p.add_argument("--nproc", type=int, default=1, help="ranks per node (GPUs per node; CPU processes here)")
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--hostfile", help="deepspeed hostfile ('host slots=N' per line)")
+    p.add_argument("--include", help="deepspeed --include, e.g. 'node1:0,1@node2'")
+    p.add_argument("--exclude", help="deepspeed --exclude")
+    p.add_argument("--master-addr", default=None)
+    p.add_argument("--master-port", type=int, default=None)
+    p.add_argument("--node-rank", type=int, default=None, help="torchrun: this node's rank (multi-node)")
+    p.add_argument("--no-ssh", action="store_true",
+                   help="deepspeed: start only this node's ranks (run once per node, e.g. via srun)")
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=20")
+    return p
+
+
+def cpu_environment(env: dict, nproc: int) -> dict:
+    """No CUDA: DeepSpeed's CPU accelerator, gloo, and threads split evenly between the ranks."""
+    env = dict(env)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return env
+
+
+def build_command(args: argparse.Namespace) -> list[str]:
+    script = ["--config", args.config, *args.overrides]
+    if args.launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={args.num_nodes}",
+               f"--nproc-per-node={args.nproc}"]
+        if args.num_nodes > 1:
+            if not args.master_addr:
+                raise SystemExit("error: --master-addr is required for multi-node torchrun")
+            cmd += [f"--node-rank={args.node_rank or 0}", f"--master-addr={args.master_addr}",
+                    f"--master-port={args.master_port or 29500}"]
+        else:
+            cmd += ["--standalone"]
+        return cmd + ["-m", ENTRY_MODULE, *script]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={args.nproc}"]
+    if args.hostfile:
+        cmd += [f"--hostfile={args.hostfile}", f"--num_nodes={args.num_nodes}"]
+    elif args.num_nodes > 1 and not args.no_ssh:
+        raise SystemExit("error: --num-nodes > 1 needs --hostfile (or --no-ssh with one launch per node)")
+    if args.no_ssh:
+        cmd += ["--no_ssh", f"--num_nodes={args.num_nodes}", f"--node_rank={args.node_rank or 0}"]
+    for flag in ("include", "exclude", "master_addr", "master_port"):
+        value = getattr(args, flag)
+        if value is not None:
+            cmd.append(f"--{flag}={value}")
+    return cmd + ["--module", ENTRY_MODULE, *script]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    world_size = args.nproc * args.num_nodes
+    try:  # validate before any process starts
+        load_config(args.config, args.overrides).check_world_size(world_size)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cmd = build_command(args)
+    env = dict(os.environ)
+    import torch
+
+    if not torch.cuda.is_available():
+        env = cpu_environment(env, args.nproc)
+    print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

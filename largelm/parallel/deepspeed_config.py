@@ -1,0 +1,51 @@
+"""Generate the DeepSpeed JSON config from the typed largelm Config (the only place it is defined)."""
+
+from __future__ import annotations
+
+from largelm.config import Config
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The dict passed as ``config=`` to ``deepspeed.initialize``.
+
+    The optimizer is DeepSpeed's (torch AdamW underneath, so it runs on CPU and GPU alike); the LR schedule is
+    ours (``largelm.train.schedule``) because DeepSpeed's schedulers cannot express Megatron's "warm up from 0,
+    decay to min_lr" exactly.
+    """
+    t, o, p = cfg.train, cfg.optimizer, cfg.parallel
+    dp = cfg.data_parallel_size(world_size)
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp,
+        "gradient_clipping": o.grad_clip,
+        "steps_per_print": 10**9,  # largelm logs itself
+        "wall_clock_breakdown": False,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": [o.beta1, o.beta2],
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                "torch_adam": True,  # no fused CUDA kernel needed; fp32 master weights live in the ZeRO optimizer
+                "adam_w_mode": True,
+            },
+        },
+        "zero_optimization": _zero_section(p.zero_stage),
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": False},
+    }
+    if t.precision == "bf16":
+        # Accumulate gradients in fp32 across micro-batches (bf16 accumulation loses small updates).
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    if p.pipeline_parallel > 1:
+        ds["pipeline"] = {"activation_checkpoint_interval": 0}
+    return ds
+
+
+def _zero_section(stage: int) -> dict:
+    zero: dict = {"stage": stage}
+    if stage >= 1:
+        zero.update({"contiguous_gradients": True, "overlap_comm": False, "reduce_scatter": True})
+    return zero

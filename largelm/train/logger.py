@@ -1,0 +1,55 @@
+"""Rank-0 run logging: a progress bar (loss, tokens/s, ETA), periodic text lines, and tensorboard scalars."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from tqdm import tqdm
+
+
+class RunLogger:
+    def __init__(self, enabled: bool, total_steps: int, start_step: int, tensorboard_dir: Optional[str],
+                 progress_bar: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+        if progress_bar:
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=1.0)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def step(self, loss: float, tokens_per_s: Optional[float]) -> None:
+        if self.bar is not None:
+            postfix = {"loss": f"{loss:.4f}"}
+            if tokens_per_s is not None:
+                postfix["tok/s"] = f"{tokens_per_s:,.0f}"
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def line(self, text: str) -> None:
+        """A durable log line (the progress bar is for humans; lines are for log files and tests)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

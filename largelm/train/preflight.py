@@ -1,0 +1,77 @@
+"""Checks that need no process group: run on every rank before ``init_distributed`` so a bad run fails fast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from largelm.config import Config, ConfigError
+
+# Fields that fix the parameter shapes: a checkpoint written with other values cannot be resumed.
+SHAPE_FIELDS = ("arch", "style", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                "ffn_hidden_size", "vocab_size", "make_vocab_size_divisible_by", "tie_embeddings",
+                "max_position_embeddings")
+
+
+def preflight(cfg: Config, world_size: int) -> Config:
+    cfg.check_world_size(world_size)
+    tokenizer_path = Path(cfg.tokenizer.model)
+    if not tokenizer_path.is_file():
+        raise ConfigError(f"tokenizer.model: file {tokenizer_path} does not exist (train one with "
+                          f"tools/train_tokenizer.py)")
+    from largelm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer_path)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tok.vocab_size
+    elif cfg.model.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
+                          f"tokenizer {tokenizer_path} ({tok.vocab_size})")
+    for section, specs in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
+        for i, spec in enumerate(specs):
+            _check_dataset(f"{section}[{i}]", Path(spec.path), cfg, tok)
+    _check_checkpoint(cfg)
+    return cfg
+
+
+def _check_dataset(field: str, path: Path, cfg: Config, tok) -> None:
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise ConfigError(f"{field}.path: {manifest_path} does not exist (write shards with tools/prepare_data.py)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{field}.path: {manifest_path} is not valid JSON: {err}") from None
+    if manifest.get("seq_length") != cfg.model.seq_length:
+        raise ConfigError(f"{field}: shards in {path} hold samples of seq_length {manifest.get('seq_length')}, "
+                          f"but model.seq_length is {cfg.model.seq_length}")
+    sha = manifest.get("tokenizer_sha256")
+    if sha and sha != tok.sha256:
+        raise ConfigError(f"{field}: shards in {path} were tokenized with another tokenizer than "
+                          f"tokenizer.model={cfg.tokenizer.model} (sha256 {sha[:12]} vs {tok.sha256[:12]})")
+
+
+def _check_checkpoint(cfg: Config) -> None:
+    """A checkpoint of another model shape or parallel layout is refused before any step runs."""
+    if not cfg.checkpoint.resume:
+        return
+    root = Path(cfg.checkpoint.dir)
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return
+    saved_cfg = root / pointer.read_text().strip() / "config.yaml"
+    if not saved_cfg.is_file():
+        return  # the manager falls back to the newest complete checkpoint and verifies it
+    saved = yaml.safe_load(saved_cfg.read_text())
+    mismatches = [
+        f"model.{key}: checkpoint {saved['model'].get(key)!r} vs config {getattr(cfg.model, key)!r}"
+        for key in SHAPE_FIELDS if saved["model"].get(key) != getattr(cfg.model, key)
+    ]
+    for key in ("tensor_parallel", "pipeline_parallel"):
+        if saved["parallel"].get(key) != getattr(cfg.parallel, key):
+            mismatches.append(f"parallel.{key}: checkpoint {saved['parallel'].get(key)} vs config "
+                              f"{getattr(cfg.parallel, key)} (reshard with tools/convert_checkpoint.py)")
+    if mismatches:
+        raise ConfigError(f"checkpoint {saved_cfg.parent} does not match this config:\n  " + "\n  ".join(mismatches))
