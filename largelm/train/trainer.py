@@ -15,13 +15,12 @@ from typing import Optional
 import deepspeed
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from largelm.checkpoint.manager import CheckpointManager, find_latest
 from largelm.config import Config, dump_config
 from largelm.data import build_loader
-from largelm.model.gpt import build_gpt_model, flops_per_token
-from megatron.core import parallel_state
-
+from largelm.model.gpt import build_gpt_model, flops_per_token, gpt_forward_loss
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat, model_parallel_manual_seed
 from largelm.parallel.deepspeed_config import deepspeed_config
@@ -34,14 +33,6 @@ from largelm.train.schedule import build_scheduler
 
 class TrainingAborted(RuntimeError):
     """Training cannot continue (e.g. too many consecutive non-finite steps)."""
-
-
-def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of ``tokens`` [b, s+1] (packed samples: every position is a real token)."""
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    positions = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand_as(inputs)
-    per_token = model(inputs, positions, None, labels=labels)
-    return per_token.float().mean()
 
 
 class Trainer:
@@ -142,7 +133,7 @@ class Trainer:
         losses = []
         for _ in range(self.cfg.train.grad_accum_steps):
             tokens = next(batches)["tokens"].to(self.device, non_blocking=True)
-            loss = lm_loss(self.engine, tokens)
+            _, loss = gpt_forward_loss(self.engine, tokens)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())
@@ -157,7 +148,7 @@ class Trainer:
         for i, batch in enumerate(self._valid_loader()):
             if i >= self.cfg.train.eval_steps:
                 break
-            total += lm_loss(self.engine, batch["tokens"].to(self.device))
+            total += gpt_forward_loss(self.engine, batch["tokens"])[1]
             count += 1
         if count == 0:
             raise RuntimeError(f"validation data {[s.path for s in self.cfg.data.valid]} yielded no batch on "

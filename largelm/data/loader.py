@@ -1,0 +1,236 @@
+"""``build_loader``: the training/validation loader over prepared shard directories.
+
+Training (``infinite=True``): shards reshuffled every epoch (seed + epoch), a seeded shuffle buffer, several
+datasets blended by weight, endless (each worker runs its own epochs, so torch's round-robin over workers
+stays exact), and exact mid-epoch resume through ``state_dict`` / ``load_state_dict``.
+
+Validation (``infinite=False``): one ordered pass, no shuffling; datasets are read one after another
+(weights are ignored); every rank reads its own equal share. Each ``iter()`` is a fresh pass.
+
+Batch ``k`` of a rank comes from DataLoader worker ``k % num_workers``; the loader records which reader slot
+produced each batch and where that slot stands, so the state is exact even with several workers.
+The state is **per rank** (each data-parallel rank reads different samples): save and restore one per rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import DataLoader
+
+from largelm.data.format import DataError, read_manifest
+from largelm.data.shards import check_shard_files
+from largelm.data.stream import Source, StreamSettings, TokenStream, collate_samples
+
+STATE_VERSION = 1
+DatasetArg = Union[str, Path, tuple, object]  # path, (path, weight), or anything with .path and .weight
+
+
+def _as_path_weight(item: DatasetArg) -> tuple[Path, float]:
+    if isinstance(item, (str, Path)):
+        return Path(item), 1.0
+    if isinstance(item, tuple) and len(item) == 2:
+        return Path(item[0]), float(item[1])
+    if hasattr(item, "path") and hasattr(item, "weight"):  # e.g. largelm.config.DatasetSpec
+        return Path(item.path), float(item.weight)
+    raise TypeError(f"dataset entry {item!r} must be a path, a (path, weight) pair or have .path/.weight")
+
+
+def open_sources(datasets: Iterable[DatasetArg], seq_length: int, tokenizer_sha256: Optional[str]) -> list[Source]:
+    sources = []
+    for item in datasets:
+        path, weight = _as_path_weight(item)
+        if not weight > 0:
+            raise DataError(f"dataset {path}: weight must be positive, got {weight}")
+        manifest = read_manifest(path)
+        if manifest.seq_length != seq_length:
+            raise DataError(
+                f"dataset {path} was prepared with seq_length {manifest.seq_length}, the loader wants {seq_length}"
+            )
+        if tokenizer_sha256 is not None and manifest.tokenizer_sha256 != tokenizer_sha256:
+            raise DataError(
+                f"dataset {path} was tokenized with tokenizer sha256 {manifest.tokenizer_sha256}, "
+                f"but the run uses {tokenizer_sha256}"
+            )
+        check_shard_files(manifest, path)
+        sources.append(Source(path, weight, manifest, manifest.fingerprint()))
+    if not sources:
+        raise DataError("no datasets given")
+    tokenizers = {s.manifest.tokenizer_sha256 for s in sources}
+    if len(tokenizers) > 1:
+        found = [(str(s.path), s.manifest.tokenizer_sha256[:12]) for s in sources]
+        raise DataError(f"datasets were tokenized with different tokenizers: {found}")
+    return sources
+
+
+class TokenLoader:
+    """Iterate for batches ``{"tokens": LongTensor[batch, seq_length + 1], "key": [...], "dataset": LongTensor}``."""
+
+    def __init__(
+        self, sources: list[Source], settings: StreamSettings, batch_size: int, num_workers: int, seq_length: int
+    ):
+        self.sources, self.settings = sources, settings
+        self.batch_size, self.num_workers, self.seq_length = batch_size, num_workers, seq_length
+        self._reset()
+
+    def _reset(self) -> None:
+        self._consumed = 0
+        self._next_slot = 0
+        self._slots: list[Optional[dict]] = [None] * self.settings.num_slots
+        self._bad = 0
+
+    @property
+    def bad_samples(self) -> int:
+        """Bad samples skipped so far (only ever non-zero with skip_bad_samples=True)."""
+        return self._bad
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank reads per epoch (training; summed over datasets) or per pass (validation)."""
+        rank, world = self.settings.rank, self.settings.world_size
+        counts = [src.manifest.num_samples for src in self.sources]
+        return sum(n * (rank + 1) // world - n * rank // world for n in counts)
+
+    def __iter__(self) -> Iterator[dict]:
+        if not self.settings.infinite:
+            self._reset()
+        dataset = TokenStream(self.sources, self.settings, self._next_slot, list(self._slots))
+        loader = DataLoader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_samples,
+            drop_last=False,
+            # Our own generator: otherwise every iter() draws from torch's global RNG (worker base seed) and a
+            # resumed run's dropout/init randomness would drift from the uninterrupted run's.
+            generator=torch.Generator().manual_seed(self.settings.seed % 2**63),
+        )
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                self._bad += batch.pop("_bad")
+                state = batch.pop("_state")
+                if "tokens" not in batch:  # end-of-pass marker carrying only a bad-sample count
+                    continue
+                self._slots[state["slot"]] = {"samples": state["samples"], "positions": state["positions"]}
+                self._next_slot = (state["slot"] + 1) % self.settings.num_slots
+                self._consumed += 1
+                yield batch
+        finally:
+            # Drop the worker pool now. Left to a traceback that keeps this frame alive, it would be torn down
+            # later by the garbage collector, where torch's worker shutdown can stall for seconds per worker.
+            del batches
+
+    # --- resume ---------------------------------------------------------------------------------------
+    def _identity(self) -> dict:
+        s = self.settings
+        return {
+            "rank": s.rank, "world_size": s.world_size, "num_workers": self.num_workers, "seed": s.seed,
+            "batch_size": self.batch_size, "seq_length": self.seq_length, "shuffle_buffer": s.shuffle_buffer,
+            "infinite": s.infinite,
+            "datasets": [
+                {"path": str(src.path), "weight": src.weight, "fingerprint": src.fingerprint} for src in self.sources
+            ],
+        }
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position after the batches consumed so far."""
+        return {
+            "version": STATE_VERSION,
+            **self._identity(),
+            "consumed_batches": self._consumed,
+            "bad_samples": self._bad,
+            "next_slot": self._next_slot,
+            "slots": [
+                None if s is None else {"samples": s["samples"], "positions": [list(p) for p in s["positions"]]}
+                for s in self._slots
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly after the batches recorded in ``state``; call before iterating."""
+        if not self.settings.infinite:
+            raise DataError(
+                "a validation loader (infinite=False) starts a fresh pass on every iteration; it has no state to resume"
+            )
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"loader state has version {state.get('version')!r}, expected {STATE_VERSION}")
+        differences = _differences(state, self._identity())
+        if differences:
+            raise DataError("loader state does not match this loader: " + "; ".join(differences))
+        slots = state.get("slots") or []
+        if (
+            len(slots) != self.settings.num_slots
+            or any(s is not None and len(s["positions"]) != len(self.sources) for s in slots)
+            or not 0 <= state.get("next_slot", -1) < self.settings.num_slots
+        ):
+            raise DataError("loader state is malformed: slot/position counts do not match")
+        self._slots = [
+            None if s is None
+            else {"samples": int(s["samples"]), "positions": [[int(e), int(o)] for e, o in s["positions"]]}
+            for s in slots
+        ]
+        self._next_slot = int(state["next_slot"])
+        self._consumed = int(state["consumed_batches"])
+        self._bad = int(state["bad_samples"])
+
+
+def _differences(state: dict, mine: dict) -> list[str]:
+    out = []
+    for key in ("rank", "world_size", "num_workers", "seed", "batch_size", "seq_length", "shuffle_buffer", "infinite"):
+        if state.get(key) != mine[key]:
+            out.append(f"{key}: state has {state.get(key)!r}, loader has {mine[key]!r}")
+    theirs = state.get("datasets") or []
+    if len(theirs) != len(mine["datasets"]):
+        out.append(f"datasets: state has {len(theirs)}, loader has {len(mine['datasets'])}")
+        return out
+    for i, (a, b) in enumerate(zip(theirs, mine["datasets"])):
+        if a.get("fingerprint") != b["fingerprint"]:
+            out.append(
+                f"datasets[{i}] ({b['path']}): contents differ from the state's {a.get('path')!r} "
+                f"(fingerprint {str(a.get('fingerprint'))[:12]} vs {b['fingerprint'][:12]})"
+            )
+        if a.get("weight") != b["weight"]:
+            out.append(f"datasets[{i}] ({b['path']}): weight {a.get('weight')!r} in state, {b['weight']!r} now")
+    return out
+
+
+def build_loader(
+    datasets: Sequence[DatasetArg],
+    seq_length: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 1,
+    shuffle_buffer: int = 1000,
+    seed: int = 1234,
+    infinite: bool = True,
+    skip_bad_samples: bool = False,
+    verify_checksums: bool = True,
+    tokenizer_sha256: Optional[str] = None,
+) -> TokenLoader:
+    """Loader over prepared split directories (each with ``manifest.json``); see the module docstring.
+
+    ``tokenizer_sha256``: when given, every dataset must have been tokenized with that tokenizer.
+    ``verify_checksums``: check each shard's sha256 the first time a worker opens it (size is always checked).
+    """
+    if batch_size <= 0 or seq_length <= 0:
+        raise ValueError(f"batch_size ({batch_size}) and seq_length ({seq_length}) must be positive")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+    if num_workers < 0 or shuffle_buffer < 0:
+        raise ValueError(f"num_workers ({num_workers}) and shuffle_buffer ({shuffle_buffer}) must be >= 0")
+    sources = open_sources(datasets, seq_length, tokenizer_sha256)
+    settings = StreamSettings(
+        rank=rank, world_size=world_size, num_slots=max(num_workers, 1), seed=seed, shuffle_buffer=shuffle_buffer,
+        infinite=infinite, skip_bad_samples=skip_bad_samples, verify_checksums=verify_checksums,
+    )
+    if infinite:
+        slots = world_size * settings.num_slots
+        for src in sources:
+            if src.manifest.num_samples < slots:
+                raise DataError(
+                    f"dataset {src.path} has {src.manifest.num_samples} samples, fewer than the {slots} readers "
+                    f"(world_size {world_size} x num_workers {settings.num_slots}); every reader needs at least one: "
+                    "prepare more data or use fewer workers"
+                )
+    return TokenLoader(sources, settings, batch_size, num_workers, seq_length)

@@ -1,0 +1,184 @@
+"""Which samples each reader reads, and reading them out of tar shards with checks.
+
+Splitting works on *sample ranges* of the epoch's shard sequence. An epoch lists every shard of a dataset
+(shuffled per epoch when training); ``split_by_rank`` gives each data-parallel rank a contiguous, equal share
+of that sequence (±1 sample) and ``split_by_worker`` divides the rank's share among its DataLoader workers
+the same way. A reader opens only the shards its share overlaps: about ``shards / slots`` whole shards plus
+at most one partial shard at each end. Compared with dealing out whole shards this
+
+* keeps every (rank, worker) slot at the same number of samples per epoch, so in infinite mode no slot
+  cycles through its data faster than another, and in validation every rank does the same work;
+* needs no minimum shard count: with fewer shards than slots the slots simply share shards.
+
+Both splitters take rank/world size explicitly (no torch.distributed globals), so they work without a
+process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from largelm.data.format import DataError, Manifest, ShardInfo, decode_sample, file_sha256
+
+log = logging.getLogger(__name__)
+
+# Purposes mixed into every seed so the shard order, blend and shuffle RNGs never share a stream.
+SEED_SHARD_ORDER, SEED_BLEND, SEED_SHUFFLE = 0, 1, 2
+
+
+def seed_words(*values: int) -> list[int]:
+    """Entropy words for numpy's SeedSequence (which needs non-negative ints)."""
+    return [int(v) % 2**64 for v in values]
+
+
+@dataclass(frozen=True)
+class ShardRange:
+    path: str  # tar file
+    start: int  # first sample index inside the shard
+    stop: int  # one past the last
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def epoch_shards(
+    manifest: Manifest, split_dir: Path, *, epoch: int, seed: int, dataset_index: int, shuffle: bool
+) -> list[ShardRange]:
+    """Every shard of the dataset in this epoch's order (a permutation seeded by seed and epoch)."""
+    order = np.arange(len(manifest.shards))
+    if shuffle:
+        rng = np.random.default_rng(seed_words(seed, SEED_SHARD_ORDER, dataset_index, epoch))
+        order = rng.permutation(len(manifest.shards))
+    return [
+        ShardRange(str(split_dir / manifest.shards[i].file), 0, manifest.shards[i].num_samples) for i in order
+    ]
+
+
+def take_part(ranges: Iterable[ShardRange], part: int, num_parts: int) -> list[ShardRange]:
+    """The ``part``-th of ``num_parts`` contiguous, equal (±1 sample) pieces of the concatenated ranges."""
+    ranges = list(ranges)
+    if not 0 <= part < num_parts:
+        raise ValueError(f"part {part} is outside 0..{num_parts - 1}")
+    total = sum(r.size for r in ranges)
+    lo, hi = total * part // num_parts, total * (part + 1) // num_parts
+    out, offset = [], 0
+    for r in ranges:
+        begin, end = max(lo, offset), min(hi, offset + r.size)
+        if begin < end:
+            out.append(ShardRange(r.path, r.start + begin - offset, r.start + end - offset))
+        offset += r.size
+    return out
+
+
+def split_by_rank(ranges: Iterable[ShardRange], rank: int, world_size: int) -> list[ShardRange]:
+    return take_part(ranges, rank, world_size)
+
+
+def split_by_worker(ranges: Iterable[ShardRange], worker: int, num_workers: int) -> list[ShardRange]:
+    return take_part(ranges, worker, num_workers)
+
+
+def check_shard_files(manifest: Manifest, split_dir: Path) -> None:
+    """Cheap up-front check (existence and size) of every shard; the sha256 is checked when a shard is read."""
+    for info in manifest.shards:
+        path = split_dir / info.file
+        if not path.is_file():
+            raise DataError(f"shard {path} listed in {split_dir / 'manifest.json'} is missing")
+        size = path.stat().st_size
+        if size != info.num_bytes:
+            raise DataError(
+                f"shard {path} is {size} bytes but the manifest says {info.num_bytes} (truncated or replaced?)"
+            )
+
+
+# (shard, expected sha256) pairs this process has already hashed; each DataLoader worker hashes a shard once.
+_hashed: set[tuple[str, str]] = set()
+
+
+class ShardReader:
+    """Pipeline stage: ShardRanges in, checked samples ``{"key", "tokens"}`` out.
+
+    A bad sample (wrong dtype/length, out-of-vocabulary id, damaged member) or a corrupt tar raises DataError
+    naming shard and sample key, unless ``on_bad`` is given: then ``on_bad(message, count)`` is called and
+    reading goes on with the next sample (or the next range, when the tar itself cannot be read further).
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        split_dir: Path,
+        verify_checksums: bool = True,
+        on_bad: Callable[[str, int], None] | None = None,
+    ):
+        self.manifest = manifest
+        self.verify_checksums = verify_checksums
+        self.on_bad = on_bad
+        self._info: dict[str, ShardInfo] = {str(split_dir / s.file): s for s in manifest.shards}
+
+    def __call__(self, ranges: Iterable[ShardRange]) -> Iterator[dict]:
+        for r in ranges:
+            yield from self.read(r)
+
+    def _bad(self, message: str, count: int = 1) -> None:
+        if self.on_bad is None:
+            raise DataError(message)
+        self.on_bad(message, count)
+
+    def _verify(self, path: str) -> None:
+        expected = self._info[path].sha256
+        if not self.verify_checksums or (path, expected) in _hashed:
+            return
+        actual = file_sha256(Path(path))
+        if actual == expected:
+            _hashed.add((path, expected))
+            return
+        message = f"shard {path}: sha256 {actual} does not match the manifest's {expected}"
+        if self.on_bad is None:
+            raise DataError(message)
+        # Skip mode: read it anyway (warned once per process); samples failing the per-sample checks are
+        # counted as bad, but damage that still decodes to in-vocabulary ids cannot be detected.
+        _hashed.add((path, expected))
+        log.warning("%s; reading it anyway and skipping samples that fail checks", message)
+
+    def read(self, r: ShardRange) -> Iterator[dict]:
+        self._verify(r.path)
+        index, last_key = 0, None
+        try:
+            with open(r.path, "rb") as stream:
+                files = ({**f, "__url__": r.path} for f in tar_file_iterator(stream))
+                for files_of_sample in group_by_keys(files):
+                    if index >= r.stop:
+                        break
+                    key = files_of_sample["__key__"]
+                    if index >= r.start:  # samples before the range belong to another reader: not decoded
+                        try:
+                            tokens = decode_sample(files_of_sample, self.manifest, f"shard {r.path} sample {key!r}")
+                        except DataError as err:
+                            self._bad(str(err))
+                        else:
+                            yield {"key": key, "tokens": tokens}
+                    index, last_key = index + 1, key
+        except DataError:
+            raise
+        except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+            missing = r.stop - max(index, r.start)
+            self._bad(
+                f"shard {r.path}: tar unreadable after sample {last_key!r} (sample #{index}; "
+                f"{missing} of this reader's samples lost): {err}",
+                missing,
+            )
+            return
+        if index < r.stop:
+            self._bad(
+                f"shard {r.path}: ends after {index} samples (last key {last_key!r}) but the manifest lists "
+                f"{self._info[r.path].num_samples} (truncated?)",
+                r.stop - max(index, r.start),
+            )

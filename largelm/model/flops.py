@@ -1,0 +1,65 @@
+"""Parameter and FLOP accounting for throughput/MFU logging."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from largelm.config import ModelConfig
+from largelm.parallel import groups
+
+
+def parameter_count(model: torch.nn.Module, *, whole_model: bool = False) -> int:
+    """Number of parameters, each shared tensor counted once.
+
+    ``whole_model=False``: what this rank holds. ``whole_model=True``: the full model across all
+    tensor- and pipeline-parallel ranks (a collective over the model-parallel group: call it on every
+    rank). Then TP-sharded tensors (megatron marks them ``tensor_model_parallel``) count on each TP
+    rank, TP-replicated ones (norms, row-parallel biases, position embeddings) only on TP rank 0, and
+    the last pipeline stage's copy of tied embeddings (marked ``shared``) not at all.
+    """
+    unique = {id(p): p for p in model.parameters()}.values()
+    if not whole_model:
+        return sum(p.numel() for p in unique)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    local = 0
+    for p in unique:
+        if getattr(p, "shared", False):
+            continue
+        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            local += p.numel()
+    total = torch.tensor([local], dtype=torch.int64, device=groups.device())  # nccl needs a GPU tensor
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return int(total.item())
+
+
+def matmul_parameter_count(model_cfg: ModelConfig, vocab_size: Optional[int] = None) -> int:
+    """Weights that take part in a matmul per token: every linear layer plus the output (logit)
+    projection (once, tied or not). Embedding lookups, norms and biases are left out (no matmul)."""
+    h, L = model_cfg.hidden_size, model_cfg.num_layers
+    head_dim = h // model_cfg.num_attention_heads
+    vocab = vocab_size or model_cfg.padded_vocab_size()
+    qkv = h * (h + 2 * model_cfg.kv_groups * head_dim)
+    attn_out = h * h
+    mlp_in = (2 if model_cfg.style == "llama" else 1) * h * model_cfg.ffn_size  # SwiGLU: gate and up
+    mlp_out = model_cfg.ffn_size * h
+    return L * (qkv + attn_out + mlp_in + mlp_out) + vocab * h
+
+
+def flops_per_token(model_cfg: ModelConfig, vocab_size: Optional[int] = None, seq_length: Optional[int] = None) -> int:
+    """Training FLOPs per token (forward + backward): ``6 * N + 12 * L * h * s``.
+
+    * ``N`` = ``matmul_parameter_count`` (linear layers + output projection): each weight costs one
+      multiply-add (2 FLOPs) per token forward and two backward (input and weight grads): 6 N.
+    * ``12 * L * h * s``: attention scores ``Q K^T`` and ``softmax(.) V`` cost ``2 * s * h`` FLOPs
+      each per token per layer forward (``h`` = heads x head_dim; GQA does not change it), so
+      ``4 L h s`` forward and ``12 L h s`` with backward. The causal mask is not discounted (the
+      common PaLM/Megatron convention), ``s`` = ``seq_length`` (default ``model_cfg.seq_length``).
+    Activation recompute is not counted (this is model FLOPs, for MFU).
+    """
+    s = seq_length or model_cfg.seq_length
+    n = matmul_parameter_count(model_cfg, vocab_size)
+    return 6 * n + 12 * model_cfg.num_layers * model_cfg.hidden_size * s

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv and install largelm with its dev extras. Idempotent.
+#   TORCH_SPEC    torch requirement (default torch==2.13.0: the CPU build cached on the dev/CI machines;
+#                 on a GPU cluster use the CUDA build you want, e.g. TORCH_SPEC="torch==2.13.0" with a CUDA index)
+#   LARGELM_VENV  venv location (default .venv)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${LARGELM_VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+# torch first and pinned: an unpinned torch would pull multi-GB CUDA wheels on a CPU machine.
+"$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -c "import torch, deepspeed, megatron.core, webdataset, sentencepiece, largelm; print('largelm installed: torch', torch.__version__, '| deepspeed', deepspeed.__version__)"
