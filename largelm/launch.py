@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 from largelm.config import ConfigError, load_config
+from largelm.train.preflight import preflight
 
 ENTRY_MODULE = "largelm.train.main"
 
@@ -78,8 +79,8 @@ def build_command(args: argparse.Namespace) -> list[str]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     world_size = args.nproc * args.num_nodes
-    try:  # validate before any process starts
-        load_config(args.config, args.overrides).check_world_size(world_size)
+    try:  # validate before any process starts: config, layout, tokenizer, data, checkpoint compatibility
+        preflight(load_config(args.config, args.overrides), world_size)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

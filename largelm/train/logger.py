@@ -22,7 +22,8 @@ class RunLogger:
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                            file=sys.stderr, mininterval=1.0)
+                            file=sys.stderr, mininterval=1.0,
+                            disable=None)  # None: only on a terminal; log files get the step lines instead
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:

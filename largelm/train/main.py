@@ -50,7 +50,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         cfg = preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank fails the same way; say it once
+            print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
 
     from largelm.train.trainer import Trainer  # heavy imports only after the config is known to be good

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -20,15 +19,13 @@ from megatron.core import parallel_state
 from largelm.checkpoint.manager import CheckpointManager, find_latest
 from largelm.config import Config, dump_config
 from largelm.data import build_loader
-from largelm.model.gpt import build_gpt_model, flops_per_token, gpt_forward_loss
+from largelm.model.gpt import flops_per_token
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat, model_parallel_manual_seed
-from largelm.parallel.deepspeed_config import deepspeed_config
 from largelm.train.logger import RunLogger
 from largelm.train.metrics import Throughput, measure_matmul_peak_flops, memory_stats
-from largelm.train.optim import param_groups
 from largelm.train.rng import capture_rng_state, restore_rng_state
-from largelm.train.schedule import build_scheduler
+from largelm.train.engine import build_step, model_dtype
 
 
 class TrainingAborted(RuntimeError):
@@ -52,18 +49,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model_parallel_manual_seed(cfg.train.seed)
 
-        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        model = build_gpt_model(cfg.model, cfg.parallel, vocab_size=cfg.model.vocab_size, dtype=dtype)
-        ds_config = deepspeed_config(cfg, self.world_size)
-        total_steps = cfg.train.steps
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            model_parameters=param_groups(model, cfg.optimizer.weight_decay),
-            config=ds_config,
-            lr_scheduler=lambda opt: build_scheduler(opt, cfg.optimizer, total_steps),
-            mpu=groups.DeepSpeedMPU(),
-            dist_init_required=False,
-        )
+        self.stepper = build_step(cfg, self.world_size)
+        self.engine = self.stepper.engine
         self.ckpt = CheckpointManager(
             cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last, config_yaml=dump_config(cfg),
             meta={"world_size": self.world_size, "tensor_parallel": cfg.parallel.tensor_parallel,
@@ -74,7 +61,7 @@ class Trainer:
         self._restore()
 
         peak = cfg.logging.peak_tflops_per_rank
-        peak_flops = peak * 1e12 if peak else measure_matmul_peak_flops(dtype)
+        peak_flops = peak * 1e12 if peak else measure_matmul_peak_flops(model_dtype(cfg))
         self.throughput = Throughput(cfg.tokens_per_step(self.world_size), flops_per_token(cfg.model),
                                      peak_flops * self.world_size)
         self.log = RunLogger(self.rank == 0, cfg.train.steps, self.step, cfg.logging.tensorboard_dir,
@@ -129,26 +116,17 @@ class Trainer:
         return value.item() / self.dp_size
 
     def train_step(self, batches) -> float:
-        self.engine.train()
-        losses = []
-        for _ in range(self.cfg.train.grad_accum_steps):
-            tokens = next(batches)["tokens"].to(self.device, non_blocking=True)
-            _, loss = gpt_forward_loss(self.engine, tokens)
-            self.engine.backward(loss)
-            self.engine.step()
-            losses.append(loss.detach())
-        return self._dp_mean(torch.stack(losses).mean())
+        return self._dp_mean(self.stepper.train_step(batches))
 
     @torch.no_grad()
     def evaluate(self) -> Optional[dict[str, float]]:
         if not self.cfg.data.valid:
             return None
-        self.engine.eval()
         total, count = torch.zeros((), device=self.device), 0
         for i, batch in enumerate(self._valid_loader()):
             if i >= self.cfg.train.eval_steps:
                 break
-            total += gpt_forward_loss(self.engine, batch["tokens"])[1]
+            total += self.stepper.eval_loss(batch)
             count += 1
         if count == 0:
             raise RuntimeError(f"validation data {[s.path for s in self.cfg.data.valid]} yielded no batch on "
@@ -200,8 +178,9 @@ class Trainer:
             tps = perf["perf/tokens_per_s"]
             scalars.update(perf)
             scalars.update(memory_stats())
+            eta = (cfg.steps - self.step) * perf["perf/step_time_s"]
             self.log.line(f"step {self.step}/{cfg.steps} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
-                          f"tokens/s {tps:,.0f} mfu {perf['perf/mfu']:.1%}")
+                          f"tokens/s {tps:,.0f} mfu {perf['perf/mfu']:.1%} eta {eta:.0f}s")
         self.log.scalars(self.step, scalars)
         self.log.step(loss, tps)
 
