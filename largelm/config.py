@@ -162,6 +162,9 @@ class TrainConfig(_Section):
     eval_steps: int = Field(default=10, gt=0)
     log_interval: int = Field(default=10, gt=0)
     max_bad_steps: int = Field(default=5, gt=0, description="abort after this many consecutive NaN/inf steps")
+    # Stop this run after so many steps (checkpointing first), like Megatron's --exit-interval: for jobs with a
+    # wall-clock limit that resume where they stopped. The schedule still spans ``steps``.
+    exit_interval: Optional[int] = Field(default=None, gt=0)
 
 
 class CheckpointConfig(_Section):

@@ -47,8 +47,10 @@ case $LAUNCHER in
       export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
     fi
     CMD=(python -m largelm.train.main --config "$CONFIG" "${OVERRIDES[@]}") ;;
-  pdsh)
-    CMD=(largelm-launch --config "$CONFIG" --nproc "$NPROC" --num-nodes "$NNODES" --hostfile "$HOSTFILE"
+  pdsh)  # (one node: no hostfile, else the deepspeed runner insists on ssh to this very node)
+    HOSTS=(--hostfile "$HOSTFILE" --num-nodes "$NNODES")
+    [ "$NNODES" -eq 1 ] && HOSTS=()
+    CMD=(largelm-launch --config "$CONFIG" --nproc "$NPROC" "${HOSTS[@]}"
          --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" -- "${OVERRIDES[@]}") ;;
   *) echo "node.sh: unknown launcher '$LAUNCHER'" >&2; exit 2 ;;
 esac

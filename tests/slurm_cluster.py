@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -108,11 +109,12 @@ class LocalSlurm:
             raise SlurmError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
         return proc
 
-    def sbatch(self, script: str | os.PathLike, *args: str, cwd: str | os.PathLike | None = None) -> int:
-        proc = subprocess.run(["sbatch", "--parsable", *args, str(script)], env=self.env, capture_output=True,
-                              text=True, cwd=cwd, timeout=60)
+    def sbatch(self, *args: str | os.PathLike, cwd: str | os.PathLike | None = None) -> int:
+        """``sbatch --parsable ARGS`` (options, then the script and its arguments); returns the job id."""
+        cmd = ["sbatch", "--parsable", *map(str, args)]
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, cwd=cwd, timeout=60)
         if proc.returncode:
-            raise SlurmError(f"sbatch {script} failed ({proc.returncode}): {proc.stdout}{proc.stderr}\n{self.logs()}")
+            raise SlurmError(f"{shlex.join(cmd)} failed ({proc.returncode}): {proc.stdout}{proc.stderr}\n{self.logs()}")
         return int(proc.stdout.strip().split(";")[0])
 
     def job_info(self, job_id: int) -> dict[str, str]:

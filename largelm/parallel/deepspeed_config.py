@@ -36,11 +36,18 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": False},
     }
-    if t.precision == "bf16":
-        # Accumulate gradients in fp32 across micro-batches (bf16 accumulation loses small updates).
+    if t.precision == "bf16" and p.zero_stage >= 1:
+        # Accumulate gradients in fp32 across micro-batches (bf16 accumulation loses small updates). DeepSpeed
+        # supports that only with ZeRO >= 1; ZeRO-0 + bf16 keeps fp32 master weights (FP16_Optimizer with bf16
+        # params) but accumulates micro-batch gradients in bf16.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if p.pipeline_parallel > 1:
-        ds["pipeline"] = {"activation_checkpoint_interval": 0}
+        # pipe_/grad_partitioned: send 1/tp of each activation (gradient) between stages and all-gather it in the
+        # TP group on arrival. Valid only when the tensor is identical on every TP rank, which sequence
+        # parallelism breaks (each TP rank holds its own [s/tp, b, h] slice), so it is off with SP.
+        ds["pipeline"] = {"activation_checkpoint_interval": 0,
+                          "pipe_partitioned": not p.sequence_parallel,
+                          "grad_partitioned": not p.sequence_parallel}
     return ds
 
 

@@ -5,20 +5,30 @@ micro-batch becomes a loss, how an optimizer step is driven - lives here:
 
 * ``DenseStep``: a whole model per rank (data + tensor parallel, any ZeRO stage); DeepSpeed's engine runs
   forward/backward/step per micro-batch and steps the optimizer at the accumulation boundary.
+* ``PipelineStep``: ``pipeline_parallel > 1``; one pipeline stage per rank (``largelm.model.pipeline``) under
+  DeepSpeed's PipelineEngine, which runs the 1F1B schedule over the step's micro-batches and steps the optimizer
+  (ZeRO 0/1 only). See docs/design.md "Parallelism".
+
+Both return the same quantity from ``train_step``: this data-parallel replica's mean loss over the step's
+micro-batches (the trainer averages it over data-parallel ranks), and ``engine.get_global_grad_norm()`` is the
+norm of the whole model's gradient (before clipping) on every rank.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
 from largelm.config import Config
-from largelm.model.gpt import build_gpt_model, gpt_forward_loss
+from largelm.model.gpt import build_gpt_model, gpt_forward_loss, split_tokens
+from largelm.model.pipeline import build_gpt_pipeline
 from largelm.parallel import groups
 from largelm.parallel.deepspeed_config import deepspeed_config
+from largelm.parallel.sharding import load_full_state_dict
 from largelm.train.optim import param_groups
 from largelm.train.schedule import build_scheduler
 
@@ -43,9 +53,11 @@ def initialize_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=
 class DenseStep:
     """GPT without pipeline parallelism: every rank holds all layers (its TP shard of them)."""
 
-    def __init__(self, cfg: Config, world_size: int):
+    def __init__(self, cfg: Config, world_size: int, init_state_dict: Optional[dict] = None):
         self.cfg = cfg
         model = build_gpt_model(cfg.model, cfg.parallel, vocab_size=cfg.model.vocab_size, dtype=model_dtype(cfg))
+        if init_state_dict is not None:
+            load_full_state_dict(model, init_state_dict)
         self.engine = initialize_engine(cfg, model, world_size, mpu=groups.DeepSpeedMPU())
         self.device = groups.device()
 
@@ -66,9 +78,64 @@ class DenseStep:
         return gpt_forward_loss(self.engine, batch["tokens"])[1]
 
 
-def build_step(cfg: Config, world_size: int):
-    """The step driver for this config's model and layout."""
-    return DenseStep(cfg, world_size)
+class PipelineStep:
+    """GPT with pipeline parallelism: this rank holds one stage (its TP shard of it) in a DeepSpeed PipelineEngine.
+
+    Every rank of a pipeline reads the same micro-batches (its data-parallel rank's); DeepSpeed feeds the inputs to
+    the first stage and the labels to the last. ``train_step`` runs one ``train_batch`` (``grad_accum_steps``
+    micro-batches through the 1F1B schedule, tied-gradient and data-parallel all-reduce, optimizer step).
+    """
+
+    def __init__(self, cfg: Config, world_size: int, init_state_dict: Optional[dict] = None):
+        self.cfg = cfg
+        module = build_gpt_pipeline(cfg.model, cfg.parallel, vocab_size=cfg.model.vocab_size, dtype=model_dtype(cfg))
+        if init_state_dict is not None:
+            load_full_state_dict(module, init_state_dict)
+            with torch.no_grad():  # no-op when loaded right; cheap insurance that the tied copies agree
+                module._synchronize_tied_weights()
+        # mpu=None: DeepSpeed takes the module's pipeline grid as its mpu (checked against megatron's groups).
+        self.engine = initialize_engine(cfg, module, world_size, mpu=None)
+        self.device = groups.device()
+
+    def _micro_batches(self, batches: Iterator[dict], count: int) -> Iterator[tuple]:
+        # Drawn up front on *every* rank (middle stages too), so all ranks' loaders stay at the same position
+        # and a checkpoint's data state is the same on each of them.
+        micro = []
+        for _ in range(count):
+            input_ids, labels, _ = split_tokens(next(batches)["tokens"])
+            micro.append(((input_ids,), labels))
+        return iter(micro)
+
+    def train_step(self, batches: Iterator[dict]) -> torch.Tensor:
+        """One optimizer step; returns this data-parallel replica's mean loss over the micro-batches (on every
+        stage: DeepSpeed broadcasts it from the last stage)."""
+        self.engine.train_batch(self._micro_batches(batches, self.cfg.train.grad_accum_steps))
+        # train_batch's return value is already averaged over data-parallel ranks; dp_group_loss is this
+        # replica's own mean, the same quantity DenseStep returns (the trainer does the DP average).
+        return self.engine.dp_group_loss.detach().float()
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        """Mean loss of one batch on this data-parallel replica (collective over the pipeline: all ranks call)."""
+        outputs = self.engine.eval_batch(self._micro_batches(iter([batch]), 1), num_micro_batches=1,
+                                         reduce_output=None, bcast_loss=False)
+        loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        if self.engine.is_last_stage():
+            loss = torch.stack([o.float() for o in outputs]).mean()
+        dist.broadcast(loss, src=self.engine.grid.stage_to_global(self.engine.num_stages - 1),
+                       group=self.engine.grid.get_pipe_parallel_group())
+        return loss
+
+
+def build_step(cfg: Config, world_size: int, init_state_dict: Optional[dict] = None):
+    """The step driver for this config's model and layout.
+
+    ``init_state_dict``: full (TP=1) ``GPTModel`` weights to start from instead of the random initialisation;
+    each rank loads its shard before the engine is built (used by the parity tests; e.g. converted weights).
+    """
+    if cfg.parallel.pipeline_parallel > 1:
+        return PipelineStep(cfg, world_size, init_state_dict)
+    return DenseStep(cfg, world_size, init_state_dict)
 
 
 def data_parallel_rank_and_size() -> tuple[int, int]:

@@ -139,7 +139,8 @@ class Trainer:
         batches = iter(self.loader)
         bad_steps = 0
         start = time.perf_counter()
-        while self.step < cfg.steps:
+        last_step = cfg.steps if not cfg.exit_interval else min(cfg.steps, self.step + cfg.exit_interval)
+        while self.step < last_step:
             loss = self.train_step(batches)
             self.step += 1
             self.throughput.step()
@@ -156,7 +157,7 @@ class Trainer:
                 self._log_eval()
             interval = self.cfg.checkpoint.save_interval
             stop = self.stop_requested()
-            if (interval and self.step % interval == 0) or self.step == cfg.steps or stop:
+            if (interval and self.step % interval == 0) or self.step == last_step or stop:
                 self.save()
             if stop:
                 self.log.line(f"stopping at step {self.step} on request (checkpoint written)")
