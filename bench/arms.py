@@ -1,0 +1,206 @@
+"""The training steps compared by P1/P2/P3: largelm's, and what a user would write without it.
+
+Every arm does the same work per call: one optimizer step over ``grad_accum_steps`` micro-batches taken from
+its own ``Cycle`` over the *same* list of batches (so all arms see the same tokens in the same order), loss =
+mean next-token cross-entropy, gradient clipping at ``optimizer.grad_clip``, AdamW with largelm's betas/eps/
+weight-decay groups, largelm's LR schedule.
+
+* ``LargelmStep``: ``largelm.train.engine.DenseStep`` - the megatron-core GPTModel inside the DeepSpeed engine,
+  exactly what ``Trainer.train_step`` runs per rank (ZeRO stage and precision from the config).
+* ``MegatronPlainStep`` (diagnostic): the same megatron-core GPTModel in a bare loop with torch AdamW, no
+  DeepSpeed; splits P1's overhead into "model implementation" and "engine".
+* ``ReferenceStep``: the plain-PyTorch GPT of tests/reference_gpt.py (nanoGPT-style; independent statement of
+  the same network) in a bare loop with torch AdamW: P1's baseline.
+* ``HFStep``: Hugging Face ``GPT2LMHeadModel`` with the same shape (exact-erf GeLU, no dropout, tied
+  embeddings, padded vocab) in a bare loop with torch AdamW: P2's baseline (the attention implementation is
+  transformers' default, recorded in the result).
+
+All non-largelm arms start from a copy of the largelm model's initial weights (megatron layout mapped as in
+tests/reference_gpt.py; HF's Conv1D weights are [in, out], hence transposed). ``bf16``: largelm keeps bf16
+weights with fp32 master weights and fp32 gradient accumulation in DeepSpeed's optimizer; a PyTorch user gets the
+same split (bf16 compute, fp32 master weights/optimizer) from fp32 weights under ``torch.autocast("cpu",
+torch.bfloat16)``, which is what the plain arms do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from common import Cycle
+
+
+def megatron_state_dict(module: torch.nn.Module) -> dict:
+    """fp32 copies of a (TP=1) megatron GPTModel's tensors, without Transformer-Engine ``_extra_state`` slots."""
+    return {k: v.detach().float().clone() for k, v in module.state_dict().items()
+            if v is not None and not k.endswith("_extra_state")}
+
+
+class PlainLoop:
+    """What a PyTorch user writes: forward/backward per micro-batch, clip, AdamW, LR schedule, zero_grad."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], cfg,
+                 batches: Cycle, bf16_autocast: bool):
+        from largelm.train.optim import param_groups
+        from largelm.train.schedule import build_scheduler
+
+        o = cfg.optimizer
+        self.model, self.loss_fn, self.cfg, self.batches = model, loss_fn, cfg, batches
+        self.optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                           eps=o.eps, weight_decay=o.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, o, cfg.train.steps)
+        self.autocast = bf16_autocast
+
+    def __call__(self) -> torch.Tensor:
+        ga = self.cfg.train.grad_accum_steps
+        self.model.train()
+        losses = []
+        for _ in range(ga):
+            tokens = next(self.batches)["tokens"]
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+            with ctx:
+                loss = self.loss_fn(tokens)
+            (loss / ga).backward()
+            losses.append(loss.detach())
+        if self.cfg.optimizer.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.stack(losses).mean()
+
+
+class LargelmStep:
+    """largelm's per-rank step: DenseStep (megatron-core GPTModel in the DeepSpeed engine)."""
+
+    name = "largelm"
+
+    def __init__(self, cfg, batches: Cycle):
+        from largelm.train.engine import DenseStep
+
+        self.step = DenseStep(cfg, world_size=1)
+        self.engine = self.step.engine
+        self.batches = batches
+
+    def initial_state_dict(self) -> dict:
+        return megatron_state_dict(self.engine.module)
+
+    def __call__(self) -> torch.Tensor:
+        return self.step.train_step(self.batches)
+
+
+class MegatronPlainStep(PlainLoop):
+    """The same megatron-core GPTModel (fp32 weights) in a bare PyTorch loop: no DeepSpeed."""
+
+    name = "megatron+AdamW"
+
+    def __init__(self, cfg, batches: Cycle, state_dict: dict):
+        from largelm.model.gpt import build_gpt_model, gpt_forward_loss
+
+        model = build_gpt_model(cfg.model, cfg.parallel, vocab_size=cfg.model.vocab_size, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise KeyError(f"megatron state dict mismatch: missing {missing}, unexpected {unexpected}")
+        super().__init__(model, lambda tokens: gpt_forward_loss(model, tokens)[1], cfg, batches,
+                         bf16_autocast=cfg.train.precision == "bf16")
+
+
+class ReferenceStep(PlainLoop):
+    """tests/reference_gpt.py's plain-PyTorch GPT in a bare PyTorch loop."""
+
+    name = "plain PyTorch"
+
+    def __init__(self, cfg, batches: Cycle, state_dict: dict):
+        from reference_gpt import RefConfig, ReferenceGPT
+
+        model = ReferenceGPT(RefConfig.from_model_config(cfg.model, cfg.model.padded_vocab_size()))
+        model.load_from_megatron(state_dict)
+
+        def loss_fn(tokens: torch.Tensor) -> torch.Tensor:
+            logits = model(tokens[:, :-1])
+            return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+        super().__init__(model, loss_fn, cfg, batches, bf16_autocast=cfg.train.precision == "bf16")
+
+
+def hf_gpt2(cfg, state_dict: Optional[dict] = None, attn_implementation: Optional[str] = None):
+    """``GPT2LMHeadModel`` with largelm's gpt2-style shape; weights copied from a megatron state dict if given."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = cfg.model
+    if m.style != "gpt2":
+        raise ValueError("the HF comparison uses GPT-2 style models")
+    hf_cfg = GPT2Config(
+        vocab_size=m.padded_vocab_size(), n_positions=m.positions, n_embd=m.hidden_size, n_layer=m.num_layers,
+        n_head=m.num_attention_heads, n_inner=m.ffn_size, activation_function="gelu",  # exact erf GeLU, as megatron
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=m.norm_epsilon,
+        tie_word_embeddings=m.tie_embeddings, use_cache=False,
+    )
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = GPT2LMHeadModel(hf_cfg, **kwargs) if not kwargs else GPT2LMHeadModel._from_config(hf_cfg, **kwargs)
+    model.float()
+    if state_dict is not None:
+        load_megatron_into_hf(model, state_dict, cfg)
+    return model
+
+
+@torch.no_grad()
+def load_megatron_into_hf(model, sd: dict, cfg) -> None:
+    """megatron-core GPTModel (TP=1, gpt2 style) tensors -> GPT2LMHeadModel, every HF parameter written once."""
+    from reference_gpt import RefConfig, split_megatron_qkv
+
+    ref_cfg = RefConfig.from_model_config(cfg.model, cfg.model.padded_vocab_size())
+    t = model.transformer
+    written = set()
+
+    def put(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+        if param.shape != value.shape:
+            raise ValueError(f"shape {tuple(value.shape)} does not fit HF parameter {tuple(param.shape)}")
+        param.copy_(value)
+        written.add(id(param))
+
+    put(t.wte.weight, sd["embedding.word_embeddings.weight"])
+    put(t.wpe.weight, sd["embedding.position_embeddings.weight"])
+    for i, block in enumerate(t.h):
+        p = f"decoder.layers.{i}."
+        put(block.ln_1.weight, sd[p + "input_layernorm.weight"])
+        put(block.ln_1.bias, sd[p + "input_layernorm.bias"])
+        put(block.ln_2.weight, sd[p + "pre_mlp_layernorm.weight"])
+        put(block.ln_2.bias, sd[p + "pre_mlp_layernorm.bias"])
+        q, k, v = split_megatron_qkv(sd[p + "self_attention.linear_qkv.weight"], ref_cfg)  # [out, in] each
+        put(block.attn.c_attn.weight, torch.cat([q, k, v], 0).t())  # Conv1D: [in, out]
+        q, k, v = split_megatron_qkv(sd[p + "self_attention.linear_qkv.bias"], ref_cfg)
+        put(block.attn.c_attn.bias, torch.cat([q, k, v], 0))
+        put(block.attn.c_proj.weight, sd[p + "self_attention.linear_proj.weight"].t())
+        put(block.attn.c_proj.bias, sd[p + "self_attention.linear_proj.bias"])
+        put(block.mlp.c_fc.weight, sd[p + "mlp.linear_fc1.weight"].t())
+        put(block.mlp.c_fc.bias, sd[p + "mlp.linear_fc1.bias"])
+        put(block.mlp.c_proj.weight, sd[p + "mlp.linear_fc2.weight"].t())
+        put(block.mlp.c_proj.bias, sd[p + "mlp.linear_fc2.bias"])
+    put(t.ln_f.weight, sd["decoder.final_layernorm.weight"])
+    put(t.ln_f.bias, sd["decoder.final_layernorm.bias"])
+    if not cfg.model.tie_embeddings:
+        put(model.lm_head.weight, sd["output_layer.weight"])
+    missing = [n for n, prm in model.named_parameters() if id(prm) not in written]
+    if missing:
+        raise KeyError(f"HF parameters not written: {missing}")
+
+
+class HFStep(PlainLoop):
+    """transformers' GPT2LMHeadModel in a bare PyTorch loop (the usual alternative)."""
+
+    name = "HF transformers"
+
+    def __init__(self, cfg, batches: Cycle, state_dict: dict, attn_implementation: Optional[str] = None):
+        model = hf_gpt2(cfg, state_dict, attn_implementation)
+        self.attn_implementation = model.config._attn_implementation
+
+        def loss_fn(tokens: torch.Tensor) -> torch.Tensor:
+            logits = model(input_ids=tokens[:, :-1]).logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+        super().__init__(model, loss_fn, cfg, batches, bf16_autocast=cfg.train.precision == "bf16")

@@ -1,0 +1,310 @@
+"""Shared pieces of the benchmarks: run metadata, timing statistics, configs, batches, result files.
+
+Every benchmark script writes ``bench/results/<name>.json`` (all numbers, plus ``meta``: machine, versions,
+config, date) and ``bench/results/<name>.md`` (the same as markdown tables), and usually a PNG plot.
+``bench/summary.py`` collects the JSON files into ``bench/results/summary.md``.
+
+Timing rules (the issue's): figures are ratios of arms measured side by side in the same process, repetitions
+interleaved (arm A, arm B, arm A, arm B, ...) so drifting machine load hits every arm alike; each repetition
+times a block of whole optimizer steps after warm-up; we report the median and the spread (IQR and min/max).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS = Path(os.environ.get("LARGELM_BENCH_RESULTS", BENCH / "results"))
+DATA = Path(os.environ.get("LARGELM_BENCH_DATA", REPO / "data" / "default"))
+
+for _p in (str(REPO), str(REPO / "tests")):  # largelm itself, and tests/reference_gpt.py (the plain GPT)
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# --- what is measured ----------------------------------------------------------------------------------
+
+TINY = "gpt-tiny"  # configs/gpt-tiny.yaml: the quickstart model (h=128, 4 layers, ~0.6M params + 0.5M embedding)
+SMALL = "gpt-25m"  # ~25M-parameter GPT (MFU); same family, h=512, 8 layers, 8 heads
+MODEL_SHAPES = {
+    TINY: {},  # as in the config file
+    SMALL: {"num_layers": 8, "hidden_size": 512, "num_attention_heads": 8},
+}
+
+
+def bench_config(model: str = TINY, *, precision: str = "fp32", zero_stage: int = 2, micro_batch_size: int = 8,
+                 grad_accum_steps: int = 2, steps: int = 1000, data: Path = DATA, **overrides):
+    """A validated largelm Config: configs/gpt-tiny.yaml with the benchmark's model shape, precision, ZeRO stage
+    and batch, pointed at ``data`` (``data/default`` unless LARGELM_BENCH_DATA says otherwise)."""
+    import yaml
+
+    from largelm.config import config_from_dict
+
+    raw = yaml.safe_load((REPO / "configs" / "gpt-tiny.yaml").read_text())
+    raw["name"] = f"bench-{model}"
+    raw["model"].update(MODEL_SHAPES[model])
+    raw["tokenizer"]["model"] = str(data / "tokenizer" / "spm.model")
+    raw["data"]["train"] = [{"path": str(data / "shards" / "train")}]
+    raw["data"]["valid"] = [{"path": str(data / "shards" / "valid")}]
+    raw["parallel"]["zero_stage"] = zero_stage
+    raw["train"].update(precision=precision, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
+                        steps=steps)
+    raw["optimizer"]["warmup_steps"] = min(raw["optimizer"]["warmup_steps"], steps)
+    for key, value in overrides.items():  # "section.field": value
+        section, field = key.split(".")
+        raw.setdefault(section, {})[field] = value
+    cfg = config_from_dict(raw, source=f"bench:{model}")
+    if cfg.model.vocab_size is None:
+        from largelm.tokenizer import Tokenizer
+
+        cfg.model.vocab_size = Tokenizer.load(cfg.tokenizer.model).vocab_size
+    return cfg
+
+
+def config_summary(cfg) -> dict:
+    from largelm.model.flops import flops_per_token, matmul_parameter_count
+
+    m, t = cfg.model, cfg.train
+    return {
+        "model": {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "heads": m.num_attention_heads,
+                  "ffn": m.ffn_size, "seq_length": m.seq_length, "vocab": m.padded_vocab_size(),
+                  "tie_embeddings": m.tie_embeddings, "style": m.style},
+        "matmul_params": matmul_parameter_count(m),
+        "flops_per_token": flops_per_token(m),
+        "precision": t.precision, "zero_stage": cfg.parallel.zero_stage,
+        "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
+        "tokens_per_step_per_rank": t.micro_batch_size * t.grad_accum_steps * m.seq_length,
+    }
+
+
+# --- run metadata ----------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(module: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:  # noqa: BLE001 - not installed
+        return "not installed"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_metadata(**extra) -> dict:
+    import torch
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = float("nan")
+    meta = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "load_avg_1min_at_start": round(load, 2),
+        "python": platform.python_version(),
+        "versions": {m: _version(m) for m in ("torch", "deepspeed", "megatron-core", "transformers", "webdataset")},
+        "largelm_commit": _git_commit(),
+        "torch_threads": torch.get_num_threads(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    meta.update(extra)
+    return meta
+
+
+def meta_markdown(meta: dict) -> str:
+    v = meta["versions"]
+    lines = [
+        f"- date: {meta['date']}; host `{meta['host']}`; git `{meta['largelm_commit']}`",
+        f"- machine: {meta['cpu']}, {meta['cores']} cores, {meta['memory_gib']} GiB, GPU: {meta['gpu']}; "
+        f"1-min load average at start: {meta['load_avg_1min_at_start']}",
+        f"- versions: python {meta['python']}, torch {v['torch']}, deepspeed {v['deepspeed']}, megatron-core "
+        f"{v['megatron-core']}, transformers {v['transformers']}, webdataset {v['webdataset']}",
+        f"- command: `{meta['command']}`; torch threads: {meta['torch_threads']}",
+    ]
+    for key in ("config", "configs"):
+        if key in meta:
+            lines.append(f"- {key}: `{json.dumps(meta[key], sort_keys=False)}`")
+    return "\n".join(lines)
+
+
+# --- statistics --------------------------------------------------------------------------------------------
+
+
+def stats(values: list[float]) -> dict:
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        return {"n": 0}
+    if n >= 4:
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    else:
+        q1, q3 = xs[0], xs[-1]
+    return {"n": n, "median": statistics.median(xs), "q1": q1, "q3": q3, "min": xs[0], "max": xs[-1],
+            "values": values}
+
+
+def ratio_stats(num: list[float], den: list[float]) -> dict:
+    """Per-repetition ratios num[i]/den[i] (each pair measured back to back), summarised."""
+    return stats([a / b for a, b in zip(num, den)])
+
+
+def fmt_spread(s: dict, scale: float = 1.0, digits: int = 3) -> str:
+    """'median [q1, q3] (min-max)'."""
+    f = f"{{:.{digits}g}}"
+    return (f"{f.format(s['median'] * scale)} [{f.format(s['q1'] * scale)}, {f.format(s['q3'] * scale)}] "
+            f"({f.format(s['min'] * scale)}-{f.format(s['max'] * scale)})")
+
+
+def interleaved(arms: dict[str, Callable[[], object]], reps: int, steps_per_rep: int, warmup: int = 2,
+                label: str = "") -> dict[str, list[float]]:
+    """Time ``arms`` alternately: after ``warmup`` steps of each, ``reps`` rounds, each round running
+    ``steps_per_rep`` steps of every arm in turn (the order rotates each round). Returns seconds per step."""
+    names = list(arms)
+    for name in names:
+        for _ in range(warmup):
+            arms[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            for _ in range(steps_per_rep):
+                arms[name]()
+            times[name].append((time.perf_counter() - t0) / steps_per_rep)
+        if label:
+            done = ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names)
+            print(f"[{label}] rep {r + 1}/{reps}: {done}", flush=True)
+    return times
+
+
+# --- process group for one in-process rank -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_rank(threads: Optional[int] = None) -> None:
+    """World of one gloo rank (what ``largelm-launch --nproc 1`` gives a rank) plus megatron parallel_state."""
+    import torch
+
+    from largelm.parallel import groups
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+    groups.init_distributed("gloo")
+    groups.init_model_parallel(1, 1)
+
+
+def seed_all(seed: int) -> None:
+    import torch
+
+    from largelm.parallel.cpu_compat import model_parallel_manual_seed
+
+    torch.manual_seed(seed)
+    model_parallel_manual_seed(seed)
+
+
+def real_batches(cfg, count: int, seed: int = 1234) -> list:
+    """``count`` micro-batches ``[micro_batch_size, seq_length + 1]`` read by largelm's loader from the training
+    shards (in-process, no workers). Every arm of a benchmark consumes this same list in the same order."""
+    from largelm.data import build_loader
+
+    loader = build_loader([(s.path, s.weight) for s in cfg.data.train], seq_length=cfg.model.seq_length,
+                          batch_size=cfg.train.micro_batch_size, num_workers=0, shuffle_buffer=256, seed=seed)
+    out = []
+    for batch in loader:
+        out.append(batch["tokens"])
+        if len(out) == count:
+            break
+    return out
+
+
+class Cycle:
+    """Endless iterator over a fixed list of micro-batches (``{"tokens": ...}`` dicts, as the loader yields)."""
+
+    def __init__(self, tokens: list):
+        self.tokens, self.i = tokens, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        t = self.tokens[self.i % len(self.tokens)]
+        self.i += 1
+        return {"tokens": t}
+
+
+# --- results -------------------------------------------------------------------------------------------------
+
+
+def write_result(name: str, data: dict, markdown: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
+    path = RESULTS / f"{name}.md"
+    path.write_text(markdown.rstrip() + "\n")
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def verdict(value: float, target: float, higher_is_better: bool) -> str:
+    ok = value >= target if higher_is_better else value <= target
+    return "met" if ok else "**missed**"
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
