@@ -138,11 +138,11 @@ def hf_gpt2(cfg, state_dict: Optional[dict] = None, attn_implementation: Optiona
         vocab_size=m.padded_vocab_size(), n_positions=m.positions, n_embd=m.hidden_size, n_layer=m.num_layers,
         n_head=m.num_attention_heads, n_inner=m.ffn_size, activation_function="gelu",  # exact erf GeLU, as megatron
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=m.norm_epsilon,
-        tie_word_embeddings=m.tie_embeddings, use_cache=False,
+        tie_word_embeddings=m.tie_embeddings, use_cache=False, bos_token_id=None, eos_token_id=None,
     )
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = GPT2LMHeadModel(hf_cfg, **kwargs) if not kwargs else GPT2LMHeadModel._from_config(hf_cfg, **kwargs)
-    model.float()
+    if attn_implementation:
+        hf_cfg._attn_implementation = attn_implementation
+    model = GPT2LMHeadModel(hf_cfg).float()
     if state_dict is not None:
         load_megatron_into_hf(model, state_dict, cfg)
     return model

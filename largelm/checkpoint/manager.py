@@ -16,7 +16,6 @@ any point leaves the previous checkpoint and pointer untouched; a ``.partial-*``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from largelm.fileio import fsync_dir, sha256_file, write_text_atomic
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -55,33 +56,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see either the old or the new content, never a torn file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def write_manifest(ckpt_dir: Path, meta: dict) -> dict:
@@ -179,11 +153,11 @@ class CheckpointManager:
         if _rank() == 0:
             (partial / "config.yaml").write_text(self.config_yaml)
             write_manifest(partial, {"step": step, "tag": tag, **self.meta})
-            _fsync_dir(partial)
+            fsync_dir(partial)
             if final.exists():  # a complete checkpoint of the same step: replace it only after ours is complete
                 shutil.rmtree(final)
             os.rename(partial, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             write_text_atomic(self.root / LATEST, tag)
             self._rotate()
         _barrier()

@@ -25,6 +25,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from largelm.fileio import sha256_file as file_sha256  # noqa: F401 - the data modules' name for it
+
 FORMAT_NAME = "largelm-tokens"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -43,12 +45,6 @@ def sample_key(index: int) -> str:
     return f"s{index:010d}"
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ShardInfo(BaseModel):

@@ -40,17 +40,16 @@ def preflight(cfg: Config, world_size: int) -> Config:
 
 
 def _check_dataset(field: str, path: Path, cfg: Config, tok) -> None:
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise ConfigError(f"{field}.path: {manifest_path} does not exist (write shards with tools/prepare_data.py)")
+    from largelm.data import DataError, read_manifest
+
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{field}.path: {manifest_path} is not valid JSON: {err}") from None
-    if manifest.get("seq_length") != cfg.model.seq_length:
-        raise ConfigError(f"{field}: shards in {path} hold samples of seq_length {manifest.get('seq_length')}, "
+        manifest = read_manifest(path)
+    except DataError as err:
+        raise ConfigError(f"{field}.path: {err}") from None
+    if manifest.seq_length != cfg.model.seq_length:
+        raise ConfigError(f"{field}: shards in {path} hold samples of seq_length {manifest.seq_length}, "
                           f"but model.seq_length is {cfg.model.seq_length}")
-    sha = manifest.get("tokenizer_sha256")
+    sha = manifest.tokenizer_sha256
     if sha and sha != tok.sha256:
         raise ConfigError(f"{field}: shards in {path} were tokenized with another tokenizer than "
                           f"tokenizer.model={cfg.tokenizer.model} (sha256 {sha[:12]} vs {tok.sha256[:12]})")

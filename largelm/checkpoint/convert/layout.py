@@ -1,0 +1,185 @@
+"""Parameter names, full shapes and tensor/pipeline layout rules of largelm's megatron ``GPTModel``.
+
+Everything here is derived from names and the model config alone (no model is built), so a checkpoint of any
+size can be unsharded on a small machine. tests/test_convert.py checks these rules against the attributes
+megatron-core puts on a real model (``partition_dim``/``partition_stride``, via ``largelm.parallel.sharding.tp_layout``)
+and against ``largelm.model.pipeline.pipeline_layer_index``.
+
+Tensor parallelism (megatron-core, TP rank r of t):
+
+* column-parallel, split along dim 0: ``embedding.word_embeddings.weight`` and ``output_layer.weight`` (vocab,
+  padded to ``model.padded_vocab_size(t)``), ``linear_qkv`` weight and bias (whole query groups per rank, each
+  group ``[q_1 .. q_r, k, v]``), ``linear_fc1`` weight and bias (SwiGLU: ``[gate; up]`` with partition stride 2,
+  i.e. rank r holds ``[gate_r; up_r]``);
+* row-parallel, split along dim 1: ``linear_proj.weight``, ``linear_fc2.weight``;
+* replicated on every TP rank: norms, position embeddings, the biases of row-parallel layers.
+
+Pipeline parallelism (DeepSpeed ``PipelineModule``, largelm.model.pipeline): layer ``0`` = embedding,
+``1..L`` = transformer layers, ``L+1`` = final norm, ``L+2`` = output head; parameter names are
+``<layer index>.<key>``, and for tied embeddings ``tied_modules.word_embeddings.<key>`` (the first stage's
+``EmbeddingPipe`` and the last stage's ``OutputEmbeddingPipe`` copy, which hold the same weight).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from largelm.checkpoint.convert.errors import ConversionError
+from largelm.config import ModelConfig
+
+WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
+POSITION_EMBEDDINGS = "embedding.position_embeddings.weight"
+OUTPUT_LAYER = "output_layer.weight"
+VOCAB_PARALLEL = (WORD_EMBEDDINGS, OUTPUT_LAYER)
+TIED_PREFIX = "tied_modules.word_embeddings."
+
+_COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
+_FC1 = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")
+_ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+
+
+def is_gated(model: ModelConfig) -> bool:
+    """SwiGLU MLP (fused ``linear_fc1`` = [gate; up])."""
+    return model.style == "llama"
+
+
+def has_biases(model: ModelConfig) -> bool:
+    return model.style == "gpt2"
+
+
+def tp_partition(name: str, gated: bool) -> Optional[tuple[int, int]]:
+    """(partition dim, partition stride) of a tensor-parallel ``GPTModel`` parameter; None if replicated."""
+    if name in VOCAB_PARALLEL:
+        return 0, 1
+    if name.endswith(_COLUMN):
+        return 0, 1
+    if name.endswith(_FC1):
+        return 0, 2 if gated else 1
+    if name.endswith(_ROW):
+        return 1, 1
+    return None
+
+
+def gpt_param_shapes(model: ModelConfig, vocab_rows: Optional[int] = None) -> dict[str, tuple[int, ...]]:
+    """Every ``GPTModel`` parameter at TP=1, in megatron's order, with its full shape.
+
+    ``vocab_rows`` is the row count of the vocabulary-parallel tensors (default: ``model.vocab_size``, i.e.
+    unpadded; pass ``model.padded_vocab_size(tp)`` for the padded layout).
+    """
+    if model.vocab_size is None:
+        raise ConversionError("model.vocab_size is not set")
+    h, nq, ng = model.hidden_size, model.num_attention_heads, model.kv_groups
+    d = h // nq
+    ffn = model.ffn_size
+    rows = vocab_rows or model.vocab_size
+    bias = has_biases(model)
+    shapes: dict[str, tuple[int, ...]] = {WORD_EMBEDDINGS: (rows, h)}
+    if model.style == "gpt2":
+        shapes[POSITION_EMBEDDINGS] = (model.positions, h)
+
+    def norm(prefix: str) -> None:
+        shapes[prefix + ".weight"] = (h,)
+        if bias:
+            shapes[prefix + ".bias"] = (h,)
+
+    def linear(prefix: str, out: int, inp: int, with_bias: bool) -> None:
+        shapes[prefix + ".weight"] = (out, inp)
+        if with_bias:
+            shapes[prefix + ".bias"] = (out,)
+
+    for i in range(model.num_layers):
+        p = f"decoder.layers.{i}."
+        norm(p + "input_layernorm")
+        linear(p + "self_attention.linear_proj", h, nq * d, bias)
+        linear(p + "self_attention.linear_qkv", (nq + 2 * ng) * d, h, bias)
+        norm(p + "pre_mlp_layernorm")
+        linear(p + "mlp.linear_fc1", ffn * (2 if is_gated(model) else 1), h, bias)
+        linear(p + "mlp.linear_fc2", h, ffn, bias)
+    norm("decoder.final_layernorm")
+    if not model.tie_embeddings:
+        shapes[OUTPUT_LAYER] = (rows, h)
+    return shapes
+
+
+def check_tensor_parallel(model: ModelConfig, tp: int) -> None:
+    """Raise ConversionError when ``model`` cannot be split over ``tp`` tensor-parallel ranks."""
+    problems = []
+    if model.num_attention_heads % tp:
+        problems.append(f"num_attention_heads={model.num_attention_heads} is not divisible by tensor_parallel={tp}")
+    if model.kv_groups % tp:
+        problems.append(f"query groups (num_query_groups)={model.kv_groups} is not divisible by tensor_parallel={tp}")
+    if model.ffn_size % tp:
+        problems.append(f"ffn size={model.ffn_size} is not divisible by tensor_parallel={tp}")
+    if problems:
+        raise ConversionError(f"cannot shard this model over tensor_parallel={tp}: " + "; ".join(problems))
+
+
+def check_pipeline_parallel(model: ModelConfig, pp: int) -> None:
+    if model.num_layers % pp:
+        raise ConversionError(
+            f"cannot split this model over pipeline_parallel={pp}: num_layers={model.num_layers} is not divisible by it"
+        )
+
+
+# --- pipeline (DeepSpeed PipelineModule) names ---------------------------------------------------------------
+_PIPE_NAME = re.compile(r"^(\d+)\.(.+)$")
+
+
+def pipeline_name_to_gpt(name: str, num_layers: int) -> str:
+    """A ``GPTPipelineModule`` parameter name -> the ``GPTModel`` name of the same tensor.
+
+    The last stage's tied copy of the word embedding maps to ``embedding.word_embeddings.weight`` too.
+    """
+    if name.startswith(TIED_PREFIX):
+        rest = name[len(TIED_PREFIX):]
+        if rest.startswith("embedding."):  # first stage: EmbeddingPipe
+            return rest
+        if rest == "word_embeddings.weight":  # last stage: OutputEmbeddingPipe
+            return WORD_EMBEDDINGS
+        raise ConversionError(f"unknown tied pipeline parameter {name!r}")
+    match = _PIPE_NAME.match(name)
+    if not match:
+        raise ConversionError(f"{name!r} is not a pipeline parameter name (<layer index>.<key>)")
+    index, key = int(match.group(1)), match.group(2)
+    if index == 0 and key.startswith("embedding."):
+        return key
+    if 1 <= index <= num_layers and key.startswith("layer."):
+        return f"decoder.layers.{index - 1}.{key[len('layer.'):]}"
+    if index == num_layers + 1 and key.startswith("norm."):
+        return "decoder.final_layernorm." + key[len("norm."):]
+    if index == num_layers + 2 and key == OUTPUT_LAYER:
+        return OUTPUT_LAYER
+    raise ConversionError(f"pipeline parameter {name!r} does not fit a model of {num_layers} layers")
+
+
+def to_gpt_names(state: dict, num_layers: int) -> dict:
+    """Rename a module-native state dict (``GPTModel`` or ``GPTPipelineModule`` names) to ``GPTModel`` names.
+
+    Pipeline names that map to the same tensor (the tied embedding's two copies) must be equal; the first wins.
+    """
+    out: dict = {}
+    for name, tensor in state.items():
+        if name.endswith("_extra_state"):
+            continue
+        gpt = name if _is_gpt_name(name) else pipeline_name_to_gpt(name, num_layers)
+        if gpt in out:
+            if out[gpt].shape != tensor.shape or not bool((out[gpt] == tensor).all()):
+                diff = (out[gpt].float() - tensor.float()).abs().max().item() if out[gpt].shape == tensor.shape else None
+                raise ConversionError(f"{name} and another copy of {gpt} in the same stage differ (max diff {diff})")
+            continue
+        out[gpt] = tensor
+    return out
+
+
+def _is_gpt_name(name: str) -> bool:
+    return name.startswith(("embedding.", "decoder.")) or name == OUTPUT_LAYER
+
+
+def mp_rank_coordinates(mp_rank: int, tp: int) -> tuple[int, int]:
+    """DeepSpeed's model-parallel rank (file names ``mp_rank_XX``) -> (pipeline stage, tensor-parallel rank).
+
+    DeepSpeed numbers the model-parallel group (TP x PP ranks of one data-parallel replica) in global-rank
+    order; with megatron's ``tp-cp-ep-dp-pp`` order (TP fastest, PP slowest) that is ``stage * tp + tp_rank``.
+    """
+    return mp_rank // tp, mp_rank % tp
