@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from common import Cycle
+from common import Cycle, device
 
 
 def megatron_state_dict(module: torch.nn.Module) -> dict:
@@ -48,6 +48,8 @@ class PlainLoop:
         from largelm.train.schedule import build_scheduler
 
         o = cfg.optimizer
+        self.device = device()
+        model.to(self.device)
         self.model, self.loss_fn, self.cfg, self.batches = model, loss_fn, cfg, batches
         self.optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                            eps=o.eps, weight_decay=o.weight_decay)
@@ -59,8 +61,9 @@ class PlainLoop:
         self.model.train()
         losses = []
         for _ in range(ga):
-            tokens = next(self.batches)["tokens"]
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+            tokens = next(self.batches)["tokens"].to(self.device)
+            ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
+                   else contextlib.nullcontext())
             with ctx:
                 loss = self.loss_fn(tokens)
             (loss / ga).backward()
@@ -121,7 +124,8 @@ class ReferenceStep(PlainLoop):
         model.load_from_megatron(state_dict)
 
         def loss_fn(tokens: torch.Tensor) -> torch.Tensor:
-            logits = model(tokens[:, :-1])
+            with torch.device(tokens.device):  # the reference builds its mask/positions on the default device
+                logits = model(tokens[:, :-1])
             return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
 
         super().__init__(model, loss_fn, cfg, batches, bf16_autocast=cfg.train.precision == "bf16")

@@ -31,7 +31,15 @@ DATA = Path(os.environ.get("LARGELM_BENCH_DATA", REPO / "data" / "default"))
 for _p in (str(REPO), str(REPO / "tests")):  # largelm itself, and tests/reference_gpt.py (the plain GPT)
     if _p not in sys.path:
         sys.path.insert(0, _p)
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if not os.environ.get("DS_ACCELERATOR") and not _cuda():
+    os.environ["DS_ACCELERATOR"] = "cpu"
 
 # --- what is measured ----------------------------------------------------------------------------------
 
@@ -40,6 +48,9 @@ SMALL = "gpt-25m"  # ~25M-parameter GPT (MFU); same family, h=512, 8 layers, 8 h
 MODEL_SHAPES = {
     TINY: {},  # as in the config file
     SMALL: {"num_layers": 8, "hidden_size": 512, "num_attention_heads": 8},
+    # for GPU runs (bench/README.md): GPT-2 small / XL-like shapes on the same tokenizer and shards
+    "gpt-125m": {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12},
+    "gpt-1.3b": {"num_layers": 24, "hidden_size": 2048, "num_attention_heads": 16},
 }
 
 
@@ -54,6 +65,8 @@ def bench_config(model: str = TINY, *, precision: str = "fp32", zero_stage: int 
     raw = yaml.safe_load((REPO / "configs" / "gpt-tiny.yaml").read_text())
     raw["name"] = f"bench-{model}"
     raw["model"].update(MODEL_SHAPES[model])
+    if os.environ.get("LARGELM_BENCH_SEQ"):  # must match the shards' seq_length (LARGELM_BENCH_DATA)
+        raw["model"]["seq_length"] = int(os.environ["LARGELM_BENCH_SEQ"])
     raw["tokenizer"]["model"] = str(data / "tokenizer" / "spm.model")
     raw["data"]["train"] = [{"path": str(data / "shards" / "train")}]
     raw["data"]["valid"] = [{"path": str(data / "shards" / "valid")}]
@@ -70,6 +83,38 @@ def bench_config(model: str = TINY, *, precision: str = "fp32", zero_stage: int 
 
         cfg.model.vocab_size = Tokenizer.load(cfg.tokenizer.model).vocab_size
     return cfg
+
+
+# default batch per model for the 1-process benchmarks: (micro-batch, grad-accum steps, steps per repetition)
+DEFAULT_BATCH = {TINY: (8, 2, 3), SMALL: (8, 1, 1), "gpt-125m": (8, 1, 1), "gpt-1.3b": (4, 1, 1)}
+
+
+def add_case_args(p, models: str, precisions: str = "fp32,bf16", reps: int = 9) -> None:
+    """Options shared by the 1-process benchmarks (defaults: what run_all.sh measures on a CPU)."""
+    p.add_argument("--models", default=models, help=f"comma-separated, from {', '.join(MODEL_SHAPES)}")
+    p.add_argument("--precisions", default=precisions)
+    p.add_argument("--micro-batch", type=int, default=None, help="default: per model (DEFAULT_BATCH)")
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--steps-per-rep", type=int, default=None, help="optimizer steps timed per repetition")
+    p.add_argument("--reps", type=int, default=reps, help="interleaved repetitions (larger models: 2 fewer)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 3 repetitions, first model only")
+
+
+def cases_from_args(args) -> list[dict]:
+    models = args.models.split(",")
+    if args.quick:
+        models = models[:1]
+    out = []
+    for model in models:
+        if model not in MODEL_SHAPES:
+            raise SystemExit(f"unknown model {model!r}; choose from {', '.join(MODEL_SHAPES)}")
+        mb, ga, steps = DEFAULT_BATCH[model]
+        reps = 3 if args.quick else (args.reps if model == TINY else max(3, args.reps - 2))
+        for precision in args.precisions.split(","):
+            out.append({"model": model, "precision": precision, "mb": args.micro_batch or mb,
+                        "ga": args.grad_accum or ga, "steps": args.steps_per_rep or steps, "reps": reps})
+    return out
 
 
 def config_summary(cfg) -> dict:
@@ -145,22 +190,36 @@ def run_metadata(**extra) -> dict:
         "versions": {m: _version(m) for m in ("torch", "deepspeed", "megatron-core", "transformers", "webdataset")},
         "largelm_commit": _git_commit(),
         "torch_threads": torch.get_num_threads(),
+        "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     meta.update(extra)
     return meta
 
 
-def meta_markdown(meta: dict) -> str:
+def finish_metadata(meta: dict) -> dict:
+    """Record the load average at the end too: a busy machine makes the absolute timings (not the ratios) moot."""
+    try:
+        meta["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return meta
+
+
+def meta_markdown(meta: dict, machine_only: bool = False) -> str:
     v = meta["versions"]
     lines = [
         f"- date: {meta['date']}; host `{meta['host']}`; git `{meta['largelm_commit']}`",
-        f"- machine: {meta['cpu']}, {meta['cores']} cores, {meta['memory_gib']} GiB, GPU: {meta['gpu']}; "
-        f"1-min load average at start: {meta['load_avg_1min_at_start']}",
+        f"- machine: {meta['cpu']}, {meta['cores']} cores, {meta['memory_gib']} GiB, GPU: {meta['gpu']}",
         f"- versions: python {meta['python']}, torch {v['torch']}, deepspeed {v['deepspeed']}, megatron-core "
         f"{v['megatron-core']}, transformers {v['transformers']}, webdataset {v['webdataset']}",
-        f"- command: `{meta['command']}`; torch threads: {meta['torch_threads']}",
     ]
+    if machine_only:
+        return "\n".join(lines[1:3])
+    lines.append(f"- 1-min load average at start/end: {meta['load_avg_1min_at_start']}/"
+                 f"{meta.get('load_avg_1min_at_end', '?')} (2 = this benchmark alone on 2 cores)")
+    lines.append(f"- command: `{meta['command']}`; torch threads: {meta['torch_threads']}; environment: "
+                 + ", ".join(f"{k}={v}" for k, v in meta.get("env", {}).items()))
     for key in ("config", "configs"):
         if key in meta:
             lines.append(f"- {key}: `{json.dumps(meta[key], sort_keys=False)}`")
@@ -188,11 +247,44 @@ def ratio_stats(num: list[float], den: list[float]) -> dict:
     return stats([a / b for a, b in zip(num, den)])
 
 
-def fmt_spread(s: dict, scale: float = 1.0, digits: int = 3) -> str:
+def fmt_num(x: float) -> str:
+    """3 significant digits, never in exponent notation below 1e7 (1234.5 -> '1235', 0.012345 -> '0.0123')."""
+    if x != x:  # nan
+        return "nan"
+    ax = abs(x)
+    if ax == 0:
+        return "0"
+    if ax < 0.01:
+        return "<0.01"
+    if ax >= 100:
+        return f"{x:,.0f}"
+    if ax >= 10:
+        return f"{x:.1f}"
+    if ax >= 1:
+        return f"{x:.2f}"
+    if ax >= 0.1:
+        return f"{x:.3f}"
+    return f"{x:.3g}"
+
+
+def fmt_spread(s: dict, scale: float = 1.0) -> str:
     """'median [q1, q3] (min-max)'."""
-    f = f"{{:.{digits}g}}"
-    return (f"{f.format(s['median'] * scale)} [{f.format(s['q1'] * scale)}, {f.format(s['q3'] * scale)}] "
-            f"({f.format(s['min'] * scale)}-{f.format(s['max'] * scale)})")
+    f = lambda key: fmt_num(s[key] * scale)  # noqa: E731
+    return f"{f('median')} [{f('q1')}, {f('q3')}] ({f('min')}-{f('max')})"
+
+
+def device():
+    from largelm.parallel import groups
+
+    return groups.device()
+
+
+def sync() -> None:
+    """Wait for queued GPU work (a no-op on CPU) so a timer sees finished steps."""
+    if _cuda():
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def interleaved(arms: dict[str, Callable[[], object]], reps: int, steps_per_rep: int, warmup: int = 2,
@@ -207,9 +299,11 @@ def interleaved(arms: dict[str, Callable[[], object]], reps: int, steps_per_rep:
     for r in range(reps):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            sync()
             t0 = time.perf_counter()
             for _ in range(steps_per_rep):
                 arms[name]()
+            sync()
             times[name].append((time.perf_counter() - t0) / steps_per_rep)
         if label:
             done = ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names)
@@ -226,16 +320,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+ENV_KEYS = ("OMP_NUM_THREADS", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES")
+
+
+def use_rank_environment() -> None:
+    """Re-execute this script (once) under the environment ``largelm-launch --nproc 1`` gives a rank on this machine
+    (``largelm.launch.cpu_environment``: thread count, DS_ACCELERATOR, glibc malloc settings), so an in-process
+    benchmark measures what a launched run gets. Every arm in the process shares it. No-op on GPU."""
+    if _cuda() or os.environ.get("LARGELM_BENCH_RANK_ENV"):
+        return
+    from largelm.launch import cpu_environment
+
+    env = cpu_environment(os.environ, nproc=1)
+    env["LARGELM_BENCH_RANK_ENV"] = "1"
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def init_single_rank(threads: Optional[int] = None) -> None:
-    """World of one gloo rank (what ``largelm-launch --nproc 1`` gives a rank) plus megatron parallel_state."""
+    """World of one rank (what ``largelm-launch --nproc 1`` gives a rank: gloo on CPU, nccl on GPU) plus megatron
+    parallel_state. ``threads``: torch intra-op threads (default: all cores, as the launcher gives one rank)."""
     import torch
 
     from largelm.parallel import groups
 
+    use_rank_environment()
     torch.set_num_threads(threads or os.cpu_count() or 1)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
-    groups.init_distributed("gloo")
+    groups.init_distributed()
     groups.init_model_parallel(1, 1)
 
 
@@ -282,6 +395,7 @@ class Cycle:
 
 
 def write_result(name: str, data: dict, markdown: str) -> Path:
+    """``results/<name>.json`` and ``results/<name>.md``. Build ``markdown`` after ``finish_metadata(meta)``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
     path = RESULTS / f"{name}.md"

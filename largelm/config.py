@@ -162,6 +162,9 @@ class TrainConfig(_Section):
     eval_steps: int = Field(default=10, gt=0)
     log_interval: int = Field(default=10, gt=0)
     max_bad_steps: int = Field(default=5, gt=0, description="abort after this many consecutive NaN/inf steps")
+    # Optional loss-spike detector: a step whose loss exceeds this factor x the running mean of recent losses is
+    # logged and counted (train/loss_spikes); the update is kept. None disables it.
+    loss_spike_factor: Optional[float] = Field(default=None, gt=1)
     # Stop this run after so many steps (checkpointing first), like Megatron's --exit-interval: for jobs with a
     # wall-clock limit that resume where they stopped. The schedule still spans ``steps``.
     exit_interval: Optional[int] = Field(default=None, gt=0)
@@ -181,6 +184,37 @@ class LoggingConfig(_Section):
     peak_tflops_per_rank: Optional[float] = Field(default=None, gt=0)
 
 
+class DistillConfig(_Section):
+    """Knowledge distillation (largelm.train.distill): the run's model is the student, trained on
+    ``alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * LM loss``."""
+
+    teacher: str = Field(description="teacher checkpoint: a checkpoint root (its latest) or one step_XXXXXXXX dir")
+    alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the KL term")
+    temperature: float = Field(default=2.0, gt=0)
+    student_init: Literal["random", "every_kth_layer"] = "random"
+    k: int = Field(default=2, ge=1, description="every_kth_layer: student layer i starts from teacher layer i*k")
+    # None: the run's train.precision. The teacher is frozen and in eval mode either way.
+    teacher_precision: Optional[Literal["fp32", "bf16"]] = None
+
+
+class BertConfig(_Section):
+    """BERT pretraining objective (``model.arch: bert``); masking runs in the data pipeline (largelm.data.bert_masking)."""
+
+    mask_prob: float = Field(default=0.15, gt=0, lt=1, description="fraction of real tokens chosen for MLM")
+    mask_token_prob: float = Field(default=0.8, ge=0, le=1, description="chosen -> [MASK]")
+    random_token_prob: float = Field(default=0.1, ge=0, le=1, description="chosen -> random token; rest kept")
+    whole_word_masking: bool = False
+    objective: Literal["sop", "nsp"] = Field(default="sop", description="pair label the shards were written with")
+    binary_head: bool = Field(default=True, description="train the SOP/NSP head (loss = MLM + pair loss)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "BertConfig":
+        if self.mask_token_prob + self.random_token_prob > 1:
+            raise ValueError(f"bert.mask_token_prob={self.mask_token_prob} + bert.random_token_prob="
+                             f"{self.random_token_prob} exceeds 1")
+        return self
+
+
 class Config(_Section):
     name: str = "run"
     model: ModelConfig
@@ -191,6 +225,8 @@ class Config(_Section):
     train: TrainConfig
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    bert: Optional[BertConfig] = Field(default=None, description="model.arch=bert only; defaults filled in")
+    distill: Optional[DistillConfig] = None
 
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":
@@ -219,8 +255,24 @@ class Config(_Section):
             raise ValueError(
                 f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds train.steps={self.train.steps}"
             )
+        if self.distill is not None and (m.arch != "gpt" or p.pipeline_parallel > 1 or p.tensor_parallel > 1):
+            raise ValueError(
+                "distill: distillation supports model.arch='gpt' with parallel.tensor_parallel=1 and "
+                f"parallel.pipeline_parallel=1 (got arch={m.arch!r}, tensor_parallel={p.tensor_parallel}, "
+                f"pipeline_parallel={p.pipeline_parallel})"
+            )
         if m.arch == "bert" and m.style != "gpt2":
             raise ValueError("model.style must be 'gpt2' (post-LN-free BERT layout) when model.arch is 'bert'")
+        if m.arch != "bert" and self.bert is not None:
+            raise ValueError(f"bert: this section is for model.arch 'bert', the model is {m.arch!r}")
+        if m.arch == "bert":
+            if self.bert is None:
+                self.bert = BertConfig()
+            if p.pipeline_parallel > 1:
+                raise ValueError("parallel.pipeline_parallel > 1 is not supported for model.arch 'bert' yet")
+            if p.sequence_parallel:
+                raise ValueError("parallel.sequence_parallel is not supported for model.arch 'bert' (megatron's "
+                                 "BERT LM head norm cannot mark its weights for the TP grad all-reduce)")
         return self
 
     # --- derived quantities -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ except ``kill_in_save`` / ``enospc_in_save`` which default to rank 0)::
     nan_loss@S        step S's first micro-batch produces a NaN loss (the model's per-token loss output is
                       multiplied by NaN, so its gradients are NaN too): a forward-pass overflow
     nan_grad@S        step S's first micro-batch has a finite loss but NaN gradients: a backward-pass overflow
+    loss_spike@S      step S's first micro-batch loss is multiplied by 50 (finite): a loss spike
     nan_weight@S      before step S one weight of the model is set to NaN: corrupted parameters, every later
                       step is non-finite (the run must abort after ``train.max_bad_steps``)
     kill_in_save@S    the rank SIGKILLs itself while saving the checkpoint of step S, after DeepSpeed has
@@ -28,8 +29,10 @@ import signal
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 ENV = "LARGELM_FAULTS"
-KINDS = ("nan_loss", "nan_grad", "nan_weight", "kill_in_save", "enospc_in_save")
+KINDS = ("nan_loss", "nan_grad", "loss_spike", "nan_weight", "kill_in_save", "enospc_in_save")
 _RANK0_DEFAULT = ("kill_in_save", "enospc_in_save")
 
 
@@ -87,9 +90,6 @@ class ModelFaults:
     """Forward hook on the model (training only) that injects the NaN faults scheduled for the current step."""
 
     def __init__(self, model):
-        import torch
-
-        self._torch = torch
         self.model = model
         self.step = 0  # 1-based step about to run; set by the trainer
         self._fired: set[tuple[str, int]] = set()
@@ -99,48 +99,34 @@ class ModelFaults:
         self.step = step
         if active("nan_weight", step) and ("nan_weight", step) not in self._fired:
             self._fired.add(("nan_weight", step))
-            with self._torch.no_grad():
-                param = next(p for p in self.model.parameters() if p.requires_grad)
+            with torch.no_grad():
+                # A 1-D parameter (a norm weight or a bias) touches every token, so every later loss is NaN.
+                param = next(p for p in self.model.parameters() if p.requires_grad and p.dim() == 1)
                 param.view(-1)[0] = float("nan")
             print(f"[fault injection] rank {_rank()}: set a weight to NaN before step {step}", flush=True)
 
     def _hook(self, module, args, output):
         if not module.training:
             return output
-        for kind in ("nan_loss", "nan_grad"):
+        for kind in ("nan_loss", "nan_grad", "loss_spike"):
             if active(kind, self.step) and (kind, self.step) not in self._fired:
                 self._fired.add((kind, self.step))
                 print(f"[fault injection] rank {_rank()}: {kind} at step {self.step}", flush=True)
                 if kind == "nan_loss":
                     return output * float("nan")
-                return _NanGrad.apply(output)
+                if kind == "loss_spike":
+                    return output * 50.0
+                return NanGrad.apply(output)
         return output
 
 
-def _nan_grad_function():
-    import torch
+class NanGrad(torch.autograd.Function):
+    """Identity forward; the gradient flowing back is replaced by NaN."""
 
-    class NanGrad(torch.autograd.Function):
-        """Identity forward; the gradient flowing back is replaced by NaN."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
 
-        @staticmethod
-        def forward(ctx, x):
-            return x.view_as(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return torch.full_like(grad, float("nan"))
-
-    return NanGrad
-
-
-class _LazyNanGrad:
-    _fn = None
-
-    def apply(self, x):
-        if _LazyNanGrad._fn is None:
-            _LazyNanGrad._fn = _nan_grad_function()
-        return _LazyNanGrad._fn.apply(x)
-
-
-_NanGrad = _LazyNanGrad()
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))

@@ -33,3 +33,48 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def torch_save_durable(obj, path: str | Path, zipfile: bool = True) -> None:
+    """``torch.save`` to ``path``, fsynced; a failed write raises the ``OSError`` with its errno.
+
+    torch reports a failed write (a full disk: ``ENOSPC``) only as "RuntimeError: ... unexpected pos"; writing
+    through ``_WriteAll`` keeps the real ``OSError`` and raises it instead. The fsync makes the bytes durable
+    before a manifest that vouches for them is written.
+    """
+    import torch
+
+    writer = None
+    try:
+        with open(path, "wb", buffering=0) as fh:
+            writer = _WriteAll(fh)
+            torch.save(obj, writer, _use_new_zipfile_serialization=zipfile)
+            os.fsync(fh.fileno())
+    except (OSError, RuntimeError) as err:
+        real = writer.error if writer is not None and writer.error is not None else err
+        if isinstance(real, OSError):  # name the file: "[Errno 28] No space left on device (writing ...)"
+            raise OSError(real.errno, f"{real.strerror or real} (writing {path})") from None
+        raise
+
+
+class _WriteAll:
+    """File-like ``write`` over a raw file: loops over short writes (a raw write of > 2 GiB returns early on
+    Linux) and keeps the ``OSError`` of a failed one (torch replaces it with a RuntimeError)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += self.raw.write(view[done:])
+        except OSError as err:
+            self.error = err
+            raise
+        return done
+
+    def flush(self) -> None:
+        pass

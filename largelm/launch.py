@@ -41,11 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# glibc malloc serves allocations above 32 MiB with fresh mmap()s and returns them on free, so every step's large
+# temporaries (DeepSpeed's flat fp32 gradient partitions and buffers, logits) are page-faulted in anew: 4x the cost
+# of the arithmetic for a 100 MB tensor. Keeping freed memory in the heap for reuse (what jemalloc/tcmalloc do, as
+# PyTorch's CPU tuning guide recommends) made a ~25M-parameter bf16 step ~10% faster (bench/, P1/P2).
+CPU_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
 def cpu_environment(env: dict, nproc: int) -> dict:
-    """No CUDA: DeepSpeed's CPU accelerator, gloo, and threads split evenly between the ranks."""
+    """No CUDA: DeepSpeed's CPU accelerator, gloo, threads split evenly between the ranks, and glibc malloc set to
+    reuse freed memory instead of unmapping it (``CPU_MALLOC_ENV``). Values already in ``env`` win."""
     env = dict(env)
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    for key, value in CPU_MALLOC_ENV.items():
+        env.setdefault(key, value)
     return env
 
 

@@ -1,23 +1,58 @@
 #!/bin/bash
 # Runs the training on one node of a Slurm job. Started by the generated sbatch scripts (slurm/job.sbatch.in):
 #   launcher deepspeed|torchrun: by srun, once per node; it runs largelm-launch --no-ssh/--node-rank for this node
-#   launcher srun:               by srun, once per rank; it execs the trainer with RANK=SLURM_PROCID etc.
+#   launcher srun:               by srun, once per rank; it runs the trainer with RANK=SLURM_PROCID etc.
 #   launcher pdsh:               by the batch shell; the deepspeed launcher reaches the other nodes over pdsh/ssh
 # Reads LARGELM_JOB_* and MASTER_ADDR/PORT from the batch script.
+#   node.sh --signal SIG   (used by the pdsh launcher, through srun on every node) signals this node's ranks.
 #
-# Signals: USR1 and TERM are ignored by the launcher processes (the ignore is inherited through exec/fork) and
-# handled by every training rank (it installs its own handler: finish the step, checkpoint, exit 42). So a signal
-# Slurm sends to every process of the step never kills a launcher half-way, and the exit code of the ranks comes
-# back through the launcher. This shell only records the signal, re-sends USR1 every 15 s while the ranks live
-# (a rank still importing when the first one came had it ignored), and exits with the launcher's code -- or 42 if
-# the launcher reported a plain failure after a stop signal but a new checkpoint was written (torchrun exits 1).
+# Stop requests reach the training ranks, and only them:
+#  * The batch shell appends the signal's name to $LARGELM_JOB_STOP_FILE (in the shared run directory); this script
+#    polls it every second and sends that signal to the rank processes of its node: the launcher's descendants that
+#    run largelm.train.main (not their forked data workers, not compilers or other helpers they run).
+#  * A signal Slurm sends to the whole job step (scancel --signal=USR1 without --batch) reaches every process of
+#    the step. The launchers survive it: they are started with USR1 and TERM ignored, which is inherited through
+#    fork/exec (each rank installs its own handler). This script traps it and forwards it the same way.
+# A rank finishes its step, all ranks checkpoint, they exit 42. A rank still importing when the signal came has it
+# ignored: USR1 is re-sent every 15 s until the ranks exit. The exit code is the launcher's, or 42 if the launcher
+# reported a plain failure after a stop request but a new checkpoint was written since (torchrun reports 1).
 set -uo pipefail
 
 CONFIG=$LARGELM_JOB_CONFIG
 LAUNCHER=$LARGELM_JOB_LAUNCHER
-NPROC=$LARGELM_JOB_NPROC_PER_NODE
 NNODES=$LARGELM_JOB_NNODES
+
+is_rank() {  # pid runs the trainer (a deepspeed/torchrun/srun rank, or torchrun itself, which ignores USR1)
+  local args
+  args=$(tr '\0' ' ' 2>/dev/null < "/proc/$1/cmdline") || return 1
+  case $args in *"-m largelm.train.main "*"--config $CONFIG "*) return 0 ;; esac
+  return 1
+}
+forked_copy() {  # pid is a fork of its parent (same command line): a data-loader worker of a rank
+  local ppid
+  ppid=$(awk '{print $4}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$ppid" ] && cmp -s "/proc/$1/cmdline" "/proc/$ppid/cmdline"
+}
+signal_ranks_among() {  # signal pids ... : the ranks among these pids
+  local sig=$1 pid
+  shift
+  for pid in "$@"; do
+    if is_rank "$pid" && ! forked_copy "$pid"; then
+      kill -s "$sig" "$pid" 2>/dev/null
+    fi
+  done
+  return 0
+}
+
+if [ "${1:-}" = --signal ]; then  # pdsh launcher: this node's ranks, whoever started them
+  # shellcheck disable=SC2046
+  signal_ranks_among "$2" $(pgrep -f -- "largelm[.]train[.]main")
+  exit 0
+fi
+
+NPROC=$LARGELM_JOB_NPROC_PER_NODE
 HOSTFILE=$LARGELM_JOB_HOSTFILE
+STOP_FILE=$LARGELM_JOB_STOP_FILE
 eval "OVERRIDES=($LARGELM_JOB_OVERRIDES)"
 CKPT_DIR=
 for item in "${OVERRIDES[@]}"; do
@@ -55,16 +90,6 @@ case $LAUNCHER in
   *) echo "node.sh: unknown launcher '$LAUNCHER'" >&2; exit 2 ;;
 esac
 
-STOP=""
-MARKER=$(mktemp "${TMPDIR:-/tmp}/largelm-stop.XXXXXX")
-on_signal() {
-  if [ -z "$STOP" ]; then
-    STOP=$1
-    touch "$MARKER"
-    echo "node.sh: $WHO got SIG$1 at $(date -Is); the ranks checkpoint after this step" >&2
-  fi
-  if [ "$LAUNCHER" = pdsh ]; then forward_pdsh "$1"; else signal_ranks "$1"; fi
-}
 descendants() {
   local child
   for child in $(pgrep -P "$1" 2>/dev/null); do
@@ -72,45 +97,49 @@ descendants() {
     descendants "$child"
   done
 }
-signal_ranks() {  # launchers ignore it; ranks (and their data workers) handle it; harmless if repeated
-  local pids
-  pids=$(descendants "$PID")
-  [ -n "$pids" ] && kill -s "$1" $pids 2>/dev/null
-  return 0
-}
-forward_pdsh() {  # ranks on the other nodes were started over ssh, outside Slurm: signal them by command line
-  signal_ranks "$1"
-  if [ "$NNODES" -gt 1 ]; then
-    srun --overlap --nodes="$NNODES" --ntasks-per-node=1 \
-         pkill "-$1" -f -- "largelm[.]train[.]main .*--config $(printf '%s' "$CONFIG" | sed 's/[][\.*^$+?(){}|]/\\&/g')" \
-         2>/dev/null || true
+signal_ranks() {
+  # shellcheck disable=SC2046
+  signal_ranks_among "$1" "$PID" $(descendants "$PID")
+  if [ "$LAUNCHER" = pdsh ] && [ "$NNODES" -gt 1 ]; then  # ranks on the other nodes were started over ssh
+    srun --overlap --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 bash "$0" --signal "$1" || true
   fi
 }
+STOP=""
+MARKER=$(mktemp "${TMPDIR:-/tmp}/largelm-stop.XXXXXX")
+on_signal() {
+  if [ -z "$STOP" ]; then
+    STOP=$1
+    touch "$MARKER"
+    echo "node.sh: $WHO: stop requested (SIG$1) at $(date -Is); the ranks checkpoint after this step" >&2
+  fi
+  signal_ranks "$1"
+}
+
 trap '' USR1 TERM  # inherited by the launcher and the ranks as "ignore"; each rank installs its own handler
 "${CMD[@]}" &
 PID=$!
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 LAST_RESEND=$SECONDS
+SEEN_LINES=0
 RC=""
 while [ -z "$RC" ]; do
-  if [ "$STOP" = USR1 ]; then
-    sleep 1  # poll, so USR1 can be re-sent
-    if [ $((SECONDS - LAST_RESEND)) -ge 15 ]; then
-      LAST_RESEND=$SECONDS
-      signal_ranks USR1
+  sleep 1
+  if [ -s "$STOP_FILE" ]; then  # the batch shell got a signal: USR1 or TERM, one line each
+    LINES=$(wc -l < "$STOP_FILE")
+    if [ "$LINES" -gt "$SEEN_LINES" ]; then
+      SEEN_LINES=$LINES
+      on_signal "$(tail -n 1 "$STOP_FILE" | cut -d' ' -f1)"
     fi
-    kill -0 "$PID" 2>/dev/null && continue
   fi
-  wait "$PID"
-  status=$?
-  kill -0 "$PID" 2>/dev/null && continue  # wait was interrupted by a trapped signal
-  if [ "$status" -gt 128 ]; then  # interrupted just as it ended? then this wait reports the real status
-    wait "$PID" 2>/dev/null
-    again=$?
-    [ "$again" -ne 127 ] && status=$again
+  if [ "$STOP" = USR1 ] && [ $((SECONDS - LAST_RESEND)) -ge 15 ]; then
+    LAST_RESEND=$SECONDS
+    signal_ranks USR1
   fi
-  RC=$status
+  if ! kill -0 "$PID" 2>/dev/null; then
+    wait "$PID"
+    RC=$?
+  fi
 done
 
 if [ -n "$STOP" ] && [ "$RC" -ne 0 ] && [ "$RC" -ne 42 ] && [ -n "$CKPT_DIR" ] && [ "$CKPT_DIR/latest" -nt "$MARKER" ]; then

@@ -21,6 +21,7 @@ Run ``python tests/slurm_cluster.py start|stop|status`` to keep a cluster up by 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shlex
@@ -184,9 +185,49 @@ PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
 """
         self.conf.write_text(conf)
 
-    def start(self, timeout: float = 60, log=print) -> "LocalSlurm":
+    def _acquire(self, timeout: float, log) -> None:
+        """One cluster per directory: a second test session waits here until the first one has stopped."""
+        if getattr(self, "_lock", None):
+            return
+        lock = open(f"{self.root}.lock", "w")
+        deadline = time.monotonic() + timeout
+        said = False
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock = lock
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    lock.close()
+                    raise SlurmError(f"another process holds {self.root}.lock (a test session using the local "
+                                     f"cluster) for more than {timeout:.0f}s") from None
+                if not said:
+                    log(f"waiting for another session's local Slurm cluster ({self.root}.lock)")
+                    said = True
+                time.sleep(2)
+
+    def _release(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+            self._lock = None
+
+    def start(self, timeout: float = 60, log=print, lock_timeout: float = 1800) -> "LocalSlurm":
         ensure_installed(log)
-        self.stop()
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        self._acquire(lock_timeout, log)
+        try:
+            self.stop(release=False)  # whatever a previous (maybe killed) session left
+            self._start(timeout)
+        except (SlurmError, OSError, subprocess.SubprocessError) as err:
+            logs = self.logs()
+            self.stop()  # (also releases the lock)
+            raise SlurmError(f"local Slurm cluster did not start: {err}\n{logs}") from None
+        return self
+
+    def _start(self, timeout: float) -> None:
         if self.root.exists():
             shutil.rmtree(self.root)
         for sub in ("state", "spool", "run", "log", "munge"):
@@ -203,15 +244,9 @@ PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
                  f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed")
         self.run("munge", "-S", str(self.munge_socket), "-n")  # the daemon answers
         self.write_config()
-        try:
-            self.run("slurmctld", "-i")
-            self.run("slurmd")
-            self._wait_idle(timeout)
-        except (SlurmError, subprocess.TimeoutExpired) as err:
-            logs = self.logs()
-            self.stop()
-            raise SlurmError(f"local Slurm cluster did not start: {err}\n{logs}") from None
-        return self
+        self.run("slurmctld", "-i")
+        self.run("slurmd")
+        self._wait_idle(timeout)
 
     def _wait_idle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -241,13 +276,25 @@ PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
         return pids
 
     def running(self) -> bool:
-        return self.run("sinfo", "-h", check=False, timeout=20).returncode == 0 if self.conf.exists() else False
+        ctld = self.root / "run" / "slurmctld.pid"
+        try:
+            return self._is_ours(int(ctld.read_text().strip())) and self.run("sinfo", "-h", check=False).returncode == 0
+        except (OSError, ValueError):
+            return False
 
-    def stop(self) -> None:
+    def stop(self, release: bool = True) -> None:
         """Cancel every job, stop the daemons, kill whatever they left. Safe to call when nothing runs."""
+        try:
+            self._stop()
+        finally:
+            if release:
+                self._release()
+
+    def _stop(self) -> None:
         if not self.root.exists():
             return
-        if self.conf.exists():
+        ctld = self.root / "run" / "slurmctld.pid"
+        if self.conf.exists() and ctld.exists() and self._is_ours(int(ctld.read_text().strip() or 0)):
             try:  # let Slurm end the jobs first (their processes get SIGTERM, then SIGKILL)
                 self.run("scancel", "--full", "--user", str(os.getuid()), check=False, timeout=10)
                 deadline = time.monotonic() + 15

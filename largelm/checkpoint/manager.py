@@ -12,11 +12,18 @@ Layout of ``<dir>``::
 Why atomic: every rank writes into ``.partial-step_X``; after a barrier rank 0 checksums the files, writes the
 manifest, fsyncs, renames the directory to ``step_X`` and only then replaces ``latest`` (``os.replace``). A crash at
 any point leaves the previous checkpoint and pointer untouched; a ``.partial-*`` directory is never loaded.
+A failed write (disk full, quota, I/O error) on any rank fails the save on every rank together (a flag is
+all-reduced where the barriers were, so no rank hangs waiting for another): the partial directory is removed and
+``CheckpointError`` names the error and the previous checkpoint. Stale ``.partial-*`` directories of crashed saves
+are removed by the next save.
+
+Loading never unpickles code: DeepSpeed's files and ours are read with ``weights_only=True`` (``safe_load.py``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,11 +34,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from largelm.fileio import fsync_dir, sha256_file, write_text_atomic
+from largelm.fileio import fsync_dir, sha256_file, torch_save_durable, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 PARTIAL_PREFIX = ".partial-"
+REPLACED_PREFIX = ".replaced-"  # a complete checkpoint of the same step being replaced (removed after the swap)
 _TAG_RE = re.compile(r"^step_(\d{8})$")
 
 
@@ -56,6 +66,16 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _any_rank(failed: bool) -> bool:
+    """Collective (in place of a barrier): did any rank fail?"""
+    if not dist.is_initialized():
+        return failed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([1.0 if failed else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def write_manifest(ckpt_dir: Path, meta: dict) -> dict:
@@ -120,9 +140,12 @@ def find_latest(root: Path, checksums: bool = True) -> Optional[Checkpoint]:
     for cand in candidates:
         try:
             verify_checkpoint(cand.path, checksums=checksums)
-            return cand
         except CheckpointError as err:
             errors.append(str(err))
+            continue
+        for error in errors:  # never silently: say which checkpoints were passed over and why
+            log.warning("skipping unusable checkpoint: %s; using %s instead", error, cand.path)
+        return cand
     if errors:
         raise CheckpointError(f"no usable checkpoint in {root}:\n  " + "\n  ".join(errors))
     return None
@@ -139,39 +162,93 @@ class CheckpointManager:
 
     def save(self, engine, step: int, rank_state: dict) -> Path:
         """Collective: every rank must call it. ``rank_state`` holds this rank's tensors and plain values."""
+        from largelm import faults
+        from largelm.checkpoint.safe_load import install_safe_checkpoint_engine, take_write_error
+
         tag = tag_for(step)
         partial = self.root / f"{PARTIAL_PREFIX}{tag}"
         final = self.root / tag
+        error = None
         if _rank() == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if partial.exists():  # left by a crash during an earlier save of this step
-                shutil.rmtree(partial)
-        _barrier()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for stale in self.root.glob(f"{PARTIAL_PREFIX}*"):  # left by crashed saves: never loadable
+                    shutil.rmtree(stale)
+                for stale in self.root.glob(f"{REPLACED_PREFIX}*"):
+                    shutil.rmtree(stale)
+            except OSError as err:
+                error = err
+        self._check_all_ranks(error, step, partial)
+        install_safe_checkpoint_engine(engine)  # DeepSpeed's write errors are kept, not raised mid-collective
         engine.save_checkpoint(str(self.root), tag=partial.name, client_state={"step": step}, save_latest=False)
-        torch.save(rank_state, partial / f"trainer_state_rank{_rank():05d}.pt")
-        _barrier()
+        error = take_write_error(engine)
+        if error is None:
+            try:
+                torch_save_durable(rank_state, partial / f"trainer_state_rank{_rank():05d}.pt")
+                faults.in_save(step)  # test hook (tests/faults): inert unless LARGELM_FAULTS is set
+            except Exception as err:  # noqa: BLE001 - any write failure fails the save collectively
+                error = err
+        self._check_all_ranks(error, step, partial)
         if _rank() == 0:
-            (partial / "config.yaml").write_text(self.config_yaml)
-            write_manifest(partial, {"step": step, "tag": tag, **self.meta})
-            fsync_dir(partial)
-            if final.exists():  # a complete checkpoint of the same step: replace it only after ours is complete
-                shutil.rmtree(final)
-            os.rename(partial, final)
-            fsync_dir(self.root)
-            write_text_atomic(self.root / LATEST, tag)
-            self._rotate()
-        _barrier()
+            replaced = self.root / f"{REPLACED_PREFIX}{tag}"
+            try:
+                (partial / "config.yaml").write_text(self.config_yaml)
+                write_manifest(partial, {"step": step, "tag": tag, **self.meta})
+                fsync_dir(partial)
+                if final.exists():  # a complete checkpoint of the same step: swap it out only now
+                    os.rename(final, replaced)
+                os.rename(partial, final)
+                fsync_dir(self.root)
+                write_text_atomic(self.root / LATEST, tag)
+                shutil.rmtree(replaced, ignore_errors=True)
+                self._rotate()
+            except OSError as err:
+                error = err
+                if replaced.exists() and not final.exists():  # put the same-step checkpoint back
+                    os.rename(replaced, final)
+        self._check_all_ranks(error, step, partial)
         return final
+
+    def _check_all_ranks(self, error: Optional[BaseException], step: int, partial: Path) -> None:
+        """Collective: if any rank failed, remove the partial directory and raise on every rank."""
+        if not _any_rank(error is not None):
+            return
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # frees the space a full disk needs back
+        pointer = self.root / LATEST
+        previous = pointer.read_text().strip() if pointer.is_file() else None
+        kept = (f"the previous checkpoint {self.root / previous} and the '{LATEST}' pointer are unchanged"
+                if previous else "no earlier checkpoint exists")
+        cause = f"rank {_rank()}: {error}" if error is not None else "failed on another rank (see its error)"
+        raise CheckpointError(f"saving the checkpoint of step {step} to {self.root} failed ({cause}); {kept}")
 
     def _rotate(self) -> None:
         for old in list_checkpoints(self.root)[: -self.keep_last]:
             shutil.rmtree(old.path, ignore_errors=True)
 
     def load(self, engine, checkpoint: Checkpoint) -> dict:
-        """Collective: restore engine (model, optimizer, scheduler) and return this rank's trainer state."""
-        load_path, _ = engine.load_checkpoint(
-            str(self.root), tag=checkpoint.path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        """Collective: restore engine (model, optimizer, scheduler) and return this rank's trainer state.
+
+        Nothing is unpickled beyond tensors and plain data (``safe_load``): a crafted file is refused with
+        ``CheckpointError`` before any of its code runs.
+        """
+        import pickle
+
+        from largelm.checkpoint.safe_load import (UnsafeCheckpointError, forced_weights_only,
+                                                  install_safe_checkpoint_engine, safe_torch_load)
+
+        install_safe_checkpoint_engine(engine)
+        try:
+            with forced_weights_only():
+                load_path, _ = engine.load_checkpoint(
+                    str(self.root), tag=checkpoint.path.name, load_optimizer_states=True,
+                    load_lr_scheduler_states=True,
+                )
+        except UnsafeCheckpointError as err:
+            raise CheckpointError(f"checkpoint {checkpoint.path}: {err}") from None
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(f"checkpoint {checkpoint.path}: refused to unpickle a file (weights_only): "
+                                  f"{str(err).splitlines()[0]}") from None
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {checkpoint.path}")
         state_file = checkpoint.path / f"trainer_state_rank{_rank():05d}.pt"
@@ -179,4 +256,7 @@ class CheckpointManager:
             raise CheckpointError(
                 f"checkpoint {checkpoint.path} has no {state_file.name}: it was written by a run with fewer ranks"
             )
-        return torch.load(state_file, map_location="cpu", weights_only=True)
+        try:
+            return safe_torch_load(state_file)
+        except UnsafeCheckpointError as err:
+            raise CheckpointError(f"checkpoint {checkpoint.path}: {err}") from None

@@ -11,7 +11,8 @@ Checksums (``manifest.json``) protect against corruption, not against an attacke
 too; this module is the security boundary.
 
 * ``safe_torch_load(path)``: ``torch.load`` for checkpoint files (used by the checkpoint manager and tools).
-* ``install_safe_checkpoint_engine(engine)``: make a DeepSpeed engine load through ``safe_torch_load``.
+* ``install_safe_checkpoint_engine(engine)``: make a DeepSpeed engine load through ``safe_torch_load`` (and
+  keep a failed write for ``take_write_error`` instead of raising it between DeepSpeed's collectives).
 * ``forced_weights_only()``: context in which *every* ``torch.load`` is weights-only, even calls that pass
   ``weights_only=False`` (DeepSpeed's universal-checkpoint paths call ``torch.load`` directly).
 """
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from largelm.fileio import torch_save_durable
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -54,12 +57,18 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).split("\n", 1)[0].replace("Weights only load failed. ", "")
         raise UnsafeCheckpointError(
-            f"refused to load {path}: it contains Python objects that are not plain data ({reason}). "
-            "Loading it could execute code; checkpoints are read with weights_only=True "
-            "(largelm.checkpoint.safe_load.SAFE_GLOBALS lists the classes allowed)"
+            f"refused to load {path}: it references Python objects that are not plain data "
+            f"({_unsafe_reason(err)}); unpickling it could execute code. Checkpoints are read with "
+            "weights_only=True (largelm.checkpoint.safe_load.SAFE_GLOBALS lists the classes allowed)"
         ) from None
+
+
+def _unsafe_reason(err: Exception) -> str:
+    """The line of torch's message that names the refused global, e.g. 'unsupported GLOBAL posix.system'."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "global" in line.split(" ", 3)[:3]]
+    return (named or lines[-1:] or ["unknown"])[0].rstrip(".")
 
 
 try:
@@ -69,10 +78,43 @@ except ImportError:  # pragma: no cover - DeepSpeed is a dependency; tools may r
 
 
 class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine with the unpickler restricted (saving is unchanged)."""
+    """DeepSpeed's torch checkpoint engine with the unpickler restricted.
+
+    Saving writes the same files (through ``torch_save_durable``: fsynced, and a full disk is reported as
+    ``ENOSPC``), but a failed write (ENOSPC, EFBIG, EIO ...) is *kept* in ``write_error`` and
+    later writes of the same save are skipped: raising it inside ``engine.save_checkpoint`` would leave this rank
+    out of DeepSpeed's closing barrier while the other ranks wait in it. The checkpoint manager collects the error
+    with ``take_write_error`` and fails the save on all ranks together.
+    """
+
+    write_error = None
+
+    def makedirs(self, path, exist_ok=False):
+        if self.write_error is None:
+            try:
+                super().makedirs(path, exist_ok=exist_ok)
+            except OSError as err:
+                self.write_error = err
+
+    def save(self, state_dict, path: str):
+        if self.write_error is not None:
+            return
+        try:
+            torch_save_durable(state_dict, path, zipfile=self.zipfile_serialization)
+        except Exception as err:  # noqa: BLE001 - kept, raised by the checkpoint manager on every rank
+            self.write_error = err if isinstance(err, OSError) else OSError(f"writing {path}: {err}")
 
     def load(self, path: str, map_location=None):
         return safe_torch_load(path, map_location=map_location)
+
+
+def take_write_error(engine):
+    """The write error kept by the engine's checkpoint engine during the last save (and reset it), or None."""
+    current = getattr(engine, "checkpoint_engine", None)
+    error = getattr(current, "write_error", None)
+    if current is not None and error is not None:
+        current.write_error = None
+    return error
 
 
 def install_safe_checkpoint_engine(engine) -> None:

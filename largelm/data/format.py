@@ -12,6 +12,12 @@ exactly ``seq_length + 1`` token ids (``inputs = tokens[:-1]``, ``labels = token
 self-describing, so a reader can reject a sample of the wrong dtype or length without trusting the manifest.
 Keys are ``s<10-digit index>``: unique within a split and free of dots (webdataset splits a member name at its
 first dot into key and extension).
+
+Manifest ``kind`` says what a sample holds. ``tokens`` (the default, GPT): packed token stream as above.
+``bert_pairs`` (``largelm.data.bert_prepare``): the same member and length, laid out as
+``[CLS] A [SEP] B [SEP] <pad>...`` in the first ``seq_length`` ids (pad id 0) and the pair label (0 = B is the
+true continuation in order, 1 = swapped (SOP) / random (NSP), see ``pair_objective``) as the last id. Segment ids
+and the padding mask follow from the two [SEP]s; masking is done at load time (``largelm.data.bert_masking``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -76,9 +82,13 @@ class Manifest(BaseModel):
     empty_documents: int = Field(ge=0, description="input documents with no text (not written)")
     dropped_tokens: int = Field(ge=0, description="tail tokens that did not fill a whole sample")
     inputs: list[str] = Field(default_factory=list)
+    kind: Literal["tokens", "bert_pairs"] = "tokens"
+    pair_objective: Optional[Literal["sop", "nsp"]] = Field(default=None, description="bert_pairs only")
 
     @model_validator(mode="after")
     def _check_totals(self) -> "Manifest":
+        if (self.kind == "bert_pairs") != (self.pair_objective is not None):
+            raise ValueError("pair_objective is required for kind 'bert_pairs' and only allowed there")
         if self.sample_length != self.seq_length + 1:
             raise ValueError(f"sample_length={self.sample_length} must be seq_length + 1 = {self.seq_length + 1}")
         if self.dtype != token_dtype(self.vocab_size):
@@ -96,7 +106,10 @@ class Manifest(BaseModel):
 
     def fingerprint(self) -> str:
         """Content address of the dataset: changes whenever any shard's bytes or the layout change."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        data = self.model_dump(mode="json")
+        if data["kind"] == "tokens":  # fields added later: absent from GPT manifests' fingerprints (resume stays valid)
+            del data["kind"], data["pair_objective"]
+        canonical = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(canonical).hexdigest()
 
 

@@ -69,9 +69,11 @@ class TokenLoader:
     """Iterate for batches ``{"tokens": LongTensor[batch, seq_length + 1], "key": [...], "dataset": LongTensor}``."""
 
     def __init__(
-        self, sources: list[Source], settings: StreamSettings, batch_size: int, num_workers: int, seq_length: int
+        self, sources: list[Source], settings: StreamSettings, batch_size: int, num_workers: int, seq_length: int,
+        sample_transform=None,
     ):
         self.sources, self.settings = sources, settings
+        self.sample_transform = sample_transform
         self.batch_size, self.num_workers, self.seq_length = batch_size, num_workers, seq_length
         self._reset()
 
@@ -96,13 +98,14 @@ class TokenLoader:
     def __iter__(self) -> Iterator[dict]:
         if not self.settings.infinite:
             self._reset()
-        dataset = TokenStream(self.sources, self.settings, self._next_slot, list(self._slots))
+        dataset = TokenStream(self.sources, self.settings, self._next_slot, list(self._slots), self.sample_transform)
         loader = DataLoader(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_samples,
             drop_last=False,
             # Our own generator: otherwise every iter() draws from torch's global RNG (worker base seed) and a
             # resumed run's dropout/init randomness would drift from the uninterrupted run's.
             generator=torch.Generator().manual_seed(self.settings.seed % 2**63),
+            worker_init_fn=_ignore_stop_signals,
         )
         batches = iter(loader)
         try:
@@ -176,6 +179,15 @@ class TokenLoader:
         self._bad = int(state["bad_samples"])
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 (preemption) to their rank, which checkpoints and then stops them:
+    a worker killed by the signal would fail the rank's next batch before the checkpoint is written."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _differences(state: dict, mine: dict) -> list[str]:
     out = []
     for key in ("rank", "world_size", "num_workers", "seed", "batch_size", "seq_length", "shuffle_buffer", "infinite"):
@@ -209,11 +221,16 @@ def build_loader(
     skip_bad_samples: bool = False,
     verify_checksums: bool = True,
     tokenizer_sha256: Optional[str] = None,
+    sample_transform=None,
+    kind: str = "tokens",
 ) -> TokenLoader:
     """Loader over prepared split directories (each with ``manifest.json``); see the module docstring.
 
     ``tokenizer_sha256``: when given, every dataset must have been tokenized with that tokenizer.
     ``verify_checksums``: check each shard's sha256 the first time a worker opens it (size is always checked).
+    ``kind``: the manifests' sample kind every dataset must have (``"tokens"`` for GPT, ``"bert_pairs"``).
+    ``sample_transform``: per-sample function run in the workers (see ``TokenStream``), e.g. ``BertMasker``; its
+    extra numpy fields become batch tensors of the same name.
     """
     if batch_size <= 0 or seq_length <= 0:
         raise ValueError(f"batch_size ({batch_size}) and seq_length ({seq_length}) must be positive")
@@ -222,6 +239,9 @@ def build_loader(
     if num_workers < 0 or shuffle_buffer < 0:
         raise ValueError(f"num_workers ({num_workers}) and shuffle_buffer ({shuffle_buffer}) must be >= 0")
     sources = open_sources(datasets, seq_length, tokenizer_sha256)
+    for src in sources:
+        if src.manifest.kind != kind:
+            raise DataError(f"dataset {src.path} holds samples of kind {src.manifest.kind!r}, this loader reads {kind!r}")
     settings = StreamSettings(
         rank=rank, world_size=world_size, num_slots=max(num_workers, 1), seed=seed, shuffle_buffer=shuffle_buffer,
         infinite=infinite, skip_bad_samples=skip_bad_samples, verify_checksums=verify_checksums,
@@ -235,4 +255,4 @@ def build_loader(
                     f"(world_size {world_size} x num_workers {settings.num_slots}); every reader needs at least one: "
                     "prepare more data or use fewer workers"
                 )
-    return TokenLoader(sources, settings, batch_size, num_workers, seq_length)
+    return TokenLoader(sources, settings, batch_size, num_workers, seq_length, sample_transform)

@@ -72,6 +72,8 @@ class SplitWriter:
     _writer: Optional[wds.ShardWriter] = field(default=None, init=False, repr=False)
     _num_samples: int = field(default=0, init=False)
     _shard_samples: int = field(default=0, init=False)
+    # Extra manifest fields, e.g. {"kind": "bert_pairs", "pair_objective": "sop"} (largelm.data.bert_prepare).
+    manifest_extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dtype = np.dtype(token_dtype(self.vocab_size))
@@ -94,6 +96,15 @@ class SplitWriter:
         for i in range(full):
             self._write_sample(stream[i * self.sample_length : (i + 1) * self.sample_length])
         self._pending = stream[full * self.sample_length :]
+
+    def add_sample(self, tokens: Sequence[int]) -> None:
+        """Write one whole, already laid-out sample of exactly ``seq_length + 1`` ids (no packing)."""
+        arr = np.asarray(tokens, dtype=np.int64)
+        if arr.shape != (self.sample_length,):
+            raise DataError(f"{self.split}: sample of shape {arr.shape}, expected ({self.sample_length},)")
+        if arr.min() < 0 or arr.max() >= self.vocab_size:
+            raise DataError(f"{self.split}: sample has token ids outside 0..{self.vocab_size - 1}")
+        self._write_sample(arr.astype(self.dtype))
 
     def _write_sample(self, tokens: np.ndarray) -> None:
         if self._writer is None:  # opened lazily: ShardWriter creates its first file on construction
@@ -148,6 +159,7 @@ class SplitWriter:
             empty_documents=empty_documents,
             dropped_tokens=len(self._pending),
             inputs=list(inputs),
+            **self.manifest_extra,
         )
         write_manifest(self.split_dir, manifest)
         return manifest

@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -105,7 +105,7 @@ class DatasetStream:
                 following = next(outputs, None)
                 if j >= skip:
                     self.position = (epoch, j + 1) if following is not None else (epoch + 1, 0)
-                    yield current
+                    yield {**current, "epoch": epoch}
                 current, j = following, j + 1
             if not self.cfg.infinite:
                 return
@@ -121,9 +121,14 @@ class TokenStream(IterableDataset):
     """The IterableDataset handed to torch's DataLoader; each worker process iterates its own slot."""
 
     def __init__(
-        self, sources: list[Source], cfg: StreamSettings, slot_offset: int, start_states: list[Optional[dict]]
+        self, sources: list[Source], cfg: StreamSettings, slot_offset: int, start_states: list[Optional[dict]],
+        sample_transform: Optional[Callable[[dict], dict]] = None,
     ):
         super().__init__()
+        # Per-sample function run in the worker, e.g. BERT's dynamic masking (largelm.data.bert_masking). It gets
+        # {"key", "tokens", "epoch", "dataset"} and returns the sample with extra numpy fields; it must be a pure
+        # function of its input (so a resumed run, which replays positions, sees the same samples).
+        self.sample_transform = sample_transform
         self.sources, self.cfg = sources, cfg
         self.slot_offset = slot_offset  # a resumed loader's worker 0 continues the slot that was due next
         self.start_states = start_states
@@ -137,7 +142,10 @@ class TokenStream(IterableDataset):
     def _item(self, sample: dict, dataset: int, slot: int, produced: int, streams: list[DatasetStream]) -> dict:
         bad, self._pending_bad = self._pending_bad, 0
         state = {"slot": slot, "samples": produced, "positions": [list(s.position) for s in streams]}
-        return {**sample, "dataset": dataset, "state": state, "bad": bad}
+        sample = {**sample, "dataset": dataset}
+        if self.sample_transform is not None:
+            sample = self.sample_transform(sample)
+        return {**sample, "state": state, "bad": bad}
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
@@ -175,4 +183,7 @@ def collate_samples(items: list[dict]) -> dict:
         batch["tokens"] = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
         batch["key"] = [s["key"] for s in samples]
         batch["dataset"] = torch.tensor([s["dataset"] for s in samples], dtype=torch.long)
+        for name, value in samples[0].items():  # extra per-sample arrays, e.g. from a sample_transform
+            if name != "tokens" and isinstance(value, (np.ndarray, np.integer)):
+                batch[name] = torch.from_numpy(np.stack([s[name] for s in samples]).astype(np.int64))
     return batch

@@ -80,6 +80,8 @@ class OutputEmbeddingPipe(torch.nn.Module):
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             num_embeddings=vocab_size, embedding_dim=config.hidden_size, init_method=config.embedding_init_method,
             config=config)
+        # megatron's mark for the last stage's copy of a tied embedding: parameter_count(whole_model=True) skips it
+        self.word_embeddings.weight.shared = True
 
     @property
     def word_embeddings_weight(self) -> torch.Tensor:

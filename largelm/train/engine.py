@@ -8,6 +8,8 @@ micro-batch becomes a loss, how an optimizer step is driven - lives here:
 * ``PipelineStep``: ``pipeline_parallel > 1``; one pipeline stage per rank (``largelm.model.pipeline``) under
   DeepSpeed's PipelineEngine, which runs the 1F1B schedule over the step's micro-batches and steps the optimizer
   (ZeRO 0/1 only). See docs/design.md "Parallelism".
+* ``BertStep``: ``model.arch: bert``; megatron-core's BertModel (MLM + SOP/NSP), otherwise like ``DenseStep``;
+  exposes ``last_metrics``/``last_eval_metrics`` for the trainer to log. See docs/design.md "BERT".
 
 Both return the same quantity from ``train_step``: this data-parallel replica's mean loss over the step's
 micro-batches (the trainer averages it over data-parallel ranks), and ``engine.get_global_grad_norm()`` is the
@@ -29,7 +31,7 @@ from largelm.model.pipeline import build_gpt_pipeline
 from largelm.parallel import groups
 from largelm.parallel.deepspeed_config import deepspeed_config
 from largelm.parallel.sharding import load_full_state_dict
-from largelm.train.optim import param_groups
+from largelm.train.optim import param_groups, use_fused_adamw
 from largelm.train.schedule import build_scheduler
 
 
@@ -47,6 +49,7 @@ def initialize_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=
         mpu=mpu,
         dist_init_required=False,
     )
+    use_fused_adamw(engine.optimizer)  # one-pass in-place AdamW on ZeRO's flat partitions (largelm/train/optim.py)
     return engine
 
 
@@ -127,12 +130,66 @@ class PipelineStep:
         return loss
 
 
+class BertStep:
+    """BERT (``model.arch: bert``): MLM + SOP/NSP on megatron-core's BertModel (``largelm.model.bert``); data and
+    tensor parallel, any ZeRO stage, driven like ``DenseStep``.
+
+    Batches come from the loader with ``BertMasker`` (dynamic masking in the data pipeline). ``train_step`` returns
+    this replica's mean of ``mlm_loss + pair_loss`` and leaves ``last_metrics`` (``train/mlm_loss``,
+    ``train/mlm_acc``, ``train/sop_loss``, ``train/sop_acc``; ``nsp_*`` with the NSP objective: means over the
+    step's micro-batches); ``eval_loss`` leaves ``last_eval_metrics`` (same names under ``valid/``).
+    """
+
+    def __init__(self, cfg: Config, world_size: int, init_state_dict: Optional[dict] = None):
+        from largelm.model.bert import build_bert_model
+
+        self.cfg = cfg
+        model = build_bert_model(cfg.model, cfg.parallel, cfg.bert, vocab_size=cfg.model.vocab_size,
+                                 dtype=model_dtype(cfg))
+        if init_state_dict is not None:
+            load_full_state_dict(model, init_state_dict)
+        self.engine = initialize_engine(cfg, model, world_size, mpu=groups.DeepSpeedMPU())
+        self.device = groups.device()
+        self.last_metrics: dict[str, float] = {}
+        self.last_eval_metrics: dict[str, float] = {}
+
+    def _forward(self, batch: dict) -> dict:
+        from largelm.model.bert import bert_forward_metrics
+
+        return bert_forward_metrics(self.engine, batch, self.cfg.bert.objective)
+
+    def train_step(self, batches: Iterator[dict]) -> torch.Tensor:
+        self.engine.train()
+        parts = []
+        for _ in range(self.cfg.train.grad_accum_steps):
+            out = self._forward(next(batches))
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            parts.append({k: v.detach() for k, v in out.items()})
+        means = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
+        self.last_metrics = {f"train/{k}": v.item() for k, v in means.items() if k != "loss"}
+        return means["loss"]
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        self.engine.eval()
+        out = self._forward(batch)
+        self.last_eval_metrics = {f"valid/{k}": v.item() for k, v in out.items() if k != "loss"}
+        return out["loss"].detach()
+
+
 def build_step(cfg: Config, world_size: int, init_state_dict: Optional[dict] = None):
     """The step driver for this config's model and layout.
 
     ``init_state_dict``: full (TP=1) ``GPTModel`` weights to start from instead of the random initialisation;
     each rank loads its shard before the engine is built (used by the parity tests; e.g. converted weights).
     """
+    if getattr(cfg, "distill", None) is not None:  # knowledge distillation (largelm/train/distill.py)
+        from largelm.train.distill import DistillStep
+
+        return DistillStep(cfg, world_size, init_state_dict)
+    if cfg.model.arch == "bert":
+        return BertStep(cfg, world_size, init_state_dict)
     if cfg.parallel.pipeline_parallel > 1:
         return PipelineStep(cfg, world_size, init_state_dict)
     return DenseStep(cfg, world_size, init_state_dict)

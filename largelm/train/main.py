@@ -19,6 +19,8 @@ from largelm.train.preflight import preflight
 
 # Exit code after a requested stop (SIGUSR1/SIGTERM) with a checkpoint written: the Slurm script requeues on it.
 EXIT_PREEMPTED = 42
+# Exit code of a run that stopped on a fault it detected (bad data, failed/unsafe checkpoint, too many NaN steps).
+EXIT_FAILED = 1
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,15 +56,44 @@ def main(argv=None) -> int:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
 
-    from largelm.train.trainer import Trainer  # heavy imports only after the config is known to be good
+    # Heavy imports only after the config is known to be good.
+    from largelm.checkpoint.manager import CheckpointError
+    from largelm.data import DataError
+    from largelm.train.trainer import Trainer, TrainingAborted
 
     stop = StopFlag()
-    trainer = Trainer(cfg, stop_requested=_all_ranks(stop))
+    rank = int(os.environ.get("RANK", "0"))
+    trainer = None
     try:
+        trainer = Trainer(cfg, stop_requested=_all_ranks(stop))
         trainer.fit()
+    except TrainingAborted as err:  # decided on every rank together: say it once
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # failing now: the launcher's SIGTERM must not wait
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    except (CheckpointError, DataError) as err:  # messages name the file/shard/sample; no traceback needed
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"error (rank {rank}): {_message(err)}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    except BaseException:  # e.g. a peer rank died mid-collective: fail fast, no checkpoint-on-SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise
     finally:
-        trainer.close()
-    return EXIT_PREEMPTED if stop() else 0
+        if trainer is not None:
+            trainer.close()
+    # Requeue only when the stop cut the run short; a run that reached train.steps is done.
+    return EXIT_PREEMPTED if stop() and trainer.step < cfg.train.steps else 0
+
+
+def _message(err: BaseException) -> str:
+    """The error's own message; for one re-raised by a DataLoader worker, without the worker's tracebacks."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    name = f"{type(err).__module__}.{type(err).__name__}: "
+    lines = [line[len(name):] for line in text.splitlines() if line.startswith(name)]
+    return f"{lines[0]} (in a DataLoader worker)" if lines else text
 
 
 def _all_ranks(stop: StopFlag):

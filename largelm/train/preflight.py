@@ -17,9 +17,18 @@ SHAPE_FIELDS = ("arch", "style", "num_layers", "hidden_size", "num_attention_hea
 
 def preflight(cfg: Config, world_size: int) -> Config:
     cfg.check_world_size(world_size)
-    if cfg.parallel.virtual_pipeline not in (None, 1):
+    p = cfg.parallel
+    if p.virtual_pipeline not in (None, 1):
         raise ConfigError("parallel.virtual_pipeline: the interleaved schedule is not supported by DeepSpeed's "
                           "pipeline engine, which drives pipeline parallelism here (see docs/design.md)")
+    if p.pipeline_parallel > 1 and p.zero_stage == 0:
+        # Under DeepSpeed's pipeline engine, ZeRO-0 in fp32 clips with a norm that counts replicated parameters
+        # (norms, biases) only on pipeline stage 0 and reports no norm at all (measured; see docs/design.md
+        # "Parallelism"). ZeRO-1 is exact (tests/test_parallel_parity.py) and without data parallelism costs
+        # nothing extra, so it is the one pipeline path we run and test.
+        raise ConfigError(f"parallel.zero_stage=0 with parallel.pipeline_parallel={p.pipeline_parallel}: "
+                          "pipeline parallelism runs with zero_stage 1 here (DeepSpeed's pipeline engine allows "
+                          "only 0 or 1, and its stage-0 gradient norm is wrong across pipeline stages)")
     tokenizer_path = Path(cfg.tokenizer.model)
     if not tokenizer_path.is_file():
         raise ConfigError(f"tokenizer.model: file {tokenizer_path} does not exist (train one with "
@@ -32,10 +41,16 @@ def preflight(cfg: Config, world_size: int) -> Config:
     elif cfg.model.vocab_size < tok.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
                           f"tokenizer {tokenizer_path} ({tok.vocab_size})")
+    if cfg.model.arch == "bert":
+        _check_bert_tokenizer(tok)
     for section, specs in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
         for i, spec in enumerate(specs):
             _check_dataset(f"{section}[{i}]", Path(spec.path), cfg, tok)
     _check_checkpoint(cfg, world_size)
+    if getattr(cfg, "distill", None) is not None:  # the teacher checkpoint exists and fits the student
+        from largelm.train.distill import preflight_teacher
+
+        preflight_teacher(cfg)
     return cfg
 
 
@@ -49,10 +64,25 @@ def _check_dataset(field: str, path: Path, cfg: Config, tok) -> None:
     if manifest.seq_length != cfg.model.seq_length:
         raise ConfigError(f"{field}: shards in {path} hold samples of seq_length {manifest.seq_length}, "
                           f"but model.seq_length is {cfg.model.seq_length}")
+    want = "bert_pairs" if cfg.model.arch == "bert" else "tokens"
+    if manifest.kind != want:
+        tool = "tools/prepare_bert_data.py" if want == "bert_pairs" else "tools/prepare_data.py"
+        raise ConfigError(f"{field}: shards in {path} hold {manifest.kind!r} samples, model.arch={cfg.model.arch!r} "
+                          f"needs {want!r} (write them with {tool})")
+    if want == "bert_pairs" and manifest.pair_objective != cfg.bert.objective:
+        raise ConfigError(f"{field}: shards in {path} were written for the {manifest.pair_objective!r} pair objective, "
+                          f"but bert.objective is {cfg.bert.objective!r} (rewrite them with --objective "
+                          f"{cfg.bert.objective})")
     sha = manifest.tokenizer_sha256
     if sha and sha != tok.sha256:
         raise ConfigError(f"{field}: shards in {path} were tokenized with another tokenizer than "
                           f"tokenizer.model={cfg.tokenizer.model} (sha256 {sha[:12]} vs {tok.sha256[:12]})")
+    from largelm.data.shards import check_shard_files
+
+    try:  # a missing or truncated shard fails here, not hours into the run (sha256 is checked when read)
+        check_shard_files(manifest, path)
+    except DataError as err:
+        raise ConfigError(f"{field}: {err}") from None
 
 
 def _check_checkpoint(cfg: Config, world_size: int) -> None:
@@ -85,3 +115,19 @@ def _check_checkpoint(cfg: Config, world_size: int) -> None:
                           f"(consolidate it with tools/convert_checkpoint.py to change the layout)")
     if mismatches:
         raise ConfigError(f"checkpoint {saved_cfg.parent} does not match this config:\n  " + "\n  ".join(mismatches))
+
+
+def _check_bert_tokenizer(tok) -> None:
+    """BERT needs [CLS], [SEP] and [MASK] as single pieces (user-defined symbols) of the tokenizer."""
+    from largelm.data.bert_masking import BERT_SPECIAL_PIECES
+    from largelm.tokenizer import TokenizerError
+
+    missing = []
+    for piece in BERT_SPECIAL_PIECES:
+        try:
+            tok.token_id(piece)
+        except TokenizerError:
+            missing.append(piece)
+    if missing:
+        raise ConfigError(f"tokenizer.model: {tok.path} lacks {' '.join(missing)}, which model.arch='bert' needs "
+                          "(train the tokenizer with --special-tokens [CLS] [SEP] [MASK], the default)")

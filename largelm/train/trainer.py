@@ -8,15 +8,18 @@ scheduler), then logs, validates and checkpoints on schedule.
 from __future__ import annotations
 
 import math
+import random
 import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from largelm.checkpoint.manager import CheckpointManager, find_latest
+from largelm import faults
+from largelm.checkpoint.manager import LATEST, CheckpointManager, find_latest
 from largelm.config import Config, dump_config
 from largelm.data import build_loader
 from largelm.model.gpt import flops_per_token
@@ -26,6 +29,7 @@ from largelm.train.logger import RunLogger
 from largelm.train.metrics import Throughput, measure_matmul_peak_flops, memory_stats
 from largelm.train.rng import capture_rng_state, restore_rng_state
 from largelm.train.engine import build_step, model_dtype
+from largelm.train.guards import StepGuard, install_overflow_guard
 
 
 class TrainingAborted(RuntimeError):
@@ -47,10 +51,15 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.device = groups.device()
         torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)  # Python and numpy too: they start from OS entropy, so a fresh run would
+        np.random.seed(cfg.train.seed % 2**32)  # not reproduce another's RNG state (checkpointed in rng.py)
         model_parallel_manual_seed(cfg.train.seed)
 
         self.stepper = build_step(cfg, self.world_size)
         self.engine = self.stepper.engine
+        install_overflow_guard(self.engine)  # NaN/inf gradients skip the update on every optimizer (guards.py)
+        self.guard = StepGuard(cfg.train.max_bad_steps, cfg.train.loss_spike_factor)
+        self.faults = faults.ModelFaults(self.engine.module)  # test hook: inert unless LARGELM_FAULTS is set
         self.ckpt = CheckpointManager(
             cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last, config_yaml=dump_config(cfg),
             meta={"world_size": self.world_size, "tensor_parallel": cfg.parallel.tensor_parallel,
@@ -75,7 +84,7 @@ class Trainer:
             datasets=[(spec.path, spec.weight) for spec in d.train], seq_length=self.cfg.model.seq_length,
             batch_size=self.cfg.train.micro_batch_size, rank=self.dp_rank, world_size=self.dp_size,
             num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, seed=d.seed, infinite=True,
-            skip_bad_samples=d.skip_bad_samples,
+            skip_bad_samples=d.skip_bad_samples, **self._sample_kind(),
         )
 
     def _valid_loader(self):
@@ -84,7 +93,22 @@ class Trainer:
             datasets=[(spec.path, spec.weight) for spec in d.valid], seq_length=self.cfg.model.seq_length,
             batch_size=self.cfg.train.micro_batch_size, rank=self.dp_rank, world_size=self.dp_size,
             num_workers=0, shuffle_buffer=0, seed=d.seed, infinite=False, skip_bad_samples=d.skip_bad_samples,
+            **self._sample_kind(),
         )
+
+    def _sample_kind(self) -> dict:
+        """Loader arguments for the model's sample kind: BERT reads sentence pairs and masks them in the workers."""
+        if self.cfg.model.arch != "bert":
+            return {}
+        from largelm.data.bert_masking import BertMasker
+        from largelm.tokenizer import Tokenizer
+
+        b = self.cfg.bert
+        masker = BertMasker.from_tokenizer(
+            Tokenizer.load(self.cfg.tokenizer.model), self.cfg.model.seq_length, seed=self.cfg.data.seed,
+            mask_prob=b.mask_prob, mask_token_prob=b.mask_token_prob, random_token_prob=b.random_token_prob,
+            whole_word_masking=b.whole_word_masking)
+        return {"kind": "bert_pairs", "sample_transform": masker}
 
     # --- checkpoints --------------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -100,11 +124,13 @@ class Trainer:
         self.step = state["step"]
         self.loader.load_state_dict(state["data"])
         restore_rng_state(state["rng"])
+        self.guard.load_state_dict(state.get("guard", {}))
         if self.rank == 0:
             print(f"resumed from {latest.path} at step {self.step}", flush=True)
 
     def save(self) -> Path:
-        state = {"step": self.step, "data": self.loader.state_dict(), "rng": capture_rng_state()}
+        state = {"step": self.step, "data": self.loader.state_dict(), "rng": capture_rng_state(),
+                 "guard": self.guard.state_dict()}
         path = self.ckpt.save(self.engine, self.step, state)
         self.log.line(f"saved checkpoint {path}")
         return path
@@ -116,63 +142,93 @@ class Trainer:
         return value.item() / self.dp_size
 
     def train_step(self, batches) -> float:
-        return self._dp_mean(self.stepper.train_step(batches))
+        loss = self._dp_mean(self.stepper.train_step(batches))
+        # Extra scalars a step driver exposes for its last step (e.g. DistillStep's loss parts), averaged over
+        # data-parallel ranks (every rank runs this, so the collectives match); logged by _log_step.
+        extra = getattr(self.stepper, "last_metrics", None) or {}
+        self.step_metrics = {k: self._dp_mean(torch.tensor(float(v))) for k, v in sorted(extra.items())}
+        return loss
 
     @torch.no_grad()
     def evaluate(self) -> Optional[dict[str, float]]:
         if not self.cfg.data.valid:
             return None
         total, count = torch.zeros((), device=self.device), 0
+        extra: dict[str, float] = {}  # a step driver's per-batch validation metrics (``last_eval_metrics``)
         for i, batch in enumerate(self._valid_loader()):
             if i >= self.cfg.train.eval_steps:
                 break
             total += self.stepper.eval_loss(batch)
+            for name, value in (getattr(self.stepper, "last_eval_metrics", None) or {}).items():
+                extra[name] = extra.get(name, 0.0) + float(value)
             count += 1
         if count == 0:
             raise RuntimeError(f"validation data {[s.path for s in self.cfg.data.valid]} yielded no batch on "
                                f"data-parallel rank {self.dp_rank}")
         loss = self._dp_mean(total / count)
-        return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0))}
+        metrics = {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0))}
+        metrics.update({k: self._dp_mean(torch.tensor(v / count)) for k, v in sorted(extra.items())})
+        return metrics
 
     def fit(self) -> list[tuple[int, float]]:
         cfg = self.cfg.train
         batches = iter(self.loader)
-        bad_steps = 0
         start = time.perf_counter()
         last_step = cfg.steps if not cfg.exit_interval else min(cfg.steps, self.step + cfg.exit_interval)
-        while self.step < last_step:
-            loss = self.train_step(batches)
-            self.step += 1
-            self.throughput.step()
-            if not math.isfinite(loss):
-                bad_steps += 1
-                self.log.line(f"step {self.step}: non-finite loss {loss} ({bad_steps} in a row)")
-                if bad_steps >= cfg.max_bad_steps:
-                    raise TrainingAborted(f"{bad_steps} consecutive non-finite losses (train.max_bad_steps)")
-            else:
-                bad_steps = 0
-            self.history.append((self.step, loss))
-            self._log_step(loss)
-            if cfg.eval_interval and self.step % cfg.eval_interval == 0:
-                self._log_eval()
-            interval = self.cfg.checkpoint.save_interval
-            stop = self.stop_requested()
-            if (interval and self.step % interval == 0) or self.step == last_step or stop:
-                self.save()
-            if stop:
-                self.log.line(f"stopping at step {self.step} on request (checkpoint written)")
-                break
-        self.log.line(f"done: {self.step} steps in {time.perf_counter() - start:.1f}s")
-        self.log.close()
+        save_pending = False
+        try:
+            while self.step < last_step:
+                self.faults.before_step(self.step + 1)
+                loss = self.train_step(batches)
+                self.step += 1
+                self.throughput.step()
+                # Non-finite loss/gradients on any rank: DeepSpeed did not apply the update (guards.py).
+                verdict = self.guard.check(self.step, loss, self.engine.was_step_applied(),
+                                           self.engine.get_global_grad_norm())
+                if verdict.message:
+                    self.log.line(verdict.message)
+                self.history.append((self.step, loss))
+                self._log_step(loss)
+                if verdict.abort:
+                    raise TrainingAborted(self.guard.abort_message(self.step, self._latest_checkpoint()))
+                if cfg.eval_interval and self.step % cfg.eval_interval == 0:
+                    self._log_eval()
+                interval = self.cfg.checkpoint.save_interval
+                stop = self.stop_requested()
+                if (interval and self.step % interval == 0) or self.step == last_step or stop or save_pending:
+                    # Never checkpoint right after a skipped step: if the parameters are what went bad, rotation
+                    # would replace the good checkpoints with damaged ones. The next good step saves instead.
+                    save_pending = self.guard.consecutive > 0
+                    if save_pending:
+                        self.log.line(f"step {self.step}: checkpoint postponed (the step was skipped)")
+                    else:
+                        self.save()
+                if stop:
+                    written = "not checkpointed: the step was skipped" if save_pending else "checkpoint written"
+                    self.log.line(f"stopping at step {self.step} on request ({written})")
+                    break
+            self.log.line(f"done: {self.step} steps in {time.perf_counter() - start:.1f}s")
+        finally:
+            getattr(batches, "close", lambda: None)()  # stop the DataLoader workers now (else the exit stalls)
+            self.log.close()  # flush tensorboard, also when aborting
         return self.history
+
+    def _latest_checkpoint(self) -> Optional[str]:
+        pointer = Path(self.cfg.checkpoint.dir) / LATEST
+        return str(pointer.parent / pointer.read_text().strip()) if pointer.is_file() else None
 
     def _log_step(self, loss: float) -> None:
         cfg = self.cfg.train
         lr = self.engine.get_lr()[0]
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        bad_samples = torch.tensor([float(self.loader.bad_samples)], device=self.device)
+        dist.all_reduce(bad_samples, group=parallel_state.get_data_parallel_group())  # all ranks' skips
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                   "data/bad_samples": float(self.loader.bad_samples)}
+                   "train/skipped_steps": float(self.guard.skipped), "train/loss_spikes": float(self.guard.spikes),
+                   "data/bad_samples": bad_samples.item()}
+        extra = getattr(self, "step_metrics", {})
+        scalars.update(extra)
         tps = None
         if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
             perf = self.throughput.report()
@@ -181,7 +237,8 @@ class Trainer:
             scalars.update(memory_stats())
             eta = (cfg.steps - self.step) * perf["perf/step_time_s"]
             self.log.line(f"step {self.step}/{cfg.steps} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
-                          f"tokens/s {tps:,.0f} mfu {perf['perf/mfu']:.1%} eta {eta:.0f}s")
+                          f"tokens/s {tps:,.0f} mfu {perf['perf/mfu']:.1%} eta {eta:.0f}s"
+                          + "".join(f" {k.rsplit('/', 1)[-1]} {v:.4f}" for k, v in extra.items()))
         self.log.scalars(self.step, scalars)
         self.log.step(loss, tps)
 
@@ -189,7 +246,9 @@ class Trainer:
         metrics = self.evaluate()
         if metrics:
             self.log.scalars(self.step, metrics)
-            self.log.line(f"step {self.step} valid loss {metrics['valid/loss']:.4f} ppl {metrics['valid/ppl']:.2f}")
+            self.log.line(f"step {self.step} valid loss {metrics['valid/loss']:.4f} ppl {metrics['valid/ppl']:.2f}"
+                          + "".join(f" {k.rsplit('/', 1)[-1]} {v:.4f}" for k, v in metrics.items()
+                                    if k not in ("valid/loss", "valid/ppl")))
 
     def close(self) -> None:
         groups.destroy()

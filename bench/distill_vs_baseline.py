@@ -1,0 +1,129 @@
+"""Does distillation help? A tiny teacher, then the same small student trained the same steps with and without it.
+
+    python bench/distill_vs_baseline.py [--teacher-steps 300] [--student-steps 150] [--nproc 1]
+
+1. Teacher: configs/gpt-tiny.yaml (4 layers, h=128) trained ``--teacher-steps`` on data/default.
+2. Student (2 layers, h=128), same data, seeds, schedule and steps, three arms through the real launcher:
+   * ``baseline``: LM loss only, random init;
+   * ``distill``: alpha * T^2 * KL(teacher || student) + (1 - alpha) * LM, random init (the same init as baseline);
+   * ``distill+every_kth``: as ``distill`` but initialised from teacher layers 0 and 2 (``student_init``).
+3. Validation loss / perplexity of each at the end (``eval_steps`` batches of data/default/shards/valid).
+
+Writes bench/results/distill.md and bench/results/distill.json. Uses LARGELM_BENCH_DATA like the other benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS = Path(os.environ.get("LARGELM_BENCH_RESULTS", BENCH / "results"))
+DATA = Path(os.environ.get("LARGELM_BENCH_DATA", REPO / "data" / "default"))
+VALID = re.compile(r"^step (\d+) valid loss ([0-9.]+) ppl ([0-9.]+)", re.MULTILINE)
+
+
+def config(work: Path, name: str, steps: int, layers: int, eval_steps: int, distill: dict | None = None) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "gpt-tiny.yaml").read_text())
+    cfg["name"] = name
+    cfg["model"]["num_layers"] = layers
+    cfg["tokenizer"]["model"] = str(DATA / "tokenizer" / "spm.model")
+    cfg["data"]["train"] = [{"path": str(DATA / "shards" / "train")}]
+    cfg["data"]["valid"] = [{"path": str(DATA / "shards" / "valid")}]
+    cfg["optimizer"]["warmup_steps"] = min(30, steps // 10)
+    cfg["train"].update(steps=steps, eval_interval=steps, eval_steps=eval_steps, log_interval=max(1, steps // 10),
+                        precision="bf16", seed=1234)
+    cfg["checkpoint"] = {"dir": str(work / name / "checkpoints"), "save_interval": 0, "keep_last": 1,
+                         "resume": False}
+    cfg["logging"] = {"tensorboard_dir": str(work / name / "tensorboard"), "progress_bar": False}
+    if distill:
+        cfg["distill"] = distill
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run(cfg: Path, nproc: int, log: Path) -> dict:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "largelm.launch", "--config", str(cfg), "--nproc", str(nproc)],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"})
+    log.write_text(proc.stdout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cfg} failed (exit {proc.returncode}); log {log}:\n{proc.stdout[-3000:]}")
+    step, loss, ppl = VALID.findall(proc.stdout)[-1]
+    return {"valid_loss": float(loss), "valid_ppl": float(ppl), "step": int(step),
+            "seconds": time.perf_counter() - t0, "log": str(log)}
+
+
+def write_results(args, meta: dict, results: dict) -> str:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "distill.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    base = results.get("baseline", {}).get("valid_loss")
+    rows = []
+    for name, r in results.items():
+        delta = "" if base is None else f"{r['valid_loss'] - base:+.4f}"
+        rows.append(f"| {name} | {r['valid_loss']:.4f} | {r['valid_ppl']:.2f} | {delta} | {r['seconds']:.0f} |")
+    verdict = ("(run incomplete)" if base is None or "distill" not in results
+               else f"**{results['distill']['valid_loss'] < base}**")
+    md = "\n".join([
+        "# Distillation vs. the same student without a teacher", "",
+        f"Teacher: gpt-tiny (4 layers, h=128) trained {args.teacher_steps} steps. Student: {args.student_layers} "
+        f"layers, h=128, {args.student_steps} steps, same data order, seeds and LR schedule in every arm; "
+        f"alpha={args.alpha}, T={args.temperature}; bf16; {args.nproc} rank(s); validation loss over "
+        f"{args.eval_steps} batches of {DATA}/shards/valid. Reproduce: `python bench/distill_vs_baseline.py "
+        f"--teacher-steps {args.teacher_steps} --student-steps {args.student_steps}`.", "",
+        "| run | valid loss | valid ppl | vs baseline | wall s |", "| --- | ---: | ---: | ---: | ---: |", *rows, "",
+        f"Distilled student (random init, same init as the baseline) beats the baseline: {verdict}", "",
+    ])
+    (RESULTS / "distill.md").write_text(md)
+    return md
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher-steps", type=int, default=300)
+    p.add_argument("--student-steps", type=int, default=150)
+    p.add_argument("--student-layers", type=int, default=2)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--eval-steps", type=int, default=16)
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--work", default=str(REPO / "runs" / "bench-distill"))
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    teacher_ckpt = work / "teacher" / "checkpoints"
+    results = {"teacher": run(config(work, "teacher", args.teacher_steps, 4, args.eval_steps), args.nproc,
+                              work / "teacher.log")}
+    distill = {"teacher": str(teacher_ckpt), "alpha": args.alpha, "temperature": args.temperature}
+    arms = {
+        "baseline": None,
+        "distill": {**distill, "student_init": "random"},
+        "distill+every_kth": {**distill, "student_init": "every_kth_layer", "k": 2},
+    }
+    meta = {"teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "teacher_layers": 4,
+            "student_layers": args.student_layers, "alpha": args.alpha, "temperature": args.temperature,
+            "nproc": args.nproc, "data": str(DATA), "eval_steps": args.eval_steps, "precision": "bf16",
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for name, section in arms.items():
+        slug = name.replace("+", "-")
+        results[name] = run(config(work, slug, args.student_steps, args.student_layers, args.eval_steps, section),
+                            args.nproc, work / f"{slug}.log")
+        print(name, results[name], flush=True)
+        print(write_results(args, meta, results))  # after every arm: a partial table survives an interruption
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

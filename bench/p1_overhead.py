@@ -1,0 +1,136 @@
+"""P1 - framework overhead: largelm's training step vs a bare PyTorch loop, 1 process.
+
+Same weights (the largelm model's initial weights copied into the plain model), same micro-batches in the same
+order, same precision, same threads, same optimizer settings (AdamW, clipping, LR schedule). Arms run
+interleaved in one process; the figure is the per-repetition ratio largelm / plain PyTorch step time (median,
+IQR, min-max). Target: <= 1.05.
+
+A third, diagnostic arm runs largelm's megatron-core model in the bare loop (no DeepSpeed), splitting the
+overhead into "megatron-core model vs plain model" and "DeepSpeed engine vs bare loop".
+
+    python bench/p1_overhead.py                  # what run_all.sh runs
+    python bench/p1_overhead.py --quick          # a short smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+from common import (add_case_args, cases_from_args, SMALL, TINY, Cycle, bench_config, config_summary, finish_metadata, fmt_spread, init_single_rank, interleaved,
+                    md_table, meta_markdown, plt, ratio_stats, real_batches, run_metadata, seed_all, stats, verdict,
+                    write_result, RESULTS)
+
+TARGET = 1.05
+NAME = "p1_overhead"
+
+
+def run_case(model: str, precision: str, mb: int, ga: int, reps: int, steps: int, zero_stage: int = 2) -> dict:
+    import arms
+
+    cfg = bench_config(model, precision=precision, zero_stage=zero_stage, micro_batch_size=mb, grad_accum_steps=ga)
+    tokens = real_batches(cfg, 8)
+    seed_all(cfg.train.seed)
+    largelm = arms.LargelmStep(cfg, Cycle(tokens))
+    sd = largelm.initial_state_dict()
+    plain = arms.ReferenceStep(cfg, Cycle(tokens), sd)
+    # The diagnostic arm needs fp32: megatron's linear layers are custom autograd functions whose CPU backward
+    # does not follow torch.autocast (custom_fwd is declared for device_type="cuda"), so bf16 autocast fails.
+    mega = arms.MegatronPlainStep(cfg, Cycle(tokens), sd) if precision == "fp32" else None
+    steppers = [a for a in (largelm, plain, mega) if a is not None]
+    first = {a.name: float(a()) for a in steppers}  # step 1, same weights and batch: same loss
+    label = f"P1 {model} {precision}"
+    times = interleaved({a.name: a for a in steppers}, reps=reps, steps_per_rep=steps, warmup=1, label=label)
+    tokens_per_step = mb * ga * cfg.model.seq_length
+    out = {
+        "model": model, "precision": precision, "config": config_summary(cfg), "reps": reps, "steps_per_rep": steps,
+        "optimizer_class": type(largelm.engine.optimizer).__name__,
+        "first_step_loss": first,
+        "step_time_s": {k: stats(v) for k, v in times.items()},
+        "tokens_per_s": {k: stats([tokens_per_step / t for t in v]) for k, v in times.items()},
+        "ratio_largelm_vs_plain": ratio_stats(times["largelm"], times["plain PyTorch"]),
+    }
+    if mega is not None:
+        out["ratio_largelm_vs_megatron_plain"] = ratio_stats(times["largelm"], times["megatron+AdamW"])
+        out["ratio_megatron_plain_vs_plain"] = ratio_stats(times["megatron+AdamW"], times["plain PyTorch"])
+    del largelm, plain, mega
+    gc.collect()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_case_args(p, models=f"{TINY},{SMALL}")
+    args = p.parse_args(argv)
+    init_single_rank(args.threads)
+    meta = run_metadata()
+    results = [run_case(c["model"], c["precision"], c["mb"], c["ga"], c["reps"], c["steps"])
+               for c in cases_from_args(args)]
+    meta["configs"] = [f"{r['model']} {r['precision']} ZeRO-{r['config']['zero_stage']} "
+                       f"mb{r['config']['micro_batch_size']}x{r['config']['grad_accum_steps']}" for r in results]
+    finish_metadata(meta)
+    headline = results[0]["ratio_largelm_vs_plain"]["median"]
+    data = {"meta": meta, "target": TARGET, "target_text": "largelm / plain PyTorch step time <= 1.05",
+            "headline": {"value": headline, "case": f"{results[0]['model']} {results[0]['precision']}"},
+            "cases": results}
+    rows = []
+    for r in results:
+        st = r["step_time_s"]
+        ratio = r["ratio_largelm_vs_plain"]
+        rows.append([f"{r['model']} {r['precision']}", r["config"]["tokens_per_step_per_rank"],
+                     f"{r['reps']} x {r['steps_per_rep']}",
+                     fmt_spread(st["largelm"], 1e3), fmt_spread(st["plain PyTorch"], 1e3),
+                     fmt_spread(st["megatron+AdamW"], 1e3) if "megatron+AdamW" in st else "n/a (fp32 only)",
+                     fmt_spread(ratio), verdict(ratio["median"], TARGET, higher_is_better=False),
+                     f"{fmt_spread(r['ratio_megatron_plain_vs_plain'])} / "
+                     f"{fmt_spread(r['ratio_largelm_vs_megatron_plain'])}" if "megatron+AdamW" in st else "n/a"])
+    loss_rows = [[f"{r['model']} {r['precision']}", r["optimizer_class"],
+                  ", ".join(f"{k} {v:.5f}" for k, v in r["first_step_loss"].items())] for r in results]
+    md = f"""# P1: framework overhead (1 process)
+
+largelm's training step (`DenseStep`: megatron-core GPTModel in the DeepSpeed engine) vs a bare PyTorch loop
+(tests/reference_gpt.py's plain GPT, torch.optim.AdamW, clip_grad_norm_, same LR schedule) with the same
+initial weights, the same micro-batches, precision and threads. bf16: largelm = bf16 weights + fp32 master
+weights/grad accumulation in DeepSpeed; plain = fp32 weights under `torch.autocast(bfloat16)`.
+Step times in ms: median [IQR] (min-max) over interleaved repetitions, each timing "steps" optimizer steps.
+Target: largelm / plain <= {TARGET}.
+
+{md_table(["case", "tokens/step", "reps x steps", "largelm ms", "plain PyTorch ms", "megatron+AdamW ms (diagnostic)",
+           "largelm / plain", "target", "split: megatron model / plain model, DeepSpeed / bare loop"], rows)}
+
+First-step losses (same weights and batch, so equal up to rounding):
+
+{md_table(["case", "DeepSpeed optimizer", "step-1 loss per arm"], loss_rows)}
+
+![P1](p1_overhead.png)
+
+## Run
+{meta_markdown(meta)}
+"""
+    write_result(NAME, data, md)
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(7, 3.6))
+    labels = [f"{r['model']}\n{r['precision']}" for r in results]
+    arms_ = ["largelm", "plain PyTorch", "megatron+AdamW"]
+    width = 0.27
+    nan = {"median": float("nan"), "q1": float("nan"), "q3": float("nan")}
+    for i, a in enumerate(arms_):
+        st = [r["step_time_s"].get(a, nan) for r in results]
+        med = [s["median"] * 1e3 for s in st]
+        err = [[(s["median"] - s["q1"]) * 1e3 for s in st], [(s["q3"] - s["median"]) * 1e3 for s in st]]
+        ax.bar([x + (i - 1) * width for x in range(len(results))], med, width, yerr=err, label=a, capsize=3)
+    for x, r in enumerate(results):
+        ax.annotate(f"x{r['ratio_largelm_vs_plain']['median']:.2f}", (x - width, 0), xytext=(0, 2),
+                    textcoords="offset points", ha="center", fontsize=8, color="white")
+    ax.set_xticks(range(len(results)), labels)
+    ax.set_ylabel("ms per optimizer step (median, IQR)")
+    ax.set_yscale("log")
+    ax.set_title("P1: step time, largelm vs bare PyTorch (label: largelm/plain)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "p1_overhead.png", dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""P2 - against what users use today: tokens/s of largelm vs Hugging Face transformers, CPU, same tokens.
+
+HF arm: ``GPT2LMHeadModel`` configured with largelm's shape (exact-erf GeLU, no dropout, tied embeddings, the
+padded vocabulary), the largelm model's initial weights copied in, trained by a plain loop (torch AdamW,
+clip_grad_norm_, same LR schedule; bf16 = fp32 weights under ``torch.autocast(bfloat16)``, which is what
+``Trainer(bf16=True)`` does on CPU, minus the Trainer's own overhead). Both arms consume the same micro-batches in
+the same order, interleaved in one process; the figure is the per-repetition tokens/s ratio largelm / HF.
+Target: >= 1.3.
+
+    python bench/p2_vs_hf.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+from common import (add_case_args, cases_from_args, RESULTS, SMALL, TINY, Cycle, bench_config, config_summary, finish_metadata, fmt_spread,
+                    init_single_rank, interleaved, md_table, meta_markdown, plt, ratio_stats, real_batches,
+                    run_metadata, seed_all, stats, verdict, write_result)
+
+TARGET = 1.3
+NAME = "p2_vs_hf"
+
+
+def run_case(model: str, precision: str, mb: int, ga: int, reps: int, steps: int, zero_stage: int = 2) -> dict:
+    import arms
+
+    cfg = bench_config(model, precision=precision, zero_stage=zero_stage, micro_batch_size=mb, grad_accum_steps=ga)
+    tokens = real_batches(cfg, 8)
+    seed_all(cfg.train.seed)
+    largelm = arms.LargelmStep(cfg, Cycle(tokens))
+    hf = arms.HFStep(cfg, Cycle(tokens), largelm.initial_state_dict())
+    first = {a.name: float(a()) for a in (largelm, hf)}
+    times = interleaved({a.name: a for a in (largelm, hf)}, reps=reps, steps_per_rep=steps, warmup=1,
+                        label=f"P2 {model} {precision}")
+    tokens_per_step = mb * ga * cfg.model.seq_length
+    tps = {k: [tokens_per_step / t for t in v] for k, v in times.items()}
+    out = {
+        "model": model, "precision": precision, "config": config_summary(cfg), "reps": reps, "steps_per_rep": steps,
+        "hf_attn_implementation": hf.attn_implementation,
+        "first_step_loss": first,
+        "step_time_s": {k: stats(v) for k, v in times.items()},
+        "tokens_per_s": {k: stats(v) for k, v in tps.items()},
+        "speedup_largelm_vs_hf": ratio_stats(tps["largelm"], tps["HF transformers"]),
+    }
+    del largelm, hf
+    gc.collect()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_case_args(p, models=f"{TINY},{SMALL}")
+    args = p.parse_args(argv)
+    init_single_rank(args.threads)
+    meta = run_metadata()
+    results = [run_case(c["model"], c["precision"], c["mb"], c["ga"], c["reps"], c["steps"])
+               for c in cases_from_args(args)]
+    meta["configs"] = [f"{r['model']} {r['precision']} ZeRO-{r['config']['zero_stage']} "
+                       f"mb{r['config']['micro_batch_size']}x{r['config']['grad_accum_steps']}" for r in results]
+    finish_metadata(meta)
+    worst = min(results, key=lambda r: r["speedup_largelm_vs_hf"]["median"])
+    data = {"meta": meta, "target": TARGET, "target_text": "largelm tokens/s / HF tokens/s >= 1.3",
+            "headline": {"value": worst["speedup_largelm_vs_hf"]["median"],
+                         "case": f"worst case: {worst['model']} {worst['precision']}"},
+            "cases": results}
+    rows = []
+    for r in results:
+        sp = r["speedup_largelm_vs_hf"]
+        rows.append([f"{r['model']} {r['precision']}", r["config"]["tokens_per_step_per_rank"],
+                     f"{r['reps']} x {r['steps_per_rep']}",
+                     fmt_spread(r["tokens_per_s"]["largelm"]), fmt_spread(r["tokens_per_s"]["HF transformers"]),
+                     fmt_spread(sp), verdict(sp["median"], TARGET, higher_is_better=True)])
+    loss_rows = [[f"{r['model']} {r['precision']}", r["hf_attn_implementation"],
+                  ", ".join(f"{k} {v:.5f}" for k, v in r["first_step_loss"].items())] for r in results]
+    md = f"""# P2: largelm vs Hugging Face transformers (CPU, 1 process)
+
+Tokens/s of largelm's training step vs `GPT2LMHeadModel` (same shape and initial weights) in a plain PyTorch
+loop, same micro-batches, precision and threads; median [IQR] (min-max) over interleaved repetitions, each
+timing "steps" optimizer steps.
+Target: largelm / HF >= {TARGET}.
+
+{md_table(["case", "tokens/step", "reps x steps", "largelm tokens/s", "HF tokens/s", "largelm / HF", "target"], rows)}
+
+{md_table(["case", "HF attention", "step-1 loss per arm (same weights and batch)"], loss_rows)}
+
+![P2](p2_vs_hf.png)
+
+## Run
+{meta_markdown(meta)}
+"""
+    write_result(NAME, data, md)
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(6.5, 3.6))
+    width = 0.38
+    for i, a in enumerate(["largelm", "HF transformers"]):
+        st = [r["tokens_per_s"][a] for r in results]
+        ax.bar([x + (i - 0.5) * width for x in range(len(results))], [s["median"] for s in st], width,
+               yerr=[[s["median"] - s["q1"] for s in st], [s["q3"] - s["median"] for s in st]], label=a, capsize=3)
+    for x, r in enumerate(results):
+        ax.annotate(f"x{r['speedup_largelm_vs_hf']['median']:.2f}", (x, r["tokens_per_s"]["largelm"]["median"]),
+                    xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8)
+    ax.set_xticks(range(len(results)), [f"{r['model']}\n{r['precision']}" for r in results])
+    ax.set_ylabel("tokens/s (median, IQR)")
+    ax.set_yscale("log")
+    ax.set_title(f"P2: largelm vs HF GPT2LMHeadModel (label: speed-up; target x{TARGET})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "p2_vs_hf.png", dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

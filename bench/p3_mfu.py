@@ -1,0 +1,174 @@
+"""P3 - MFU: achieved model FLOP/s of largelm training / measured matmul peak, fp32 and bf16, ~25M-param GPT.
+
+Model FLOPs per token (``largelm.model.flops.flops_per_token``, the PaLM/Megatron convention):
+
+    6 * N  +  12 * L * h * s
+
+N = parameters that take part in a matmul (every linear layer plus the output projection, counted once even
+when tied to the embedding; embedding lookups, norms and biases excluded), L layers, hidden size h, sequence
+length s; 6 = 2 FLOPs per multiply-add x (forward + 2 backward matmuls); 12 L h s = attention scores and
+weighted sum (2 matmuls x 2 s h FLOPs per token per layer forward, x3 with backward), causal mask not
+discounted, recompute not counted.
+
+Achieved FLOP/s = tokens/s of largelm's training step (``DenseStep``, 1 process, all cores) x FLOPs/token.
+Peak = the best of square matmuls (n = 1024, 2048) in the same dtype with the same threads, measured in the
+same run, interleaved with the training repetitions (so both see the same machine state).
+MFU = achieved / peak; target >= 40%.
+
+    python bench/p3_mfu.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+from common import (MODEL_SHAPES, RESULTS, SMALL, Cycle, device, sync, bench_config, config_summary, finish_metadata, fmt_num, fmt_spread,
+                    init_single_rank, md_table, meta_markdown, plt, real_batches, run_metadata, seed_all, stats,
+                    verdict, write_result)
+
+TARGET = 0.40
+NAME = "p3_mfu"
+PEAK_SIZES = (1024, 2048)
+
+
+def matmul_flops(dtype, n: int, seconds: float) -> float:
+    """FLOP/s of repeated n x n x n matmuls for about ``seconds`` (after one warm-up product)."""
+    import torch
+
+    a = torch.randn(n, n, device=device()).to(dtype)
+    b = torch.randn(n, n, device=device()).to(dtype)
+    torch.matmul(a, b)
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while True:
+        for _ in range(10 if a.is_cuda else 1):
+            torch.matmul(a, b)
+            iters += 1
+        sync()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and iters >= 3:
+            return 2 * n**3 * iters / elapsed
+
+
+def run_case(model: str, precision: str, mb: int, ga: int, reps: int, steps: int, peak_seconds: float,
+             peak_sizes: tuple, datasheet_peak: float | None) -> dict:
+    import torch
+
+    import arms
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    cfg = bench_config(model, precision=precision, zero_stage=2, micro_batch_size=mb, grad_accum_steps=ga)
+    summary = config_summary(cfg)
+    seed_all(cfg.train.seed)
+    step = arms.LargelmStep(cfg, Cycle(real_batches(cfg, 8)))
+    step()  # warm-up
+    tokens_per_step = summary["tokens_per_step_per_rank"]
+    step_times, peaks = [], {n: [] for n in peak_sizes}
+    for r in range(reps):
+        for n in peak_sizes:
+            peaks[n].append(matmul_flops(dtype, n, peak_seconds))
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        step_times.append((time.perf_counter() - t0) / steps)
+        print(f"[P3 {model} {precision}] rep {r + 1}/{reps}: step {step_times[-1] * 1e3:.0f} ms, peak "
+              + ", ".join(f"n={n} {peaks[n][-1] / 1e9:.0f} GFLOP/s" for n in peak_sizes), flush=True)
+    achieved = [tokens_per_step * summary["flops_per_token"] / t for t in step_times]
+    peak_by_size = {n: stats(v) for n, v in peaks.items()}
+    best = max(peak_sizes, key=lambda n: peak_by_size[n]["median"])
+    # MFU per repetition against that repetition's peak (same moment), summarised
+    mfu = stats([a / p for a, p in zip(achieved, peaks[best])])
+    if datasheet_peak:  # GPU: MFU against the vendor's dense peak (the usual definition there)
+        mfu = stats([a / datasheet_peak for a in achieved])
+    del step
+    gc.collect()
+    return {"model": model, "precision": precision, "config": summary, "datasheet_peak_flops": datasheet_peak, "step_time_s": stats(step_times),
+            "tokens_per_s": stats([tokens_per_step / t for t in step_times]),
+            "achieved_flops": stats(achieved), "peak_flops_by_size": {str(n): s for n, s in peak_by_size.items()},
+            "peak_size": best, "peak_flops": peak_by_size[best], "mfu": mfu}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=SMALL, choices=list(MODEL_SHAPES))
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--steps-per-rep", type=int, default=1)
+    p.add_argument("--peak-sizes", default=None, help="matmul sizes n for the peak (default 1024,2048; GPU 4096,8192)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="datasheet dense peak per GPU for the MFU denominator, e.g. 989 (H100 SXM bf16); fp32 runs "
+                        "use it too, so pass it with a single precision")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    init_single_rank(args.threads)
+    meta = run_metadata()
+    reps, peak_seconds = (2, 0.3) if args.quick else (args.reps, 0.6)
+    sizes = tuple(int(n) for n in args.peak_sizes.split(",")) if args.peak_sizes else (
+        (4096, 8192) if device().type == "cuda" else PEAK_SIZES)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+    results = [run_case(args.model, prec, args.micro_batch, 1, reps, args.steps_per_rep, peak_seconds, sizes, peak)
+               for prec in args.precisions.split(",")]
+    meta["config"] = results[0]["config"]
+    finish_metadata(meta)
+    data = {"meta": meta, "target": TARGET, "target_text": "MFU >= 40% (bf16 and fp32)",
+            "headline": {"value": min(r["mfu"]["median"] for r in results),
+                         "case": "min over " + ", ".join(r["precision"] for r in results)},
+            "formula": "flops/token = 6*N + 12*L*h*s (N = matmul params incl. output projection once)",
+            "cases": results}
+    c = results[0]["config"]
+    m = c["model"]
+    rows = []
+    for r in results:
+        rows.append([r["precision"], fmt_spread(r["tokens_per_s"]), fmt_spread(r["achieved_flops"], 1e-9),
+                     f"{fmt_spread(r['peak_flops'], 1e-9)} (n={r['peak_size']})",
+                     ", ".join(f"n={n}: {fmt_num(s['median'] / 1e9)}" for n, s in r["peak_flops_by_size"].items()),
+                     fmt_spread(r["mfu"], 100), verdict(r["mfu"]["median"], TARGET, higher_is_better=True)])
+    md = f"""# P3: model FLOPs utilisation, {args.model} (1 process, all cores)
+
+Model: GPT-2 style, L={m['num_layers']}, h={m['hidden_size']}, heads={m['heads']}, ffn={m['ffn']}, s={m['seq_length']},
+vocab={m['vocab']} (tied); N = {c['matmul_params']:,} matmul parameters; micro-batch {c['micro_batch_size']} x
+{c['grad_accum_steps']} ({c['tokens_per_step_per_rank']} tokens/step); largelm `DenseStep`, ZeRO-{c['zero_stage']}.
+
+**FLOPs/token = 6 N + 12 L h s = {c['flops_per_token']:,}** (6 N: forward + backward of every matmul weight;
+12 L h s: attention scores and weighted sum, causal mask not discounted; no recompute).
+Peak: best median of n x n x n matmuls (n = {', '.join(map(str, sizes))}) in the same dtype and threads,
+measured in the same run between training repetitions. MFU per repetition = achieved / that repetition's peak{
+'' if not peak else f' (here: / the datasheet peak {args.peak_tflops} TFLOP/s given with --peak-tflops)'}.
+Median [IQR] (min-max). Target: MFU >= {TARGET:.0%}.
+
+{md_table(["precision", "tokens/s", "achieved GFLOP/s", "matmul peak GFLOP/s", "peak by size (median)",
+           "MFU %", "target"], rows)}
+
+![P3](p3_mfu.png)
+
+## Run
+{meta_markdown(meta)}
+"""
+    write_result(NAME, data, md)
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(5.5, 3.6))
+    x = range(len(results))
+    ax.bar([i - 0.2 for i in x], [r["peak_flops"]["median"] / 1e9 for r in results], 0.4, label="matmul peak")
+    ax.bar([i + 0.2 for i in x], [r["achieved_flops"]["median"] / 1e9 for r in results], 0.4,
+           label="largelm achieved (model FLOPs)")
+    for i, r in zip(x, results):
+        ax.annotate(f"MFU {r['mfu']['median']:.0%}", (i + 0.2, r["achieved_flops"]["median"] / 1e9), xytext=(0, 3),
+                    textcoords="offset points", ha="center", fontsize=8)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xticks(list(x), [r["precision"] for r in results])
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title(f"P3: MFU, {args.model} (target {TARGET:.0%})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "p3_mfu.png", dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from largelm.checkpoint.convert.cli import main
+
+sys.exit(main())

@@ -1,0 +1,380 @@
+"""Read a largelm training checkpoint (DeepSpeed ZeRO 0-3, any TP x PP x DP layout) into the consolidated hub.
+
+Per model-parallel rank (DeepSpeed's ``mp_rank_XX``: one TP shard of one pipeline stage) the fp32 master
+weights are reassembled from the data-parallel ZeRO partitions by DeepSpeed's own zero_to_fp32 merge
+(``_get_fp32_state_dict_from_zero2_checkpoint`` / ``..._zero3_checkpoint``, which know ZeRO's flattening,
+alignment padding and partition order). We only replace its file loading: DeepSpeed unpickles with
+``weights_only=False``; here every ``.pt`` file is read through ``largelm.checkpoint.safe_load`` (weights_only
+with an explicit allowlist of DeepSpeed's plain data classes). zero_to_fp32 itself assumes one
+model-parallel rank, so we run it once per ``mp_rank``, then rename pipeline names to ``GPTModel`` names,
+unshard tensor-parallel tensors (layout rules in ``layout.py``) and cut the vocabulary padding.
+
+ZeRO stage 0: the fp32 masters of DeepSpeed's FP16_Optimizer (bf16 training), else the module weights DeepSpeed
+stored (fp32 training; if neither fp32 copy exists the result says it came from bf16 module weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from largelm.checkpoint.convert.errors import ConversionError
+from largelm.checkpoint.convert.hub import Consolidated, strip_vocab_padding
+from largelm.checkpoint.convert.layout import (
+    gpt_param_shapes,
+    mp_rank_coordinates,
+    to_gpt_names,
+    tp_partition,
+    is_gated,
+)
+from largelm.checkpoint.manager import LATEST, MANIFEST, PARTIAL_PREFIX, CheckpointError, verify_checkpoint
+from largelm.config import Config, ConfigError, config_from_dict
+from largelm.parallel.sharding import unshard_tensors
+
+
+# --- locating ------------------------------------------------------------------------------------------------
+@dataclass
+class CheckpointInfo:
+    """One complete largelm training checkpoint and the layout that wrote it."""
+
+    path: Path  # the step directory
+    step: int
+    config: Config
+    manifest: dict
+    tensor_parallel: int
+    pipeline_parallel: int
+    zero_stage: int
+    world_size: int
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.model_parallel
+
+    def describe(self) -> str:
+        return (f"{self.path} (step {self.step}, TP={self.tensor_parallel} PP={self.pipeline_parallel} "
+                f"DP={self.data_parallel} ZeRO-{self.zero_stage}, {self.config.train.precision})")
+
+
+def locate_checkpoint(path: Path, tag: Optional[str] = None) -> Path:
+    """The step directory meant by ``path``: a step directory itself, or a checkpoint root (``latest`` or ``tag``)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"checkpoint {path} does not exist")
+    if path.name.startswith(PARTIAL_PREFIX):
+        raise ConversionError(f"{path} is a partial checkpoint (its save was interrupted); use a complete step_* directory")
+    if tag is not None:
+        step_dir = path / tag
+        if not step_dir.is_dir():
+            raise ConversionError(f"checkpoint root {path} has no {tag}")
+        return step_dir
+    if (path / MANIFEST).is_file():
+        return path
+    if (path / LATEST).is_file():
+        tag = (path / LATEST).read_text().strip()
+        step_dir = path / tag
+        if not step_dir.is_dir():
+            raise ConversionError(f"{path}/{LATEST} names {tag!r}, which does not exist")
+        return step_dir
+    if path.is_dir() and any(child.name.endswith("_model_states.pt") for child in path.iterdir()):
+        raise ConversionError(f"checkpoint {path} has no {MANIFEST}: it is partial (the save did not finish) or not "
+                              "written by largelm")
+    raise ConversionError(f"{path} is not a largelm checkpoint (no {MANIFEST} and no {LATEST} pointer)")
+
+
+def inspect_checkpoint(path: Path, tag: Optional[str] = None, checksums: bool = True) -> CheckpointInfo:
+    """Locate, verify (manifest sizes and sha256) and describe a checkpoint; fails on anything missing."""
+    step_dir = locate_checkpoint(path, tag)
+    try:
+        manifest = verify_checkpoint(step_dir, checksums=checksums)
+    except CheckpointError as err:
+        raise ConversionError(str(err)) from None
+    cfg_path = step_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConversionError(f"checkpoint {step_dir} has no config.yaml")
+    try:
+        cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
+    except (ConfigError, yaml.YAMLError) as err:
+        raise ConversionError(f"checkpoint config {cfg_path} is invalid: {err}") from None
+    if cfg.model.vocab_size is None:
+        raise ConversionError(f"{cfg_path}: model.vocab_size is not recorded")
+    tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
+    world = manifest.get("world_size")
+    if world is None:
+        raise ConversionError(f"{step_dir}/{MANIFEST} does not record world_size")
+    for key, value in (("tensor_parallel", tp), ("pipeline_parallel", pp), ("zero_stage", cfg.parallel.zero_stage)):
+        if key in manifest and manifest[key] != value:
+            raise ConversionError(f"{step_dir}: manifest says {key}={manifest[key]} but config.yaml says {value}")
+    if world % (tp * pp):
+        raise ConversionError(f"{step_dir}: world size {world} is not divisible by TP x PP = {tp * pp}")
+    info = CheckpointInfo(step_dir, int(manifest.get("step", -1)), cfg, manifest, tp, pp, cfg.parallel.zero_stage,
+                          world)
+    _check_files_present(info)
+    return info
+
+
+def model_state_files(info: CheckpointInfo, mp_rank: int) -> list[Path]:
+    if info.zero_stage == 3:
+        return [info.path / f"zero_pp_rank_{d}_mp_rank_{mp_rank:02d}_model_states.pt" for d in range(info.data_parallel)]
+    return [info.path / f"mp_rank_{mp_rank:02d}_model_states.pt"]
+
+
+def optim_state_files(info: CheckpointInfo, mp_rank: int) -> list[Path]:
+    """ZeRO partitions of this model-parallel rank in data-parallel order ([] for ZeRO-0 without them).
+
+    DeepSpeed prefixes them ``bf16_`` when bf16 is enabled (and may have written the other spelling before).
+    """
+    prefixes = ("bf16_", "") if info.config.train.precision == "bf16" else ("", "bf16_")
+    for prefix in prefixes:
+        files = [info.path / f"{prefix}zero_pp_rank_{d}_mp_rank_{mp_rank:02d}_optim_states.pt"
+                 for d in range(info.data_parallel)]
+        if any(f.is_file() for f in files):
+            return files
+    if info.zero_stage == 0:
+        return []
+    return [info.path / f"{prefixes[0]}zero_pp_rank_{d}_mp_rank_{mp_rank:02d}_optim_states.pt"
+            for d in range(info.data_parallel)]
+
+
+def _check_files_present(info: CheckpointInfo) -> None:
+    missing = []
+    for m in range(info.model_parallel):
+        missing += [f.name for f in model_state_files(info, m) + optim_state_files(info, m) if not f.is_file()]
+    if missing:
+        raise ConversionError(
+            f"checkpoint {info.path} is incomplete for its layout (TP={info.tensor_parallel} PP="
+            f"{info.pipeline_parallel} DP={info.data_parallel} ZeRO-{info.zero_stage}): missing {missing[:8]}"
+            + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        )
+
+
+# --- safe loading --------------------------------------------------------------------------------------------
+def load_pt(path: Path) -> dict:
+    """A DeepSpeed/largelm ``.pt`` file through the shared security boundary (largelm.checkpoint.safe_load:
+    ``torch.load(weights_only=True)`` with DeepSpeed's plain data classes allowlisted); clear errors otherwise."""
+    from largelm.checkpoint.safe_load import UnsafeCheckpointError, safe_torch_load
+
+    try:
+        return safe_torch_load(path)
+    except UnsafeCheckpointError as err:
+        raise ConversionError(f"{err} - refusing to unpickle it") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ConversionError(f"{path} cannot be read (truncated or corrupt?): {err}") from None
+
+
+# --- per model-parallel rank -----------------------------------------------------------------------------------
+def read_mp_rank(info: CheckpointInfo, mp_rank: int, log=None) -> tuple[dict[str, torch.Tensor], str]:
+    """This model-parallel rank's weights under the module's own names (``GPTModel`` or pipeline names),
+    TP-local shapes, and where they came from (``"zero fp32 master"`` or ``"module <dtype>"``)."""
+    model_files = model_state_files(info, mp_rank)
+    model_states = [load_pt(f) for f in model_files]
+    optim_files = optim_state_files(info, mp_rank)
+    if not optim_files:
+        return _module_weights(info, mp_rank, model_states[0])
+    from deepspeed.checkpoint.constants import (
+        BUFFER_NAMES, FP32_FLAT_GROUPS, FROZEN_PARAM_FRAGMENTS, FROZEN_PARAM_SHAPES, OPTIMIZER_STATE_DICT,
+        PARAM_ALIGNMENT_PADDINGS, PARAM_SHAPES, PARTITION_COUNT, SINGLE_PARTITION_OF_FP32_GROUPS, ZERO_STAGE,
+    )  # fmt: skip
+    from deepspeed.utils import zero_to_fp32 as z
+
+    zero_model_states = []
+    for f, sd in zip(model_files, model_states):
+        if BUFFER_NAMES not in sd or PARAM_SHAPES not in sd:
+            raise ConversionError(f"{f} is not a DeepSpeed model-states file")
+        module = sd.get("module") or {}
+        buffers = {k: (v.float() if v.is_floating_point() else v) for k, v in module.items() if k in sd[BUFFER_NAMES]}
+        zero_model_states.append(z.zero_model_state(
+            buffers=buffers, param_shapes=sd[PARAM_SHAPES], shared_params=list(sd.get("shared_params", {}).items()),
+            ds_version=sd.get("ds_version"), frozen_param_shapes=sd.get(FROZEN_PARAM_SHAPES),
+            frozen_param_fragments=sd.get(FROZEN_PARAM_FRAGMENTS)))
+    optim = []
+    for f in optim_files:
+        state = load_pt(f)[OPTIMIZER_STATE_DICT]
+        state.pop("base_optimizer_state", None)  # Adam moments: not needed for weights
+        optim.append(state)
+    stage = int(optim[0][ZERO_STAGE])
+    if stage != info.zero_stage:
+        raise ConversionError(f"{optim_files[0]} is a ZeRO-{stage} partition but the checkpoint config says "
+                              f"ZeRO-{info.zero_stage}")
+    partitions = optim[0][PARTITION_COUNT]
+    partitions = max(partitions) if isinstance(partitions, list) else int(partitions)
+    if partitions != len(optim_files):
+        raise ConversionError(f"{info.path}: model-parallel rank {mp_rank} has {len(optim_files)} ZeRO partitions but "
+                              f"they were written by {partitions} data-parallel ranks")
+    key = FP32_FLAT_GROUPS if stage == 3 else SINGLE_PARTITION_OF_FP32_GROUPS
+    flat_groups = [o[key] for o in optim]
+    out = io.StringIO()  # zero_to_fp32 prints progress; keep the CLI's output readable
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        if stage == 3:
+            merged = z._get_fp32_state_dict_from_zero3_checkpoint(partitions, flat_groups, zero_model_states, False)
+        else:
+            merged = z._get_fp32_state_dict_from_zero2_checkpoint(partitions, flat_groups, zero_model_states, False,
+                                                                  optim[0].get(PARAM_ALIGNMENT_PADDINGS))
+        weights = z.to_torch_tensor(merged)
+    if log:
+        for line in out.getvalue().splitlines():
+            log(f"  [zero_to_fp32 mp_rank {mp_rank:02d}] {line}")
+    return {k: v.clone() for k, v in weights.items()}, "zero fp32 master"
+
+
+def _module_weights(info: CheckpointInfo, mp_rank: int, model_state: dict) -> tuple[dict, str]:
+    masters = _zero0_masters(model_state, info.config.model)
+    if masters is not None:
+        return masters, "fp32 master (ZeRO-0 optimizer)"
+    module = model_state.get("module")
+    if module is None:  # pipeline engine: layers are in per-layer files
+        stage, tp_rank = mp_rank_coordinates(mp_rank, info.tensor_parallel)
+        module = {}
+        for f in sorted(info.path.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
+            index = int(f.name.split("-")[0][len("layer_"):])
+            for key, tensor in load_pt(f).items():
+                module[f"{index}.{key}"] = tensor
+        names = {n for shapes in model_state.get("param_shapes", []) for n in shapes}
+        module = {k: v for k, v in module.items() if k in names or _tied_alias(k, names)}
+    weights = {k: v for k, v in module.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    if not weights:
+        raise ConversionError(f"{info.path}: no weights found for model-parallel rank {mp_rank}")
+    dtype = next(iter(weights.values())).dtype
+    return {k: v.float() for k, v in weights.items()}, f"module {dtype}".replace("torch.", "")
+
+
+def _zero0_masters(model_state: dict, model) -> Optional[dict]:
+    """ZeRO-0 with bf16: DeepSpeed's FP16_Optimizer keeps fp32 masters per parameter group (``fp32_groups``: one
+    tensor per parameter; ``fp32_groups_flat``: one flat tensor per group), in the order of the optimizer's
+    parameter groups. DeepSpeed records no ``param_shapes`` without ZeRO, so for the dense model they are
+    rebuilt from largelm's rule (largelm.train.optim.param_groups: "decay" = matrices in model order, then
+    "no_decay" = biases and 1-D gains) and checked against the tensors; None when anything disagrees."""
+    optimizer = model_state.get("optimizer")
+    shapes = model_state.get("param_shapes") or _dense_param_groups(model_state, model)
+    if not isinstance(optimizer, dict) or not shapes:
+        return None
+    out = {}
+    if isinstance(optimizer.get("fp32_groups"), list):
+        groups = optimizer["fp32_groups"]
+        if len(groups) != len(shapes):
+            return None
+        for names, tensors in zip(shapes, groups):
+            if len(names) != len(tensors):
+                return None
+            for (name, shape), tensor in zip(names.items(), tensors):
+                if tuple(tensor.shape) != tuple(shape):
+                    return None
+                out[name] = tensor.float().clone()
+        return out
+    if isinstance(optimizer.get("fp32_groups_flat"), list):
+        flats = optimizer["fp32_groups_flat"]
+        if len(flats) != len(shapes):
+            return None
+        for names, flat in zip(shapes, flats):
+            offset = 0
+            for name, shape in names.items():
+                n = int(torch.Size(shape).numel())
+                out[name] = flat[offset:offset + n].view(tuple(shape)).float().clone()
+                offset += n
+            if offset > flat.numel():
+                return None
+        return out
+    return None
+
+
+def _dense_param_groups(model_state: dict, model) -> Optional[list]:
+    module = model_state.get("module") or {}
+    if not module or not all(n in module for n in gpt_param_shapes(model)):
+        return None  # not a dense GPTModel (e.g. a pipeline stage): no rule to rebuild the groups
+    decay, no_decay = {}, {}
+    for name in gpt_param_shapes(model):
+        tensor = module[name]
+        (no_decay if tensor.ndim < 2 or name.endswith(".bias") else decay)[name] = tuple(tensor.shape)
+    groups = model_state.get("optimizer", {}).get("optimizer_state_dict", {}).get("param_groups", [])
+    if [g.get("name") for g in groups] != ["decay", "no_decay"][: len(groups)]:
+        return None
+    return [decay, no_decay][: len(groups)]
+
+
+def _tied_alias(key: str, names: set) -> bool:
+    return key.startswith("0.") and ("tied_modules.word_embeddings." + key[2:]) in names
+
+
+# --- whole checkpoint ------------------------------------------------------------------------------------------
+def consolidate_checkpoint(info: CheckpointInfo, log=print) -> Consolidated:
+    """All ranks' weights -> one ``Consolidated`` (fp32, vocabulary padding recorded)."""
+    cfg = info.config
+    model, tp, pp = cfg.model, info.tensor_parallel, info.pipeline_parallel
+    if model.arch != "gpt":
+        from largelm.checkpoint.convert.hf_bert import MESSAGE
+
+        raise NotImplementedError(MESSAGE)
+    gated = is_gated(model)
+    per_tp: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    sources = set()
+    for m in range(info.model_parallel):
+        stage, tp_rank = mp_rank_coordinates(m, tp)
+        native, origin = read_mp_rank(info, m, log=None)
+        sources.add(origin)
+        for name, tensor in to_gpt_names(native, model.num_layers).items():
+            if name in per_tp[tp_rank]:  # the tied embedding on the first and the last stage
+                _check_replica(name, per_tp[tp_rank][name], tensor, f"pipeline stages (TP rank {tp_rank})", log)
+                continue
+            per_tp[tp_rank][name] = tensor
+    names = list(per_tp[0])
+    for r in range(1, tp):
+        if set(per_tp[r]) != set(names):
+            raise ConversionError(f"{info.path}: TP rank {r} holds other tensors than TP rank 0: "
+                                  f"{sorted(set(per_tp[r]) ^ set(names))[:6]}")
+    padded = model.padded_vocab_size(tp)
+    expected = gpt_param_shapes(model, vocab_rows=padded)
+    full: dict[str, torch.Tensor] = {}
+    for name in names:
+        if name not in expected:
+            raise ConversionError(f"{info.path}: tensor {name} is not a parameter of this model config")
+        layout = tp_partition(name, gated)
+        if layout is None or tp == 1:
+            tensor = per_tp[0][name]
+            for r in range(1, tp):
+                _check_replica(name, tensor, per_tp[r][name], f"TP ranks 0 and {r}", log)
+        else:
+            tensor = unshard_tensors([per_tp[r][name] for r in range(tp)], dim=layout[0], stride=layout[1])
+        if tuple(tensor.shape) != expected[name]:
+            raise ConversionError(f"{info.path}: {name} unshards to {tuple(tensor.shape)}, expected {expected[name]} "
+                                  f"(TP={tp}, padded vocabulary {padded})")
+        full[name] = tensor.contiguous()
+    missing = [n for n in expected if n not in full]
+    if missing:
+        raise ConversionError(f"{info.path}: the checkpoint lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    tensors, padding = strip_vocab_padding(full, model.vocab_size)
+    tokenizer = Path(cfg.tokenizer.model)
+    if not tokenizer.is_file():
+        log(f"note: the checkpoint's tokenizer.model {tokenizer} is not found from here (a relative path?); the result "
+            "has no tokenizer (pass --tokenizer)")
+    source = {"kind": "largelm-checkpoint", "path": str(info.path), "step": info.step,
+              "tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": info.data_parallel,
+              "zero_stage": info.zero_stage, "precision": cfg.train.precision, "weights": sorted(sources)}
+    if any(s.startswith("module bfloat16") for s in sources):
+        log(f"warning: {info.path} has no ZeRO fp32 master weights (ZeRO-0); using the bf16 module weights")
+    return Consolidated(tensors, model, cfg, padding, info.step, source, tokenizer if tokenizer.is_file() else None)
+
+
+def _check_replica(name: str, a: torch.Tensor, b: torch.Tensor, where: str, log) -> None:
+    if a.shape != b.shape:
+        raise ConversionError(f"{name}: shapes differ between {where}: {tuple(a.shape)} vs {tuple(b.shape)}")
+    diff = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    if diff > 0 and log:
+        log(f"warning: replicated tensor {name} differs between {where} by up to {diff:.3e}; using the first copy")
+
+
+def checkpoint_summary(info: CheckpointInfo) -> dict:
+    return json.loads(json.dumps({"path": str(info.path), "step": info.step, "tensor_parallel": info.tensor_parallel,
+                                  "pipeline_parallel": info.pipeline_parallel, "data_parallel": info.data_parallel,
+                                  "zero_stage": info.zero_stage, "world_size": info.world_size,
+                                  "precision": info.config.train.precision,
+                                  "model": info.config.model.model_dump(mode="json")}))

@@ -1,0 +1,121 @@
+"""BERT on megatron-core: its own ``BertModel`` with the local (no Transformer Engine) layer spec.
+
+``build_bert_model`` builds megatron-core 0.16.1's ``megatron.core.models.bert.bert_model.BertModel`` from
+``bert_layer_local_spec`` (pre-LN layers with ``AttnMaskType.padding``: ``ColumnParallelLinear`` /
+``RowParallelLinear``, ``DotProductAttention``, torch LayerNorm), two token types, learned absolute positions, the
+MLM head (``lm_head``: dense + GeLU + LayerNorm, then ``output_layer`` with the word embedding as its weight when
+tied, plus a vocab-parallel bias) and the binary (SOP/NSP) head on the pooled [CLS] state. It runs on CPU
+under ``largelm.parallel.cpu_compat`` with no further patch (the padding mask is built by BertModel on the input's
+device). Parameter names are megatron's (``embedding.{word,position,tokentype}_embeddings``,
+``encoder.layers.N.*``, ``encoder.final_layernorm``, ``lm_head.{dense,layer_norm}``, ``output_layer.bias``,
+``pooler.dense``, ``binary_head``): the layout Megatron-LM's BERT checkpoint converters read.
+
+``bert_forward_metrics(model, batch)`` is the one way to run it for a loss: a batch from the loader with a
+``BertMasker`` transform (``input_ids``, ``token_type_ids``, ``attention_mask``, ``mlm_labels`` with -100 on
+unmasked positions, ``pair_label``). The MLM loss is vocab-parallel cross entropy on the vocab-parallel logits
+(never gathered), averaged over masked positions; the accuracy uses a vocab-parallel argmax. The pair loss is
+cross entropy of the binary head. ``loss = mlm_loss + pair_loss`` (Megatron's BERT loss).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
+from megatron.core.models.bert.bert_model import BertModel
+
+from largelm.config import BertConfig, ConfigError, ModelConfig, ParallelConfig
+from largelm.model.gpt import resolve_vocab_size
+from largelm.model.specs import build_transformer_config
+from largelm.parallel import groups
+from largelm.parallel.cpu_compat import enable_cpu_compat
+
+IGNORE_INDEX = -100  # = largelm.data.bert_masking.IGNORE_INDEX
+
+
+def build_bert_model(
+    model_cfg: ModelConfig,
+    parallel_cfg: ParallelConfig,
+    bert_cfg: Optional[BertConfig] = None,
+    *,
+    vocab_size: Optional[int],
+    dtype: torch.dtype = torch.float32,
+    **config_overrides,
+) -> BertModel:
+    """This rank's ``BertModel`` (its TP shard). Needs ``init_model_parallel`` first; see ``build_gpt_model``."""
+    if model_cfg.arch != "bert":
+        raise ConfigError(f"build_bert_model builds model.arch='bert', got {model_cfg.arch!r}")
+    if parallel_cfg.pipeline_parallel > 1 or parallel_cfg.sequence_parallel:
+        raise ConfigError("BERT supports tensor and data parallelism only (no pipeline/sequence parallelism yet)")
+    bert_cfg = bert_cfg or BertConfig()
+    enable_cpu_compat()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp != parallel_cfg.tensor_parallel:
+        raise ConfigError(f"parallel.tensor_parallel={parallel_cfg.tensor_parallel} but megatron parallel_state "
+                          f"was initialised with {tp}")
+    model_cfg = resolve_vocab_size(model_cfg, vocab_size)
+    config = build_transformer_config(model_cfg, parallel_cfg, dtype, **config_overrides)
+    model = BertModel(
+        config=config,
+        num_tokentypes=2,
+        transformer_layer_spec=bert_layer_local_spec,
+        vocab_size=model_cfg.padded_vocab_size(tp),
+        max_sequence_length=model_cfg.positions,
+        share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+        position_embedding_type="learned_absolute",
+        add_binary_head=bert_cfg.binary_head,
+    )
+    model.to(device=groups.device(), dtype=dtype)  # norms and the non-TP linears are created in fp32 on the CPU
+    return model
+
+
+def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the full vocabulary of vocab-parallel logits [..., V/tp] (lowest id on ties, like torch)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    local_max, local_arg = logits.max(dim=-1)
+    if tp == 1:
+        return local_arg
+    group = parallel_state.get_tensor_model_parallel_group()
+    offset = parallel_state.get_tensor_model_parallel_rank() * logits.size(-1)
+    global_max = local_max.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    big = torch.iinfo(torch.long).max
+    candidate = torch.where(local_max == global_max, local_arg + offset, torch.full_like(local_arg, big))
+    dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
+    return candidate
+
+
+def bert_forward_metrics(model: torch.nn.Module, batch: dict, pair_name: str = "sop") -> dict[str, torch.Tensor]:
+    """Losses and accuracies of one masked batch (see the module docstring); ``loss`` carries the gradient.
+
+    Returns fp32 scalars ``loss``, ``mlm_loss``, ``mlm_acc`` and, with a binary head, ``<pair_name>_loss`` and
+    ``<pair_name>_acc`` (``sop_*`` / ``nsp_*``).
+    ``model`` may be a wrapper (e.g. a DeepSpeed engine) whose forward is BertModel's.
+    """
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    labels = batch["mlm_labels"].to(device)
+    logits, binary_logits = model(input_ids, batch["attention_mask"].to(device),
+                                  tokentype_ids=batch["token_type_ids"].to(device))
+    masked = labels != IGNORE_INDEX
+    weight = masked.float()
+    count = weight.sum().clamp(min=1.0)
+    logits = logits.float()
+    with torch.no_grad():  # before the cross entropy: megatron's works in place on the logits it is given
+        predicted = vocab_parallel_argmax(logits)
+        mlm_acc = ((predicted == labels) & masked).float().sum() / count
+    safe_labels = torch.where(masked, labels, torch.zeros_like(labels))  # any valid id; weight 0 below
+    per_token = tensor_parallel.vocab_parallel_cross_entropy(logits, safe_labels)
+    mlm_loss = (per_token * weight).sum() / count
+    out = {"loss": mlm_loss, "mlm_loss": mlm_loss.detach(), "mlm_acc": mlm_acc}
+    if binary_logits is not None:
+        pair_label = batch["pair_label"].to(device)
+        pair_loss = F.cross_entropy(binary_logits.float(), pair_label)
+        out["loss"] = mlm_loss + pair_loss
+        out[f"{pair_name}_loss"] = pair_loss.detach()
+        out[f"{pair_name}_acc"] = (binary_logits.argmax(dim=-1) == pair_label).float().mean()
+    return out

@@ -1,0 +1,359 @@
+"""Quantize a megatron GPTModel's linear layers, save/load the quantized checkpoint, and measure it.
+
+Checkpoint directory (``save_quantized``)::
+
+    model.safetensors    quantized layers: <layer>.qweight (int8 [N, K] | uint8 [N, K/2] packed int4),
+                         <layer>.scale (fp16 [N, groups]), <layer>.zero (int4: uint8 [N, groups]), <layer>.bias;
+                         every other tensor (embeddings, norms, output layer) as in GPTModel.state_dict(), bf16
+    quant.json           {"format": "largelm-quant", "version": 1, "bits", "group_size", "method", "layers", ...}
+    config.yaml          the training config of the source checkpoint (model shape, tokenizer)
+
+``bits=16`` writes the same layout with no quantized layer (the bf16 baseline of the size comparison).
+Quantized: the four linear layers of every transformer layer (``linear_qkv``, ``linear_proj``, ``linear_fc1``,
+``linear_fc2``). Kept in bf16: word/position embeddings and the (possibly tied) output layer - their error hits
+every token directly and, tied, they are one matrix - and the norms (tiny).
+
+``load_quantized`` builds the GPTModel at TP=1 and swaps those layers for ``QuantLinear`` (integer weights,
+dequantized on the fly; int8 with bf16/fp16 activations through ``torch._weight_int8pack_mm``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+
+from largelm.config import Config, ConfigError, ParallelConfig, config_from_dict, dump_config
+from largelm.quant.core import (
+    SCALE_DTYPE,
+    QuantFormat,
+    QuantizationError,
+    QuantizedWeight,
+    hessian_accumulator,
+    pack_int4,
+    quantize_gptq,
+    quantize_rtn,
+    unpack_int4,
+)
+
+FORMAT = "largelm-quant"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+META = "quant.json"
+TARGET = re.compile(r"^decoder\.layers\.\d+\.(self_attention\.linear_qkv|self_attention\.linear_proj|"
+                    r"mlp\.linear_fc1|mlp\.linear_fc2)$")
+STORE_DTYPE = torch.bfloat16
+
+
+# --- the forward ----------------------------------------------------------------------------------------------
+
+class QuantLinear(torch.nn.Module):
+    """Drop-in for megatron's Column/RowParallelLinear at TP=1: ``forward(x) -> (y, bias or None)``."""
+
+    def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor], skip_bias_add: bool,
+                 compute_dtype: torch.dtype):
+        super().__init__()
+        self.fmt = qw.fmt
+        self.out_features, self.in_features = qw.q.shape
+        self.skip_bias_add = skip_bias_add
+        self.compute_dtype = compute_dtype
+        # clone: fresh, allocator-aligned storage (tensors from safetensors' load_file can sit at unaligned offsets,
+        # on which ATen's int8 kernel crashed)
+        packed = pack_int4(qw.q) if qw.fmt.bits == 4 else qw.q.to(torch.int8).contiguous().clone()
+        self.register_buffer("qweight", packed)
+        self.register_buffer("scale", qw.scale.to(SCALE_DTYPE))
+        self.register_buffer("zero", None if qw.zero is None else qw.zero.to(torch.uint8))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
+        # _weight_int8pack_mm wants scales in the activation dtype; convert once
+        self.register_buffer("_scale_rows", qw.scale.reshape(-1).to(SCALE_DTYPE).to(compute_dtype),
+                             persistent=False)
+
+    def quantized(self) -> QuantizedWeight:
+        q = unpack_int4(self.qweight) if self.fmt.bits == 4 else self.qweight
+        return QuantizedWeight(q, self.scale.float(), None if self.zero is None else self.zero.to(torch.int32),
+                               self.fmt)
+
+    def weight_dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.fmt.bits == 8:
+            return (self.qweight.to(dtype) * self._scale_rows.to(dtype).unsqueeze(1))
+        q = unpack_int4(self.qweight).to(dtype)
+        groups = self.scale.shape[1]
+        q = q.view(self.out_features, groups, -1)
+        w = (q - self.zero.to(dtype).unsqueeze(-1)) * self.scale.to(dtype).unsqueeze(-1)
+        return w.view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor, *_args, **_kwargs):
+        x = x.to(self.compute_dtype)
+        # ATen's int8 weight-only kernel is fast for bf16/fp16 activations; on CPU its fp32 path is ~50x slower
+        # than dequantize + F.linear (measured), so fp32 takes the dequantizing path.
+        if self.fmt.bits == 8 and x.dtype in (torch.bfloat16, torch.float16):
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.qweight,
+                                          self._scale_rows.to(x.dtype))
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight_dequantized(x.dtype))
+        if self.bias is not None and not self.skip_bias_add:
+            return y + self.bias, None
+        return y, (self.bias if self.skip_bias_add else None)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.fmt.group_size}" if self.fmt.bits == 4 else ""
+        return f"in={self.in_features}, out={self.out_features}, int{self.fmt.bits}{g}"
+
+
+# --- what is quantized ----------------------------------------------------------------------------------------
+
+def target_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """name -> module of every linear that is quantized; refuses models holding layers it cannot handle."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    targets = {}
+    for name, module in model.named_modules():
+        if TARGET.match(name):
+            if type(module) not in (ColumnParallelLinear, RowParallelLinear):
+                raise QuantizationError(f"{name}: {type(module).__name__} is not supported (only megatron's local "
+                                        "ColumnParallelLinear/RowParallelLinear are quantized)")
+            if getattr(module, "tp_size", 1) != 1 or getattr(module, "sequence_parallel", False):
+                raise QuantizationError(f"{name}: tensor/sequence-parallel layers are not supported (TP=1 only)")
+            targets[name] = module
+        elif name.startswith("decoder.layers.") and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+            raise QuantizationError(f"{name}: {type(module).__name__} holds a weight matrix that this quantizer "
+                                    "does not know (e.g. MoE experts or a Transformer Engine layer); refusing "
+                                    "rather than leaving it silently unquantized")
+    if not targets:
+        raise QuantizationError("model has no transformer linear layers to quantize")
+    return targets
+
+
+def check_supported(cfg: Config) -> None:
+    if cfg.model.arch != "gpt":
+        raise QuantizationError(f"model.arch={cfg.model.arch!r}: only GPT checkpoints are supported")
+    if cfg.parallel.tensor_parallel != 1 or cfg.parallel.pipeline_parallel != 1:
+        raise QuantizationError("only TP=1/PP=1 weights are supported (consolidate/convert the checkpoint first)")
+
+
+# --- quantize -------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def collect_hessians(model: torch.nn.Module, names: Iterable[str], batches: Iterable[torch.Tensor]) -> dict:
+    """``X^T X / n`` of each named linear's input over the calibration ``batches`` (tokens [b, s+1])."""
+    from largelm.model.gpt import split_tokens
+
+    modules = dict(model.named_modules())
+    accum, handles = {}, []
+    for name in names:
+        module = modules[name]
+        update, result = hessian_accumulator(module.weight.shape[1])
+        accum[name] = result
+        handles.append(module.register_forward_pre_hook(lambda _m, args, _u=update: _u(args[0])))
+    try:
+        model.eval()
+        for tokens in batches:
+            input_ids, _, position_ids = split_tokens(tokens)
+            model(input_ids, position_ids, None)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: result() for name, result in accum.items()}
+
+
+@torch.no_grad()
+def quantize_model(model: torch.nn.Module, fmt: QuantFormat, method: str = "rtn",
+                   calibration: Optional[Iterable[torch.Tensor]] = None, percdamp: float = 0.01) -> dict:
+    """Quantize ``model``'s transformer linears in place (swapped for ``QuantLinear``); returns name -> module.
+
+    ``method``: ``"rtn"`` (round to nearest) or ``"gptq"`` (needs ``calibration``: token batches [b, s+1]).
+    GPTQ here collects all layers' input Hessians in one pass of the unquantized model (not layer-sequential).
+    """
+    if method not in ("rtn", "gptq"):
+        raise QuantizationError(f"method={method!r}: use 'rtn' or 'gptq'")
+    targets = target_layers(model)
+    for name, module in targets.items():
+        fmt.check(name, tuple(module.weight.shape))
+    hessians = {}
+    if method == "gptq":
+        if calibration is None:
+            raise QuantizationError("method='gptq' needs calibration batches")
+        hessians = collect_hessians(model, targets, calibration)
+    dtype = next(model.parameters()).dtype
+    replaced = {}
+    for name, module in targets.items():
+        w = module.weight.detach().float()
+        qw = quantize_gptq(w, hessians[name], fmt, percdamp) if method == "gptq" else quantize_rtn(w, fmt)
+        new = QuantLinear(qw, module.bias, module.skip_bias_add, dtype)
+        parent_name, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), child, new)
+        replaced[name] = new
+    return replaced
+
+
+# --- save / load ----------------------------------------------------------------------------------------------
+
+def save_quantized(model: torch.nn.Module, cfg: Config, out: str | Path, *, method: str, fmt: Optional[QuantFormat],
+                   extra_meta: Optional[dict] = None) -> Path:
+    """Write ``model`` (some layers ``QuantLinear``, or none with ``fmt=None``: the bf16 export) to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, layers = {}, []
+    quant_prefixes = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            layers.append(name)
+            tensors[f"{name}.qweight"] = module.qweight.contiguous()
+            tensors[f"{name}.scale"] = module.scale.contiguous()
+            if module.zero is not None:
+                tensors[f"{name}.zero"] = module.zero.contiguous()
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias.to(STORE_DTYPE).contiguous()
+    for key, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor) or key.endswith("_extra_state"):
+            continue
+        if key.rsplit(".", 1)[0] in quant_prefixes:
+            continue
+        tensors[key] = value.detach().to(STORE_DTYPE).contiguous()
+    meta = {"format": FORMAT, "version": VERSION, "method": method, "bits": fmt.bits if fmt else 16,
+            "group_size": fmt.group_size if fmt else None, "layers": layers, "stored_dtype": "bfloat16",
+            **(extra_meta or {})}
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT, "quant": json.dumps(meta)})
+    (out / META).write_text(json.dumps(meta, indent=1))
+    (out / "config.yaml").write_text(dump_config(cfg))
+    return out
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    meta_file = path / META
+    if not meta_file.is_file() or not (path / WEIGHTS).is_file():
+        raise QuantizationError(f"{path} is not a quantized largelm checkpoint (needs {WEIGHTS} and {META})")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise QuantizationError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('version')!r}, "
+                                f"expected {FORMAT!r} version {VERSION}")
+    return meta
+
+
+def build_model(cfg: Config, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """An (uninitialised-weights) TP=1 GPTModel of ``cfg``'s shape; megatron parallel_state must be set up."""
+    from largelm.model.gpt import build_gpt_model
+
+    return build_gpt_model(cfg.model, ParallelConfig(), vocab_size=cfg.model.vocab_size, dtype=dtype)
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Config]:
+    """``(model, config)`` from a ``save_quantized`` directory: GPTModel (TP=1, eval mode) computing in ``dtype``.
+
+    Needs megatron's parallel_state at TP=1 (``largelm.quant.single_process_parallel_state()`` sets it up).
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()), source=str(path / "config.yaml"))
+    check_supported(cfg)
+    tensors = load_file(str(path / WEIGHTS))
+    model = build_model(cfg, dtype)
+    fmt = QuantFormat(meta["bits"], meta["group_size"]) if meta["bits"] in (4, 8) else None
+    targets = target_layers(model)
+    if set(meta["layers"]) - set(targets):
+        raise QuantizationError(f"{path}: quantized layers {sorted(set(meta['layers']) - set(targets))} do not "
+                                "exist in the model built from config.yaml")
+    for name in meta["layers"]:
+        module = targets[name]
+        q = tensors.pop(f"{name}.qweight")
+        q = unpack_int4(q) if fmt.bits == 4 else q
+        zero = tensors.pop(f"{name}.zero", None)
+        qw = QuantizedWeight(q, tensors.pop(f"{name}.scale").float(),
+                             None if zero is None else zero.to(torch.int32), fmt)
+        if tuple(q.shape) != tuple(module.weight.shape):
+            raise QuantizationError(f"{path}: {name} has shape {tuple(q.shape)}, the model wants "
+                                    f"{tuple(module.weight.shape)}")
+        bias = tensors.pop(f"{name}.bias", None)
+        new = QuantLinear(qw, bias, module.skip_bias_add, dtype)
+        parent_name, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), child, new)
+    result = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+    quantized = set(meta["layers"])
+    missing = [k for k in result.missing_keys
+               if not k.endswith("_extra_state") and k.rsplit(".", 1)[0] not in quantized]
+    if missing or result.unexpected_keys:
+        raise QuantizationError(f"{path}: weights do not fit the model: missing {missing}, "
+                                f"unexpected {result.unexpected_keys}")
+    return model.eval(), cfg
+
+
+# --- measure --------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, cfg: Config, datasets: Optional[list] = None, batch_size: int = 8,
+               max_batches: Optional[int] = None) -> dict:
+    """Token-level validation loss/perplexity over the validation shards with the real loader (one pass)."""
+    from largelm.data import build_loader
+    from largelm.model.gpt import gpt_forward_loss
+
+    datasets = datasets or [(s.path, s.weight) for s in cfg.data.valid]
+    if not datasets:
+        raise ConfigError("no validation data: the config has no data.valid and none was given")
+    loader = build_loader(datasets=datasets, seq_length=cfg.model.seq_length, batch_size=batch_size, rank=0,
+                          world_size=1, num_workers=0, shuffle_buffer=0, seed=cfg.data.seed, infinite=False)
+    model.eval()
+    total, tokens = 0.0, 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        per_token, _ = gpt_forward_loss(model, batch["tokens"])
+        total += per_token.double().sum().item()
+        tokens += per_token.numel()
+    if tokens == 0:
+        raise ConfigError(f"validation data {datasets} yielded no batch")
+    loss = total / tokens
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+@torch.no_grad()
+def forward_tokens_per_s(model: torch.nn.Module, cfg: Config, batch_size: int = 8, repeats: int = 5,
+                         warmup: int = 1) -> float:
+    """Tokens/s of the logits forward on a fixed random batch (median of ``repeats`` timed passes)."""
+    s = cfg.model.seq_length
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.model.vocab_size, (batch_size, s), generator=g)
+    pos = torch.arange(s).unsqueeze(0).expand(batch_size, s)
+    model.eval()
+    for _ in range(warmup):
+        model(ids, pos, None)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(ids, pos, None)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return batch_size * s / times[len(times) // 2]
+
+
+@torch.no_grad()
+def compare_tokens_per_s(models: dict[str, torch.nn.Module], cfg: Config, batch_size: int = 8,
+                         repeats: int = 7) -> dict[str, float]:
+    """Forward tokens/s of several models, timed interleaved (A, B, A, B, ...) on the same batch so that machine
+    load drifting during the measurement hits all alike; each model's fastest pass counts."""
+    s = cfg.model.seq_length
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.model.vocab_size, (batch_size, s), generator=g)
+    pos = torch.arange(s).unsqueeze(0).expand(batch_size, s)
+    best = {name: float("inf") for name in models}
+    for model in models.values():
+        model.eval()(ids, pos, None)  # warm-up
+    for _ in range(repeats):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model(ids, pos, None)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: batch_size * s / t for name, t in best.items()}
+
+
+def dir_bytes(path: str | Path) -> int:
+    return (Path(path) / WEIGHTS).stat().st_size

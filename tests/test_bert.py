@@ -1,0 +1,251 @@
+"""BERT on megatron-core: forward/backward and loss convention, bidirectional padding mask, TP=2 parity with one
+rank (fp32, spawned gloo ranks), config errors, and a 2-rank ZeRO-2 bf16 run through the launcher."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from largelm.config import ConfigError, ModelConfig, ParallelConfig, config_from_dict
+from largelm.data.bert_masking import IGNORE_INDEX, BertMasker
+from largelm.model.bert import bert_forward_metrics, build_bert_model
+from largelm.parallel.cpu_compat import model_parallel_manual_seed
+from mp_utils import run_ranks, single_rank_parallel_state
+
+VOCAB, PADDED, SEQ = 200, 256, 32
+TINY = dict(arch="bert", num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=SEQ, vocab_size=VOCAB)
+CLS, SEP, MASK = 4, 5, 6
+LOSS_ATOL, GRAD_ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(scope="module")
+def tp1():
+    with single_rank_parallel_state():
+        yield
+
+
+def build(seed=1, parallel=None, **model):
+    model_parallel_manual_seed(seed)
+    return build_bert_model(ModelConfig(**{**TINY, **model}), parallel or ParallelConfig(), vocab_size=VOCAB)
+
+
+@torch.no_grad()
+def randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def make_batch(b=3, seed=0):
+    """Pairs of random lengths, masked by BertMasker (vocab 200, ids 0-6 special)."""
+    rng = np.random.default_rng(seed)
+    masker = BertMasker(seq_length=SEQ, vocab_size=VOCAB, cls_id=CLS, sep_id=SEP, mask_id=MASK,
+                        special_ids=list(range(7)), word_start=np.ones(VOCAB, bool), seed=seed)
+    rows = []
+    for i in range(b):
+        la, lb = int(rng.integers(3, 12)), int(rng.integers(3, 12))
+        ids = [CLS, *rng.integers(7, VOCAB, la), SEP, *rng.integers(7, VOCAB, lb), SEP]
+        tokens = np.array(ids + [0] * (SEQ - len(ids)) + [i % 2])
+        rows.append(masker({"key": f"s{i:010d}", "tokens": tokens, "epoch": 0, "dataset": 0}))
+    return {k: torch.from_numpy(np.stack([r[k] for r in rows]).astype(np.int64))
+            for k in ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "pair_label")}
+
+
+def test_names_shapes_and_loss_convention(tp1):
+    model = build()
+    names = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert names["embedding.word_embeddings.weight"] == (PADDED, 64)
+    assert names["embedding.tokentype_embeddings.weight"] == (2, 64)
+    assert names["encoder.layers.1.self_attention.linear_qkv.weight"] == (192, 64)
+    for n in ("encoder.final_layernorm.weight", "lm_head.dense.weight", "lm_head.layer_norm.weight",
+              "output_layer.bias", "pooler.dense.weight", "binary_head.weight"):
+        assert n in names, n
+    assert "output_layer.weight" not in names  # tied to the word embedding
+
+    randomize(model)
+    batch = make_batch()
+    out = bert_forward_metrics(model, batch)
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # the same quantities by hand from full logits
+    with torch.no_grad():
+        logits, binary = model(batch["input_ids"], batch["attention_mask"], tokentype_ids=batch["token_type_ids"])
+        masked = batch["mlm_labels"] != IGNORE_INDEX
+        mlm = F.cross_entropy(logits[masked], batch["mlm_labels"][masked])
+        acc = (logits[masked].argmax(-1) == batch["mlm_labels"][masked]).float().mean()
+        sop = F.cross_entropy(binary, batch["pair_label"])
+    assert out["mlm_loss"].item() == pytest.approx(mlm.item(), abs=LOSS_ATOL)
+    assert out["mlm_acc"].item() == pytest.approx(acc.item())
+    assert out["sop_loss"].item() == pytest.approx(sop.item(), abs=LOSS_ATOL)
+    assert out["loss"].item() == pytest.approx(mlm.item() + sop.item(), abs=2 * LOSS_ATOL)
+    assert 0 <= out["sop_acc"].item() <= 1
+
+
+def test_attention_is_bidirectional_and_ignores_padding(tp1):
+    model = randomize(build()).eval()
+    batch = make_batch(b=1)
+    real = int(batch["attention_mask"].sum())
+
+    def run(input_ids):
+        with torch.no_grad():
+            return model(input_ids, batch["attention_mask"], tokentype_ids=batch["token_type_ids"])[0]
+
+    base = run(batch["input_ids"])
+    padded = batch["input_ids"].clone()
+    padded[0, real:] = 123  # whatever sits under the padding mask
+    assert torch.allclose(run(padded)[0, :real], base[0, :real], atol=1e-5)
+    later = batch["input_ids"].clone()
+    later[0, real - 2] = (later[0, real - 2] + 1 - 7) % (VOCAB - 7) + 7  # a late token changes early positions
+    assert not torch.allclose(run(later)[0, 1], base[0, 1], atol=1e-4)
+
+
+def _tp2_rank(rank, world_size, case):
+    from largelm.parallel import groups
+    from largelm.parallel.sharding import shard_state_dict
+
+    groups.init_distributed()
+    groups.init_model_parallel(tensor_parallel=2, pipeline_parallel=1)
+    try:
+        model = build(parallel=ParallelConfig(tensor_parallel=2))
+        model.load_state_dict(shard_state_dict(case["weights"], model, rank, 2), strict=False)
+        out = bert_forward_metrics(model, case["batch"])
+        out["loss"].backward()
+        expected = shard_state_dict(case["grads"], model, rank, 2)
+        sharded = sum(getattr(p, "tensor_model_parallel", False) for p in model.parameters())
+        return dict(metrics={k: v.item() for k, v in out.items()}, sharded=sharded,
+                    # relative to the gradient's size (>= 1): tokentype/position grads sum over every token
+                    grad_diff={n: (p.grad - expected[n]).abs().max().item() / max(1.0, expected[n].abs().max().item())
+                               for n, p in model.named_parameters()})
+    finally:
+        groups.destroy()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_equals_single_rank(tp1):
+    model = randomize(build())
+    batch = make_batch(b=2, seed=3)
+    out = bert_forward_metrics(model, batch)
+    out["loss"].backward()
+    case = dict(weights={k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")},
+                grads={n: p.grad.clone() for n, p in model.named_parameters()}, batch=batch)
+    for rank, res in enumerate(run_ranks(_tp2_rank, 2, case, timeout_s=600)):
+        for name, value in out.items():
+            assert res["metrics"][name] == pytest.approx(value.item(), abs=LOSS_ATOL), f"rank {rank} {name}"
+        worst = max(res["grad_diff"], key=res["grad_diff"].get)
+        assert res["grad_diff"][worst] < GRAD_ATOL, f"rank {rank}: {worst} off by {res['grad_diff'][worst]}"
+        assert res["sharded"] > 10  # really tensor-parallel
+
+
+# --- config errors --------------------------------------------------------------------------------------------
+def _bert_tiny() -> dict:
+    from pathlib import Path
+
+    return yaml.safe_load((Path(__file__).parent.parent / "configs" / "bert-tiny.yaml").read_text())
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda d: d["parallel"].update(pipeline_parallel=2, zero_stage=1), "pipeline_parallel"),
+    (lambda d: d["parallel"].update(tensor_parallel=2, sequence_parallel=True), "sequence_parallel"),
+    (lambda d: d["bert"].update(mask_token_prob=0.9, random_token_prob=0.2), "bert.mask_token_prob"),
+    (lambda d: d["bert"].update(objective="mlm-only"), "bert.objective"),
+    (lambda d: d["bert"].update(mask_prob=1.5), "bert.mask_prob"),
+    (lambda d: d["model"].update(arch="gpt"), "bert"),
+    (lambda d: d["model"].update(style="llama"), "model.style"),
+])
+def test_bert_config_errors_are_named(change, field):
+    data = _bert_tiny()
+    change(data)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        config_from_dict(data, source="bert.yaml")
+
+
+def test_preflight_catches_tokenizer_without_mask_and_wrong_shards(tmp_path, small_corpus, tokenizer_path, shard_dir,
+                                                                     shard_seq_length):
+    from largelm.data.bert_prepare import prepare_bert_data
+    from largelm.tokenizer import train_tokenizer
+    from largelm.train.preflight import preflight
+
+    def cfg(tokenizer, shards, seq, **bert):
+        data = _bert_tiny()
+        data["model"]["seq_length"] = seq
+        data["tokenizer"]["model"] = str(tokenizer)
+        data["data"].update(train=[{"path": str(shards / "train")}], valid=[])
+        data["bert"].update(bert)
+        data["checkpoint"]["dir"] = str(tmp_path / "ckpt")
+        return config_from_dict(data)
+
+    nomask = train_tokenizer([small_corpus], tmp_path / "nomask.model", vocab_size=400,
+                             special_tokens=["[CLS]", "[SEP]"])
+    with pytest.raises(ConfigError, match=r"nomask\.model lacks \[MASK\]"):
+        preflight(cfg(nomask.path, shard_dir, shard_seq_length), world_size=1)
+    with pytest.raises(ConfigError, match="tools/prepare_bert_data.py"):  # GPT shards for a BERT model
+        preflight(cfg(tokenizer_path, shard_dir, shard_seq_length), world_size=1)
+    pairs = tmp_path / "pairs"
+    prepare_bert_data([small_corpus], pairs, tokenizer_path, 32, objective="nsp", valid_fraction=0)
+    with pytest.raises(ConfigError, match="bert.objective is 'sop'"):
+        preflight(cfg(tokenizer_path, pairs, 32), world_size=1)
+    assert preflight(cfg(tokenizer_path, pairs, 32, objective="nsp"), world_size=1).bert.objective == "nsp"
+
+
+# --- end to end -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bert_shards(small_corpus, tokenizer_path, tmp_path_factory):
+    from largelm.data.bert_prepare import prepare_bert_data
+
+    out = tmp_path_factory.mktemp("bert_e2e_shards")
+    prepare_bert_data([small_corpus], out, tokenizer_path, 64, objective="sop", samples_per_shard=64,
+                      valid_fraction=0.2)
+    return out
+
+
+def bert_config(tmp_path, tokenizer_path, shards, **train):
+    from train_utils import tiny_config
+
+    return tiny_config(tmp_path, tokenizer_path, shards, 64,
+                       model={"arch": "bert", "style": "gpt2", "num_layers": 2, "hidden_size": 64,
+                              "num_attention_heads": 4, "seq_length": 64, "make_vocab_size_divisible_by": 64},
+                       bert={"objective": "sop", "whole_word_masking": True},
+                       parallel={"zero_stage": 2},
+                       optimizer={"lr": 5e-3, "min_lr": 5e-4, "warmup_steps": 2, "weight_decay": 0.01,
+                                  "grad_clip": 1.0},
+                       train={"steps": 20, "micro_batch_size": 8, "grad_accum_steps": 1, "precision": "bf16",
+                              "seed": 11, "eval_interval": 20, "eval_steps": 2, "log_interval": 1, **train})
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_bf16_bert_run_learns_and_logs(tmp_path, tokenizer_path, bert_shards):
+    from test_train_e2e import _tensorboard_scalars
+    from train_utils import check_ok, launch, losses
+
+    out = check_ok(launch(bert_config(tmp_path, tokenizer_path, bert_shards), nproc=2))
+    assert len(losses(out)) == 20, out[-3000:]
+    assert "valid loss" in out and "mlm_acc" in out
+    scalars = _tensorboard_scalars(tmp_path / "tb")
+    for tag in ("train/mlm_loss", "train/mlm_acc", "train/sop_loss", "train/sop_acc", "valid/mlm_loss",
+                "valid/mlm_acc", "valid/sop_acc"):
+        assert tag in scalars, f"{tag} missing: {sorted(scalars)}"
+    mlm = scalars["train/mlm_loss"]
+    assert len(mlm) == 20
+    assert np.mean(mlm[-4:]) < np.mean(mlm[:4]) - 0.5, f"MLM loss did not decrease: {mlm}"
+
+
+@pytest.mark.slow
+def test_bert_run_resumes_exactly(tmp_path, tokenizer_path, bert_shards):
+    """fp32: 3 + 3 steps with a restart in between equal 6 uninterrupted steps (masks come from the resumed
+    loader position, so they must be the same)."""
+    from train_utils import check_ok, launch, losses
+
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref_dir.mkdir(), run_dir.mkdir()
+    ref = bert_config(ref_dir, tokenizer_path, bert_shards, steps=6, precision="fp32", eval_interval=0)
+    reference = losses(check_ok(launch(ref, nproc=2)))
+    config = bert_config(run_dir, tokenizer_path, bert_shards, steps=6, precision="fp32", eval_interval=0,
+                         exit_interval=3)
+    first = losses(check_ok(launch(config, nproc=2)))
+    out = check_ok(launch(config, nproc=2))
+    assert "resumed from" in out
+    assert {**first, **losses(out)} == reference

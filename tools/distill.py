@@ -1,0 +1,49 @@
+"""Knowledge distillation: train the config's (student) model against a frozen teacher checkpoint.
+
+    python tools/distill.py --config configs/gpt-tiny.yaml --teacher runs/gpt-big/checkpoints \
+        --alpha 0.5 --temperature 2 --student-init every_kth_layer --k 2 --nproc 2 -- model.num_layers=2
+
+A thin wrapper over ``largelm-launch``: it adds the ``distill`` config section as overrides (``distill.teacher=...``
+etc.; a config may also carry the section itself) and launches the same training path (DeepSpeed engine, launcher,
+checkpoints, tensorboard with ``distill/kl`` and ``distill/lm_loss``). Everything after ``--`` is passed on as
+config overrides; launcher options not listed here can be given with ``--launch-arg=--hostfile=...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_argv(argv=None) -> list[str]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the student's training config")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint root (its latest) or step_XXXXXXXX dir")
+    p.add_argument("--alpha", type=float, default=None, help="weight of the KL term (default 0.5)")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature T (default 2)")
+    p.add_argument("--student-init", choices=("random", "every_kth_layer"), default=None)
+    p.add_argument("--k", type=int, default=None, help="every_kth_layer: student layer i <- teacher layer i*k")
+    p.add_argument("--teacher-precision", choices=("fp32", "bf16"), default=None)
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
+    p.add_argument("--master-port", type=int, default=None)
+    p.add_argument("--launch-arg", action="append", default=[], help="extra largelm-launch argument (repeatable)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=200 model.num_layers=2")
+    args = p.parse_args(argv)
+    distill = {"teacher": args.teacher, "alpha": args.alpha, "temperature": args.temperature,
+               "student_init": args.student_init, "k": args.k, "teacher_precision": args.teacher_precision}
+    overrides = [f"distill.{key}={value}" for key, value in distill.items() if value is not None]
+    cmd = ["--config", args.config, "--nproc", str(args.nproc), "--launcher", args.launcher, *args.launch_arg]
+    if args.master_port:
+        cmd += ["--master-port", str(args.master_port)]
+    return cmd + ["--", *overrides, *args.overrides]
+
+
+def main(argv=None) -> int:
+    from largelm.launch import main as launch_main
+
+    return launch_main(build_argv(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

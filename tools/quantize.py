@@ -1,0 +1,134 @@
+"""Post-training weight-only quantization of a largelm training checkpoint, with a report.
+
+    python tools/quantize.py --checkpoint runs/gpt-tiny/checkpoints --out runs/gpt-tiny/int4 \
+        --bits 4 --group-size 32 --method gptq
+
+Reads the checkpoint (a root -> its latest, or one step_XXXXXXXX directory; TP=1/PP=1), quantizes the transformer
+linear layers (int8 per channel, or int4 group-wise; round-to-nearest or GPTQ on calibration batches from the
+training shards), writes the quantized checkpoint (model.safetensors + quant.json + config.yaml; load it with
+``largelm.quant.load_quantized``) and ``report.md`` / ``report.json``: size on disk (bf16 export vs quantized),
+validation perplexity on the config's validation shards and forward tokens/s, before and after. The "before"
+model is the checkpoint's fp32 weights; both run in ``--dtype`` (fp32 default) on this machine; tokens/s of the two
+are timed interleaved (best of 7 passes each), since a shared machine's load drifts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint root (uses latest) or a step_XXXXXXXX directory")
+    p.add_argument("--out", required=True, help="output directory of the quantized checkpoint")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=8)
+    p.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale/zero point")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
+    p.add_argument("--calib-batches", type=int, default=16, help="gptq: training batches for the Hessians")
+    p.add_argument("--percdamp", type=float, default=0.01, help="gptq: Hessian damping (fraction of mean diag)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-batches", type=int, default=None, help="limit validation batches (default: all)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute dtype for eval and timing")
+    p.add_argument("--prompt", default="", help="also generate a greedy sample from this prompt for the report")
+    return p.parse_args(argv)
+
+
+def calibration_batches(cfg, count: int, batch_size: int):
+    from largelm.data import build_loader
+
+    loader = build_loader(datasets=[(s.path, s.weight) for s in cfg.data.train], seq_length=cfg.model.seq_length,
+                          batch_size=batch_size, rank=0, world_size=1, num_workers=0, shuffle_buffer=256,
+                          seed=cfg.data.seed, infinite=True)
+    it = iter(loader)
+    return [next(it)["tokens"] for _ in range(count)]
+
+
+def run(args) -> dict:
+    from largelm.checkpoint.full_weights import load_full_weights
+    from largelm.model.generate import generate
+    from largelm.parallel.sharding import load_full_state_dict
+    from largelm.quant import (QuantFormat, build_model, load_quantized, perplexity,
+                               quantize_model, save_quantized, single_process_parallel_state)
+    from largelm.quant.model import check_supported, compare_tokens_per_s, dir_bytes
+    from largelm.tokenizer import Tokenizer
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    fmt = QuantFormat(args.bits, args.group_size if args.bits == 4 else None)
+    out = Path(args.out)
+    with single_process_parallel_state():
+        cfg, state, ckpt_dir = load_full_weights(args.checkpoint)
+        check_supported(cfg)
+        model = build_model(cfg, dtype)
+        load_full_state_dict(model, state)
+        model.eval()
+        tok = Tokenizer.load(cfg.tokenizer.model)
+        before = perplexity(model, cfg, batch_size=args.batch_size, max_batches=args.eval_batches)
+        reference = build_model(cfg, dtype)  # an unquantized copy, timed side by side with the quantized model
+        load_full_state_dict(reference, state)
+        with tempfile.TemporaryDirectory() as tmp:  # the bf16 export: the size baseline
+            bf16_bytes = dir_bytes(save_quantized(model, cfg, tmp, method="none", fmt=None))
+        calib = calibration_batches(cfg, args.calib_batches, args.batch_size) if args.method == "gptq" else None
+        quantize_model(model, fmt, args.method, calib, args.percdamp)
+        meta = {"source_checkpoint": str(ckpt_dir), "calib_batches": args.calib_batches if calib else 0}
+        save_quantized(model, cfg, out, method=args.method, fmt=fmt, extra_meta=meta)
+        del model
+        qmodel, _ = load_quantized(out, dtype)  # measure what a user loads
+        after = perplexity(qmodel, cfg, batch_size=args.batch_size, max_batches=args.eval_batches)
+        speed = compare_tokens_per_s({"before": reference, "after": qmodel}, cfg, args.batch_size)
+        before["tokens_per_s"], after["tokens_per_s"] = speed["before"], speed["after"]
+        sample = generate(qmodel, tok, args.prompt, 24, context=cfg.model.seq_length) if args.prompt else None
+    report = {
+        "checkpoint": str(ckpt_dir), "out": str(out), "method": args.method, "bits": args.bits,
+        "group_size": fmt.group_size, "dtype": args.dtype,
+        "bytes": {"bf16": bf16_bytes, "quantized": dir_bytes(out)},
+        "before": before, "after": after,
+        "ppl_increase_pct": 100.0 * (after["ppl"] / before["ppl"] - 1.0),
+        "sample": {"prompt": args.prompt, "continuation": sample} if sample is not None else None,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(report_markdown(report))
+    return report
+
+
+def report_markdown(r: dict) -> str:
+    g = f", group size {r['group_size']}" if r["bits"] == 4 else " (per output channel)"
+    lines = [
+        f"# Quantization report: int{r['bits']}{g}, {r['method'].upper()}", "",
+        f"source `{r['checkpoint']}` -> `{r['out']}`; compute dtype {r['dtype']}; validation tokens "
+        f"{r['before']['tokens']}", "",
+        "| | size on disk (bytes) | valid loss | valid ppl | forward tokens/s |", "| --- | ---: | ---: | ---: | ---: |",
+        f"| before (size: bf16 export; run: original weights) | {r['bytes']['bf16']:,} | {r['before']['loss']:.4f} | "
+        f"{r['before']['ppl']:.3f} | {r['before']['tokens_per_s']:,.0f} |",
+        f"| after (int{r['bits']}) | {r['bytes']['quantized']:,} | {r['after']['loss']:.4f} | {r['after']['ppl']:.3f} | "
+        f"{r['after']['tokens_per_s']:,.0f} |", "",
+        f"perplexity change: {r['ppl_increase_pct']:+.2f}%; size: "
+        f"{r['bytes']['quantized'] / r['bytes']['bf16']:.1%} of bf16",
+    ]
+    if r.get("sample"):
+        lines += ["", f"greedy sample from {r['sample']['prompt']!r}: {r['sample']['continuation']!r}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    from largelm.checkpoint.manager import CheckpointError
+    from largelm.config import ConfigError
+    from largelm.quant import QuantizationError
+
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except (QuantizationError, CheckpointError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
