@@ -83,7 +83,9 @@ def main(argv=None) -> int:
             train_tps[name].append(steps * tokens / (time.perf_counter() - t0))
         print(f"[P4] rep {r + 1}/{reps}: " + ", ".join(f"loader w={w} {loader_tps[w][-1]:,.0f}" for w in WORKERS)
               + ", " + ", ".join(f"train {k} {v[-1]:,.0f}" for k, v in train_tps.items()) + " tokens/s", flush=True)
-    del consumers, iters
+    for it in iters.values():  # stop the DataLoader workers now (TokenLoader's finally); left to the garbage
+        it.close()             # collector at exit, the workers kept the interpreter waiting for them forever
+    del consumers, iters, it
     gc.collect()
     worst_consumer = max(train_tps, key=lambda k: stats(train_tps[k])["median"])  # the fastest consumer
     ratios = {w: {k: ratio_stats(loader_tps[w], v) for k, v in train_tps.items()} for w in WORKERS}

@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--dp", type=int, default=2)
     p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--quick", action="store_true", help="accepted for run_all.sh; P5 is short already")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

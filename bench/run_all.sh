@@ -28,7 +28,7 @@ for bench in p1_overhead p2_vs_hf p3_mfu p4_data p5_memory scaling; do
   t0=$(date +%s)
   echo "=== $bench" >&2
   # shellcheck disable=SC2086
-  if ! "$PY" bench/$bench.py ${BENCH_ARGS:-} 2>&1 | tee $LOGS/$bench.log | { grep --line-buffered -E "^\[|^wrote" || true; }
+  if ! "$PY" bench/$bench.py ${BENCH_ARGS:-} 2>&1 | tee $LOGS/$bench.log | { grep --line-buffered -E "^\[(P[1-5]|scaling)|^wrote" || true; }
   then
     tail -n 40 $LOGS/$bench.log >&2
     echo "error: $bench failed (full output: $LOGS/$bench.log)" >&2

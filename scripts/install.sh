@@ -14,4 +14,14 @@ fi
 # torch first and pinned: an unpinned torch would pull multi-GB CUDA wheels on a CPU machine.
 "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+# Without CUDA, DeepSpeed JIT-compiles its shared-memory comm op at the first init_distributed (~30 s, cached in
+# ~/.cache/torch_extensions). Build it here, once, instead of inside the first training run.
+DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} "$VENV/bin/python" - <<'PY' 2>&1 | grep -v "WARNING\|warn" || true
+import torch
+if not torch.cuda.is_available():
+    from deepspeed.accelerator import get_accelerator
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load(verbose=False)
+PY
 "$VENV/bin/python" -c "import torch, deepspeed, megatron.core, webdataset, sentencepiece, largelm; print('largelm installed: torch', torch.__version__, '| deepspeed', deepspeed.__version__)"

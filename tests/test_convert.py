@@ -202,6 +202,25 @@ def test_export_verification_fails_on_a_wrong_mapping(rank, tmp_path, monkeypatc
     monkeypatch.setattr(hf_gpt2, "to_hf", wrong)
     with pytest.raises(VerificationError, match="max \\|logit diff\\|"):
         api.export_hf(tmp_path / "hub", tmp_path / "hf", log=lambda *_: None)
+    assert json.loads((tmp_path / "hf" / "largelm_conversion.json").read_text())["ok"] is False
+
+
+def test_a_failed_verification_exits_3_and_marks_the_result_unusable(rank, tmp_path, monkeypatch, capsys):
+    from largelm.checkpoint.convert.cli import main
+
+    save_consolidated(tmp_path / "hub", consolidated_from(megatron_model("gpt2"), "gpt2"))
+    real, calls = verify.consolidated_logits, []
+
+    def result_off_by_one(c, tokens):  # the source's logits are right, the written result's are not
+        calls.append(c)
+        return real(c, tokens) + (len(calls) == 2)
+
+    monkeypatch.setattr(verify, "consolidated_logits", result_off_by_one)
+    assert main(["consolidate", str(tmp_path / "hub"), str(tmp_path / "copy")]) == 3
+    assert "max |logit diff| 1.000e+00" in capsys.readouterr().err
+    assert json.loads((tmp_path / "copy" / "largelm.json").read_text())["verification"][0]["ok"] is False
+    with pytest.raises(ConversionError, match="failed its verification"):
+        load_consolidated(tmp_path / "copy")
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

@@ -56,22 +56,23 @@ DEEPSPEED_DEFAULT_BUCKET = 500_000_000
 
 
 def reduce_bucket_elements(cfg: Config) -> int:
-    """ZeRO ``reduce_bucket_size``: 1/16 of this rank's (TP x PP shard of the) parameters, capped at DeepSpeed's
-    default of 5e8 elements, at least 2**16.
+    """ZeRO ``reduce_bucket_size``: 1/16 of this rank's (TP x PP shard of the) parameters, at least 2**22 elements
+    (8 MiB in bf16) and at most DeepSpeed's default of 5e8.
 
     DeepSpeed allocates the whole bucket whatever the model size, and ZeRO-3 keeps it for the entire run: with the
     default, a 27M-parameter model at DP=2 held 954 MiB of bucket next to 235 MiB of ZeRO-3-partitioned state
-    (bench/p5_memory.py). A bucket of 1/16 of the gradients costs at most ~6% of a bf16 gradient, i.e. well under
-    the 10% memory budget of ZeRO-3 even at DP=8, and still means only 16 reductions per backward pass (NCCL
-    is at full bandwidth long before 1/16 of a 1B model, ~80M elements). Bucketing changes only how gradients
-    are chunked for communication, not the sums, so training is unaffected.
+    (bench/p5_memory.py). 1/16 of the gradients costs at most ~6% of a bf16 gradient, within ZeRO-3's 10% budget
+    even at DP=8, and means at most 16 reductions per backward pass (NCCL reaches full bandwidth long before 1/16
+    of a 1B model, ~80M elements). The floor keeps small models at one or a few reductions per pass: every
+    collective call has a fixed cost (64K-element buckets made a 1.3M-parameter model's ZeRO-3 step ~40% slower
+    on CPU). Bucketing changes only how gradients are chunked for communication, not the sums.
     """
     m = cfg.model
     layer = m.hidden_size * (m.hidden_size + 2 * m.kv_groups * (m.hidden_size // m.num_attention_heads))
     layer += m.hidden_size * m.hidden_size + (3 if m.style == "llama" else 2) * m.hidden_size * m.ffn_size
     vocab = m.padded_vocab_size() if m.vocab_size is not None else 0
     params = (m.num_layers * layer + vocab * m.hidden_size) // cfg.parallel.model_parallel
-    return int(min(DEEPSPEED_DEFAULT_BUCKET, max(2**16, params // 16)))
+    return int(min(DEEPSPEED_DEFAULT_BUCKET, max(2**22, params // 16)))
 
 
 def _zero_section(stage: int, bucket: int) -> dict:

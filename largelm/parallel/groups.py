@@ -73,8 +73,36 @@ def init_distributed(
         auto_mpi_discovery=init_method is None,
         verbose=False,
     )
+    unlink_deepspeed_shm()
     enable_cpu_compat()
     return device()
+
+
+def unlink_deepspeed_shm() -> None:
+    """Remove the names of the POSIX shared-memory segments DeepSpeed's CPU backend leaves behind.
+
+    Without CUDA, ``deepspeed.init_distributed`` loads its ``deepspeed_shm_comm`` op, which - when all ranks are
+    local (the deepspeed launcher's ``LOCAL_SIZE`` equals the world size) - creates one 66 MiB segment per rank,
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, maps every rank's, and never
+    unlinks them: each CPU run left 66 MiB x ranks of RAM (tmpfs) behind after exit (18 GB had piled up on the dev
+    machine). ``init_distributed`` returns on a rank only after it has mapped every segment; after a barrier that is
+    true on all ranks, so each rank can unlink its own name: the mappings stay valid for the run (DeepSpeed uses
+    them only for ``inference_all_reduce``; training collectives go through gloo) and the memory is freed when the
+    last rank exits. Collective (all ranks call it from ``init_distributed``); a no-op on GPU.
+    """
+    if torch.cuda.is_available() or not dist.is_initialized():
+        return
+    world = dist.get_world_size()
+    if os.environ.get("LOCAL_SIZE") != str(world):  # the test DeepSpeed's shm op applies: no segments otherwise
+        return
+    if world > 1:
+        dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(name)
+    except OSError:  # not created (shm op unavailable), or not Linux
+        pass
 
 
 def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: Optional[int] = None) -> None:

@@ -82,6 +82,10 @@ def main(argv=None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+    # Done (checkpoint written): a late stop signal - e.g. the job script re-sending it - must not kill the process
+    # while the interpreter shuts down, when Python has already put back the default (fatal) handlers.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Requeue only when the stop cut the run short; a run that reached train.steps is done.
     return EXIT_PREEMPTED if stop() and trainer.step < cfg.train.steps else 0
 

@@ -101,6 +101,10 @@ def _check_checkpoint(cfg: Config, world_size: int) -> None:
         f"model.{key}: checkpoint {saved['model'].get(key)!r} vs config {getattr(cfg.model, key)!r}"
         for key in SHAPE_FIELDS if saved["model"].get(key) != getattr(cfg.model, key)
     ]
+    saved_bert, bert = saved.get("bert") or {}, cfg.model_dump().get("bert") or {}
+    if saved_bert.get("binary_head") != bert.get("binary_head"):  # the binary head is a parameter set
+        mismatches.append(f"bert.binary_head: checkpoint {saved_bert.get('binary_head')!r} vs config "
+                          f"{bert.get('binary_head')!r}")
     for key in ("tensor_parallel", "pipeline_parallel"):
         if saved["parallel"].get(key) != getattr(cfg.parallel, key):
             mismatches.append(f"parallel.{key}: checkpoint {saved['parallel'].get(key)} vs config "
@@ -112,7 +116,7 @@ def _check_checkpoint(cfg: Config, world_size: int) -> None:
     saved_world = json.loads(manifest.read_text()).get("world_size") if manifest.is_file() else None
     if saved_world is not None and saved_world != world_size:
         mismatches.append(f"world size: checkpoint written by {saved_world} ranks, this run has {world_size} "
-                          f"(consolidate it with tools/convert_checkpoint.py to change the layout)")
+                          f"(reshard it: largelm-convert reshard SRC OUT --tp T --pp P --dp D --drop-optimizer)")
     if mismatches:
         raise ConfigError(f"checkpoint {saved_cfg.parent} does not match this config:\n  " + "\n  ".join(mismatches))
 

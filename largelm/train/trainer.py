@@ -166,7 +166,9 @@ class Trainer:
             raise RuntimeError(f"validation data {[s.path for s in self.cfg.data.valid]} yielded no batch on "
                                f"data-parallel rank {self.dp_rank}")
         loss = self._dp_mean(total / count)
-        metrics = {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0))}
+        metrics = {"valid/loss": loss}
+        if self.cfg.model.arch == "gpt":  # perplexity of the LM loss; BERT's loss is MLM + SOP, not a perplexity
+            metrics["valid/ppl"] = math.exp(min(loss, 50.0))
         metrics.update({k: self._dp_mean(torch.tensor(v / count)) for k, v in sorted(extra.items())})
         return metrics
 
@@ -246,7 +248,8 @@ class Trainer:
         metrics = self.evaluate()
         if metrics:
             self.log.scalars(self.step, metrics)
-            self.log.line(f"step {self.step} valid loss {metrics['valid/loss']:.4f} ppl {metrics['valid/ppl']:.2f}"
+            ppl = f" ppl {metrics['valid/ppl']:.2f}" if "valid/ppl" in metrics else ""
+            self.log.line(f"step {self.step} valid loss {metrics['valid/loss']:.4f}{ppl}"
                           + "".join(f" {k.rsplit('/', 1)[-1]} {v:.4f}" for k, v in metrics.items()
                                     if k not in ("valid/loss", "valid/ppl")))
 

@@ -126,4 +126,5 @@ def test_bad_sample_during_training_fails_the_job_promptly(run_config, shard_dir
         assert result.returncode == 1, result.output[-4000:]
         assert re.search(rf"error \(rank 1\): .*shard \S+{re.escape(shard.split('/')[-1])} sample '{key}': "
                          r"expected uint16\[33\]", result.output, re.DOTALL), result.output[-4000:]
-        assert result.seconds_after_error < 20, f"the job took {result.seconds_after_error:.0f}s to end"
+        # Without the fail-fast path the launcher waits 30 s for the healthy rank (or a collective times out).
+        assert result.seconds_after_error < 28, f"the job took {result.seconds_after_error:.0f}s to end"

@@ -104,7 +104,7 @@ def test_kill_during_save_then_disk_full(reference_fp32, run_config, tmp_path, l
             assert not any(p.name.startswith(".partial-") for p in root.iterdir())  # cleaned: space back
             for step in (2, 4):
                 verify_checkpoint(root / f"step_{step:08d}")
-            assert second.seconds_after_error is not None and second.seconds_after_error < 20
+            assert second.seconds_after_error is not None and second.seconds_after_error < 28  # < launcher grace
             lost = _loss_mismatches(tb_scalars(tmp_path / "tb-2")["train/loss"], reference_fp32["loss"], range(3, 7))
             sc["data_lost"] = len(lost)
             assert not lost, lost

@@ -58,11 +58,20 @@ def consolidate(source, out_dir, *, tag: Optional[str] = None, dtype: Optional[s
         reference = src.logits(tokens)
         result = verify.consolidated_logits(load_consolidated(out_dir), tokens)  # what is on disk
         checks.append(verify.compare(f"{src.short} vs consolidated", reference, result, c.model.vocab_size,
-                                     _tol(tolerance, src.weight_dtype, c.dtype, reference=reference), log=log))
+                                     _tol(tolerance, src.weight_dtype, c.dtype, reference=reference), log=log,
+                                     raise_on_failure=False))
         meta = json.loads((out_dir / META).read_text())
         meta["verification"] = [ch.record() for ch in checks]
-        (out_dir / META).write_text(json.dumps(meta, indent=1) + "\n")
+        (out_dir / META).write_text(json.dumps(meta, indent=1) + "\n")  # a failed check marks the result unusable
+        _raise_if_failed(checks, f"{out_dir} is marked as failed in {META}")
     return checks
+
+
+def _raise_if_failed(checks: list, consequence: str) -> None:
+    failed = [ch for ch in checks if not ch.ok]
+    if failed:
+        raise VerificationError(f"{failed[0].line()}: the conversion does not compute what its source computes; "
+                                f"{consequence}")
 
 
 def reshard(source, out_root, *, tensor_parallel: int, pipeline_parallel: int = 1, data_parallel: int = 1,
@@ -112,22 +121,31 @@ def reshard(source, out_root, *, tensor_parallel: int, pipeline_parallel: int = 
     log(f"wrote {path} (resume: largelm-launch --config {path}/config.yaml --nproc {world})")
     log(f"reloaded through CheckpointManager.load: max |fp32 master - converted weight| {diffs['weight_diff']:.3e}, "
         f"max |module weight - fp32 master| {diffs['module_diff']:.3e} ({cfg.train.precision} module)")
-    if diffs["weight_diff"] != 0.0:
-        raise VerificationError(f"the written checkpoint's fp32 master weights differ from the converted weights by "
-                                f"up to {diffs['weight_diff']:.3e}")
     checks = []
     if verify_logits:
         what = (f"{src.short} vs checkpoint (TP={tensor_parallel} PP={pipeline_parallel} DP={data_parallel} "
                 f"ZeRO-{cfg.parallel.zero_stage})")
         checks.append(verify.compare(what, reference, logits, c.model.vocab_size,
-                                     _tol(tolerance, src.weight_dtype, c.dtype, reference=reference), log=log))
+                                     _tol(tolerance, src.weight_dtype, c.dtype, reference=reference), log=log,
+                                     raise_on_failure=False))
+    weights_ok = diffs["weight_diff"] == 0.0
+    ok = weights_ok and all(ch.ok for ch in checks)
     write_conversion_record(out_root, {"source": str(src.path), "checkpoint": str(path), "step": c.step,
                                        "layout": {"tensor_parallel": tensor_parallel,
                                                   "pipeline_parallel": pipeline_parallel,
                                                   "data_parallel": data_parallel,
                                                   "zero_stage": cfg.parallel.zero_stage},
                                        "optimizer_state": meta["optimizer_state"], "data_state_kept": states is not None,
-                                       "weights": diffs, "verification": [ch.record() for ch in checks]})
+                                       "weights": diffs, "verification": [ch.record() for ch in checks], "ok": ok})
+    if not ok:  # leave nothing the trainer could resume from (the source is untouched; conversion.json explains)
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+        (out_root / "latest").unlink(missing_ok=True)
+        if not weights_ok:
+            raise VerificationError(f"the written checkpoint's fp32 master weights differ from the converted weights "
+                                    f"by up to {diffs['weight_diff']:.3e}; {path} was removed")
+        _raise_if_failed(checks, f"{path} was removed")
     return checks
 
 
@@ -152,9 +170,12 @@ def export_hf(source, out_dir, *, dtype: Optional[str] = None, tokenizer: Option
         result = hf.hf_logits(out_dir, tokens)
         checks.append(verify.compare(f"{src.short} vs transformers {hf.mapping_for(c.model).ARCHITECTURE}",
                                      reference, result, c.model.vocab_size,
-                                     _tol(tolerance, src.weight_dtype, out_dtype, reference=reference), log=log))
+                                     _tol(tolerance, src.weight_dtype, out_dtype, reference=reference), log=log,
+                                     raise_on_failure=False))
         (out_dir / "largelm_conversion.json").write_text(json.dumps(
-            {"source": str(src.path), "step": c.step, "verification": [ch.record() for ch in checks]}, indent=1) + "\n")
+            {"source": str(src.path), "step": c.step, "verification": [ch.record() for ch in checks],
+             "ok": all(ch.ok for ch in checks)}, indent=1) + "\n")
+        _raise_if_failed(checks, f"see {out_dir}/largelm_conversion.json")
     return checks
 
 

@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet() -> None:
-    """Keep the output to our report lines: no CPU-accelerator notice, no library warnings."""
+def _quiet(hf: bool = True) -> None:
+    """Keep the output to our report lines: no CPU-accelerator notice, no library warnings. ``hf``: the command
+    will use transformers."""
     import warnings
 
     import torch
@@ -112,8 +113,10 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import logging
 
-    for name in ("DeepSpeed", "deepspeed", "transformers", "torch.distributed", "torch.utils._pytree"):
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "torch.utils._pytree", "torchao"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not hf:
+        return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         from transformers.utils import logging as hf_logging
@@ -122,11 +125,15 @@ def _quiet() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is not None:  # transformers imports it later; it warns about CUDA-only
+        importlib.import_module("torchao")  # kernels at import time, so import it now, while its logger is quiet
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet()
+    _quiet(hf=args.command in ("export-hf", "import-hf") or (Path(args.source) / "config.json").is_file())
     if getattr(args, "verbose", False):
         os.environ["LARGELM_CONVERT_VERBOSE"] = "1"
     from largelm.checkpoint.convert import api

@@ -206,6 +206,10 @@ def load_consolidated(path: Path) -> Consolidated:
                               f"expected {FORMAT!r} v{FORMAT_VERSION}")
     if not weights.is_file():
         raise ConversionError(f"consolidated model {path} is incomplete: {WEIGHTS} is missing")
+    failed = [v for v in meta.get("verification") or [] if not v.get("ok", True)]
+    if failed:
+        raise ConversionError(f"consolidated model {path} failed its verification ({failed[0].get('what')}: max |logit "
+                              f"diff| {failed[0].get('max_abs_diff')}); it must not be used")
     try:
         model = ModelConfig.model_validate(meta["model"])
         config = config_from_dict(meta["config"], source=str(meta_path)) if meta.get("config") else None
