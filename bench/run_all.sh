@@ -14,12 +14,7 @@ BIN="$VENV/bin"
 "$PY" -c "import matplotlib, transformers" 2>/dev/null || {
   echo "error: the benchmarks need the dev extras (matplotlib, transformers): $BIN/pip install -e '.[dev]'" >&2; exit 2; }
 export DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-DATA=data/default
-[ -f $DATA/corpus/corpus.jsonl ] || "$BIN/largelm-build-corpus" --out $DATA/corpus
-[ -f $DATA/tokenizer/spm.model ] || "$BIN/largelm-train-tokenizer" --input $DATA/corpus/corpus.jsonl \
-    --out $DATA/tokenizer --vocab-size 4096
-[ -f $DATA/shards/train/manifest.json ] || "$BIN/largelm-prepare-data" --input $DATA/corpus/corpus.jsonl \
-    --tokenizer $DATA/tokenizer/spm.model --seq-length 128 --out $DATA/shards
+bash scripts/default_data.sh
 LOGS=bench/results/logs  # full output of each script (not committed)
 mkdir -p $LOGS
 [ -f $LOGS/.gitignore ] || echo "*" > $LOGS/.gitignore

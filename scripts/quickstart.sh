@@ -7,10 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 BIN=${LARGELM_VENV:-.venv}/bin
-DATA=data/default
-[ -f $DATA/corpus/corpus.jsonl ] || "$BIN/largelm-build-corpus" --out $DATA/corpus
-[ -f $DATA/tokenizer/spm.model ] || "$BIN/largelm-train-tokenizer" --input $DATA/corpus/corpus.jsonl \
-    --out $DATA/tokenizer --vocab-size 4096
-[ -f $DATA/shards/train/manifest.json ] || "$BIN/largelm-prepare-data" --input $DATA/corpus/corpus.jsonl \
-    --tokenizer $DATA/tokenizer/spm.model --seq-length 128 --out $DATA/shards
+bash scripts/default_data.sh
 exec "$BIN/largelm-launch" --config configs/gpt-tiny.yaml --nproc 2 -- "$@"
