@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from largelm.checkpoint.convert.errors import UnsupportedArchitecture
+from largelm.checkpoint.convert.hf_common import finish_import
 from largelm.checkpoint.convert.qkv import fuse_qkv, split_qkv
 
 ARCHITECTURE = "GPT2LMHeadModel"
@@ -128,16 +129,4 @@ def from_hf(model, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[g + "mlp.linear_fc2.bias"] = take(p + "mlp.c_proj.bias")
     out["decoder.final_layernorm.weight"] = take("ln_f.weight")
     out["decoder.final_layernorm.bias"] = take("ln_f.bias")
-    if "lm_head.weight" in sd:
-        head = take("lm_head.weight")
-        if model.tie_embeddings:
-            if not torch.equal(head, out["embedding.word_embeddings.weight"]):
-                raise UnsupportedArchitecture("tie_word_embeddings is true but lm_head.weight differs from wte.weight")
-        else:
-            out["output_layer.weight"] = head
-    elif not model.tie_embeddings:
-        raise UnsupportedArchitecture("tie_word_embeddings is false but the weights have no lm_head.weight")
-    unused = sorted(set(sd) - used)
-    if unused:
-        raise UnsupportedArchitecture(f"Hugging Face GPT-2 tensors largelm has no place for: {unused[:6]}")
-    return {k: v.contiguous() for k, v in out.items()}
+    return finish_import(out, sd, used, take, model.tie_embeddings, "wte.weight", "GPT-2")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from largelm.checkpoint.convert.errors import UnsupportedArchitecture
+from largelm.checkpoint.convert.hf_common import finish_import
 from largelm.checkpoint.convert.qkv import fuse_qkv, split_qkv
 
 ARCHITECTURE = "LlamaForCausalLM"
@@ -112,16 +113,4 @@ def from_hf(model, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[p + "mlp.linear_fc1.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")])
         out[p + "mlp.linear_fc2.weight"] = take(h + "mlp.down_proj.weight")
     out["decoder.final_layernorm.weight"] = take("model.norm.weight")
-    if "lm_head.weight" in sd:
-        head = take("lm_head.weight")
-        if model.tie_embeddings:
-            if not torch.equal(head, out["embedding.word_embeddings.weight"]):
-                raise UnsupportedArchitecture("tie_word_embeddings is true but lm_head.weight differs from embed_tokens")
-        else:
-            out["output_layer.weight"] = head
-    elif not model.tie_embeddings:
-        raise UnsupportedArchitecture("tie_word_embeddings is false but the weights have no lm_head.weight")
-    unused = sorted(set(sd) - used)
-    if unused:
-        raise UnsupportedArchitecture(f"Hugging Face Llama tensors largelm has no place for: {unused[:6]}")
-    return {k: v.contiguous() for k, v in out.items()}
+    return finish_import(out, sd, used, take, model.tie_embeddings, "embed_tokens", "Llama")
