@@ -135,6 +135,9 @@ Loader:
     colors = ["tab:blue"] * len(WORKERS) + ["tab:orange"] * len(train_tps)
     ax.bar(range(len(st)), [s["median"] for s in st], color=colors,
            yerr=[[s["median"] - s["q1"] for s in st], [s["q3"] - s["median"] for s in st]], capsize=3)
+    need = TARGET * data["training_tokens_per_s"][worst_consumer]["median"]
+    ax.axhline(need, ls="--", color="gray", lw=1, label=f"target: {TARGET:.0f} x {worst_consumer} training")
+    ax.legend(fontsize=7)
     ax.set_xticks(range(len(st)), labels, fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("tokens/s (median, IQR)")

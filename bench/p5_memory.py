@@ -215,10 +215,11 @@ Largest tensors (>= 1% of the stage's total) behind these numbers:
     for xi, s in zip(x, stages):
         ax.annotate(f"{s['ratio']:.2f}x", (xi, bottom[xi]), xytext=(0, 3), textcoords="offset points",
                     ha="center", fontsize=8)
+    ax.set_ylim(top=max(bottom + [s["ideal"]["total"] / MiB for s in stages]) * 1.15)
     ax.set_xticks(list(x), [f"ZeRO-{s['stage']}" for s in stages])
     ax.set_ylabel("MiB per rank")
     ax.set_title(f"P5: per-rank training state, DP={args.dp}, {args.model} {args.precision}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
     fig.tight_layout()
     fig.savefig(RESULTS / "p5_memory.png", dpi=120)
     return 0

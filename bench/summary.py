@@ -88,6 +88,9 @@ or run, interleaved repetitions: median [IQR] (min-max). Each linked page has th
 the run record; the JSON files next to it have every repetition.
 
 {md_table(["benchmark", "figure", "measured", "target", "verdict", "details"], rows)}
+
+Where a target is missed, the profile-based reasons and the changes already made to largelm for these
+benchmarks are in [bench/README.md, "Findings"](../README.md#findings-behind-the-figures-profiling-and-what-was-changed-in-largelm).
 {"" if not missing else chr(10) + "Not run: " + ", ".join(missing) + chr(10)}
 {plots}
 
