@@ -104,6 +104,7 @@ Target: largelm / HF >= {TARGET}.
     ax.set_xticks(range(len(results)), [f"{r['model']}\n{r['precision']}" for r in results])
     ax.set_ylabel("tokens/s (median, IQR)")
     ax.set_yscale("log")
+    ax.margins(y=0.12)
     ax.set_title(f"P2: largelm vs HF GPT2LMHeadModel (label: speed-up; target x{TARGET})")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run every benchmark and write bench/results/summary.md (+ one .md/.json/.png per benchmark).
 # Needs the install (bash scripts/install.sh); builds the default data set first if missing, as the quickstart does.
-# About 15 minutes on a 2-core CPU. Run it on an otherwise idle machine: absolute timings (not the side-by-side
-# ratios) move with load, and every result file records the load average.
+# About 6 minutes on an idle 2-core CPU (12 with other jobs on the cores). Run it on an otherwise idle machine:
+# absolute timings (not the side-by-side ratios) move with load, and every result file records the load average.
 #   LARGELM_VENV   venv to use (default .venv)
 #   BENCH_ARGS     extra arguments for every benchmark script, e.g. BENCH_ARGS=--quick for a smoke run
 set -euo pipefail

@@ -1,0 +1,120 @@
+"""The library pieces the benchmarks (bench/) added or rely on: fused AdamW under DeepSpeed, the ZeRO bucket size,
+the CPU rank environment, DeepSpeed's shared-memory names, and the per-rank training-state census.
+Functional checks only: timings are measured in bench/, never asserted here."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from largelm.config import config_from_dict, load_config
+from largelm.launch import CPU_MALLOC_ENV, cpu_environment
+from largelm.parallel.deepspeed_config import DEEPSPEED_DEFAULT_BUCKET, deepspeed_config, reduce_bucket_elements
+from largelm.train.optim import use_fused_adamw
+from mp_utils import single_rank_parallel_state
+
+
+def _cfg(**sections) -> "object":
+    raw = {
+        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 200},
+        "tokenizer": {"model": "unused.model"},
+        "data": {"train": [{"path": "unused"}]},
+        "train": {"steps": 4, "micro_batch_size": 2, "grad_accum_steps": 2, "precision": "fp32"},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return config_from_dict(raw)
+
+
+def test_reduce_bucket_is_a_sixteenth_of_the_parameters_within_bounds():
+    tiny = load_config("configs/gpt-tiny.yaml")
+    assert reduce_bucket_elements(tiny) == 2**22  # floor: small models keep one reduction per pass
+    big = load_config("configs/gpt-1.3b.yaml")
+    assert 2**22 < reduce_bucket_elements(big) < DEEPSPEED_DEFAULT_BUCKET
+    huge = _cfg(model={"num_layers": 200, "hidden_size": 16384, "num_attention_heads": 128})
+    assert reduce_bucket_elements(huge) == DEEPSPEED_DEFAULT_BUCKET
+    for stage in (1, 2, 3):
+        ds = deepspeed_config(load_config("configs/gpt-tiny.yaml", [f"parallel.zero_stage={stage}"]), world_size=2)
+        assert ds["zero_optimization"]["reduce_bucket_size"] == 2**22
+    assert "reduce_bucket_size" not in deepspeed_config(load_config(
+        "configs/gpt-tiny.yaml", ["parallel.zero_stage=0"]), world_size=2)["zero_optimization"]
+
+
+def test_cpu_environment_keeps_freed_memory_for_reuse_unless_set():
+    env = cpu_environment({}, nproc=2)
+    for key, value in CPU_MALLOC_ENV.items():
+        assert env[key] == value
+    assert cpu_environment({"MALLOC_MMAP_MAX_": "7"}, 2)["MALLOC_MMAP_MAX_"] == "7"
+
+
+def test_use_fused_adamw_switches_the_torch_optimizer_inside_a_wrapper():
+    p = torch.nn.Parameter(torch.randn(10))
+    adamw = torch.optim.AdamW([p], lr=1e-3)
+
+    class Wrapper:  # what DeepSpeed's ZeRO/bf16 optimizers look like from outside
+        optimizer = adamw
+
+    assert use_fused_adamw(Wrapper())
+    assert adamw.param_groups[0]["fused"] is True and adamw.defaults["fused"] is True
+    p.grad = torch.ones(10)
+    reference = torch.nn.Parameter(p.detach().clone())
+    ref_opt = torch.optim.AdamW([reference], lr=1e-3)
+    reference.grad = torch.ones(10)
+    adamw.step()
+    ref_opt.step()
+    torch.testing.assert_close(p.detach(), reference.detach())
+    assert not use_fused_adamw(torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=0.1))
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    with single_rank_parallel_state():
+        yield
+
+
+def test_unlink_deepspeed_shm_removes_this_ranks_segment_name(one_rank, monkeypatch):
+    from largelm.parallel.groups import unlink_deepspeed_shm
+
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    monkeypatch.setenv("LOCAL_SIZE", str(dist.get_world_size()))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "65001")
+    name = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_65001_{dist.get_rank()}")
+    name.write_bytes(b"x")
+    try:
+        unlink_deepspeed_shm()
+        assert not name.exists()
+        unlink_deepspeed_shm()  # nothing left to remove: still fine
+    finally:
+        name.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "bf16"), (3, "bf16")])
+def test_training_state_bytes_reads_the_engine(one_rank, stage, precision, monkeypatch):
+    from largelm.parallel.cpu_compat import model_parallel_manual_seed
+    from largelm.train.engine import DenseStep
+    from largelm.train.state_bytes import training_state_bytes
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # deepspeed.initialize insists (the launcher sets it)
+    cfg = _cfg(parallel={"zero_stage": stage}, train={"precision": precision})
+    model_parallel_manual_seed(1)
+    step = DenseStep(cfg, world_size=1)
+    tokens = torch.randint(0, 200, (2, 17))
+    step.train_step(iter([{"tokens": tokens}] * 2))
+    inner = step.engine.optimizer
+    while not isinstance(inner, torch.optim.Optimizer):
+        inner = inner.optimizer
+    assert all(g["fused"] for g in inner.param_groups)
+    out = training_state_bytes(step.engine, detail=True)
+    psi = sum(getattr(p, "ds_numel", p.numel()) for p in step.engine.module.parameters())
+    weight = 2 if precision == "bf16" else 4
+    assert out["params"] >= psi * weight  # flat buffers may add alignment padding
+    assert out["params"] < psi * weight * 1.1
+    # Adam's two fp32 moments (+ the fp32 master copy in bf16), one rank holds all of it
+    expected = psi * (8 + (4 if precision == "bf16" else 0))
+    assert expected <= out["optimizer"] < expected * 1.1
+    assert out["total"] == sum(out[c] for c in ("params", "grads", "optimizer", "other"))
+    assert set(out["detail"]) <= {"params", "grads", "optimizer", "other"}
