@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from common import Cycle, device
+from common import Cycle, bench_config, config_summary, device, interleaved, real_batches, seed_all, stats
 
 
 def megatron_state_dict(module: torch.nn.Module) -> dict:
@@ -93,6 +93,33 @@ class LargelmStep:
 
     def __call__(self) -> torch.Tensor:
         return self.step.train_step(self.batches)
+
+
+def largelm_case(model: str, precision: str, mb: int, ga: int, zero_stage: int = 2) -> tuple:
+    """``(cfg, batches, LargelmStep)`` for one benchmark case: the config, 8 real micro-batches (every arm cycles
+    over this same list) and largelm's step built after seeding, so its initial weights are the run's."""
+    cfg = bench_config(model, precision=precision, zero_stage=zero_stage, micro_batch_size=mb, grad_accum_steps=ga)
+    batches = real_batches(cfg, 8)
+    seed_all(cfg.train.seed)
+    return cfg, batches, LargelmStep(cfg, Cycle(batches))
+
+
+def compare_arms(cfg, steppers: list, *, model: str, reps: int, steps: int, label: str, **extra) -> tuple[dict, dict]:
+    """Step 1 of every arm (same weights and batch: the same loss), then ``reps`` interleaved repetitions of
+    ``steps`` optimizer steps. Returns the case's shared result fields (``extra`` after the run's shape) and the
+    raw per-repetition step times by arm name."""
+    first = {a.name: float(a()) for a in steppers}
+    times = interleaved({a.name: a for a in steppers}, reps=reps, steps_per_rep=steps, warmup=1, label=label)
+    summary = config_summary(cfg)
+    tokens_per_step = summary["tokens_per_step_per_rank"]
+    out = {
+        "model": model, "precision": cfg.train.precision, "config": summary,
+        "reps": reps, "steps_per_rep": steps, **extra,
+        "first_step_loss": first,
+        "step_time_s": {k: stats(v) for k, v in times.items()},
+        "tokens_per_s": {k: stats([tokens_per_step / t for t in v]) for k, v in times.items()},
+    }
+    return out, times
 
 
 class MegatronPlainStep(PlainLoop):

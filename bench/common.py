@@ -117,6 +117,20 @@ def cases_from_args(args) -> list[dict]:
     return out
 
 
+def run_cases(args, run_case: Callable[..., dict]) -> tuple[dict, list[dict]]:
+    """The 1-process case benchmarks' run: one rank, ``run_case(model, precision, mb, ga, reps, steps)`` for every
+    case of ``cases_from_args(args)``, the cases named in ``meta["configs"]``. Returns ``(meta, results)``, meta
+    finished (``finish_metadata``)."""
+    init_single_rank(args.threads)
+    meta = run_metadata()
+    results = [run_case(c["model"], c["precision"], c["mb"], c["ga"], c["reps"], c["steps"])
+               for c in cases_from_args(args)]
+    meta["configs"] = [f"{r['model']} {r['precision']} ZeRO-{r['config']['zero_stage']} "
+                       f"mb{r['config']['micro_batch_size']}x{r['config']['grad_accum_steps']}" for r in results]
+    finish_metadata(meta)
+    return meta, results
+
+
 def config_summary(cfg) -> dict:
     from largelm.model.flops import flops_per_token, matmul_parameter_count
 
@@ -394,13 +408,39 @@ class Cycle:
 # --- results -------------------------------------------------------------------------------------------------
 
 
-def write_result(name: str, data: dict, markdown: str) -> Path:
-    """``results/<name>.json`` and ``results/<name>.md``. Build ``markdown`` after ``finish_metadata(meta)``."""
+def write_result(name: str, data: dict, markdown: str, *, plot: Optional[str] = None, meta: Optional[dict] = None,
+                 run_notes: str = "") -> Path:
+    """``results/<name>.json`` and ``results/<name>.md``. Build ``markdown`` after ``finish_metadata(meta)``.
+
+    The page ends as every benchmark's does: with ``plot`` (its label), the image ``<name>.png`` (``save_plot``);
+    with ``meta``, a "## Run" section (``meta_markdown``, then the lines of ``run_notes``)."""
+    parts = [markdown.rstrip()]
+    if plot is not None:
+        parts.append(f"![{plot}]({name}.png)")
+    if meta is not None:
+        parts.append("\n".join(["## Run", meta_markdown(meta), *([run_notes.strip()] if run_notes.strip() else [])]))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
     path = RESULTS / f"{name}.md"
-    path.write_text(markdown.rstrip() + "\n")
+    path.write_text("\n\n".join(parts) + "\n")
     print(f"wrote {path}", flush=True)
+    return path
+
+
+def save_plot(fig, name: str, ax=None, *, ylabel: Optional[str] = None, title: Optional[str] = None,
+              legend: Optional[dict] = None) -> Path:
+    """Finish a result plot and write ``results/<name>.png``: with ``ax``, its y label, title and legend
+    (``legend``: keyword arguments, font size 8 unless given); then the layout."""
+    if ax is not None:
+        if ylabel is not None:
+            ax.set_ylabel(ylabel)
+        if title is not None:
+            ax.set_title(title)
+        ax.legend(**{"fontsize": 8, **(legend or {})})
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=120)
     return path
 
 

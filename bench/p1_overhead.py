@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 import gc
 
-from common import (add_case_args, cases_from_args, SMALL, TINY, Cycle, bench_config, config_summary, finish_metadata, fmt_spread, init_single_rank, interleaved,
-                    md_table, meta_markdown, plt, ratio_stats, real_batches, run_metadata, seed_all, stats, verdict,
-                    write_result, RESULTS)
+from common import (SMALL, TINY, Cycle, add_case_args, fmt_spread, md_table, plt, ratio_stats, run_cases,
+                    save_plot, verdict, write_result)
 
 TARGET = 1.05
 NAME = "p1_overhead"
@@ -28,28 +27,16 @@ NAME = "p1_overhead"
 def run_case(model: str, precision: str, mb: int, ga: int, reps: int, steps: int, zero_stage: int = 2) -> dict:
     import arms
 
-    cfg = bench_config(model, precision=precision, zero_stage=zero_stage, micro_batch_size=mb, grad_accum_steps=ga)
-    tokens = real_batches(cfg, 8)
-    seed_all(cfg.train.seed)
-    largelm = arms.LargelmStep(cfg, Cycle(tokens))
+    cfg, tokens, largelm = arms.largelm_case(model, precision, mb, ga, zero_stage)
     sd = largelm.initial_state_dict()
     plain = arms.ReferenceStep(cfg, Cycle(tokens), sd)
     # The diagnostic arm needs fp32: megatron's linear layers are custom autograd functions whose CPU backward
     # does not follow torch.autocast (custom_fwd is declared for device_type="cuda"), so bf16 autocast fails.
     mega = arms.MegatronPlainStep(cfg, Cycle(tokens), sd) if precision == "fp32" else None
     steppers = [a for a in (largelm, plain, mega) if a is not None]
-    first = {a.name: float(a()) for a in steppers}  # step 1, same weights and batch: same loss
-    label = f"P1 {model} {precision}"
-    times = interleaved({a.name: a for a in steppers}, reps=reps, steps_per_rep=steps, warmup=1, label=label)
-    tokens_per_step = mb * ga * cfg.model.seq_length
-    out = {
-        "model": model, "precision": precision, "config": config_summary(cfg), "reps": reps, "steps_per_rep": steps,
-        "optimizer_class": type(largelm.engine.optimizer).__name__,
-        "first_step_loss": first,
-        "step_time_s": {k: stats(v) for k, v in times.items()},
-        "tokens_per_s": {k: stats([tokens_per_step / t for t in v]) for k, v in times.items()},
-        "ratio_largelm_vs_plain": ratio_stats(times["largelm"], times["plain PyTorch"]),
-    }
+    out, times = arms.compare_arms(cfg, steppers, model=model, reps=reps, steps=steps, label=f"P1 {model} {precision}",
+                                   optimizer_class=type(largelm.engine.optimizer).__name__)
+    out["ratio_largelm_vs_plain"] = ratio_stats(times["largelm"], times["plain PyTorch"])
     if mega is not None:
         out["ratio_largelm_vs_megatron_plain"] = ratio_stats(times["largelm"], times["megatron+AdamW"])
         out["ratio_megatron_plain_vs_plain"] = ratio_stats(times["megatron+AdamW"], times["plain PyTorch"])
@@ -61,14 +48,7 @@ def run_case(model: str, precision: str, mb: int, ga: int, reps: int, steps: int
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case_args(p, models=f"{TINY},{SMALL}")
-    args = p.parse_args(argv)
-    init_single_rank(args.threads)
-    meta = run_metadata()
-    results = [run_case(c["model"], c["precision"], c["mb"], c["ga"], c["reps"], c["steps"])
-               for c in cases_from_args(args)]
-    meta["configs"] = [f"{r['model']} {r['precision']} ZeRO-{r['config']['zero_stage']} "
-                       f"mb{r['config']['micro_batch_size']}x{r['config']['grad_accum_steps']}" for r in results]
-    finish_metadata(meta)
+    meta, results = run_cases(p.parse_args(argv), run_case)
     headline = results[0]["ratio_largelm_vs_plain"]["median"]
     data = {"meta": meta, "target": TARGET, "target_text": "largelm / plain PyTorch step time <= 1.05",
             "headline": {"value": headline, "case": f"{results[0]['model']} {results[0]['precision']}"},
@@ -101,13 +81,8 @@ Target: largelm / plain <= {TARGET}.
 First-step losses (same weights and batch, so equal up to rounding):
 
 {md_table(["case", "DeepSpeed optimizer", "step-1 loss per arm"], loss_rows)}
-
-![P1](p1_overhead.png)
-
-## Run
-{meta_markdown(meta)}
 """
-    write_result(NAME, data, md)
+    write_result(NAME, data, md, plot="P1", meta=meta)
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(7, 3.6))
     labels = [f"{r['model']}\n{r['precision']}" for r in results]
@@ -124,13 +99,10 @@ First-step losses (same weights and batch, so equal up to rounding):
         ax.annotate(f"x{r['ratio_largelm_vs_plain']['median']:.2f}", (x, top), xytext=(0, 4),
                     textcoords="offset points", ha="center", fontsize=8)
     ax.set_xticks(range(len(results)), labels)
-    ax.set_ylabel("ms per optimizer step (median, IQR)")
     ax.set_yscale("log")
-    ax.set_title(f"P1: step time, largelm vs bare PyTorch (label: largelm/plain, target x{TARGET})")
     ax.margins(y=0.15)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "p1_overhead.png", dpi=120)
+    save_plot(fig, NAME, ax, ylabel="ms per optimizer step (median, IQR)",
+              title=f"P1: step time, largelm vs bare PyTorch (label: largelm/plain, target x{TARGET})")
     return 0
 
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import gc
 
-from common import (add_case_args, cases_from_args, RESULTS, SMALL, TINY, Cycle, bench_config, config_summary, finish_metadata, fmt_spread,
-                    init_single_rank, interleaved, md_table, meta_markdown, plt, ratio_stats, real_batches,
-                    run_metadata, seed_all, stats, verdict, write_result)
+from common import (SMALL, TINY, Cycle, add_case_args, fmt_spread, md_table, plt, ratio_stats, run_cases,
+                    save_plot, verdict, write_result)
 
 TARGET = 1.3
 NAME = "p2_vs_hf"
@@ -26,24 +25,12 @@ NAME = "p2_vs_hf"
 def run_case(model: str, precision: str, mb: int, ga: int, reps: int, steps: int, zero_stage: int = 2) -> dict:
     import arms
 
-    cfg = bench_config(model, precision=precision, zero_stage=zero_stage, micro_batch_size=mb, grad_accum_steps=ga)
-    tokens = real_batches(cfg, 8)
-    seed_all(cfg.train.seed)
-    largelm = arms.LargelmStep(cfg, Cycle(tokens))
+    cfg, tokens, largelm = arms.largelm_case(model, precision, mb, ga, zero_stage)
     hf = arms.HFStep(cfg, Cycle(tokens), largelm.initial_state_dict())
-    first = {a.name: float(a()) for a in (largelm, hf)}
-    times = interleaved({a.name: a for a in (largelm, hf)}, reps=reps, steps_per_rep=steps, warmup=1,
-                        label=f"P2 {model} {precision}")
-    tokens_per_step = mb * ga * cfg.model.seq_length
-    tps = {k: [tokens_per_step / t for t in v] for k, v in times.items()}
-    out = {
-        "model": model, "precision": precision, "config": config_summary(cfg), "reps": reps, "steps_per_rep": steps,
-        "hf_attn_implementation": hf.attn_implementation,
-        "first_step_loss": first,
-        "step_time_s": {k: stats(v) for k, v in times.items()},
-        "tokens_per_s": {k: stats(v) for k, v in tps.items()},
-        "speedup_largelm_vs_hf": ratio_stats(tps["largelm"], tps["HF transformers"]),
-    }
+    out, _ = arms.compare_arms(cfg, [largelm, hf], model=model, reps=reps, steps=steps, label=f"P2 {model} {precision}",
+                               hf_attn_implementation=hf.attn_implementation)
+    tps = out["tokens_per_s"]  # stats keep each repetition's value, in order: the ratio pairs repetitions
+    out["speedup_largelm_vs_hf"] = ratio_stats(tps["largelm"]["values"], tps["HF transformers"]["values"])
     del largelm, hf
     gc.collect()
     return out
@@ -52,14 +39,7 @@ def run_case(model: str, precision: str, mb: int, ga: int, reps: int, steps: int
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case_args(p, models=f"{TINY},{SMALL}")
-    args = p.parse_args(argv)
-    init_single_rank(args.threads)
-    meta = run_metadata()
-    results = [run_case(c["model"], c["precision"], c["mb"], c["ga"], c["reps"], c["steps"])
-               for c in cases_from_args(args)]
-    meta["configs"] = [f"{r['model']} {r['precision']} ZeRO-{r['config']['zero_stage']} "
-                       f"mb{r['config']['micro_batch_size']}x{r['config']['grad_accum_steps']}" for r in results]
-    finish_metadata(meta)
+    meta, results = run_cases(p.parse_args(argv), run_case)
     worst = min(results, key=lambda r: r["speedup_largelm_vs_hf"]["median"])
     data = {"meta": meta, "target": TARGET, "target_text": "largelm tokens/s / HF tokens/s >= 1.3",
             "headline": {"value": worst["speedup_largelm_vs_hf"]["median"],
@@ -84,13 +64,8 @@ Target: largelm / HF >= {TARGET}.
 {md_table(["case", "tokens/step", "reps x steps", "largelm tokens/s", "HF tokens/s", "largelm / HF", "target"], rows)}
 
 {md_table(["case", "HF attention", "step-1 loss per arm (same weights and batch)"], loss_rows)}
-
-![P2](p2_vs_hf.png)
-
-## Run
-{meta_markdown(meta)}
 """
-    write_result(NAME, data, md)
+    write_result(NAME, data, md, plot="P2", meta=meta)
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(6.5, 3.6))
     width = 0.38
@@ -102,13 +77,10 @@ Target: largelm / HF >= {TARGET}.
         ax.annotate(f"x{r['speedup_largelm_vs_hf']['median']:.2f}", (x, r["tokens_per_s"]["largelm"]["median"]),
                     xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8)
     ax.set_xticks(range(len(results)), [f"{r['model']}\n{r['precision']}" for r in results])
-    ax.set_ylabel("tokens/s (median, IQR)")
     ax.set_yscale("log")
     ax.margins(y=0.12)
-    ax.set_title(f"P2: largelm vs HF GPT2LMHeadModel (label: speed-up; target x{TARGET})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "p2_vs_hf.png", dpi=120)
+    save_plot(fig, NAME, ax, ylabel="tokens/s (median, IQR)",
+              title=f"P2: largelm vs HF GPT2LMHeadModel (label: speed-up; target x{TARGET})")
     return 0
 
 

@@ -24,9 +24,8 @@ import argparse
 import gc
 import time
 
-from common import (MODEL_SHAPES, RESULTS, SMALL, Cycle, device, sync, bench_config, config_summary, finish_metadata, fmt_num, fmt_spread,
-                    init_single_rank, md_table, meta_markdown, plt, real_batches, run_metadata, seed_all, stats,
-                    verdict, write_result)
+from common import (MODEL_SHAPES, SMALL, config_summary, device, finish_metadata, fmt_num, fmt_spread, init_single_rank,
+                    md_table, plt, run_metadata, save_plot, stats, sync, verdict, write_result)
 
 TARGET = 0.40
 NAME = "p3_mfu"
@@ -59,10 +58,8 @@ def run_case(model: str, precision: str, mb: int, ga: int, reps: int, steps: int
     import arms
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    cfg = bench_config(model, precision=precision, zero_stage=2, micro_batch_size=mb, grad_accum_steps=ga)
+    cfg, _, step = arms.largelm_case(model, precision, mb, ga)
     summary = config_summary(cfg)
-    seed_all(cfg.train.seed)
-    step = arms.LargelmStep(cfg, Cycle(real_batches(cfg, 8)))
     step()  # warm-up
     tokens_per_step = summary["tokens_per_step_per_rank"]
     step_times, peaks = [], {n: [] for n in peak_sizes}
@@ -144,13 +141,8 @@ Median [IQR] (min-max). Target: MFU >= {TARGET:.0%}.
 
 {md_table(["precision", "tokens/s", "achieved GFLOP/s", "matmul peak GFLOP/s", "peak by size (median)",
            "MFU %", "target"], rows)}
-
-![P3](p3_mfu.png)
-
-## Run
-{meta_markdown(meta)}
 """
-    write_result(NAME, data, md)
+    write_result(NAME, data, md, plot="P3", meta=meta)
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(5.5, 3.6))
     x = range(len(results))
@@ -162,11 +154,7 @@ Median [IQR] (min-max). Target: MFU >= {TARGET:.0%}.
                     textcoords="offset points", ha="center", fontsize=8)
     ax.axhline(0, color="black", lw=0.5)
     ax.set_xticks(list(x), [r["precision"] for r in results])
-    ax.set_ylabel("GFLOP/s")
-    ax.set_title(f"P3: MFU, {args.model} (target {TARGET:.0%})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "p3_mfu.png", dpi=120)
+    save_plot(fig, NAME, ax, ylabel="GFLOP/s", title=f"P3: MFU, {args.model} (target {TARGET:.0%})")
     return 0
 
 

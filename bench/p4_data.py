@@ -21,9 +21,9 @@ import gc
 import os
 import time
 
-from common import (DEFAULT_BATCH, RESULTS, sync, REPO, SMALL, TINY, Cycle, bench_config, finish_metadata, fmt_spread, init_single_rank,
-                    md_table, meta_markdown, plt, ratio_stats, real_batches, run_metadata, seed_all, stats, verdict,
-                    write_result)
+from common import (DEFAULT_BATCH, sync, REPO, SMALL, TINY, Cycle, bench_config, finish_metadata, fmt_spread, init_single_rank,
+                    md_table, plt, ratio_stats, real_batches, run_metadata, seed_all, stats, verdict,
+                    save_plot, write_result)
 
 TARGET = 20.0
 NAME = "p4_data"
@@ -121,13 +121,8 @@ Loader:
 
 {md_table(["DataLoader workers", "loader tokens/s", *(f"x {k} training" for k in train_tps), f"target (vs {worst_consumer})"],
           rows)}
-
-![P4](p4_data.png)
-
-## Run
-{meta_markdown(meta)}
 """
-    write_result(NAME, data, md)
+    write_result(NAME, data, md, plot="P4", meta=meta)
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(6.5, 3.6))
     labels = [f"loader, {w} workers" for w in WORKERS] + [f"training\n{k}" for k in train_tps]
@@ -137,13 +132,10 @@ Loader:
            yerr=[[s["median"] - s["q1"] for s in st], [s["q3"] - s["median"] for s in st]], capsize=3)
     need = TARGET * data["training_tokens_per_s"][worst_consumer]["median"]
     ax.axhline(need, ls="--", color="gray", lw=1, label=f"target: {TARGET:.0f} x {worst_consumer} training")
-    ax.legend(fontsize=7)
     ax.set_xticks(range(len(st)), labels, fontsize=7)
     ax.set_yscale("log")
-    ax.set_ylabel("tokens/s (median, IQR)")
-    ax.set_title(f"P4: loader vs training consumption (target {TARGET:.0f}x)")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "p4_data.png", dpi=120)
+    save_plot(fig, NAME, ax, ylabel="tokens/s (median, IQR)",
+              title=f"P4: loader vs training consumption (target {TARGET:.0f}x)", legend=dict(fontsize=7))
     return 0
 
 

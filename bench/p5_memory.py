@@ -29,8 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (_cuda as cuda, BENCH, RESULTS, SMALL, bench_config, config_summary, finish_metadata, fmt_num, free_port,
-                    md_table, meta_markdown, plt, run_metadata, verdict, write_result)
+from common import (_cuda as cuda, BENCH, SMALL, bench_config, config_summary, finish_metadata, fmt_num, free_port,
+                    md_table, plt, run_metadata, save_plot, verdict, write_result)
 
 TARGET = 1.1
 NAME = "p5_memory"
@@ -194,14 +194,8 @@ two fp32 moments (8 B) per parameter. MiB, measured / ideal. Target: ZeRO-3 tota
 Largest tensors (>= 1% of the stage's total) behind these numbers:
 
 {md_table(["stage", "category", "engine attribute", "MiB"], detail)}
-
-![P5](p5_memory.png)
-
-## Run
-{meta_markdown(meta)}
-- model: `{json.dumps(per_rank[0][0]['config'])}`
 """
-    write_result(NAME, data, md)
+    write_result(NAME, data, md, plot="P5", meta=meta, run_notes=f"- model: `{json.dumps(per_rank[0][0]['config'])}`")
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(6.5, 3.8))
     x = range(len(stages))
@@ -217,11 +211,9 @@ Largest tensors (>= 1% of the stage's total) behind these numbers:
                     ha="center", fontsize=8)
     ax.set_ylim(top=max(bottom + [s["ideal"]["total"] / MiB for s in stages]) * 1.15)
     ax.set_xticks(list(x), [f"ZeRO-{s['stage']}" for s in stages])
-    ax.set_ylabel("MiB per rank")
-    ax.set_title(f"P5: per-rank training state, DP={args.dp}, {args.model} {args.precision}")
-    ax.legend(fontsize=7, loc="upper right", ncol=2)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "p5_memory.png", dpi=120)
+    save_plot(fig, NAME, ax, ylabel="MiB per rank",
+              title=f"P5: per-rank training state, DP={args.dp}, {args.model} {args.precision}",
+              legend=dict(fontsize=7, loc="upper right", ncol=2))
     return 0
 
 

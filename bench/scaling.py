@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from common import (REPO, RESULTS, SMALL, TINY, bench_config, config_summary, finish_metadata, fmt_spread,
-                    free_port, md_table, meta_markdown, plt, run_metadata, stats, write_result)
+from common import (REPO, SMALL, TINY, bench_config, config_summary, finish_metadata, fmt_spread,
+                    free_port, md_table, plt, run_metadata, save_plot, stats, write_result)
 
 NAME = "scaling"
 TPS = re.compile(r"^step (\d+)/\d+ .*?tokens/s ([\d,.]+)", re.MULTILINE)
@@ -115,13 +115,8 @@ Global tokens/s from the trainer's log lines (one value per log interval, first 
 (min-max) over {reps} alternating launches per DP.
 
 {md_table(["model", "DP", "ranks x threads (CPU)", "global tokens/s", f"/ DP={lo}"], rows)}
-
-![scaling](scaling.png)
-
-## Run
-{meta_markdown(meta)}
 """
-    write_result(NAME, data, md)
+    write_result(NAME, data, md, plot="scaling", meta=meta)
     pyplot = plt()
     fig, axes = pyplot.subplots(1, len(results), figsize=(3.2 * len(results), 3.4), squeeze=False)
     for ax, r in zip(axes[0], results):
@@ -132,8 +127,7 @@ Global tokens/s from the trainer's log lines (one value per log interval, first 
         ax.set_title(f"{r['model']}: x{r['dp2_over_dp1']:.2f}", fontsize=9)
         ax.set_ylabel("global tokens/s")
     fig.suptitle("Scaling on this machine (same cores)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "scaling.png", dpi=120)
+    save_plot(fig, NAME)
     return 0
 
 

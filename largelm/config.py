@@ -206,6 +206,10 @@ class BertConfig(_Section):
     whole_word_masking: bool = False
     objective: Literal["sop", "nsp"] = Field(default="sop", description="pair label the shards were written with")
     binary_head: bool = Field(default=True, description="train the SOP/NSP head (loss = MLM + pair loss)")
+    # false: megatron-core's pre-LN BERT layer (exports to MegatronBertForMaskedLM). true: the residual starts after
+    # each LayerNorm (Megatron-LM's --apply-residual-connection-post-layernorm) = original post-LN BERT, which
+    # exports to BertForMaskedLM. See largelm/model/bert_layers.py.
+    residual_post_layernorm: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "BertConfig":
@@ -268,11 +272,6 @@ class Config(_Section):
         if m.arch == "bert":
             if self.bert is None:
                 self.bert = BertConfig()
-            if p.pipeline_parallel > 1:
-                raise ValueError("parallel.pipeline_parallel > 1 is not supported for model.arch 'bert' yet")
-            if p.sequence_parallel:
-                raise ValueError("parallel.sequence_parallel is not supported for model.arch 'bert' (megatron's "
-                                 "BERT LM head norm cannot mark its weights for the TP grad all-reduce)")
         return self
 
     # --- derived quantities -------------------------------------------------------------------------

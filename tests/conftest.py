@@ -8,6 +8,8 @@
   64 samples per shard, 20% of documents in ``valid``; has ``train/`` and ``valid/`` with manifests.
 * ``make_token_shards(path, num_samples, ...)``: writes a synthetic split directory of exactly
   ``num_samples`` samples (no tokenizer needed) for tests that need exact counts.
+* ``tp1`` (module scope): a world of one gloo rank with megatron's parallel_state (TP=PP=1) for the module's
+  tests that build models in-process (``mp_utils.single_rank_parallel_state``).
 
 Session fixtures are shared: tests must not modify them (use the ``copy_split`` fixture first).
 """
@@ -106,3 +108,23 @@ def copy_split(tmp_path):
         return dst
 
     return copy
+
+
+@pytest.fixture(scope="module")
+def tp1():
+    """One-rank world plus megatron parallel_state (TP=PP=1), held for the requesting module; torn down after."""
+    from mp_utils import single_rank_parallel_state
+
+    with single_rank_parallel_state():
+        yield
+
+
+@pytest.fixture(scope="session")
+def bert_shards(small_corpus, tokenizer_path, tmp_path_factory):
+    """Sentence-pair (SOP) shards of seq_length 64 from the small corpus, for BERT training runs."""
+    from largelm.data.bert_prepare import prepare_bert_data
+
+    out = tmp_path_factory.mktemp("bert_e2e_shards")
+    prepare_bert_data([small_corpus], out, tokenizer_path, 64, objective="sop", samples_per_shard=64,
+                      valid_fraction=0.2)
+    return out

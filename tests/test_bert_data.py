@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -196,3 +198,49 @@ def test_loader_applies_masking_and_resumes_exactly(bert_dir, tok):
         got = next(it2)
         assert got["key"] == want["key"]
         assert (got["input_ids"] == want["input_ids"]).all() and (got["mlm_labels"] == want["mlm_labels"]).all()
+
+
+def test_resume_with_other_masking_settings_is_refused(bert_dir, tok, small_corpus, tokenizer_path, tmp_path):
+    def make(transform, datasets=(bert_dir / "train",)):
+        return build_loader(list(datasets), SEQ, batch_size=4, num_workers=1, shuffle_buffer=16, seed=9,
+                            sample_transform=transform, kind="bert_pairs")
+
+    loader = make(masker(tok))
+    _ = [b for _, b in zip(range(2), loader)]
+    state = json.loads(json.dumps(loader.state_dict()))  # as a checkpoint stores it
+    assert state["sample_transform"]["mask_prob"] == 0.15 and state["sample_transform"]["seed"] == 3
+    make(masker(tok)).load_state_dict(state)  # same settings: accepted
+    cases = [
+        (masker(tok, mask_prob=0.2), r"sample_transform\.mask_prob: state has 0\.15, loader has 0\.2"),
+        (masker(tok, mask_token_prob=0.7), r"sample_transform\.mask_token_prob: state has 0\.8, loader has 0\.7"),
+        (masker(tok, random_token_prob=0.2), r"sample_transform\.random_token_prob: state has 0\.1, loader has 0\.2"),
+        (masker(tok, whole_word_masking=True),
+         r"sample_transform\.whole_word_masking: state has False, loader has True"),
+        (BertMasker.from_tokenizer(tok, SEQ, seed=4), r"sample_transform\.seed: state has 3, loader has 4"),
+        (None, r"sample_transform: state has \{.*'transform': 'bert_masking'.*\}, loader has None"),
+    ]
+    for transform, message in cases:
+        with pytest.raises(DataError, match=message):
+            make(transform).load_state_dict(state)
+    # The pair objective is written into the shards (manifest pair_objective): NSP shards fail the fingerprint.
+    prepare_bert_data([small_corpus], tmp_path / "nsp", tokenizer_path, SEQ, objective="nsp", seed=5,
+                      samples_per_shard=64, valid_fraction=0.2)
+    with pytest.raises(DataError, match=r"datasets\[0\] .*contents differ"):
+        make(masker(tok), datasets=[tmp_path / "nsp" / "train"]).load_state_dict(state)
+    # A state from before the loader recorded the transform: resumed, with a warning that it cannot be checked.
+    old = {k: v for k, v in state.items() if k != "sample_transform"}
+    with pytest.warns(UserWarning, match="no sample_transform settings"):
+        make(masker(tok, mask_prob=0.2)).load_state_dict(old)
+
+
+def test_prepare_bert_cli(small_corpus, tokenizer_path, tmp_path, capsys):
+    from largelm.data.bert_prepare import main
+
+    argv = ["--input", str(small_corpus), "--tokenizer", str(tokenizer_path), "--out", str(tmp_path / "out"),
+            "--seq-length", str(SEQ), "--objective", "nsp", "--samples-per-shard", "64", "--seed", "5"]
+    assert main(argv) == 0
+    assert f"{tmp_path / 'out' / 'train'}: " in capsys.readouterr().out
+    assert read_manifest(tmp_path / "out" / "train").pair_objective == "nsp"
+    assert main(argv) == 1  # already there, no --overwrite
+    assert "error:" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0

@@ -137,6 +137,7 @@ def test_mismatched_resume_state_is_refused(split, make_token_shards, tmp_path):
     loader = build_loader([(split, 1.0)], 8, 4, num_workers=2, seed=1)
     _ = [b for _, b in zip(range(3), loader)]
     state = loader.state_dict()
+    assert "sample_transform" not in state  # no transform (GPT): the state is as it always was
     cases = [
         (dict(num_workers=1), r"num_workers: state has 2, loader has 1"),
         (dict(seed=2), r"seed: state has 1, loader has 2"),

@@ -19,7 +19,7 @@ from largelm.model import (
     split_tokens,
 )
 from largelm.parallel.cpu_compat import model_parallel_manual_seed
-from mp_utils import run_ranks, single_rank_parallel_state
+from mp_utils import randomize, run_ranks
 from reference_gpt import RefConfig, ReferenceGPT
 
 TOKENIZER_VOCAB = 200  # padded by make_vocab_size_divisible_by=128 to:
@@ -33,27 +33,11 @@ LOSS_ATOL = 1e-5
 GRAD_ATOL = 1e-6
 
 
-@pytest.fixture(scope="module")
-def tp1():
-    with single_rank_parallel_state():
-        yield
-
-
 def build(style, parallel=None, seed=1, **overrides):
     model_parallel_manual_seed(seed)
     return build_gpt_model(
         ModelConfig(**CONFIGS[style]), parallel or ParallelConfig(), vocab_size=TOKENIZER_VOCAB, **overrides
     )
-
-
-@torch.no_grad()
-def randomize(model, seed=0):
-    # megatron's 0.02-std init gives near-uniform logits, where a wrong weight mapping could hide
-    # inside the tolerance; large random weights make every tensor matter.
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
 
 
 def reference_for(style, state_dict):

@@ -24,7 +24,9 @@ batching.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
+
 import numpy as np
 
 from largelm.data.shards import seed_words
@@ -97,6 +99,24 @@ class BertMasker:
         return cls(seq_length=seq_length, vocab_size=vocab, cls_id=cls_id, sep_id=sep_id, mask_id=mask_id,
                    special_ids=sorted(special), word_start=word_start, seed=seed, pad_id=tokenizer.pad_id,
                    newline_ids=tuple(i for i, p in enumerate(pieces) if p == "\n"), **options)
+
+    def identity(self) -> dict:
+        """The settings that decide the masks, JSON-serialisable: the loader records them in its resume state and
+        refuses a resume whose masker differs (``largelm.data.loader.TokenLoader.load_state_dict``).
+
+        ``token_tables`` is a digest of the tokenizer-derived tables (special ids, word starts, word breaks), so a
+        masker built from another tokenizer differs too. The pair objective (SOP/NSP) is not a masking setting: it
+        is written into the shards, so it is covered by the datasets' fingerprints."""
+        tables = hashlib.sha256()
+        for table in (self.special, self.word_start, self.breaks_word):
+            tables.update(np.packbits(table).tobytes())
+        return {
+            "transform": "bert_masking", "seed": int(self.seed), "mask_prob": float(self.mask_prob),
+            "mask_token_prob": float(self.mask_token_prob), "random_token_prob": float(self.random_token_prob),
+            "whole_word_masking": bool(self.whole_word_masking), "seq_length": int(self.seq_length),
+            "vocab_size": int(len(self.special)), "cls_id": int(self.cls_id), "sep_id": int(self.sep_id),
+            "mask_id": int(self.mask_id), "pad_id": int(self.pad_id), "token_tables": tables.hexdigest(),
+        }
 
     # --- the transform ------------------------------------------------------------------------------------
     def units(self, ids: np.ndarray) -> list[np.ndarray]:

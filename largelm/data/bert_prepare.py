@@ -20,7 +20,6 @@ The train/valid document split is ``largelm.data.prepare``'s (lowest text hashes
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import sys
@@ -31,7 +30,9 @@ import numpy as np
 
 from largelm.data.documents import check_input_files, iter_documents
 from largelm.data.format import DataError, Manifest
-from largelm.data.prepare import SplitWriter, _clear_split_dir, document_bucket, valid_cutoff
+from largelm.data.prepare import (
+    SplitWriter, _clear_split_dir, document_bucket, prepare_arguments, run_prepare, valid_cutoff,
+)
 from largelm.data.shards import seed_words
 from largelm.tokenizer import Tokenizer
 
@@ -183,32 +184,15 @@ def prepare_bert_data(
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Tokenize .txt/.jsonl documents into BERT sentence-pair shards.")
-    parser.add_argument("--input", nargs="+", required=True, help=".txt (one document per file) or .jsonl files")
-    parser.add_argument("--tokenizer", required=True, help="sentencepiece .model file with [CLS] [SEP] [MASK]")
-    parser.add_argument("--out", required=True, help="output directory; gets train/ and valid/")
-    parser.add_argument("--seq-length", type=int, required=True, help="model sequence length ([CLS] A [SEP] B [SEP])")
+    parser = prepare_arguments("Tokenize .txt/.jsonl documents into BERT sentence-pair shards.",
+                               tokenizer_help="sentencepiece .model file with [CLS] [SEP] [MASK]",
+                               seq_length_help="model sequence length ([CLS] A [SEP] B [SEP])")
     parser.add_argument("--objective", choices=OBJECTIVES, default="sop", help="pair label: sentence order or NSP")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--short-seq-prob", type=float, default=0.1)
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--valid-fraction", type=float, default=0.01)
-    parser.add_argument("--text-field", default="text", help="jsonl field holding the text")
-    parser.add_argument("--overwrite", action="store_true", help="replace shards and manifests already there")
     args = parser.parse_args(None if argv is None else list(argv))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        manifests = prepare_bert_data(
-            args.input, args.out, args.tokenizer, args.seq_length, objective=args.objective, seed=args.seed,
-            short_seq_prob=args.short_seq_prob, samples_per_shard=args.samples_per_shard,
-            valid_fraction=args.valid_fraction, text_field=args.text_field, overwrite=args.overwrite,
-        )
-    except (DataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    for split, m in manifests.items():
-        print(f"{Path(args.out) / split}: {m.num_samples} pairs, {len(m.shards)} shards")
-    return 0
+    return run_prepare(args, prepare_bert_data, lambda m: f"{m.num_samples} pairs, {len(m.shards)} shards",
+                       objective=args.objective, seed=args.seed, short_seq_prob=args.short_seq_prob)
 
 
 if __name__ == "__main__":

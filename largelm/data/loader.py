@@ -10,10 +10,13 @@ Validation (``infinite=False``): one ordered pass, no shuffling; datasets are re
 Batch ``k`` of a rank comes from DataLoader worker ``k % num_workers``; the loader records which reader slot
 produced each batch and where that slot stands, so the state is exact even with several workers.
 The state is **per rank** (each data-parallel rank reads different samples): save and restore one per rank.
+It records the loader's settings (rank, workers, seed, batch, datasets' fingerprints, and the sample transform's
+``identity()``, e.g. BERT's masking settings); a resume with different ones is refused, naming each field.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
@@ -128,7 +131,7 @@ class TokenLoader:
     # --- resume ---------------------------------------------------------------------------------------
     def _identity(self) -> dict:
         s = self.settings
-        return {
+        identity = {
             "rank": s.rank, "world_size": s.world_size, "num_workers": self.num_workers, "seed": s.seed,
             "batch_size": self.batch_size, "seq_length": self.seq_length, "shuffle_buffer": s.shuffle_buffer,
             "infinite": s.infinite,
@@ -136,6 +139,10 @@ class TokenLoader:
                 {"path": str(src.path), "weight": src.weight, "fingerprint": src.fingerprint} for src in self.sources
             ],
         }
+        transform = _transform_identity(self.sample_transform)
+        if transform is not None:  # only then: loaders without one (GPT) keep the state they always had
+            identity["sample_transform"] = transform
+        return identity
 
     def state_dict(self) -> dict:
         """JSON-serialisable position after the batches consumed so far."""
@@ -188,11 +195,19 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+def _transform_identity(transform) -> Optional[dict]:
+    """The sample transform's settings for the resume identity (e.g. ``BertMasker.identity()``), or None for no
+    transform or one that does not describe itself."""
+    identity = getattr(transform, "identity", None)
+    return None if identity is None else identity()
+
+
 def _differences(state: dict, mine: dict) -> list[str]:
     out = []
     for key in ("rank", "world_size", "num_workers", "seed", "batch_size", "seq_length", "shuffle_buffer", "infinite"):
         if state.get(key) != mine[key]:
             out.append(f"{key}: state has {state.get(key)!r}, loader has {mine[key]!r}")
+    out += _transform_differences(state, mine)
     theirs = state.get("datasets") or []
     if len(theirs) != len(mine["datasets"]):
         out.append(f"datasets: state has {len(theirs)}, loader has {len(mine['datasets'])}")
@@ -206,6 +221,28 @@ def _differences(state: dict, mine: dict) -> list[str]:
         if a.get("weight") != b["weight"]:
             out.append(f"datasets[{i}] ({b['path']}): weight {a.get('weight')!r} in state, {b['weight']!r} now")
     return out
+
+
+def _transform_differences(state: dict, mine: dict) -> list[str]:
+    """The sample transform's settings (e.g. BERT masking) in the state vs this loader, field by field."""
+    if "sample_transform" not in mine:
+        theirs = state.get("sample_transform")
+        return [] if theirs is None else [f"sample_transform: state has {theirs!r}, loader has None"]
+    ours = mine["sample_transform"]
+    if "sample_transform" not in state:
+        # Written before the loader recorded its sample transform: there is nothing to compare against.
+        warnings.warn("loader state has no sample_transform settings (written by an older largelm): resuming "
+                      "without checking that they match this loader's", stacklevel=4)
+        return []
+    theirs = state["sample_transform"]
+    if not isinstance(theirs, dict):
+        return [f"sample_transform: state has {theirs!r}, loader has {ours!r}"]
+    keys = list(ours) + [k for k in theirs if k not in ours]
+    return [
+        f"sample_transform.{key}: state has {theirs.get(key)!r}, loader has {ours.get(key)!r}"
+        for key in keys
+        if theirs.get(key) != ours.get(key)
+    ]
 
 
 def build_loader(
@@ -230,7 +267,8 @@ def build_loader(
     ``verify_checksums``: check each shard's sha256 the first time a worker opens it (size is always checked).
     ``kind``: the manifests' sample kind every dataset must have (``"tokens"`` for GPT, ``"bert_pairs"``).
     ``sample_transform``: per-sample function run in the workers (see ``TokenStream``), e.g. ``BertMasker``; its
-    extra numpy fields become batch tensors of the same name.
+    extra numpy fields become batch tensors of the same name. If it has an ``identity()`` method (a JSON-able
+    dict of its settings), that is part of the resume state and must match on ``load_state_dict``.
     """
     if batch_size <= 0 or seq_length <= 0:
         raise ValueError(f"batch_size ({batch_size}) and seq_length ({seq_length}) must be positive")

@@ -18,7 +18,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import webdataset as wds
@@ -224,31 +224,48 @@ def prepare_data(
     return manifests
 
 
-def main(argv: Optional[Iterable[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Tokenize .txt/.jsonl documents into packed webdataset shards.")
+def prepare_arguments(description: str, *, tokenizer_help: str, seq_length_help: str) -> argparse.ArgumentParser:
+    """The command-line options every ``largelm-prepare-*`` tool shares (``run_prepare`` consumes them); a tool
+    adds its own options to the parser it gets."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--input", nargs="+", required=True, help=".txt (one document per file) or .jsonl files")
-    parser.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    parser.add_argument("--tokenizer", required=True, help=tokenizer_help)
     parser.add_argument("--out", required=True, help="output directory; gets train/ and valid/")
-    parser.add_argument("--seq-length", type=int, required=True, help="model sequence length (samples hold +1)")
+    parser.add_argument("--seq-length", type=int, required=True, help=seq_length_help)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--valid-fraction", type=float, default=0.01,
                         help="fraction of documents for valid/ (at least one document; 0 = no valid split)")
     parser.add_argument("--text-field", default="text", help="jsonl field holding the text")
     parser.add_argument("--overwrite", action="store_true", help="replace shards and manifests already there")
-    args = parser.parse_args(None if argv is None else list(argv))
+    return parser
+
+
+def run_prepare(args: argparse.Namespace, prepare: Callable[..., dict[str, Manifest]],
+                describe: Callable[[Manifest], str], **options) -> int:
+    """Run ``prepare(inputs, out, tokenizer, seq_length, ..., **options)`` with the shared options of
+    ``prepare_arguments``, then print one line per split written (``describe`` says what it holds).
+    Returns the exit code: 1, with the error on stderr, when the data or the arguments are bad."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        manifests = prepare_data(
+        manifests = prepare(
             args.input, args.out, args.tokenizer, args.seq_length, samples_per_shard=args.samples_per_shard,
-            valid_fraction=args.valid_fraction, text_field=args.text_field, overwrite=args.overwrite,
+            valid_fraction=args.valid_fraction, text_field=args.text_field, overwrite=args.overwrite, **options,
         )
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     for split, m in manifests.items():
-        print(f"{Path(args.out) / split}: {m.num_samples} samples, {len(m.shards)} shards, "
-              f"{m.dropped_tokens} dropped tokens")
+        print(f"{Path(args.out) / split}: {describe(m)}")
     return 0
+
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    parser = prepare_arguments("Tokenize .txt/.jsonl documents into packed webdataset shards.",
+                               tokenizer_help="sentencepiece .model file",
+                               seq_length_help="model sequence length (samples hold +1)")
+    args = parser.parse_args(None if argv is None else list(argv))
+    return run_prepare(args, prepare_data, lambda m: f"{m.num_samples} samples, {len(m.shards)} shards, "
+                                                     f"{m.dropped_tokens} dropped tokens")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """BERT on megatron-core: its own ``BertModel`` with the local (no Transformer Engine) layer spec.
 
 ``build_bert_model`` builds megatron-core 0.16.1's ``megatron.core.models.bert.bert_model.BertModel`` from
-``bert_layer_local_spec`` (pre-LN layers with ``AttnMaskType.padding``: ``ColumnParallelLinear`` /
-``RowParallelLinear``, ``DotProductAttention``, torch LayerNorm), two token types, learned absolute positions, the
+``bert_layer_spec`` (largelm/model/bert_layers.py: megatron's ``bert_layer_local_spec``, pre-LN layers with ``AttnMaskType.padding``: ``ColumnParallelLinear`` /
+``RowParallelLinear``, ``DotProductAttention``, torch LayerNorm; or with ``bert.residual_post_layernorm`` the original post-LN BERT), two token types, learned absolute positions, the
 MLM head (``lm_head``: dense + GeLU + LayerNorm, then ``output_layer`` with the word embedding as its weight when
 tied, plus a vocab-parallel bias) and the binary (SOP/NSP) head on the pooled [CLS] state. It runs on CPU
 under ``largelm.parallel.cpu_compat`` with no further patch (the padding mask is built by BertModel on the input's
@@ -14,7 +14,9 @@ device). Parameter names are megatron's (``embedding.{word,position,tokentype}_e
 ``BertMasker`` transform (``input_ids``, ``token_type_ids``, ``attention_mask``, ``mlm_labels`` with -100 on
 unmasked positions, ``pair_label``). The MLM loss is vocab-parallel cross entropy on the vocab-parallel logits
 (never gathered), averaged over masked positions; the accuracy uses a vocab-parallel argmax. The pair loss is
-cross entropy of the binary head. ``loss = mlm_loss + pair_loss`` (Megatron's BERT loss).
+cross entropy of the binary head. ``loss = mlm_loss + pair_loss`` (Megatron's BERT loss). The computation from
+the outputs is ``bert_metrics_from_logits``, shared with the pipeline-parallel BERT's last stage
+(``largelm.model.bert_pipeline``, used for ``parallel.pipeline_parallel > 1``).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
 from megatron.core.models.bert.bert_model import BertModel
 
 from largelm.config import BertConfig, ConfigError, ModelConfig, ParallelConfig
+from largelm.model.bert_layers import bert_layer_spec, bert_norms
 from largelm.model.gpt import resolve_vocab_size
+from largelm.model.sequence_parallel import reduce_sequence_parallel_grads_in_backward
 from largelm.model.specs import build_transformer_config
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat
@@ -49,8 +52,9 @@ def build_bert_model(
     """This rank's ``BertModel`` (its TP shard). Needs ``init_model_parallel`` first; see ``build_gpt_model``."""
     if model_cfg.arch != "bert":
         raise ConfigError(f"build_bert_model builds model.arch='bert', got {model_cfg.arch!r}")
-    if parallel_cfg.pipeline_parallel > 1 or parallel_cfg.sequence_parallel:
-        raise ConfigError("BERT supports tensor and data parallelism only (no pipeline/sequence parallelism yet)")
+    if parallel_cfg.pipeline_parallel > 1:
+        raise ConfigError("build_bert_model builds a single pipeline stage; parallel.pipeline_parallel > 1 uses "
+                          "largelm.model.bert_pipeline.build_bert_pipeline")
     bert_cfg = bert_cfg or BertConfig()
     enable_cpu_compat()
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -59,17 +63,20 @@ def build_bert_model(
                           f"was initialised with {tp}")
     model_cfg = resolve_vocab_size(model_cfg, vocab_size)
     config = build_transformer_config(model_cfg, parallel_cfg, dtype, **config_overrides)
-    model = BertModel(
-        config=config,
-        num_tokentypes=2,
-        transformer_layer_spec=bert_layer_local_spec,
-        vocab_size=model_cfg.padded_vocab_size(tp),
-        max_sequence_length=model_cfg.positions,
-        share_embeddings_and_output_weights=model_cfg.tie_embeddings,
-        position_embedding_type="learned_absolute",
-        add_binary_head=bert_cfg.binary_head,
-    )
+    with bert_norms(config.sequence_parallel):
+        model = BertModel(
+            config=config,
+            num_tokentypes=2,
+            transformer_layer_spec=bert_layer_spec(bert_cfg.residual_post_layernorm, config.sequence_parallel),
+            vocab_size=model_cfg.padded_vocab_size(tp),
+            max_sequence_length=model_cfg.positions,
+            share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+            position_embedding_type="learned_absolute",
+            add_binary_head=bert_cfg.binary_head,
+        )
     model.to(device=groups.device(), dtype=dtype)  # norms and the non-TP linears are created in fp32 on the CPU
+    if config.sequence_parallel:
+        reduce_sequence_parallel_grads_in_backward(model)
     return model
 
 
@@ -97,10 +104,20 @@ def bert_forward_metrics(model: torch.nn.Module, batch: dict, pair_name: str = "
     ``model`` may be a wrapper (e.g. a DeepSpeed engine) whose forward is BertModel's.
     """
     device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    labels = batch["mlm_labels"].to(device)
-    logits, binary_logits = model(input_ids, batch["attention_mask"].to(device),
+    logits, binary_logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                   tokentype_ids=batch["token_type_ids"].to(device))
+    pair_label = batch["pair_label"].to(device) if binary_logits is not None else None
+    return bert_metrics_from_logits(logits, binary_logits, batch["mlm_labels"].to(device), pair_label, pair_name)
+
+
+def bert_metrics_from_logits(logits: torch.Tensor, binary_logits: Optional[torch.Tensor], labels: torch.Tensor,
+                             pair_label: Optional[torch.Tensor], pair_name: str = "sop") -> dict[str, torch.Tensor]:
+    """The BERT losses and accuracies from the model's outputs (shared by ``bert_forward_metrics`` and the
+    pipeline's last stage, ``largelm.model.bert_pipeline``).
+
+    ``logits`` [b, s, V/tp] (vocab-parallel, as ``BertModel`` returns them), ``binary_logits`` [b, 2] or None,
+    ``labels`` [b, s] with ``IGNORE_INDEX`` on unmasked positions, ``pair_label`` [b].
+    """
     masked = labels != IGNORE_INDEX
     weight = masked.float()
     count = weight.sum().clamp(min=1.0)
@@ -113,7 +130,6 @@ def bert_forward_metrics(model: torch.nn.Module, batch: dict, pair_name: str = "
     mlm_loss = (per_token * weight).sum() / count
     out = {"loss": mlm_loss, "mlm_loss": mlm_loss.detach(), "mlm_acc": mlm_acc}
     if binary_logits is not None:
-        pair_label = batch["pair_label"].to(device)
         pair_loss = F.cross_entropy(binary_logits.float(), pair_label)
         out["loss"] = mlm_loss + pair_loss
         out[f"{pair_name}_loss"] = pair_loss.detach()

@@ -36,20 +36,26 @@ def parameter_count(model: torch.nn.Module, *, whole_model: bool = False) -> int
     return int(total.item())
 
 
-def matmul_parameter_count(model_cfg: ModelConfig, vocab_size: Optional[int] = None) -> int:
-    """Weights that take part in a matmul per token: every linear layer plus the output (logit)
-    projection (once, tied or not). Embedding lookups, norms and biases are left out (no matmul)."""
-    h, L = model_cfg.hidden_size, model_cfg.num_layers
+def _layer_matmul_parameters(model_cfg: ModelConfig) -> int:
+    """Weights of one transformer layer's linears: QKV, attention output, MLP in (x2 for SwiGLU) and out."""
+    h = model_cfg.hidden_size
     head_dim = h // model_cfg.num_attention_heads
-    vocab = vocab_size or model_cfg.padded_vocab_size()
     qkv = h * (h + 2 * model_cfg.kv_groups * head_dim)
     attn_out = h * h
     mlp_in = (2 if model_cfg.style == "llama" else 1) * h * model_cfg.ffn_size  # SwiGLU: gate and up
     mlp_out = model_cfg.ffn_size * h
-    return L * (qkv + attn_out + mlp_in + mlp_out) + vocab * h
+    return qkv + attn_out + mlp_in + mlp_out
 
 
-def flops_per_token(model_cfg: ModelConfig, vocab_size: Optional[int] = None, seq_length: Optional[int] = None) -> int:
+def matmul_parameter_count(model_cfg: ModelConfig, vocab_size: Optional[int] = None) -> int:
+    """Weights that take part in a matmul per token: every linear layer plus the output (logit)
+    projection (once, tied or not). Embedding lookups, norms and biases are left out (no matmul)."""
+    vocab = vocab_size or model_cfg.padded_vocab_size()
+    return model_cfg.num_layers * _layer_matmul_parameters(model_cfg) + vocab * model_cfg.hidden_size
+
+
+def flops_per_token(model_cfg: ModelConfig, vocab_size: Optional[int] = None, seq_length: Optional[int] = None,
+                    *, binary_head: bool = True) -> float:
     """Training FLOPs per token (forward + backward): ``6 * N + 12 * L * h * s``.
 
     * ``N`` = ``matmul_parameter_count`` (linear layers + output projection): each weight costs one
@@ -59,7 +65,37 @@ def flops_per_token(model_cfg: ModelConfig, vocab_size: Optional[int] = None, se
       ``4 L h s`` forward and ``12 L h s`` with backward. The causal mask is not discounted (the
       common PaLM/Megatron convention), ``s`` = ``seq_length`` (default ``model_cfg.seq_length``).
     Activation recompute is not counted (this is model FLOPs, for MFU).
+
+    ``model_cfg.arch == "bert"`` counts BERT instead: ``bert_flops_per_token`` (``binary_head`` applies there).
     """
+    if model_cfg.arch == "bert":
+        return bert_flops_per_token(model_cfg, vocab_size, seq_length, binary_head=binary_head)
     s = seq_length or model_cfg.seq_length
     n = matmul_parameter_count(model_cfg, vocab_size)
     return 6 * n + 12 * model_cfg.num_layers * model_cfg.hidden_size * s
+
+
+def bert_flops_per_token(model_cfg: ModelConfig, vocab_size: Optional[int] = None, seq_length: Optional[int] = None,
+                         *, binary_head: bool = True) -> float:
+    """BERT training FLOPs per token (forward + backward), megatron-core's ``BertModel`` as built here:
+
+    ``6 * (L * layer + h*h + V*h) + 12 * L * h * s + 6 * (h*h + 2*h) / s``
+
+    * encoder: the same dense term as GPT (``layer`` = QKV + attention output + MLP weights, 6 FLOPs per weight
+      per token) and attention ``12 L h s``: ``Q K^T`` and ``softmax(.) V`` over the *full* sequence - BERT's
+      attention is bidirectional, so unlike GPT's causal attention nothing is over-counted here. Padding
+      positions are computed like real ones (the padding mask only masks scores), so ``s`` is the full
+      ``seq_length`` and every position counts as a token.
+    * MLM head on every position (``BertModel`` applies it before any label selection): ``lm_head.dense``
+      (``h*h``) and the vocabulary projection (``V*h``, tied or not; ``V`` = padded vocabulary).
+    * pooler (``h*h``) and binary head (``2*h``) run once per sequence on ``[CLS]``: ``/ s`` per token (only
+      with ``binary_head``). Embedding lookups, norms, biases, GeLU/softmax are left out, as for GPT.
+    """
+    h, L = model_cfg.hidden_size, model_cfg.num_layers
+    s = seq_length or model_cfg.seq_length
+    vocab = vocab_size or model_cfg.padded_vocab_size()
+    dense = L * _layer_matmul_parameters(model_cfg) + h * h + vocab * h
+    flops = 6 * dense + 12 * L * h * s
+    if binary_head:
+        flops += 6 * (h * h + 2 * h) / s
+    return flops

@@ -171,12 +171,25 @@ class GPTPipelineModule(PipelineModule):
     num_transformer_layers: int
     tied: bool
 
+    @property
+    def tied_output_index(self) -> int:
+        """Index of the last stage's copy of the tied word embedding (when ``tied``)."""
+        return self.num_transformer_layers + 2
+
+    def full_name_targets(self, name: str) -> list[tuple[int, str]]:
+        """Where a full single-stage model's parameter ``name`` goes: [(layer index, key inside the layer)], two
+        entries for a tied word embedding (used by ``largelm.parallel.sharding.load_full_state_dict``)."""
+        targets = [pipeline_layer_index(name, self.num_transformer_layers, self.tied)]
+        if self.tied and name == "embedding.word_embeddings.weight":
+            targets.append((self.tied_output_index, "word_embeddings.weight"))  # the last stage's tied copy
+        return targets
+
     def stage_layer(self, index: int) -> Optional[torch.nn.Module]:
         """This rank's module for pipeline layer ``index`` (None if another stage holds it). For the tied
         layers this is the tied module (first stage: ``EmbeddingPipe``, last stage: ``OutputEmbeddingPipe``)."""
         if not self._local_start <= index < self._local_stop:
             return None
-        if self.tied and index in (0, self.num_transformer_layers + 2):
+        if self.tied and index in (0, self.tied_output_index):
             return self.tied_modules[TIED_KEY]
         return getattr(self, str(index))
 

@@ -10,6 +10,8 @@ micro-batch becomes a loss, how an optimizer step is driven - lives here:
   (ZeRO 0/1 only). See docs/design.md "Parallelism".
 * ``BertStep``: ``model.arch: bert``; megatron-core's BertModel (MLM + SOP/NSP), otherwise like ``DenseStep``;
   exposes ``last_metrics``/``last_eval_metrics`` for the trainer to log. See docs/design.md "BERT".
+* ``BertPipelineStep``: BERT with ``pipeline_parallel > 1`` (``largelm.model.bert_pipeline``) under the
+  PipelineEngine like ``PipelineStep``, with ``BertStep``'s metrics.
 
 Both return the same quantity from ``train_step``: this data-parallel replica's mean loss over the step's
 micro-batches (the trainer averages it over data-parallel ranks), and ``engine.get_global_grad_norm()`` is the
@@ -178,17 +180,80 @@ class BertStep:
         return out["loss"].detach()
 
 
+class BertPipelineStep(PipelineStep):
+    """BERT with pipeline parallelism (``largelm.model.bert_pipeline``): the PipelineEngine drives the step as for
+    GPT; the last stage computes the same loss and metrics as ``BertStep`` (``bert_metrics_from_logits``) and
+    broadcasts their means over the pipeline, so every rank returns the loss and leaves ``last_metrics`` /
+    ``last_eval_metrics`` under the names ``BertStep`` uses."""
+
+    def __init__(self, cfg: Config, world_size: int, init_state_dict: Optional[dict] = None):
+        from largelm.model.bert_pipeline import build_bert_pipeline
+
+        self.cfg = cfg
+        module = build_bert_pipeline(cfg.model, cfg.parallel, cfg.bert, vocab_size=cfg.model.vocab_size,
+                                     dtype=model_dtype(cfg))
+        if init_state_dict is not None:  # full (TP=1) BertModel weights
+            load_full_state_dict(module, init_state_dict)
+            with torch.no_grad():
+                module._synchronize_tied_weights()
+        self.metric_names = module.metric_names
+        self.loss_fn = module.loss_fn
+        self.engine = initialize_engine(cfg, module, world_size, mpu=None)
+        self.device = groups.device()
+        self.last_metrics: dict[str, float] = {}
+        self.last_eval_metrics: dict[str, float] = {}
+
+    def _micro_batches(self, batches: Iterator[dict], count: int) -> Iterator[tuple]:
+        micro = []
+        for _ in range(count):  # drawn on every rank, as in PipelineStep
+            b = next(batches)
+            micro.append(((b["input_ids"], b["attention_mask"], b["token_type_ids"]),
+                          (b["mlm_labels"], b["pair_label"])))
+        return iter(micro)
+
+    def _collect(self) -> dict[str, torch.Tensor]:
+        """Means over the micro-batches the last stage just ran, broadcast to every stage of this pipeline."""
+        values = torch.zeros(len(self.metric_names), dtype=torch.float32, device=self.device)
+        if self.engine.is_last_stage():
+            records = self.loss_fn.records
+            values = torch.stack([torch.stack([r[k] for r in records]).mean() for k in self.metric_names])
+            values = values.to(self.device)
+        self.loss_fn.records = []
+        dist.broadcast(values, src=self.engine.grid.stage_to_global(self.engine.num_stages - 1),
+                       group=self.engine.grid.get_pipe_parallel_group())
+        return dict(zip(self.metric_names, values))
+
+    def train_step(self, batches: Iterator[dict]) -> torch.Tensor:
+        self.loss_fn.records = []
+        self.engine.train_batch(self._micro_batches(batches, self.cfg.train.grad_accum_steps))
+        means = self._collect()
+        self.last_metrics = {f"train/{k}": v.item() for k, v in means.items() if k != "loss"}
+        return means["loss"]
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        self.loss_fn.records = []
+        self.engine.eval_batch(self._micro_batches(iter([batch]), 1), num_micro_batches=1, reduce_output=None,
+                               bcast_loss=False)
+        means = self._collect()
+        self.last_eval_metrics = {f"valid/{k}": v.item() for k, v in means.items() if k != "loss"}
+        return means["loss"]
+
+
 def build_step(cfg: Config, world_size: int, init_state_dict: Optional[dict] = None):
     """The step driver for this config's model and layout.
 
-    ``init_state_dict``: full (TP=1) ``GPTModel`` weights to start from instead of the random initialisation;
-    each rank loads its shard before the engine is built (used by the parity tests; e.g. converted weights).
+    ``init_state_dict``: full (TP=1) ``GPTModel`` weights (``BertModel`` weights for arch bert) to start from
+    instead of the random initialisation; each rank loads its shard before the engine is built (used by the
+    parity tests; e.g. converted weights).
     """
     if getattr(cfg, "distill", None) is not None:  # knowledge distillation (largelm/train/distill.py)
         from largelm.train.distill import DistillStep
 
         return DistillStep(cfg, world_size, init_state_dict)
     if cfg.model.arch == "bert":
+        if cfg.parallel.pipeline_parallel > 1:
+            return BertPipelineStep(cfg, world_size, init_state_dict)
         return BertStep(cfg, world_size, init_state_dict)
     if cfg.parallel.pipeline_parallel > 1:
         return PipelineStep(cfg, world_size, init_state_dict)

@@ -102,9 +102,10 @@ def _check_checkpoint(cfg: Config, world_size: int) -> None:
         for key in SHAPE_FIELDS if saved["model"].get(key) != getattr(cfg.model, key)
     ]
     saved_bert, bert = saved.get("bert") or {}, cfg.model_dump().get("bert") or {}
-    if saved_bert.get("binary_head") != bert.get("binary_head"):  # the binary head is a parameter set
-        mismatches.append(f"bert.binary_head: checkpoint {saved_bert.get('binary_head')!r} vs config "
-                          f"{bert.get('binary_head')!r}")
+    # the binary head is a parameter set; the residual placement renames the layer norms
+    for key, default in (("binary_head", True), ("residual_post_layernorm", False)):
+        if bert and saved_bert.get(key, default) != bert.get(key):
+            mismatches.append(f"bert.{key}: checkpoint {saved_bert.get(key, default)!r} vs config {bert.get(key)!r}")
     for key in ("tensor_parallel", "pipeline_parallel"):
         if saved["parallel"].get(key) != getattr(cfg.parallel, key):
             mismatches.append(f"parallel.{key}: checkpoint {saved['parallel'].get(key)} vs config "

@@ -71,44 +71,18 @@ class Trainer:
 
         peak = cfg.logging.peak_tflops_per_rank
         peak_flops = peak * 1e12 if peak else measure_matmul_peak_flops(model_dtype(cfg))
-        self.throughput = Throughput(cfg.tokens_per_step(self.world_size), flops_per_token(cfg.model),
-                                     peak_flops * self.world_size)
+        flops = flops_per_token(cfg.model, binary_head=cfg.bert.binary_head if cfg.bert is not None else False)
+        self.throughput = Throughput(cfg.tokens_per_step(self.world_size), flops, peak_flops * self.world_size)
         self.log = RunLogger(self.rank == 0, cfg.train.steps, self.step, cfg.logging.tensorboard_dir,
                              cfg.logging.progress_bar)
         self.history: list[tuple[int, float]] = []
 
     # --- data ---------------------------------------------------------------------------------------
     def _train_loader(self):
-        d = self.cfg.data
-        return build_loader(
-            datasets=[(spec.path, spec.weight) for spec in d.train], seq_length=self.cfg.model.seq_length,
-            batch_size=self.cfg.train.micro_batch_size, rank=self.dp_rank, world_size=self.dp_size,
-            num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, seed=d.seed, infinite=True,
-            skip_bad_samples=d.skip_bad_samples, **self._sample_kind(),
-        )
+        return build_run_loader(self.cfg, self.dp_rank, self.dp_size, train=True)
 
     def _valid_loader(self):
-        d = self.cfg.data
-        return build_loader(
-            datasets=[(spec.path, spec.weight) for spec in d.valid], seq_length=self.cfg.model.seq_length,
-            batch_size=self.cfg.train.micro_batch_size, rank=self.dp_rank, world_size=self.dp_size,
-            num_workers=0, shuffle_buffer=0, seed=d.seed, infinite=False, skip_bad_samples=d.skip_bad_samples,
-            **self._sample_kind(),
-        )
-
-    def _sample_kind(self) -> dict:
-        """Loader arguments for the model's sample kind: BERT reads sentence pairs and masks them in the workers."""
-        if self.cfg.model.arch != "bert":
-            return {}
-        from largelm.data.bert_masking import BertMasker
-        from largelm.tokenizer import Tokenizer
-
-        b = self.cfg.bert
-        masker = BertMasker.from_tokenizer(
-            Tokenizer.load(self.cfg.tokenizer.model), self.cfg.model.seq_length, seed=self.cfg.data.seed,
-            mask_prob=b.mask_prob, mask_token_prob=b.mask_token_prob, random_token_prob=b.random_token_prob,
-            whole_word_masking=b.whole_word_masking)
-        return {"kind": "bert_pairs", "sample_transform": masker}
+        return build_run_loader(self.cfg, self.dp_rank, self.dp_size, train=False)
 
     # --- checkpoints --------------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -255,3 +229,30 @@ class Trainer:
 
     def close(self) -> None:
         groups.destroy()
+
+
+def build_run_loader(cfg, dp_rank: int, dp_size: int, train: bool = True):
+    """The run's train (infinite, shuffled, workers) or validation (one ordered pass) loader for this data-parallel
+    rank. Also what checkpoint conversion uses, so a converted checkpoint's data position fits the trainer's."""
+    d = cfg.data
+    return build_loader(
+        datasets=[(spec.path, spec.weight) for spec in (d.train if train else d.valid)],
+        seq_length=cfg.model.seq_length, batch_size=cfg.train.micro_batch_size, rank=dp_rank, world_size=dp_size,
+        num_workers=d.num_workers if train else 0, shuffle_buffer=d.shuffle_buffer if train else 0, seed=d.seed,
+        infinite=train, skip_bad_samples=d.skip_bad_samples, **_sample_kind(cfg),
+    )
+
+
+def _sample_kind(cfg) -> dict:
+    """Loader arguments for the model's sample kind: BERT reads sentence pairs and masks them in the workers."""
+    if cfg.model.arch != "bert":
+        return {}
+    from largelm.data.bert_masking import BertMasker
+    from largelm.tokenizer import Tokenizer
+
+    b = cfg.bert
+    masker = BertMasker.from_tokenizer(
+        Tokenizer.load(cfg.tokenizer.model), cfg.model.seq_length, seed=cfg.data.seed,
+        mask_prob=b.mask_prob, mask_token_prob=b.mask_token_prob, random_token_prob=b.random_token_prob,
+        whole_word_masking=b.whole_word_masking)
+    return {"kind": "bert_pairs", "sample_transform": masker}

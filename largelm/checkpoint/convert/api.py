@@ -162,13 +162,13 @@ def export_hf(source, out_dir, *, dtype: Optional[str] = None, tokenizer: Option
     out_dir = Path(out_dir)
     hf.export_hf(c, out_dir, dtype=parse_dtype(dtype) if dtype else None, tokenizer=tokenizer, log=log, **kwargs)
     out_dtype = parse_dtype(dtype) if dtype else c.dtype
-    log(f"wrote {out_dir} ({hf.mapping_for(c.model).ARCHITECTURE}, {str(out_dtype).replace('torch.', '')})")
+    log(f"wrote {out_dir} ({hf.architecture_of(c)}, {str(out_dtype).replace('torch.', '')})")
     checks = []
     if verify_logits:
         tokens = verify.fixed_tokens(c.model)
         reference = src.logits(tokens)
         result = hf.hf_logits(out_dir, tokens)
-        checks.append(verify.compare(f"{src.short} vs transformers {hf.mapping_for(c.model).ARCHITECTURE}",
+        checks.append(verify.compare(f"{src.short} vs transformers {hf.architecture_of(c)}",
                                      reference, result, c.model.vocab_size,
                                      _tol(tolerance, src.weight_dtype, out_dtype, reference=reference), log=log,
                                      raise_on_failure=False))

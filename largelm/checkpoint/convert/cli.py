@@ -2,7 +2,7 @@
 
     largelm-convert consolidate runs/x/checkpoints out/x-consolidated            # ZeRO 0-3, any TP/PP -> one file
     largelm-convert reshard runs/x/checkpoints out/x-tp4 --tp 4 --drop-optimizer # -> training checkpoint, TP=4
-    largelm-convert export-hf runs/x/checkpoints out/x-hf                        # -> GPT2LMHeadModel / LlamaForCausalLM
+    largelm-convert export-hf runs/x/checkpoints out/x-hf                        # -> GPT2LMHeadModel / LlamaForCausalLM / Bert*
     largelm-convert import-hf path/to/hf-model out/m --config configs/my.yaml    # -> consolidated (+ training config)
     largelm-convert reshard out/m out/m-tp2pp2 --tp 2 --pp 2                     # consolidated/HF -> any layout
     largelm-convert info runs/x/checkpoints
@@ -73,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("export-hf", help="any source -> Hugging Face transformers directory",
-                       description="GPT-2 style -> GPT2LMHeadModel, Llama style -> LlamaForCausalLM (BERT: not yet), "
-                                   "with config.json, safetensors and a tokenizer.json converted from the "
-                                   "sentencepiece model, loadable offline with AutoModelForCausalLM/AutoTokenizer.")
+                       description="GPT-2 style -> GPT2LMHeadModel, Llama style -> LlamaForCausalLM, BERT -> "
+                                   "BertForPreTraining/BertForMaskedLM (bert.residual_post_layernorm: true) or "
+                                   "MegatronBertForPreTraining/MegatronBertForMaskedLM (pre-LN), with config.json, "
+                                   "safetensors and a tokenizer.json converted from the sentencepiece model, loadable "
+                                   "offline with AutoModelForCausalLM / AutoModelForMaskedLM and AutoTokenizer.")
     p.add_argument("source")
     p.add_argument("out")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="weights dtype (default: the source's)")

@@ -28,11 +28,11 @@ import yaml
 from largelm.checkpoint.convert.errors import ConversionError
 from largelm.checkpoint.convert.hub import Consolidated, strip_vocab_padding
 from largelm.checkpoint.convert.layout import (
-    gpt_param_shapes,
-    mp_rank_coordinates,
-    to_gpt_names,
-    tp_partition,
     is_gated,
+    mp_rank_coordinates,
+    param_shapes,
+    to_model_names,
+    tp_partition,
 )
 from largelm.checkpoint.manager import LATEST, MANIFEST, PARTIAL_PREFIX, CheckpointError, verify_checkpoint
 from largelm.config import Config, ConfigError, config_from_dict
@@ -228,7 +228,7 @@ def read_mp_rank(info: CheckpointInfo, mp_rank: int, log=None) -> tuple[dict[str
 
 
 def _module_weights(info: CheckpointInfo, mp_rank: int, model_state: dict) -> tuple[dict, str]:
-    masters = _zero0_masters(model_state, info.config.model)
+    masters = _zero0_masters(model_state, info.config.model, info.config.bert)
     if masters is not None:
         return masters, "fp32 master (ZeRO-0 optimizer)"
     module = model_state.get("module")
@@ -248,14 +248,14 @@ def _module_weights(info: CheckpointInfo, mp_rank: int, model_state: dict) -> tu
     return {k: v.float() for k, v in weights.items()}, f"module {dtype}".replace("torch.", "")
 
 
-def _zero0_masters(model_state: dict, model) -> Optional[dict]:
+def _zero0_masters(model_state: dict, model, bert=None) -> Optional[dict]:
     """ZeRO-0 with bf16: DeepSpeed's FP16_Optimizer keeps fp32 masters per parameter group (``fp32_groups``: one
     tensor per parameter; ``fp32_groups_flat``: one flat tensor per group), in the order of the optimizer's
     parameter groups. DeepSpeed records no ``param_shapes`` without ZeRO, so for the dense model they are
     rebuilt from largelm's rule (largelm.train.optim.param_groups: "decay" = matrices in model order, then
     "no_decay" = biases and 1-D gains) and checked against the tensors; None when anything disagrees."""
     optimizer = model_state.get("optimizer")
-    shapes = model_state.get("param_shapes") or _dense_param_groups(model_state, model)
+    shapes = model_state.get("param_shapes") or _dense_param_groups(model_state, model, bert)
     if not isinstance(optimizer, dict) or not shapes:
         return None
     out = {}
@@ -287,12 +287,12 @@ def _zero0_masters(model_state: dict, model) -> Optional[dict]:
     return None
 
 
-def _dense_param_groups(model_state: dict, model) -> Optional[list]:
+def _dense_param_groups(model_state: dict, model, bert=None) -> Optional[list]:
     module = model_state.get("module") or {}
-    if not module or not all(n in module for n in gpt_param_shapes(model)):
+    if not module or not all(n in module for n in param_shapes(model, bert)):
         return None  # not a dense GPTModel (e.g. a pipeline stage): no rule to rebuild the groups
     decay, no_decay = {}, {}
-    for name in gpt_param_shapes(model):
+    for name in param_shapes(model, bert):
         tensor = module[name]
         (no_decay if tensor.ndim < 2 or name.endswith(".bias") else decay)[name] = tuple(tensor.shape)
     groups = model_state.get("optimizer", {}).get("optimizer_state_dict", {}).get("param_groups", [])
@@ -310,10 +310,6 @@ def consolidate_checkpoint(info: CheckpointInfo, log=print) -> Consolidated:
     """All ranks' weights -> one ``Consolidated`` (fp32, vocabulary padding recorded)."""
     cfg = info.config
     model, tp, pp = cfg.model, info.tensor_parallel, info.pipeline_parallel
-    if model.arch != "gpt":
-        from largelm.checkpoint.convert.hf_bert import MESSAGE
-
-        raise NotImplementedError(MESSAGE)
     gated = is_gated(model)
     per_tp: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     sources = set()
@@ -321,7 +317,7 @@ def consolidate_checkpoint(info: CheckpointInfo, log=print) -> Consolidated:
         stage, tp_rank = mp_rank_coordinates(m, tp)
         native, origin = read_mp_rank(info, m, log=None)
         sources.add(origin)
-        for name, tensor in to_gpt_names(native, model.num_layers).items():
+        for name, tensor in to_model_names(native, model).items():
             if name in per_tp[tp_rank]:  # the tied embedding on the first and the last stage
                 _check_replica(name, per_tp[tp_rank][name], tensor, f"pipeline stages (TP rank {tp_rank})", log)
                 continue
@@ -332,7 +328,7 @@ def consolidate_checkpoint(info: CheckpointInfo, log=print) -> Consolidated:
             raise ConversionError(f"{info.path}: TP rank {r} holds other tensors than TP rank 0: "
                                   f"{sorted(set(per_tp[r]) ^ set(names))[:6]}")
     padded = model.padded_vocab_size(tp)
-    expected = gpt_param_shapes(model, vocab_rows=padded)
+    expected = param_shapes(model, cfg.bert, vocab_rows=padded)
     full: dict[str, torch.Tensor] = {}
     for name in names:
         if name not in expected:
@@ -361,7 +357,8 @@ def consolidate_checkpoint(info: CheckpointInfo, log=print) -> Consolidated:
               "zero_stage": info.zero_stage, "precision": cfg.train.precision, "weights": sorted(sources)}
     if any(s.startswith("module bfloat16") for s in sources):
         log(f"warning: {info.path} has no ZeRO fp32 master weights (ZeRO-0); using the bf16 module weights")
-    return Consolidated(tensors, model, cfg, padding, info.step, source, tokenizer if tokenizer.is_file() else None)
+    return Consolidated(tensors, model, cfg, padding, info.step, source, tokenizer if tokenizer.is_file() else None,
+                        bert=cfg.bert)
 
 
 def _check_replica(name: str, a: torch.Tensor, b: torch.Tensor, where: str, log) -> None:

@@ -4,7 +4,9 @@ Export writes ``config.json`` (the ``transformers`` config class's own serialisa
 (sharded with an index above ``max_shard_size``), ``generation_config.json`` and the tokenizer files
 (hf_tokenizer.py), so ``AutoModelForCausalLM.from_pretrained(dir)`` and ``AutoTokenizer.from_pretrained(dir)``
 load it with no network access. The model class follows the largelm style: gpt2 -> ``GPT2LMHeadModel``,
-llama -> ``LlamaForCausalLM``; ``model.arch: bert`` -> ``BertForMaskedLM`` is not available yet (hf_bert.py).
+llama -> ``LlamaForCausalLM``; ``model.arch: bert`` -> ``BertForPreTraining``/``BertForMaskedLM`` (post-LN) or
+``MegatronBertForPreTraining``/``MegatronBertForMaskedLM`` (pre-LN), see hf_bert.py; BERT directories load with
+``AutoModelForMaskedLM`` and their tokenizer adds ``[CLS] A [SEP] B [SEP]``.
 
 Import reads ``config.json`` through ``transformers.AutoConfig`` (so legacy spellings are normalised the way
 transformers itself reads them) and the weights from safetensors (or ``pytorch_model*.bin`` with
@@ -43,6 +45,13 @@ def offline() -> None:
         raise ConversionError(f"Hugging Face conversion needs transformers>=5, found {transformers.__version__}")
 
 
+def architecture_of(c: Consolidated) -> str:
+    """The transformers class an export of ``c`` is written as."""
+    if c.model.arch == "bert":
+        return hf_bert.architecture(c.bert)
+    return mapping_for(c.model).ARCHITECTURE
+
+
 def mapping_for(model: ModelConfig):
     if model.arch == "bert":
         return hf_bert
@@ -65,19 +74,21 @@ def export_hf(c: Consolidated, out_dir: Path, *, dtype: Optional[torch.dtype] = 
         from largelm.checkpoint.convert.hf_tokenizer import special_ids
 
         ids = special_ids(tokenizer)
-    tensors = {k: v.to(dtype) for k, v in mapping.to_hf(c.model, c.tensors).items()}
-    fields = mapping.hf_config(c.model, ids, dtype_name(dtype))
+    bert = (c.bert,) if c.model.arch == "bert" else ()
+    tensors = {k: v.to(dtype) for k, v in mapping.to_hf(c.model, c.tensors, *bert).items()}
+    fields = mapping.hf_config(c.model, ids, dtype_name(dtype), *bert)
     config = AutoConfig.for_model(**fields)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out_dir))
-    GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
+    if not bert:  # an encoder has no generation settings
+        GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
     save_hf_weights(tensors, out_dir, max_shard_size)
     record = None
     if tokenizer is not None:
         from largelm.checkpoint.convert.hf_tokenizer import export_tokenizer
 
-        record = export_tokenizer(tokenizer, out_dir)
+        record = export_tokenizer(tokenizer, out_dir, bert=bool(bert))
         log(f"tokenizer: {tokenizer} -> {out_dir}/tokenizer.json ({record['tokenizer_class']}, "
             f"{record['texts_checked']} texts encode identically)")
     else:
@@ -154,10 +165,10 @@ def import_hf(path: Path, base_config: Optional[Config] = None, log=print) -> Co
     path = Path(path)
     hf_cfg = read_hf_config(path)
     model_type = getattr(hf_cfg, "model_type", None)
-    mapping = {"gpt2": hf_gpt2, "llama": hf_llama, "bert": hf_bert}.get(model_type)
+    mapping = {"gpt2": hf_gpt2, "llama": hf_llama, "bert": hf_bert, "megatron-bert": hf_bert}.get(model_type)
     if mapping is None:
-        raise UnsupportedArchitecture(f"{path}: model_type {model_type!r} has no largelm equivalent "
-                                      "(supported: gpt2 -> style gpt2, llama -> style llama)")
+        raise UnsupportedArchitecture(f"{path}: model_type {model_type!r} has no largelm equivalent (supported: "
+                                      "gpt2 -> style gpt2, llama -> style llama, bert / megatron-bert -> arch bert)")
     fields = mapping.model_fields(hf_cfg)
     positions = fields["max_position_embeddings"]
     base_model = base_config.model if base_config is not None else None
@@ -165,7 +176,8 @@ def import_hf(path: Path, base_config: Optional[Config] = None, log=print) -> Co
     if seq > positions:
         raise ConversionError(f"the training config's model.seq_length={seq} exceeds the imported model's "
                               f"max_position_embeddings={positions}")
-    fields.update(arch="gpt", seq_length=seq,
+    fields.setdefault("arch", "gpt")
+    fields.update(seq_length=seq,
                   make_vocab_size_divisible_by=base_model.make_vocab_size_divisible_by if base_model else 128)
     try:
         model = ModelConfig(**fields)
@@ -175,12 +187,16 @@ def import_hf(path: Path, base_config: Optional[Config] = None, log=print) -> Co
     dtypes = {t.dtype for t in hf.values() if t.is_floating_point()}
     if len(dtypes) != 1:
         raise ConversionError(f"{path}: tensors of mixed dtypes {sorted(map(str, dtypes))}")
-    tensors = mapping.from_hf(model, hf)
+    bert = mapping.bert_fields(hf_cfg, hf) if model.arch == "bert" else None
+    tensors = mapping.from_hf(model, hf, bert) if bert is not None else mapping.from_hf(model, hf)
     tokenizer = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None
     config = None
     if base_config is not None:
         data = base_config.model_dump(mode="json")
         data["model"] = model.model_dump(mode="json")
+        if bert is not None:
+            data["bert"] = {**(data.get("bert") or {}), "binary_head": bert.binary_head,
+                            "residual_post_layernorm": bert.residual_post_layernorm}
         if tokenizer is not None:
             data["tokenizer"]["model"] = str(tokenizer.resolve())
         try:
@@ -200,21 +216,35 @@ def import_hf(path: Path, base_config: Optional[Config] = None, log=print) -> Co
         log(f"note: {path} has no sentencepiece tokenizer.model; largelm training needs one (tokenizer.model in "
             "the training config)")
     c = Consolidated(tensors, model, config, {}, 0, {"kind": "huggingface", "path": str(path),
-                                                     "model_type": model_type}, tokenizer)
+                                                     "model_type": model_type}, tokenizer, bert=bert)
     c.validate()
     return c
 
 
 # --- forward -------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits of a Hugging Face directory, loaded by ``transformers`` exactly as a user would, in fp32."""
+def hf_logits(path: Path, tokens: torch.Tensor):
+    """Logits of a Hugging Face directory, loaded by ``transformers`` exactly as a user would, in fp32. BERT
+    directories give (MLM logits, binary-head logits or None) on ``verify.bert_inputs(tokens)``."""
     offline()
-    from transformers import AutoModelForCausalLM
+    import transformers
 
+    cfg = read_hf_config(path)
+    bert = getattr(cfg, "model_type", None) in ("bert", "megatron-bert")
+    pretraining = bert and any(a.endswith("ForPreTraining") for a in cfg.architectures or [])
+    auto = (transformers.AutoModelForPreTraining if pretraining else transformers.AutoModelForMaskedLM) if bert \
+        else transformers.AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+        model = auto.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     except Exception as err:
         raise ConversionError(f"transformers cannot load {path}: {err}") from None
     model.eval()
-    return model(input_ids=tokens.long()).logits.float()
+    if not bert:
+        return model(input_ids=tokens.long()).logits.float()
+    from largelm.checkpoint.convert.verify import bert_inputs, drop_padded
+
+    types, mask = bert_inputs(tokens)
+    out = model(input_ids=tokens.long(), token_type_ids=types, attention_mask=mask)
+    if pretraining:
+        return drop_padded(out.prediction_logits.float(), mask), out.seq_relationship_logits.float()
+    return drop_padded(out.logits.float(), mask), None

@@ -1,17 +1,29 @@
-"""What every Hugging Face -> megatron import finishes with: the output head and a check that nothing is left over."""
+"""What every Hugging Face -> megatron GPT import shares: handing out tensors by name, the output head and a check
+that nothing is left over."""
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 
 from largelm.checkpoint.convert.errors import UnsupportedArchitecture
 
 
-def finish_import(out: dict, sd: dict, used: set, take: Callable[[str], torch.Tensor], tied: bool,
-                  embedding_name: str, family: str) -> dict[str, torch.Tensor]:
+class Taker:
+    """``take(name)``: the Hugging Face tensor ``name`` (refused when absent), remembered as used."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], family: str):
+        self.sd, self.family, self.used = sd, family, set()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.sd:
+            raise UnsupportedArchitecture(f"Hugging Face {self.family} weights lack {name}")
+        self.used.add(name)
+        return self.sd[name]
+
+
+def finish_import(out: dict, take: Taker, tied: bool, embedding_name: str) -> dict[str, torch.Tensor]:
     """Attach ``lm_head.weight`` (or check it equals the tied embedding) and refuse HF tensors with no place."""
+    sd, used, family = take.sd, take.used, take.family
     if "lm_head.weight" in sd:
         head = take("lm_head.weight")
         if tied:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from largelm.checkpoint.convert.errors import UnsupportedArchitecture
-from largelm.checkpoint.convert.hf_common import finish_import
+from largelm.checkpoint.convert.hf_common import Taker, finish_import
 from largelm.checkpoint.convert.qkv import fuse_qkv, split_qkv
 
 ARCHITECTURE = "GPT2LMHeadModel"
@@ -98,13 +98,7 @@ def from_hf(model, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if key.endswith(IGNORED_KEYS):
             continue
         sd[key[len("transformer."):] if key.startswith("transformer.") else key] = value
-    used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in sd:
-            raise UnsupportedArchitecture(f"Hugging Face GPT-2 weights lack {name}")
-        used.add(name)
-        return sd[name]
+    take = Taker(sd, "GPT-2")
 
     nq = model.num_attention_heads
     d = model.hidden_size // nq
@@ -129,4 +123,4 @@ def from_hf(model, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[g + "mlp.linear_fc2.bias"] = take(p + "mlp.c_proj.bias")
     out["decoder.final_layernorm.weight"] = take("ln_f.weight")
     out["decoder.final_layernorm.bias"] = take("ln_f.bias")
-    return finish_import(out, sd, used, take, model.tie_embeddings, "wte.weight", "GPT-2")
+    return finish_import(out, take, model.tie_embeddings, "wte.weight")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from largelm.checkpoint.convert.errors import UnsupportedArchitecture
-from largelm.checkpoint.convert.hf_common import finish_import
+from largelm.checkpoint.convert.hf_common import Taker, finish_import
 from largelm.checkpoint.convert.qkv import fuse_qkv, split_qkv
 
 ARCHITECTURE = "LlamaForCausalLM"
@@ -91,13 +91,7 @@ def model_fields(cfg) -> dict:
 
 def from_hf(model, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sd = {k: v for k, v in sd.items() if not k.endswith(IGNORED_KEYS)}
-    used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in sd:
-            raise UnsupportedArchitecture(f"Hugging Face Llama weights lack {name}")
-        used.add(name)
-        return sd[name]
+    take = Taker(sd, "Llama")
 
     nq, ng = model.num_attention_heads, model.kv_groups
     d = model.hidden_size // nq
@@ -113,4 +107,4 @@ def from_hf(model, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[p + "mlp.linear_fc1.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")])
         out[p + "mlp.linear_fc2.weight"] = take(h + "mlp.down_proj.weight")
     out["decoder.final_layernorm.weight"] = take("model.norm.weight")
-    return finish_import(out, sd, used, take, model.tie_embeddings, "embed_tokens", "Llama")
+    return finish_import(out, take, model.tie_embeddings, "embed_tokens")

@@ -52,9 +52,11 @@ def _proto(model_path: Path):
     return proto
 
 
-def build_fast_tokenizer(model_path: Path):
-    """A ``PreTrainedTokenizerFast`` equivalent to the sentencepiece model at ``model_path``."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+def build_fast_tokenizer(model_path: Path, bert: bool = False):
+    """A ``PreTrainedTokenizerFast`` equivalent to the sentencepiece model at ``model_path``. ``bert``: name
+    ``[CLS] [SEP] [MASK]`` as its cls/sep/mask tokens and add ``[CLS] A [SEP]`` / ``[CLS] A [SEP] B [SEP]`` (token
+    types 0 and 1) on encode with special tokens, the layout largelm's BERT data uses."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
     from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
 
@@ -83,9 +85,22 @@ def build_fast_tokenizer(model_path: Path):
     def piece(i: int):
         return pieces[i].piece if 0 <= i < len(pieces) else None
 
+    extra = {}
+    if bert:
+        from largelm.data.bert_masking import BERT_SPECIAL_PIECES
+
+        ids = {p.piece: i for i, p in enumerate(pieces)}
+        missing = [p for p in BERT_SPECIAL_PIECES if p not in ids]
+        if missing:
+            raise ConversionError(f"{model_path} lacks the BERT pieces {missing}")
+        cls, sep, mask = BERT_SPECIAL_PIECES
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+            special_tokens=[(cls, ids[cls]), (sep, ids[sep])])
+        extra = {"cls_token": cls, "sep_token": sep, "mask_token": mask}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token=piece(spec.unk_id), bos_token=piece(spec.bos_id),
-        eos_token=piece(spec.eos_id), pad_token=piece(spec.pad_id), clean_up_tokenization_spaces=False,
+        eos_token=piece(spec.eos_id), pad_token=piece(spec.pad_id), clean_up_tokenization_spaces=False, **extra,
     )
 
 
@@ -95,14 +110,15 @@ def special_ids(model_path: Path) -> dict:
     return {k: (v if v >= 0 else None) for k, v in ids.items()}
 
 
-def export_tokenizer(model_path: Path, out_dir: Path, extra_texts: tuple = ()) -> dict:
+def export_tokenizer(model_path: Path, out_dir: Path, extra_texts: tuple = (), bert: bool = False) -> dict:
     """Write tokenizer.json / tokenizer_config.json / tokenizer.model to ``out_dir`` and check that
-    ``AutoTokenizer.from_pretrained(out_dir)`` encodes like sentencepiece. Returns the check record."""
+    ``AutoTokenizer.from_pretrained(out_dir)`` encodes like sentencepiece (``bert``: and frames pairs as
+    ``[CLS] A [SEP] B [SEP]``). Returns the check record."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
     model_path, out_dir = Path(model_path), Path(out_dir)
-    fast = build_fast_tokenizer(model_path)
+    fast = build_fast_tokenizer(model_path, bert=bert)
     fast.save_pretrained(str(out_dir))
     shutil.copyfile(model_path, out_dir / "tokenizer.model")
     loaded = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
@@ -117,6 +133,14 @@ def export_tokenizer(model_path: Path, out_dir: Path, extra_texts: tuple = ()) -
             mismatches.append({"text": text[:80], "sentencepiece": ours[:20], "hf": theirs[:20]})
         elif loaded.decode(theirs) != sp.decode(ours):
             mismatches.append({"text": text[:80], "decode": [sp.decode(ours)[:80], loaded.decode(theirs)[:80]]})
+    if bert:
+        a, b = sp.encode(texts[0], out_type=int), sp.encode(texts[1], out_type=int)
+        cls, sep = loaded.cls_token_id, loaded.sep_token_id
+        pair = loaded(texts[0], texts[1])
+        want = [cls, *a, sep, *b, sep]
+        types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
+        if pair["input_ids"] != want or pair.get("token_type_ids", types) != types:
+            mismatches.append({"pair": [texts[0], texts[1]], "expected": want, "hf": pair["input_ids"]})
     if mismatches:
         raise ConversionError(f"the exported tokenizer does not reproduce {model_path}: {mismatches[:3]}")
     return {"texts_checked": len(texts), "tokenizer_class": type(loaded).__name__, "vocab_size": sp.get_piece_size()}

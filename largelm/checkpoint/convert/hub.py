@@ -2,12 +2,12 @@
 
 A consolidated directory holds one model, independent of any parallel layout::
 
-    model.safetensors   full (TP=1, single-stage) GPTModel tensors under megatron's names, the vocabulary
+    model.safetensors   full (TP=1, single-stage) GPTModel or BertModel tensors under megatron's names, the vocabulary
                         tensors cut to model.vocab_size rows (no TP padding); plus, when the source had them,
                         the padding rows under "vocab_padding/<name>" (see below)
     largelm.json        {"format": "largelm-consolidated", "format_version": 1, "model": <ModelConfig>,
                          "config": <whole largelm Config or null>, "dtype", "step", "source", "tokenizer",
-                         "verification"}
+                         "verification", "bert": <BertConfig> for model.arch bert}
     tokenizer.model     the sentencepiece model (when known), so the directory is self-contained
 
 Vocabulary padding: megatron pads the vocabulary to a multiple of ``make_vocab_size_divisible_by x TP``; the
@@ -29,8 +29,8 @@ from typing import Optional
 import torch
 
 from largelm.checkpoint.convert.errors import ConversionError
-from largelm.checkpoint.convert.layout import VOCAB_PARALLEL, gpt_param_shapes
-from largelm.config import Config, ConfigError, ModelConfig, config_from_dict
+from largelm.checkpoint.convert.layout import VOCAB_PARALLEL, param_shapes
+from largelm.config import BertConfig, Config, ConfigError, ModelConfig, config_from_dict
 
 FORMAT = "largelm-consolidated"
 FORMAT_VERSION = 1
@@ -65,6 +65,11 @@ class Consolidated:
     source: dict = field(default_factory=dict)
     tokenizer: Optional[Path] = None  # sentencepiece model file
     verification: list = field(default_factory=list)
+    bert: Optional[BertConfig] = None  # model.arch bert: binary head / norm placement (default: config.bert)
+
+    def __post_init__(self) -> None:
+        if self.model.arch == "bert" and self.bert is None:
+            self.bert = self.config.bert if self.config is not None and self.config.bert else BertConfig()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -72,11 +77,7 @@ class Consolidated:
 
     def validate(self) -> None:
         """Every expected tensor present with its full shape, nothing else (ConversionError otherwise)."""
-        if self.model.arch != "gpt":
-            from largelm.checkpoint.convert.hf_bert import MESSAGE
-
-            raise NotImplementedError(MESSAGE)
-        expected = gpt_param_shapes(self.model)
+        expected = param_shapes(self.model, self.bert)
         missing = [n for n in expected if n not in self.tensors]
         unexpected = [n for n in self.tensors if n not in expected]
         wrong = [f"{n}: {tuple(t.shape)} (expected {expected[n]})" for n, t in self.tensors.items()
@@ -100,7 +101,7 @@ class Consolidated:
 
         return Consolidated({k: conv(v) for k, v in self.tensors.items()}, self.model, self.config,
                             {k: conv(v) for k, v in self.padding.items()}, self.step, dict(self.source),
-                            self.tokenizer, list(self.verification))
+                            self.tokenizer, list(self.verification), self.bert)
 
     def padded_tensors(self, padded_vocab: int) -> dict[str, torch.Tensor]:
         """The tensors with the vocabulary tensors padded (or cut) to ``padded_vocab`` rows, for loading into a
@@ -183,6 +184,7 @@ def save_consolidated(out_dir: Path, c: Consolidated) -> Path:
         "source": c.source,
         "tokenizer": tokenizer,
         "verification": c.verification,
+        "bert": c.bert.model_dump(mode="json") if c.bert is not None else None,
         "tensors": {k: list(v.shape) for k, v in c.tensors.items()},
     }
     (out_dir / META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -213,6 +215,7 @@ def load_consolidated(path: Path) -> Consolidated:
     try:
         model = ModelConfig.model_validate(meta["model"])
         config = config_from_dict(meta["config"], source=str(meta_path)) if meta.get("config") else None
+        bert = BertConfig.model_validate(meta["bert"]) if meta.get("bert") else None
     except (ConfigError, ValueError) as err:
         raise ConversionError(f"{meta_path}: invalid model config: {err}") from None
     tensors, padding = {}, {}
@@ -232,6 +235,6 @@ def load_consolidated(path: Path) -> Consolidated:
         if not tokenizer.is_file():
             raise ConversionError(f"consolidated model {path}: tokenizer file {tok['file']} is missing")
     c = Consolidated(tensors, model, config, padding, meta.get("step"), meta.get("source") or {}, tokenizer,
-                     meta.get("verification") or [])
+                     meta.get("verification") or [], bert)
     c.validate()
     return c

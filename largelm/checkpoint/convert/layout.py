@@ -26,12 +26,13 @@ import re
 from typing import Optional
 
 from largelm.checkpoint.convert.errors import ConversionError
-from largelm.config import ModelConfig
+from largelm.config import BertConfig, ModelConfig
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 POSITION_EMBEDDINGS = "embedding.position_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
-VOCAB_PARALLEL = (WORD_EMBEDDINGS, OUTPUT_LAYER)
+OUTPUT_BIAS = "output_layer.bias"  # BERT's MLM output bias (vocab-parallel)
+VOCAB_PARALLEL = (WORD_EMBEDDINGS, OUTPUT_LAYER, OUTPUT_BIAS)
 TIED_PREFIX = "tied_modules.word_embeddings."
 
 _COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
@@ -102,6 +103,45 @@ def gpt_param_shapes(model: ModelConfig, vocab_rows: Optional[int] = None) -> di
     return shapes
 
 
+def bert_param_shapes(model: ModelConfig, bert: Optional[BertConfig] = None,
+                      vocab_rows: Optional[int] = None) -> dict[str, tuple[int, ...]]:
+    """Every megatron ``BertModel`` parameter at TP=1 with its full shape, in the module's order (``vocab_rows`` as
+    in ``gpt_param_shapes``). ``bert.residual_post_layernorm`` moves the layer norms to ``input_norm``/``mlp_norm``
+    (registered after the MLP; largelm/model/bert_layers.py); ``bert.binary_head`` adds the binary head and pooler."""
+    bert = bert or BertConfig()
+    h, rows = model.hidden_size, vocab_rows or model.vocab_size
+    gpt = gpt_param_shapes(model.model_copy(update={"tie_embeddings": True}), vocab_rows=rows)
+    shapes: dict[str, tuple[int, ...]] = {WORD_EMBEDDINGS: (rows, h), POSITION_EMBEDDINGS: (model.positions, h),
+                                          "embedding.tokentype_embeddings.weight": (2, h)}
+    for i in range(model.num_layers):
+        prefix = f"decoder.layers.{i}."
+        layer = {name[len(prefix):]: shape for name, shape in gpt.items() if name.startswith(prefix)}
+        norms = {k: v for k, v in layer.items() if "layernorm" in k}
+        if bert.residual_post_layernorm:
+            layer = {k: v for k, v in layer.items() if k not in norms}
+            layer.update({k.replace("input_layernorm", "input_norm").replace("pre_mlp_layernorm", "mlp_norm"): v
+                          for k, v in norms.items()})
+        shapes.update({f"encoder.layers.{i}.{k}": v for k, v in layer.items()})
+    shapes.update({"encoder.final_layernorm.weight": (h,), "encoder.final_layernorm.bias": (h,),
+                   "lm_head.dense.weight": (h, h), "lm_head.dense.bias": (h,),
+                   "lm_head.layer_norm.weight": (h,), "lm_head.layer_norm.bias": (h,)})
+    if not model.tie_embeddings:
+        shapes[OUTPUT_LAYER] = (rows, h)
+    shapes[OUTPUT_BIAS] = (rows,)
+    if bert.binary_head:
+        shapes.update({"binary_head.weight": (2, h), "binary_head.bias": (2,),
+                       "pooler.dense.weight": (h, h), "pooler.dense.bias": (h,)})
+    return shapes
+
+
+def param_shapes(model: ModelConfig, bert: Optional[BertConfig] = None,
+                 vocab_rows: Optional[int] = None) -> dict[str, tuple[int, ...]]:
+    """``gpt_param_shapes`` or ``bert_param_shapes`` by ``model.arch``."""
+    if model.arch == "bert":
+        return bert_param_shapes(model, bert, vocab_rows)
+    return gpt_param_shapes(model, vocab_rows)
+
+
 def check_tensor_parallel(model: ModelConfig, tp: int) -> None:
     """Raise ConversionError when ``model`` cannot be split over ``tp`` tensor-parallel ranks."""
     problems = []
@@ -153,8 +193,22 @@ def pipeline_name_to_gpt(name: str, num_layers: int) -> str:
     raise ConversionError(f"pipeline parameter {name!r} does not fit a model of {num_layers} layers")
 
 
-def to_gpt_names(state: dict, num_layers: int) -> dict:
-    """Rename a module-native state dict (``GPTModel`` or ``GPTPipelineModule`` names) to ``GPTModel`` names.
+def model_name(name: str, model: ModelConfig) -> str:
+    """A module-native parameter name (dense model or pipeline stage) -> the dense model's name of that tensor."""
+    if is_model_name(name, model):
+        return name
+    if model.arch == "bert":
+        from largelm.model.bert_pipeline import pipeline_name_to_bert
+
+        try:
+            return pipeline_name_to_bert(name, model.num_layers)
+        except KeyError as err:
+            raise ConversionError(str(err.args[0])) from None
+    return pipeline_name_to_gpt(name, model.num_layers)
+
+
+def to_model_names(state: dict, model: ModelConfig) -> dict:
+    """Rename a module-native state dict (``GPTModel``/``BertModel`` or pipeline names) to the dense model's names.
 
     Pipeline names that map to the same tensor (the tied embedding's two copies) must be equal; the first wins.
     """
@@ -162,14 +216,24 @@ def to_gpt_names(state: dict, num_layers: int) -> dict:
     for name, tensor in state.items():
         if name.endswith("_extra_state"):
             continue
-        gpt = name if _is_gpt_name(name) else pipeline_name_to_gpt(name, num_layers)
-        if gpt in out:
-            if out[gpt].shape != tensor.shape or not bool((out[gpt] == tensor).all()):
-                diff = (out[gpt].float() - tensor.float()).abs().max().item() if out[gpt].shape == tensor.shape else None
-                raise ConversionError(f"{name} and another copy of {gpt} in the same stage differ (max diff {diff})")
+        dense = model_name(name, model)
+        if dense in out:
+            if out[dense].shape != tensor.shape or not bool((out[dense] == tensor).all()):
+                diff = ((out[dense].float() - tensor.float()).abs().max().item()
+                        if out[dense].shape == tensor.shape else None)
+                raise ConversionError(f"{name} and another copy of {dense} in the same stage differ (max diff {diff})")
             continue
-        out[gpt] = tensor
+        out[dense] = tensor
     return out
+
+
+def _is_bert_name(name: str) -> bool:
+    return name.startswith(("embedding.", "encoder.", "lm_head.", "output_layer.", "binary_head.", "pooler."))
+
+
+def is_model_name(name: str, model: ModelConfig) -> bool:
+    """Whether ``name`` is a dense-model name (else a pipeline name)."""
+    return _is_bert_name(name) if model.arch == "bert" else _is_gpt_name(name)
 
 
 def _is_gpt_name(name: str) -> bool:

@@ -39,13 +39,16 @@ import torch
 
 from largelm.checkpoint.convert.errors import ConversionError
 from largelm.checkpoint.convert.hub import Consolidated, load_consolidated, save_consolidated
-from largelm.checkpoint.convert.layout import check_pipeline_parallel, check_tensor_parallel, pipeline_name_to_gpt
+from largelm.checkpoint.convert.layout import (
+    check_pipeline_parallel, check_tensor_parallel, model_name,
+)
 from largelm.config import Config, ConfigError, apply_override, config_from_dict, dump_config
 from largelm.train.preflight import SHAPE_FIELDS
 
 # Model fields the converted weights fix (make_vocab_size_divisible_by is free: we re-pad).
 FIXED_MODEL_FIELDS = tuple(f for f in SHAPE_FIELDS if f != "make_vocab_size_divisible_by") + (
     "rotary_base", "norm_epsilon")
+BERT_WEIGHT_FIELDS = ("binary_head", "residual_post_layernorm")
 
 
 def target_config(c: Consolidated, *, tensor_parallel: int, pipeline_parallel: int, out_root: Path,
@@ -61,6 +64,8 @@ def target_config(c: Consolidated, *, tensor_parallel: int, pipeline_parallel: i
     model = c.model.model_dump(mode="json")
     for key in FIXED_MODEL_FIELDS:
         data["model"][key] = model[key]
+    if c.bert is not None:  # the BERT fields that decide the parameter set come with the weights
+        data["bert"] = {**(data.get("bert") or {}), **{k: getattr(c.bert, k) for k in BERT_WEIGHT_FIELDS}}
     if not Path(data["tokenizer"]["model"]).is_file() and c.tokenizer is not None and Path(c.tokenizer).is_file():
         data["tokenizer"]["model"] = str(Path(c.tokenizer).resolve())  # the copy kept with the consolidated model
     parallel = data["parallel"]
@@ -87,6 +92,9 @@ def target_config(c: Consolidated, *, tensor_parallel: int, pipeline_parallel: i
     if c.model.style == "gpt2" and cfg.model.positions != c.model.positions:
         changed.append(f"learned position table: the weights have {c.model.positions} rows, the config gives "
                        f"{cfg.model.positions} (model.max_position_embeddings / model.seq_length)")
+    if c.bert is not None:
+        changed += [f"bert.{k}: {getattr(cfg.bert, k)!r} (weights have {getattr(c.bert, k)!r})"
+                    for k in BERT_WEIGHT_FIELDS if getattr(cfg.bert, k) != getattr(c.bert, k)]
     if changed:
         raise ConversionError("the target config does not fit the converted weights (check --config/--set): "
                               + "; ".join(changed))
@@ -131,13 +139,12 @@ def source_extra_state(info) -> dict:
     return {k: v for k, v in load_pt(path).items() if k not in ("step", "data", "rng")}
 
 
-def _local_full_value(name: str, param: torch.nn.Parameter, full: dict, num_layers: int, tp_rank: int, tp: int):
+def _local_full_value(name: str, param: torch.nn.Parameter, full: dict, model, tp_rank: int, tp: int):
     """The exact fp32 value this rank's parameter ``name`` should hold, cut from the full weights with the
     partition attributes megatron put on the parameter."""
     from largelm.parallel.sharding import shard_tensor
 
-    gpt = name if name.startswith(("embedding.", "decoder.", "output_layer.")) else pipeline_name_to_gpt(name, num_layers)
-    value = full[gpt]
+    value = full[model_name(name, model)]
     if getattr(param, "tensor_model_parallel", False) and tp > 1:
         value = shard_tensor(value, tp_rank, tp, param.partition_dim, getattr(param, "partition_stride", 1))
     return value.float()
@@ -162,10 +169,10 @@ def _write_rank(rank: int, world_size: int, hub_dir: str, cfg_dict: dict, step: 
 
     from largelm.checkpoint.convert import verify
     from largelm.checkpoint.manager import Checkpoint, CheckpointManager
-    from largelm.data import build_loader
     from largelm.parallel import groups
     from largelm.parallel.cpu_compat import model_parallel_manual_seed
     from largelm.train.engine import build_step
+    from largelm.train.trainer import build_run_loader
     from largelm.train.rng import capture_rng_state
 
     cfg = config_from_dict(cfg_dict, source="target layout")
@@ -181,7 +188,7 @@ def _write_rank(rank: int, world_size: int, hub_dir: str, cfg_dict: dict, step: 
         model_parallel_manual_seed(cfg.train.seed)
         stepper = build_step(cfg, world_size, init_state_dict=full)
         engine = stepper.engine
-        expected = {name: _local_full_value(name, p, full, cfg.model.num_layers, tp_rank, tp)
+        expected = {name: _local_full_value(name, p, full, cfg.model, tp_rank, tp)
                     for name, p in engine.module.named_parameters()}
         for name, param in engine.module.named_parameters():
             safe_set_full_fp32_param(param, expected[name])
@@ -193,11 +200,7 @@ def _write_rank(rank: int, world_size: int, hub_dir: str, cfg_dict: dict, step: 
         if data_states is not None:
             data = data_states[rank]
         else:
-            d = cfg.data
-            data = build_loader(datasets=[(s.path, s.weight) for s in d.train], seq_length=cfg.model.seq_length,
-                                batch_size=cfg.train.micro_batch_size, rank=dp_rank, world_size=dp_size,
-                                num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, seed=d.seed, infinite=True,
-                                skip_bad_samples=d.skip_bad_samples).state_dict()
+            data = build_run_loader(cfg, dp_rank, dp_size).state_dict()
         manager = CheckpointManager(cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last,
                                     config_yaml=dump_config(cfg),
                                     meta={"world_size": world_size, "tensor_parallel": tp, "pipeline_parallel": pp,
@@ -216,11 +219,11 @@ def _write_rank(rank: int, world_size: int, hub_dir: str, cfg_dict: dict, step: 
                           for n, p in fresh.engine.module.named_parameters() if p.numel())
         del fresh
         gc.collect()
-        model = verify.build_model(cfg.model, cfg.parallel)
+        model = verify.build_model(cfg.model, cfg.parallel, bert=cfg.bert)
         verify.load_native(model, masters, f"converted checkpoint rank {rank}")
         logits = verify.layout_forward(model, torch.from_numpy(tokens), cfg.model.hidden_size)
         return {"path": str(path), "loaded_step": int(state["step"]), "weight_diff": weight_diff,
-                "module_diff": module_diff, "logits": None if logits is None or dp_rank else logits.numpy()}
+                "module_diff": module_diff, "logits": None if dp_rank else verify.to_numpy(logits)}
     finally:
         groups.destroy()
 
@@ -232,6 +235,7 @@ def write_training_checkpoint(c: Consolidated, cfg: Config, out_root: Path, *, w
                               log=print) -> tuple[Path, torch.Tensor, dict]:
     """Spawn the target layout's ranks and write the checkpoint; returns (step directory, target-layout logits,
     {"weight_diff", "module_diff"} maxima over ranks)."""
+    from largelm.checkpoint.convert import verify
     from largelm.checkpoint.convert.spawn import run_ranks
 
     out_root = Path(out_root)
@@ -259,10 +263,12 @@ def write_training_checkpoint(c: Consolidated, cfg: Config, out_root: Path, *, w
     loaded = {r["loaded_step"] for r in results}
     if loaded != {step}:
         raise ConversionError(f"the written checkpoint resumes at step(s) {sorted(loaded)}, expected {step}")
-    logits = torch.from_numpy(next(r["logits"] for r in results if r["logits"] is not None))
+    logits = next(r["logits"] for r in results if r["logits"] is not None)
+    logits = (tuple(None if t is None else torch.from_numpy(t) for t in logits) if isinstance(logits, tuple)
+              else torch.from_numpy(logits))
     diffs = {"weight_diff": max(r["weight_diff"] for r in results),
              "module_diff": max(r["module_diff"] for r in results)}
-    return path, logits[..., : c.model.vocab_size], diffs
+    return path, verify.cut_vocab(logits, c.model.vocab_size), diffs
 
 
 def write_conversion_record(out_root: Path, record: dict) -> None:

@@ -12,6 +12,13 @@ difference over the real vocabulary exceeds the tolerance:
 
 All forwards run in fp32 on the CPU, with dropout off. The batch (``fixed_tokens``) is seeded, so a report is
 reproducible: 2 sequences of min(seq positions, 64) token ids drawn uniformly from the real vocabulary.
+
+BERT (``model.arch: bert``) is compared on its MLM logits *and* its binary-head (SOP/NSP) logits, as one maximum.
+Its batch adds ``bert_inputs(tokens)``: token type 1 on the second half of each sequence, and padding (attention
+mask 0) on the last quarter of the second sequence, so the segment embedding and the padding mask are exercised.
+MLM logits at padded positions are zeroed before comparing (``drop_padded``): megatron masks padded *queries* too
+(its mask is the outer product of the padding mask), transformers only padded keys, so the two differ there, and
+no loss or prediction ever reads those positions.
 """
 
 from __future__ import annotations
@@ -38,10 +45,35 @@ def fixed_tokens(model: ModelConfig, batch: int = BATCH, seed: int = SEED) -> to
     return torch.randint(0, model.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def bert_inputs(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_type_ids, attention_mask) of the BERT verification batch (see the module docstring); 1 = attend."""
+    b, s = tokens.shape
+    types = torch.zeros(b, s, dtype=torch.long)
+    types[:, s // 2:] = 1
+    mask = torch.ones(b, s, dtype=torch.long)
+    if b > 1:
+        mask[1, s - s // 4:] = 0
+    return types, mask
+
+
+def drop_padded(mlm_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """MLM logits [b, s, V] with padded positions (mask 0) zeroed (see the module docstring)."""
+    return mlm_logits * attention_mask.to(mlm_logits.dtype).unsqueeze(-1)
+
+
+def _parts(logits, vocab_size: int) -> list[torch.Tensor]:
+    """A forward's output as fp32 tensors: GPT logits, or BERT's (MLM logits, binary logits or None)."""
+    if isinstance(logits, (tuple, list)):
+        mlm, binary = logits
+        return [torch.as_tensor(mlm).float()[..., :vocab_size]] + (
+            [] if binary is None else [torch.as_tensor(binary).float()])
+    return [torch.as_tensor(logits).float()[..., :vocab_size]]
+
+
 def tolerance(*weight_dtypes: torch.dtype, reference: Optional[torch.Tensor] = None) -> float:
     """The stated tolerance for a comparison whose sides hold weights of ``weight_dtypes``; ``reference`` (the
     source's logits) scales it: ``FP32_TOLERANCE`` or ``BF16_TOLERANCE`` times max(1, max |logit|)."""
-    scale = 1.0 if reference is None else max(1.0, torch.as_tensor(reference).float().abs().max().item())
+    scale = 1.0 if reference is None else max(1.0, max(p.abs().max().item() for p in _parts(reference, None)))
     base = FP32_TOLERANCE if all(d == torch.float32 for d in weight_dtypes) else BF16_TOLERANCE
     return base * scale
 
@@ -71,13 +103,14 @@ class Check:
         return out
 
 
-def compare(what: str, a: torch.Tensor, b: torch.Tensor, vocab_size: int, tol: float, log=print,
-            raise_on_failure: bool = True) -> Check:
-    a, b = torch.as_tensor(a).float()[..., :vocab_size], torch.as_tensor(b).float()[..., :vocab_size]
-    if a.shape != b.shape:
-        raise VerificationError(f"verify {what}: logits have shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    diff = (a - b).abs().max().item()
-    check = Check(what, diff, tol, a.abs().max().item(), list(a.shape[:2]))
+def compare(what: str, a, b, vocab_size: int, tol: float, log=print, raise_on_failure: bool = True) -> Check:
+    """Compare two forwards' outputs (logits tensors, or BERT's (MLM logits, binary logits) pairs)."""
+    pa, pb = _parts(a, vocab_size), _parts(b, vocab_size)
+    shapes = [tuple(t.shape) for t in pa], [tuple(t.shape) for t in pb]
+    if shapes[0] != shapes[1]:
+        raise VerificationError(f"verify {what}: outputs have shapes {shapes[0]} and {shapes[1]}")
+    diff = max((x - y).abs().max().item() for x, y in zip(pa, pb))
+    check = Check(what, diff, tol, max(x.abs().max().item() for x in pa), list(pa[0].shape[:2]))
     if log:
         log(check.line())
     if raise_on_failure and not check.ok:
@@ -120,15 +153,22 @@ def _preserved_rng() -> Iterator[None]:
         torch.set_rng_state(state)
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32):
-    """This rank's module in the layout ``parallel`` (dense ``GPTModel`` or a pipeline stage), for inference.
-
-    Sequence parallelism is left off: it changes how activations are split, not the weights.
+def build_model(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32, bert=None):
+    """This rank's module in the layout ``parallel`` (dense ``GPTModel``/``BertModel`` or a pipeline stage), for
+    inference. Sequence parallelism is left off: it changes how activations are split, not the weights.
     """
     from largelm.parallel.cpu_compat import model_parallel_manual_seed
 
     parallel = parallel.model_copy(update={"sequence_parallel": False, "virtual_pipeline": None})
     model_parallel_manual_seed(0)
+    if model.arch == "bert":
+        if parallel.pipeline_parallel > 1:
+            from largelm.model.bert_pipeline import build_bert_pipeline
+
+            return build_bert_pipeline(model, parallel, bert, vocab_size=model.vocab_size, dtype=dtype).eval()
+        from largelm.model.bert import build_bert_model
+
+        return build_bert_model(model, parallel, bert, vocab_size=model.vocab_size, dtype=dtype).eval()
     if parallel.pipeline_parallel > 1:
         from largelm.model.pipeline import build_gpt_pipeline
 
@@ -148,46 +188,78 @@ def load_native(module: torch.nn.Module, state: dict, what: str) -> None:
 
 
 @torch.no_grad()
-def layout_forward(module: torch.nn.Module, tokens: torch.Tensor, hidden_size: int) -> Optional[torch.Tensor]:
+def layout_forward(module: torch.nn.Module, tokens: torch.Tensor, hidden_size: int):
     """Full-vocabulary logits [b, s, V_padded] of ``tokens`` [b, s] through this rank's module; collective over
-    the model-parallel group. Returned on the rank that holds the last pipeline stage (None elsewhere)."""
+    the model-parallel group. Returned on the rank that holds the last pipeline stage (None elsewhere). A
+    ``BertModel`` returns (logits, binary logits or None) on ``bert_inputs(tokens)``."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     tokens = tokens.long()
+    bert, binary = _is_bert(module), None
+    types, mask = bert_inputs(tokens) if bert else (None, None)
     position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp == 1:
+    if bert and pp == 1:
+        logits, binary = module(tokens, mask, tokentype_ids=types)  # [b, s, V/tp], [b, 2] or None
+    elif pp == 1:
         logits = module(tokens, position_ids, None)  # [b, s, V/tp]
-    else:
+    else:  # a pipeline stage: GPT passes hidden [s, b, h]; BERT (hidden, attention mask), then (logits, binary)
         stage = parallel_state.get_pipeline_model_parallel_rank()
         if stage == 0:
-            x = (tokens,)
+            x = (tokens, mask, types) if bert else (tokens,)
         else:
             x = torch.empty(tokens.shape[1], tokens.shape[0], hidden_size, dtype=torch.float32)
             dist.recv(x, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+            x = (x, mask) if bert else x
         out = module(x)
         if stage < pp - 1:
-            dist.send(out.float().contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+            dist.send((out[0] if bert else out).float().contiguous(),
+                      dst=parallel_state.get_pipeline_model_parallel_next_rank())
             return None
-        logits = out.transpose(0, 1)  # [s, b, V/tp] -> [b, s, V/tp]
+        logits, binary = out if bert else (out, None)
+        logits = logits.transpose(0, 1)  # [s, b, V/tp] -> [b, s, V/tp]
     tp = parallel_state.get_tensor_model_parallel_world_size()
     logits = logits.float().contiguous()
     if tp > 1:
         parts = [torch.empty_like(logits) for _ in range(tp)]
         dist.all_gather(parts, logits, group=parallel_state.get_tensor_model_parallel_group())
         logits = torch.cat(parts, dim=-1)
+    if bert:
+        return drop_padded(logits, mask), None if binary is None else binary.float()
     return logits
 
 
-def consolidated_logits(c, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits of a consolidated model: megatron ``GPTModel`` at TP=1 on one (in-process) gloo rank."""
+def _is_bert(module: torch.nn.Module) -> bool:
+    from megatron.core.models.bert.bert_model import BertModel
+
+    from largelm.model.bert_pipeline import BertPipelineModule
+
+    return isinstance(module, (BertModel, BertPipelineModule))
+
+
+def cut_vocab(logits, vocab_size: int):
+    """Logits (or BERT's (logits, binary) pair) with the vocabulary padding removed, as torch tensors."""
+    if isinstance(logits, (tuple, list)):
+        mlm, binary = logits
+        return cut_vocab(mlm, vocab_size), None if binary is None else torch.as_tensor(binary)
+    return torch.as_tensor(logits)[..., :vocab_size].clone()
+
+
+def to_numpy(logits):
+    if isinstance(logits, (tuple, list)):
+        return tuple(None if t is None else t.numpy() for t in logits)
+    return None if logits is None else logits.numpy()
+
+
+def consolidated_logits(c, tokens: torch.Tensor):
+    """Logits of a consolidated model: megatron ``GPTModel``/``BertModel`` at TP=1 on one (in-process) gloo rank."""
     with _preserved_rng(), single_rank_group():
-        model = build_model(c.model, ParallelConfig())
+        model = build_model(c.model, ParallelConfig(), bert=c.bert)
         padded = c.model.padded_vocab_size(1)
         load_native(model, {k: v.float() for k, v in c.padded_tensors(padded).items()}, "consolidated model")
         logits = layout_forward(model, tokens, c.model.hidden_size)
-    return logits[..., : c.model.vocab_size].clone()
+    return cut_vocab(logits, c.model.vocab_size)
 
 
 def _checkpoint_rank(rank: int, world_size: int, step_dir: str, tokens: np.ndarray):
@@ -198,16 +270,15 @@ def _checkpoint_rank(rank: int, world_size: int, step_dir: str, tokens: np.ndarr
     groups.init_distributed("gloo")
     try:
         groups.init_model_parallel(info.tensor_parallel, info.pipeline_parallel)
-        model = build_model(info.config.model, info.config.parallel)
+        model = build_model(info.config.model, info.config.parallel, bert=info.config.bert)
         native, _ = read_mp_rank(info, rank)  # one data-parallel replica: rank == model-parallel rank
         load_native(model, native, f"{info.path} model-parallel rank {rank}")
-        logits = layout_forward(model, torch.from_numpy(tokens), info.config.model.hidden_size)
-        return None if logits is None else logits.numpy()
+        return to_numpy(layout_forward(model, torch.from_numpy(tokens), info.config.model.hidden_size))
     finally:
         groups.destroy()
 
 
-def checkpoint_logits(info, tokens: torch.Tensor, timeout_s: Optional[float] = None) -> torch.Tensor:
+def checkpoint_logits(info, tokens: torch.Tensor, timeout_s: Optional[float] = None):
     """Logits of a training checkpoint in its own layout: TP x PP spawned ranks (one data-parallel replica),
     each loading its own shard's fp32 weights into the model class that trained it."""
     import torch.distributed as dist
@@ -215,12 +286,15 @@ def checkpoint_logits(info, tokens: torch.Tensor, timeout_s: Optional[float] = N
     from largelm.checkpoint.convert.consolidate import read_mp_rank
     from largelm.checkpoint.convert.spawn import run_ranks
 
+    vocab = info.config.model.vocab_size
     if info.model_parallel == 1 and not dist.is_initialized():  # one rank: no need for a process
         with _preserved_rng(), single_rank_group():
-            model = build_model(info.config.model, info.config.parallel)
+            model = build_model(info.config.model, info.config.parallel, bert=info.config.bert)
             load_native(model, read_mp_rank(info, 0)[0], f"{info.path}")
             logits = layout_forward(model, tokens, info.config.model.hidden_size)
-        return logits[..., : info.config.model.vocab_size].clone()
+        return cut_vocab(logits, vocab)
     results = run_ranks(_checkpoint_rank, info.model_parallel, str(info.path), tokens.numpy(), timeout_s=timeout_s)
     logits = next(r for r in results if r is not None)
-    return torch.from_numpy(logits)[..., : info.config.model.vocab_size]
+    if isinstance(logits, tuple):
+        return cut_vocab(tuple(None if t is None else torch.from_numpy(t) for t in logits), vocab)
+    return cut_vocab(torch.from_numpy(logits), vocab)
