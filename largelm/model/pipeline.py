@@ -32,7 +32,8 @@ from megatron.core.transformer.spec_utils import build_module
 
 from largelm.config import ConfigError, ModelConfig, ParallelConfig
 from largelm.model.sequence_parallel import reduce_sequence_parallel_grads_in_backward
-from largelm.model.specs import build_transformer_config, final_norm, gpt_layer_spec, position_embedding_type
+from largelm.model.specs import (attention_choice, build_transformer_config, final_norm, gpt_layer_spec,
+                                 position_embedding_type)
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat
 
@@ -208,7 +209,7 @@ def build_gpt_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
         raise ConfigError(f"parallel.tensor_parallel={tp}, parallel.pipeline_parallel={pp} but megatron parallel_state "
                           "was initialised with another layout")
     config = build_transformer_config(model_cfg, parallel_cfg, params_dtype=dtype)
-    spec = gpt_layer_spec(model_cfg, parallel_cfg.sequence_parallel)
+    spec = gpt_layer_spec(model_cfg, parallel_cfg.sequence_parallel, attention_choice(model_cfg, config))
     padded = model_cfg.padded_vocab_size(tp)
     L = model_cfg.num_layers
     per_stage = L // pp  # config validation: num_layers % pipeline_parallel == 0

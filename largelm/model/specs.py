@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from largelm.config import ModelConfig, ParallelConfig
+from largelm.model.attention import SDPAttention, use_sdpa
 from largelm.model.sequence_parallel import SequenceParallelNorm
 
 STYLES = ("gpt2", "llama")
@@ -123,18 +124,27 @@ def build_transformer_config(
     return TransformerConfig(**fields)
 
 
-def gpt_layer_spec(model_cfg: ModelConfig, sequence_parallel: bool = False) -> ModuleSpec:
+def gpt_layer_spec(model_cfg: ModelConfig, sequence_parallel: bool = False, sdpa: bool = False) -> ModuleSpec:
     """One transformer layer: megatron-core's local layer spec with the norm chosen by ``normalization``.
 
     megatron's torch norms refuse sequence parallelism (they cannot mark their weights for the
     tensor-parallel grad all-reduce), so with ``sequence_parallel`` the two norm slots get
-    ``SequenceParallelNorm``; everything else stays megatron's.
+    ``SequenceParallelNorm``. With ``sdpa`` the core attention is ``SDPAttention`` (megatron's
+    ``DotProductAttention`` computed by torch's fused kernel; ``attention_choice``). Everything else stays
+    megatron's.
     """
     layer = get_gpt_layer_local_spec(normalization=normalization(model_cfg))
     if sequence_parallel:
         layer.submodules.input_layernorm = SequenceParallelNorm
         layer.submodules.pre_mlp_layernorm = SequenceParallelNorm
+    if sdpa:
+        layer.submodules.self_attention.submodules.core_attention = SDPAttention
     return layer
+
+
+def attention_choice(model_cfg: ModelConfig, config: TransformerConfig) -> bool:
+    """Whether this model's layers use ``SDPAttention`` (``model.attention``; largelm/model/attention.py)."""
+    return use_sdpa(model_cfg, bf16=config.bf16, on_cuda=not config.use_cpu_initialization)
 
 
 def final_norm(model_cfg: ModelConfig, sequence_parallel: bool = False) -> type:
@@ -148,7 +158,7 @@ def gpt_block_spec(
 ) -> TransformerBlockSubmodules:
     """What GPTModel takes as ``transformer_layer_spec``: this pipeline stage's layers plus
     ``final_norm``, spelled out at block level because the final norm is only choosable there."""
-    layer = gpt_layer_spec(model_cfg, config.sequence_parallel)
+    layer = gpt_layer_spec(model_cfg, config.sequence_parallel, attention_choice(model_cfg, config))
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * num_layers, layer_norm=final_norm(model_cfg, config.sequence_parallel)
