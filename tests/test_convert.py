@@ -74,6 +74,18 @@ def assert_same_safetensors(a, b, name: str = "model.safetensors") -> None:
         assert torch.equal(before[key], after[key]), key
 
 
+def import_randomized(model, tmp_path, norm_names: tuple) -> Consolidated:
+    """Give a transformers model large random weights (norm gains around 1; logits far from uniform), save it to
+    ``tmp_path/hf`` and import it (checked) into ``tmp_path/hub``; returns the consolidated result."""
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.normal_(1.0 if p.ndim == 1 and any(n in pname for n in norm_names) else 0.0, 0.2)
+    model.save_pretrained(tmp_path / "hf")
+    checks = api.import_hf(tmp_path / "hf", tmp_path / "hub", log=lambda *_: None)
+    assert checks[0].max_abs_diff < ATOL and checks[0].max_abs_logit > 3
+    return load_consolidated(tmp_path / "hub")
+
+
 def reference_logits(c: Consolidated, tokens: torch.Tensor) -> torch.Tensor:
     padded = c.model.padded_vocab_size(1)
     ref = ReferenceGPT(RefConfig.from_model_config(c.model, padded))
@@ -253,13 +265,7 @@ def test_hf_to_largelm_to_hf_is_identical(rank, tmp_path, kind):
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                           tie_word_embeddings=False)
         model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # large weights: logits far from uniform
-        for pname, p in model.named_parameters():
-            p.normal_(1.0 if p.ndim == 1 and ("ln" in pname or "norm" in pname) else 0.0, 0.2)
-    model.save_pretrained(tmp_path / "hf")
-    checks = api.import_hf(tmp_path / "hf", tmp_path / "hub", log=lambda *_: None)
-    assert checks[0].max_abs_diff < ATOL and checks[0].max_abs_logit > 3
-    c = load_consolidated(tmp_path / "hub")
+    c = import_randomized(model, tmp_path, norm_names=("ln", "norm"))
     assert c.model.style == kind and c.model.vocab_size == VOCAB
     api.export_hf(tmp_path / "hub", tmp_path / "hf2", log=lambda *_: None)
     assert_same_safetensors(tmp_path / "hf", tmp_path / "hf2")

@@ -48,15 +48,15 @@ from megatron.core.transformer.utils import get_linear_layer
 from largelm.config import BertConfig, ConfigError, ModelConfig, ParallelConfig
 from largelm.model.bert import bert_metrics_from_logits
 from largelm.model.bert_layers import bert_layer_spec, bert_norms
+from largelm.model.pipeline_names import BERT_HEADS, pipeline_name_to_dense
 from largelm.model.pipeline import (TIED_ATTR, TIED_KEY, GPTPipelineModule, OutputEmbeddingPipe,
-                                    check_grid_matches_parallel_state)
+                                    check_grid_matches_parallel_state, check_layout, embedding_layer)
 from largelm.model.sequence_parallel import reduce_sequence_parallel_grads_in_backward
 from largelm.model.specs import build_transformer_config
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat
 
-TIED_PREFIX = f"tied_modules.{TIED_KEY}."
-HEAD_PREFIXES = ("lm_head.", "pooler.", "binary_head.")
+HEAD_PREFIXES = BERT_HEADS[0]
 
 
 def extended_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -233,11 +233,7 @@ def build_bert_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, be
     from largelm.model.gpt import resolve_vocab_size
 
     model_cfg = resolve_vocab_size(model_cfg, vocab_size)
-    tp, pp = parallel_cfg.tensor_parallel, parallel_cfg.pipeline_parallel
-    if (parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_pipeline_model_parallel_world_size()) != (tp, pp):
-        raise ConfigError(f"parallel.tensor_parallel={tp}, parallel.pipeline_parallel={pp} but megatron parallel_state "
-                          "was initialised with another layout")
+    tp, pp = check_layout(parallel_cfg)
     config = build_transformer_config(model_cfg, parallel_cfg, params_dtype=dtype)
     spec = bert_layer_spec(bert_cfg.residual_post_layernorm, config.sequence_parallel)
     padded = model_cfg.padded_vocab_size(tp)
@@ -245,11 +241,7 @@ def build_bert_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, be
     per_stage = L // pp  # config validation: num_layers % pipeline_parallel == 0
     tied = model_cfg.tie_embeddings
     layers: list = []
-    if tied:
-        layers.append(TiedLayerSpec(TIED_KEY, BertEmbeddingPipe, config, model_cfg, padded,
-                                    tied_weight_attr=[TIED_ATTR]))
-    else:
-        layers.append(LayerSpec(BertEmbeddingPipe, config, model_cfg, padded))
+    layers.append(embedding_layer(BertEmbeddingPipe, tied, config, model_cfg, padded))
     layers += [LayerSpec(BertLayerPipe, config, spec, i % per_stage + 1) for i in range(L)]
     layers.append(LayerSpec(BertFinalNormPipe, config))
     layers.append(LayerSpec(BertHeadPipe, config, bert_cfg.binary_head))
@@ -312,25 +304,4 @@ def pipeline_name_to_bert(name: str, num_layers: int) -> str:
     """A ``BertPipelineModule`` parameter name (``<layer index>.<key>`` or ``tied_modules.word_embeddings.<key>``)
     -> the ``BertModel`` name of the same tensor. The last stage's tied copy of the word embedding maps to
     ``embedding.word_embeddings.weight`` too. ``KeyError`` for a name that does not fit ``num_layers`` layers."""
-    if name.startswith(TIED_PREFIX):
-        rest = name[len(TIED_PREFIX):]
-        if rest.startswith("embedding."):  # first stage: BertEmbeddingPipe
-            return rest
-        if rest == "word_embeddings.weight":  # last stage: OutputEmbeddingPipe
-            return "embedding.word_embeddings.weight"
-        raise KeyError(f"unknown tied pipeline parameter {name!r}")
-    index, sep, key = name.partition(".")
-    if not sep or not index.isdigit():
-        raise KeyError(f"{name!r} is not a pipeline parameter name (<layer index>.<key>)")
-    index = int(index)
-    if index == 0 and key.startswith("embedding."):
-        return key
-    if 1 <= index <= num_layers and key.startswith("layer."):
-        return f"encoder.layers.{index - 1}.{key[len('layer.'):]}"
-    if index == num_layers + 1 and key.startswith("norm."):
-        return "encoder.final_layernorm." + key[len("norm."):]
-    if index == num_layers + 2 and key.startswith(HEAD_PREFIXES):
-        return key
-    if (index, key) in ((num_layers + 3, "output_layer.weight"), (num_layers + 4, "output_layer.bias")):
-        return key
-    raise KeyError(f"pipeline parameter {name!r} does not fit a BERT of {num_layers} layers")
+    return pipeline_name_to_dense(name, num_layers, "encoder", BERT_HEADS)

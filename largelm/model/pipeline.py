@@ -31,13 +31,13 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.transformer.spec_utils import build_module
 
 from largelm.config import ConfigError, ModelConfig, ParallelConfig
+from largelm.model.pipeline_names import TIED_KEY
 from largelm.model.sequence_parallel import reduce_sequence_parallel_grads_in_backward
 from largelm.model.specs import (attention_choice, build_transformer_config, final_norm, gpt_layer_spec,
                                  position_embedding_type)
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat
 
-TIED_KEY = "word_embeddings"
 TIED_ATTR = "word_embeddings_weight"
 
 
@@ -204,10 +204,7 @@ def build_gpt_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
     from largelm.model.gpt import resolve_vocab_size
 
     model_cfg = resolve_vocab_size(model_cfg, vocab_size)
-    tp, pp = parallel_cfg.tensor_parallel, parallel_cfg.pipeline_parallel
-    if (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (tp, pp):
-        raise ConfigError(f"parallel.tensor_parallel={tp}, parallel.pipeline_parallel={pp} but megatron parallel_state "
-                          "was initialised with another layout")
+    tp, pp = check_layout(parallel_cfg)
     config = build_transformer_config(model_cfg, parallel_cfg, params_dtype=dtype)
     spec = gpt_layer_spec(model_cfg, parallel_cfg.sequence_parallel, attention_choice(model_cfg, config))
     padded = model_cfg.padded_vocab_size(tp)
@@ -215,10 +212,7 @@ def build_gpt_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
     per_stage = L // pp  # config validation: num_layers % pipeline_parallel == 0
     tied = model_cfg.tie_embeddings
     layers: list = []
-    if tied:
-        layers.append(TiedLayerSpec(TIED_KEY, EmbeddingPipe, config, model_cfg, padded, tied_weight_attr=[TIED_ATTR]))
-    else:
-        layers.append(LayerSpec(EmbeddingPipe, config, model_cfg, padded))
+    layers.append(embedding_layer(EmbeddingPipe, tied, config, model_cfg, padded))
     layers += [LayerSpec(TransformerLayerPipe, config, model_cfg, spec, i % per_stage + 1) for i in range(L)]
     layers.append(LayerSpec(FinalNormPipe, config, model_cfg))
     if tied:
@@ -248,6 +242,21 @@ def build_gpt_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
     if config.sequence_parallel:
         reduce_sequence_parallel_grads_in_backward(module)
     return module
+
+
+def check_layout(parallel_cfg: ParallelConfig) -> tuple[int, int]:
+    """(TP, PP) of ``parallel_cfg``, after checking megatron's parallel_state was initialised with them."""
+    tp, pp = parallel_cfg.tensor_parallel, parallel_cfg.pipeline_parallel
+    if (parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size()) != (tp, pp):
+        raise ConfigError(f"parallel.tensor_parallel={tp}, parallel.pipeline_parallel={pp} but megatron parallel_state "
+                          "was initialised with another layout")
+    return tp, pp
+
+
+def embedding_layer(cls: type, tied: bool, *args) -> LayerSpec:
+    """Layer 0: the embedding module, a ``TiedLayerSpec`` when the output layer shares its word embedding."""
+    return TiedLayerSpec(TIED_KEY, cls, *args, tied_weight_attr=[TIED_ATTR]) if tied else LayerSpec(cls, *args)
 
 
 def check_grid_matches_parallel_state(module: PipelineModule) -> None:

@@ -22,18 +22,18 @@ Pipeline parallelism (DeepSpeed ``PipelineModule``, largelm.model.pipeline): lay
 
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 from largelm.checkpoint.convert.errors import ConversionError
 from largelm.config import BertConfig, ModelConfig
+from largelm.model.pipeline_names import (  # noqa: F401 - TIED_PREFIX: part of this module's API
+    BERT_HEADS, GPT_HEADS, TIED_PREFIX, WORD_EMBEDDINGS, pipeline_name_to_dense,
+)
 
-WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 POSITION_EMBEDDINGS = "embedding.position_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 OUTPUT_BIAS = "output_layer.bias"  # BERT's MLM output bias (vocab-parallel)
 VOCAB_PARALLEL = (WORD_EMBEDDINGS, OUTPUT_LAYER, OUTPUT_BIAS)
-TIED_PREFIX = "tied_modules.word_embeddings."
 
 _COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
 _FC1 = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")
@@ -163,34 +163,13 @@ def check_pipeline_parallel(model: ModelConfig, pp: int) -> None:
 
 
 # --- pipeline (DeepSpeed PipelineModule) names ---------------------------------------------------------------
-_PIPE_NAME = re.compile(r"^(\d+)\.(.+)$")
-
-
 def pipeline_name_to_gpt(name: str, num_layers: int) -> str:
-    """A ``GPTPipelineModule`` parameter name -> the ``GPTModel`` name of the same tensor.
-
-    The last stage's tied copy of the word embedding maps to ``embedding.word_embeddings.weight`` too.
-    """
-    if name.startswith(TIED_PREFIX):
-        rest = name[len(TIED_PREFIX):]
-        if rest.startswith("embedding."):  # first stage: EmbeddingPipe
-            return rest
-        if rest == "word_embeddings.weight":  # last stage: OutputEmbeddingPipe
-            return WORD_EMBEDDINGS
-        raise ConversionError(f"unknown tied pipeline parameter {name!r}")
-    match = _PIPE_NAME.match(name)
-    if not match:
-        raise ConversionError(f"{name!r} is not a pipeline parameter name (<layer index>.<key>)")
-    index, key = int(match.group(1)), match.group(2)
-    if index == 0 and key.startswith("embedding."):
-        return key
-    if 1 <= index <= num_layers and key.startswith("layer."):
-        return f"decoder.layers.{index - 1}.{key[len('layer.'):]}"
-    if index == num_layers + 1 and key.startswith("norm."):
-        return "decoder.final_layernorm." + key[len("norm."):]
-    if index == num_layers + 2 and key == OUTPUT_LAYER:
-        return OUTPUT_LAYER
-    raise ConversionError(f"pipeline parameter {name!r} does not fit a model of {num_layers} layers")
+    """A ``GPTPipelineModule`` parameter name -> the ``GPTModel`` name of the same tensor (layer L+2 holds the
+    output layer); the last stage's tied copy of the word embedding maps to ``embedding.word_embeddings.weight``."""
+    try:
+        return pipeline_name_to_dense(name, num_layers, "decoder", GPT_HEADS)
+    except KeyError as err:
+        raise ConversionError(str(err.args[0])) from None
 
 
 def model_name(name: str, model: ModelConfig) -> str:
@@ -198,10 +177,8 @@ def model_name(name: str, model: ModelConfig) -> str:
     if is_model_name(name, model):
         return name
     if model.arch == "bert":
-        from largelm.model.bert_pipeline import pipeline_name_to_bert
-
         try:
-            return pipeline_name_to_bert(name, model.num_layers)
+            return pipeline_name_to_dense(name, model.num_layers, "encoder", BERT_HEADS)
         except KeyError as err:
             raise ConversionError(str(err.args[0])) from None
     return pipeline_name_to_gpt(name, model.num_layers)
