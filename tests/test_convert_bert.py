@@ -171,8 +171,8 @@ LAYOUTS = {  # trained layout: (parallel section, bert section, model overrides)
 def test_bert_checkpoint_consolidates_reshards_and_exports(tmp_path, tokenizer_path, bert_shards, layout_name):
     """BERT trained 2 steps at TP=2 (post-LN) or PP=2 (pre-LN, untied; DeepSpeed's pipeline engine) with ZeRO-1 and
     the deepspeed launcher -> consolidated (checked against the checkpoint's own TP/PP forward) -> Hugging Face
-    (checked against transformers) and -> a TP=1 training checkpoint (checked through the trainer's resume path)
-    whose consolidation is the same tensors."""
+    (checked against transformers) and -> TP=1 and PP=2 / TP=2 training checkpoints (checked through the trainer's
+    resume path) whose consolidations are the same tensors."""
     from train_utils import check_ok, launch, tiny_config
 
     parallel, bert, model = LAYOUTS[layout_name]
@@ -193,7 +193,10 @@ def test_bert_checkpoint_consolidates_reshards_and_exports(tmp_path, tokenizer_p
     assert hub.bert.residual_post_layernorm == bool(bert.get("residual_post_layernorm"))
     [check] = api.export_hf(tmp_path / "hub", tmp_path / "hf", **quiet)
     assert check.ok and "ForPreTraining" in check.what
-    [check] = api.reshard(tmp_path / "ckpt", tmp_path / "tp1", tensor_parallel=1, drop_optimizer=True, **quiet)
-    assert check.ok and check.max_abs_diff < ATOL
-    api.consolidate(tmp_path / "tp1", tmp_path / "hub1", **quiet)
-    assert_same_safetensors(tmp_path / "hub", tmp_path / "hub1")
+    # TP=2 -> PP=2 and PP=2 -> TP=2 (DeepSpeed's pipeline engine writes/reads the other one), TP=1 for either
+    other = {"tensor_parallel": 1, "pipeline_parallel": 2} if "tp2" in layout_name else {"tensor_parallel": 2}
+    for name, target in (("one", {"tensor_parallel": 1}), ("other", other)):
+        [check] = api.reshard(tmp_path / "ckpt", tmp_path / name, drop_optimizer=True, **target, **quiet)
+        assert check.ok and check.max_abs_diff < ATOL, name
+        api.consolidate(tmp_path / name, tmp_path / f"hub-{name}", **quiet)
+        assert_same_safetensors(tmp_path / "hub", tmp_path / f"hub-{name}")
