@@ -171,6 +171,9 @@ class TrainConfig(_Section):
     # Stop this run after so many steps (checkpointing first), like Megatron's --exit-interval: for jobs with a
     # wall-clock limit that resume where they stopped. The schedule still spans ``steps``.
     exit_interval: Optional[int] = Field(default=None, gt=0)
+    # Activation recompute (megatron-core's): "selective" recomputes core attention in backward, "full" every
+    # transformer layer's forward (one layer per checkpoint) - less activation memory for more compute.
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
 
 
 class CheckpointConfig(_Section):

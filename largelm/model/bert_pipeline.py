@@ -52,7 +52,7 @@ from largelm.model.pipeline_names import BERT_HEADS, pipeline_name_to_dense
 from largelm.model.pipeline import (TIED_ATTR, TIED_KEY, GPTPipelineModule, OutputEmbeddingPipe,
                                     check_grid_matches_parallel_state, check_layout, embedding_layer)
 from largelm.model.sequence_parallel import reduce_sequence_parallel_grads_in_backward
-from largelm.model.specs import build_transformer_config
+from largelm.model.specs import build_transformer_config, checkpointed_layer_call, recompute_fields
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat
 
@@ -96,12 +96,16 @@ class BertLayerPipe(torch.nn.Module):
     def __init__(self, config, layer_spec, layer_number: int):
         super().__init__()
         self.layer = build_module(layer_spec, config=config, layer_number=layer_number)
+        self.config = config
 
     def forward(self, inputs):
         hidden, attention_mask = inputs
+        return checkpointed_layer_call(self.config, self._forward, hidden, attention_mask), attention_mask
+
+    def _forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out, _ = self.layer(hidden_states=hidden, attention_mask=extended_attention_mask(attention_mask),
                             rotary_pos_emb=None)
-        return out, attention_mask
+        return out
 
 
 class BertFinalNormPipe(torch.nn.Module):
@@ -224,7 +228,8 @@ class BertPipelineModule(GPTPipelineModule):
 
 
 def build_bert_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, bert_cfg: Optional[BertConfig] = None,
-                        *, vocab_size: Optional[int] = None, dtype: torch.dtype = torch.float32) -> BertPipelineModule:
+                        *, vocab_size: Optional[int] = None, dtype: torch.dtype = torch.float32,
+                        activation_checkpointing: str = "none") -> BertPipelineModule:
     """This rank's pipeline stage of BERT. Needs ``init_model_parallel`` (megatron parallel_state, TP x PP)."""
     if model_cfg.arch != "bert":
         raise ConfigError(f"build_bert_pipeline builds model.arch='bert', got {model_cfg.arch!r}")
@@ -234,7 +239,8 @@ def build_bert_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, be
 
     model_cfg = resolve_vocab_size(model_cfg, vocab_size)
     tp, pp = check_layout(parallel_cfg)
-    config = build_transformer_config(model_cfg, parallel_cfg, params_dtype=dtype)
+    config = build_transformer_config(model_cfg, parallel_cfg, params_dtype=dtype,
+                                      **recompute_fields(activation_checkpointing))
     spec = bert_layer_spec(bert_cfg.residual_post_layernorm, config.sequence_parallel)
     padded = model_cfg.padded_vocab_size(tp)
     L = model_cfg.num_layers

@@ -33,8 +33,8 @@ from megatron.core.transformer.spec_utils import build_module
 from largelm.config import ConfigError, ModelConfig, ParallelConfig
 from largelm.model.pipeline_names import TIED_KEY
 from largelm.model.sequence_parallel import reduce_sequence_parallel_grads_in_backward
-from largelm.model.specs import (attention_choice, build_transformer_config, final_norm, gpt_layer_spec,
-                                 position_embedding_type)
+from largelm.model.specs import (attention_choice, build_transformer_config, checkpointed_layer_call, final_norm,
+                                 gpt_layer_spec, position_embedding_type, recompute_fields)
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat
 
@@ -108,8 +108,12 @@ class TransformerLayerPipe(torch.nn.Module):
                                        use_cpu_initialization=config.use_cpu_initialization)
                        if position_embedding_type(model_cfg) == "rope" else None)
         self.sequence_parallel = config.sequence_parallel
+        self.config = config
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return checkpointed_layer_call(self.config, self._forward, hidden)
+
+    def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         rotary = None
         if self.rotary is not None:
             seq = hidden.shape[0] * (parallel_state.get_tensor_model_parallel_world_size()
@@ -196,7 +200,7 @@ class GPTPipelineModule(PipelineModule):
 
 
 def build_gpt_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, vocab_size: Optional[int] = None,
-                       dtype: torch.dtype = torch.float32) -> GPTPipelineModule:
+                       dtype: torch.dtype = torch.float32, activation_checkpointing: str = "none") -> GPTPipelineModule:
     """This rank's pipeline stage of the GPT. Needs ``init_model_parallel`` (megatron parallel_state, TP x PP)."""
     if model_cfg.arch != "gpt":
         raise ConfigError(f"build_gpt_pipeline builds model.arch='gpt', got {model_cfg.arch!r}")
@@ -205,7 +209,8 @@ def build_gpt_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
 
     model_cfg = resolve_vocab_size(model_cfg, vocab_size)
     tp, pp = check_layout(parallel_cfg)
-    config = build_transformer_config(model_cfg, parallel_cfg, params_dtype=dtype)
+    config = build_transformer_config(model_cfg, parallel_cfg, params_dtype=dtype,
+                                      **recompute_fields(activation_checkpointing))
     spec = gpt_layer_spec(model_cfg, parallel_cfg.sequence_parallel, attention_choice(model_cfg, config))
     padded = model_cfg.padded_vocab_size(tp)
     L = model_cfg.num_layers

@@ -124,6 +124,30 @@ def build_transformer_config(
     return TransformerConfig(**fields)
 
 
+def recompute_fields(activation_checkpointing: str) -> dict[str, Any]:
+    """TransformerConfig fields for ``train.activation_checkpointing``. ``selective``: megatron recomputes core
+    attention in backward (inside each layer). ``full``: every layer's forward is recomputed in backward, one layer
+    per checkpoint - megatron's ``TransformerBlock`` does it for the dense models, the pipeline stages' layer
+    wrappers (``TransformerLayerPipe``, ``BertLayerPipe``) for pipeline parallelism, both with megatron's
+    ``tensor_parallel.checkpoint`` (which restores the RNG streams, so dropout masks repeat exactly)."""
+    if activation_checkpointing == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if activation_checkpointing == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    if activation_checkpointing != "none":
+        raise ValueError(f"train.activation_checkpointing={activation_checkpointing!r} is not none/selective/full")
+    return {}
+
+
+def checkpointed_layer_call(config: TransformerConfig, function, *args):
+    """``function(*args)``, recomputed in backward when ``config`` asks for full recompute (pipeline layers)."""
+    if config.recompute_granularity != "full":
+        return function(*args)
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.checkpoint(function, False, *args)
+
+
 def gpt_layer_spec(model_cfg: ModelConfig, sequence_parallel: bool = False, sdpa: bool = False) -> ModuleSpec:
     """One transformer layer: megatron-core's local layer spec with the norm chosen by ``normalization``.
 

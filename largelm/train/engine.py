@@ -30,6 +30,7 @@ from megatron.core import parallel_state
 from largelm.config import Config
 from largelm.model.gpt import build_gpt_model, gpt_forward_loss, split_tokens
 from largelm.model.pipeline import build_gpt_pipeline
+from largelm.model.specs import recompute_fields
 from largelm.parallel import groups
 from largelm.parallel.deepspeed_config import deepspeed_config
 from largelm.parallel.sharding import load_full_state_dict
@@ -60,7 +61,8 @@ class DenseStep:
 
     def __init__(self, cfg: Config, world_size: int, init_state_dict: Optional[dict] = None):
         self.cfg = cfg
-        model = build_gpt_model(cfg.model, cfg.parallel, vocab_size=cfg.model.vocab_size, dtype=model_dtype(cfg))
+        model = build_gpt_model(cfg.model, cfg.parallel, vocab_size=cfg.model.vocab_size, dtype=model_dtype(cfg),
+                                **recompute_fields(cfg.train.activation_checkpointing))
         if init_state_dict is not None:
             load_full_state_dict(model, init_state_dict)
         self.engine = initialize_engine(cfg, model, world_size, mpu=groups.DeepSpeedMPU())
@@ -93,7 +95,8 @@ class PipelineStep:
 
     def __init__(self, cfg: Config, world_size: int, init_state_dict: Optional[dict] = None):
         self.cfg = cfg
-        module = build_gpt_pipeline(cfg.model, cfg.parallel, vocab_size=cfg.model.vocab_size, dtype=model_dtype(cfg))
+        module = build_gpt_pipeline(cfg.model, cfg.parallel, vocab_size=cfg.model.vocab_size, dtype=model_dtype(cfg),
+                                    activation_checkpointing=cfg.train.activation_checkpointing)
         if init_state_dict is not None:
             load_full_state_dict(module, init_state_dict)
             with torch.no_grad():  # no-op when loaded right; cheap insurance that the tied copies agree
@@ -147,7 +150,7 @@ class BertStep:
 
         self.cfg = cfg
         model = build_bert_model(cfg.model, cfg.parallel, cfg.bert, vocab_size=cfg.model.vocab_size,
-                                 dtype=model_dtype(cfg))
+                                 dtype=model_dtype(cfg), **recompute_fields(cfg.train.activation_checkpointing))
         if init_state_dict is not None:
             load_full_state_dict(model, init_state_dict)
         self.engine = initialize_engine(cfg, model, world_size, mpu=groups.DeepSpeedMPU())
@@ -191,7 +194,7 @@ class BertPipelineStep(PipelineStep):
 
         self.cfg = cfg
         module = build_bert_pipeline(cfg.model, cfg.parallel, cfg.bert, vocab_size=cfg.model.vocab_size,
-                                     dtype=model_dtype(cfg))
+                                     dtype=model_dtype(cfg), activation_checkpointing=cfg.train.activation_checkpointing)
         if init_state_dict is not None:  # full (TP=1) BertModel weights
             load_full_state_dict(module, init_state_dict)
             with torch.no_grad():
