@@ -50,9 +50,9 @@ from largelm.model.bert import bert_metrics_from_logits
 from largelm.model.bert_layers import bert_layer_spec, bert_norms
 from largelm.model.pipeline_names import BERT_HEADS, pipeline_name_to_dense
 from largelm.model.pipeline import (TIED_ATTR, TIED_KEY, GPTPipelineModule, OutputEmbeddingPipe,
-                                    check_grid_matches_parallel_state, check_layout, embedding_layer)
+                                    check_grid_matches_parallel_state, embedding_layer, stage_config)
 from largelm.model.sequence_parallel import reduce_sequence_parallel_grads_in_backward
-from largelm.model.specs import build_transformer_config, checkpointed_layer_call, recompute_fields
+from largelm.model.specs import checkpointed_layer_call
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat
 
@@ -235,12 +235,7 @@ def build_bert_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, be
         raise ConfigError(f"build_bert_pipeline builds model.arch='bert', got {model_cfg.arch!r}")
     bert_cfg = bert_cfg or BertConfig()
     enable_cpu_compat()
-    from largelm.model.gpt import resolve_vocab_size
-
-    model_cfg = resolve_vocab_size(model_cfg, vocab_size)
-    tp, pp = check_layout(parallel_cfg)
-    config = build_transformer_config(model_cfg, parallel_cfg, params_dtype=dtype,
-                                      **recompute_fields(activation_checkpointing))
+    model_cfg, config, tp, pp = stage_config(model_cfg, parallel_cfg, vocab_size, dtype, activation_checkpointing)
     spec = bert_layer_spec(bert_cfg.residual_post_layernorm, config.sequence_parallel)
     padded = model_cfg.padded_vocab_size(tp)
     L = model_cfg.num_layers

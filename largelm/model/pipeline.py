@@ -205,12 +205,7 @@ def build_gpt_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
     if model_cfg.arch != "gpt":
         raise ConfigError(f"build_gpt_pipeline builds model.arch='gpt', got {model_cfg.arch!r}")
     enable_cpu_compat()
-    from largelm.model.gpt import resolve_vocab_size
-
-    model_cfg = resolve_vocab_size(model_cfg, vocab_size)
-    tp, pp = check_layout(parallel_cfg)
-    config = build_transformer_config(model_cfg, parallel_cfg, params_dtype=dtype,
-                                      **recompute_fields(activation_checkpointing))
+    model_cfg, config, tp, pp = stage_config(model_cfg, parallel_cfg, vocab_size, dtype, activation_checkpointing)
     spec = gpt_layer_spec(model_cfg, parallel_cfg.sequence_parallel, attention_choice(model_cfg, config))
     padded = model_cfg.padded_vocab_size(tp)
     L = model_cfg.num_layers
@@ -247,6 +242,19 @@ def build_gpt_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
     if config.sequence_parallel:
         reduce_sequence_parallel_grads_in_backward(module)
     return module
+
+
+def stage_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, vocab_size: Optional[int], dtype: torch.dtype,
+                 activation_checkpointing: str) -> tuple:
+    """What every pipeline builder starts from: ``(model_cfg with vocab_size, TransformerConfig, TP, PP)``, after
+    checking the layout against megatron's parallel_state."""
+    from largelm.model.gpt import resolve_vocab_size
+
+    model_cfg = resolve_vocab_size(model_cfg, vocab_size)
+    tp, pp = check_layout(parallel_cfg)
+    config = build_transformer_config(model_cfg, parallel_cfg, params_dtype=dtype,
+                                      **recompute_fields(activation_checkpointing))
+    return model_cfg, config, tp, pp
 
 
 def check_layout(parallel_cfg: ParallelConfig) -> tuple[int, int]:
