@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import gc
 
-from common import (SMALL, TINY, Cycle, add_case_args, fmt_spread, md_table, plt, ratio_stats, run_cases,
-                    save_plot, verdict, write_result)
+from common import (SMALL, TINY, Cycle, add_case_args, fmt_spread, grouped_bar_plot, md_table, ratio_stats,
+                    run_cases, verdict, write_result)
 
 TARGET = 1.05
 NAME = "p1_overhead"
@@ -83,26 +83,11 @@ First-step losses (same weights and batch, so equal up to rounding):
 {md_table(["case", "DeepSpeed optimizer", "step-1 loss per arm"], loss_rows)}
 """
     write_result(NAME, data, md, plot="P1", meta=meta)
-    pyplot = plt()
-    fig, ax = pyplot.subplots(figsize=(7, 3.6))
-    labels = [f"{r['model']}\n{r['precision']}" for r in results]
-    arms_ = ["largelm", "plain PyTorch", "megatron+AdamW"]
-    width = 0.27
-    nan = {"median": float("nan"), "q1": float("nan"), "q3": float("nan")}
-    for i, a in enumerate(arms_):
-        st = [r["step_time_s"].get(a, nan) for r in results]
-        med = [s["median"] * 1e3 for s in st]
-        err = [[(s["median"] - s["q1"]) * 1e3 for s in st], [(s["q3"] - s["median"]) * 1e3 for s in st]]
-        ax.bar([x + (i - 1) * width for x in range(len(results))], med, width, yerr=err, label=a, capsize=3)
-    for x, r in enumerate(results):
-        top = max(s["q3"] for s in r["step_time_s"].values()) * 1e3
-        ax.annotate(f"x{r['ratio_largelm_vs_plain']['median']:.2f}", (x, top), xytext=(0, 4),
-                    textcoords="offset points", ha="center", fontsize=8)
-    ax.set_xticks(range(len(results)), labels)
-    ax.set_yscale("log")
-    ax.margins(y=0.15)
-    save_plot(fig, NAME, ax, ylabel="ms per optimizer step (median, IQR)",
-              title=f"P1: step time, largelm vs bare PyTorch (label: largelm/plain, target x{TARGET})")
+    grouped_bar_plot(NAME, results, ["largelm", "plain PyTorch", "megatron+AdamW"],
+                     lambda r, arm: ({k: r["step_time_s"][arm][k] * 1e3 for k in ("median", "q1", "q3")}
+                                     if arm in r["step_time_s"] else None),
+                     lambda r: r["ratio_largelm_vs_plain"]["median"], ylabel="ms per optimizer step (median, IQR)",
+                     title=f"P1: step time, largelm vs bare PyTorch (label: largelm/plain, target x{TARGET})")
     return 0
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import gc
 
-from common import (SMALL, TINY, Cycle, add_case_args, fmt_spread, md_table, plt, ratio_stats, run_cases,
-                    save_plot, verdict, write_result)
+from common import (SMALL, TINY, Cycle, add_case_args, fmt_spread, grouped_bar_plot, md_table, ratio_stats,
+                    run_cases, verdict, write_result)
 
 TARGET = 1.3
 NAME = "p2_vs_hf"
@@ -66,21 +66,10 @@ Target: largelm / HF >= {TARGET}.
 {md_table(["case", "HF attention", "step-1 loss per arm (same weights and batch)"], loss_rows)}
 """
     write_result(NAME, data, md, plot="P2", meta=meta)
-    pyplot = plt()
-    fig, ax = pyplot.subplots(figsize=(6.5, 3.6))
-    width = 0.38
-    for i, a in enumerate(["largelm", "HF transformers"]):
-        st = [r["tokens_per_s"][a] for r in results]
-        ax.bar([x + (i - 0.5) * width for x in range(len(results))], [s["median"] for s in st], width,
-               yerr=[[s["median"] - s["q1"] for s in st], [s["q3"] - s["median"] for s in st]], label=a, capsize=3)
-    for x, r in enumerate(results):
-        ax.annotate(f"x{r['speedup_largelm_vs_hf']['median']:.2f}", (x, r["tokens_per_s"]["largelm"]["median"]),
-                    xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8)
-    ax.set_xticks(range(len(results)), [f"{r['model']}\n{r['precision']}" for r in results])
-    ax.set_yscale("log")
-    ax.margins(y=0.12)
-    save_plot(fig, NAME, ax, ylabel="tokens/s (median, IQR)",
-              title=f"P2: largelm vs HF GPT2LMHeadModel (label: speed-up; target x{TARGET})")
+    grouped_bar_plot(NAME, results, ["largelm", "HF transformers"], lambda r, arm: r["tokens_per_s"][arm],
+                     lambda r: r["speedup_largelm_vs_hf"]["median"], ylabel="tokens/s (median, IQR)",
+                     title=f"P2: largelm vs HF GPT2LMHeadModel (label: speed-up; target x{TARGET})",
+                     figsize=(6.5, 3.6), margin=0.12)
     return 0
 
 

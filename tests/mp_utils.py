@@ -60,3 +60,21 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
     ``RankFailed`` naming each failed rank with its traceback (only the message for a ``ConversionError``), or
     the ranks that did not report."""
     return spawn.run_ranks(_one_thread, world_size, fn, *args, timeout_s=timeout_s, verbose=True)
+
+
+def rel_diff(a: float, b: float) -> float:
+    """|a - b| relative to the reference value b."""
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def assert_steps_match(name: str, per_rank: list[dict], ref: dict, steps: int, loss_rtol: float,
+                       norm_rtol: float) -> None:
+    """Every rank's loss and gradient norm after each of ``steps`` steps (``losses``/``norms`` lists) equals the
+    single-rank reference run's within the relative tolerances."""
+    for rank, res in enumerate(per_rank):
+        for s in range(steps):
+            what = f"{name} rank {rank} step {s + 1}"
+            assert rel_diff(res["losses"][s], ref["losses"][s]) < loss_rtol, \
+                f"{what}: loss {res['losses'][s]} vs single rank {ref['losses'][s]}"
+            assert rel_diff(res["norms"][s], ref["norms"][s]) < norm_rtol, \
+                f"{what}: grad norm {res['norms'][s]} vs single rank {ref['norms'][s]}"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from mp_utils import run_ranks, single_rank_parallel_state
+from mp_utils import assert_steps_match, rel_diff, run_ranks, single_rank_parallel_state
 from test_bert import TINY, VOCAB, bert_config, make_batch
 
 LOSS_RTOL = NORM_RTOL = 1e-5
@@ -142,31 +142,24 @@ def _run_layouts(rank: int, world_size: int, names: list[str], weights: dict, ba
     return out
 
 
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-12)
-
-
 def _compare(results: dict, name: str, ref_name: str) -> None:
     ref = results[ref_name][0]
-    worst = {key: max(_rel(r[key][s], ref[key][s]) for r in results[name] for s in range(STEPS))
+    worst = {key: max(rel_diff(r[key][s], ref[key][s]) for r in results[name] for s in range(STEPS))
              for key in ("losses", "norms")}
     print(f"{name}: worst rel diff loss {worst['losses']:.1e} norm {worst['norms']:.1e}, "
           f"{max(r['seconds'] for r in results[name]):.1f}s")
     assert ref["step"] == "BertStep"
     assert ref["norms"][0] > 1.0  # clipping active: a wrong norm would change the next losses
+    assert_steps_match(name, results[name], ref, STEPS, LOSS_RTOL, NORM_RTOL)
     for rank, res in enumerate(results[name]):
         assert res["step"] == "BertPipelineStep"
         for s in range(STEPS):
             what = f"{name} rank {rank} step {s + 1}"
-            assert _rel(res["losses"][s], ref["losses"][s]) < LOSS_RTOL, \
-                f"{what}: loss {res['losses'][s]} vs {ref['losses'][s]}"
-            assert _rel(res["norms"][s], ref["norms"][s]) < NORM_RTOL, \
-                f"{what}: grad norm {res['norms'][s]} vs {ref['norms'][s]}"
             assert set(res["metrics"][s]) == set(ref["metrics"][s]) == {
                 "train/mlm_loss", "train/mlm_acc", "train/sop_loss", "train/sop_acc"}
             for k, v in ref["metrics"][s].items():
                 assert res["metrics"][s][k] == pytest.approx(v, rel=LOSS_RTOL, abs=1e-6), f"{what}: {k}"
-        assert _rel(res["valid"], ref["valid"]) < LOSS_RTOL
+        assert rel_diff(res["valid"], ref["valid"]) < LOSS_RTOL
         for k, v in ref["valid_metrics"].items():
             assert res["valid_metrics"][k] == pytest.approx(v, rel=LOSS_RTOL, abs=1e-6), f"{name} rank {rank}: {k}"
 

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from mp_utils import run_ranks, single_rank_parallel_state
+from mp_utils import assert_steps_match, rel_diff, run_ranks, single_rank_parallel_state
 
 LOSS_RTOL = 1e-5
 NORM_RTOL = 1e-5
@@ -188,7 +188,7 @@ def runs():
     for name, per_rank in results.items():
         steps = [t for r in per_rank for t in r["step_s"][1:]]
         ref = results["ref-llama" if "llama" in name else "ref"][0]
-        worst = {key: max(_rel(r[key][i], ref[key][i]) for r in per_rank for i in range(STEPS))
+        worst = {key: max(rel_diff(r[key][i], ref[key][i]) for r in per_rank for i in range(STEPS))
                  for key in ("losses", "norms")}
         print(f"  {name:18s} build {max(r['build_s'] for r in per_rank):5.2f}s  step {sum(steps) / len(steps):.3f}s  "
               f"worst rel diff: loss {worst['losses']:.1e} norm {worst['norms']:.1e}")
@@ -196,21 +196,11 @@ def runs():
     return results
 
 
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / abs(b)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PARITY)
 def test_layout_matches_single_rank(runs, name):
     ref = runs["ref-llama" if "llama" in name else "ref"][0]
-    for rank, res in enumerate(runs[name]):
-        for step in range(STEPS):
-            what = f"{name} rank {rank} step {step + 1}"
-            assert _rel(res["losses"][step], ref["losses"][step]) < LOSS_RTOL, \
-                f"{what}: loss {res['losses'][step]} vs single rank {ref['losses'][step]}"
-            assert _rel(res["norms"][step], ref["norms"][step]) < NORM_RTOL, \
-                f"{what}: grad norm {res['norms'][step]} vs single rank {ref['norms'][step]}"
+    assert_steps_match(name, runs[name], ref, STEPS, LOSS_RTOL, NORM_RTOL)
     assert ref["norms"][0] > 1.0  # clipping (grad_clip=1.0) was active, so the norm fed the update
 
 

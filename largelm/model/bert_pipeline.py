@@ -36,7 +36,6 @@ from typing import Optional
 
 import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.bert.bert_lm_head import BertLMHead
 from megatron.core.models.bert.pooler import Pooler
@@ -50,10 +49,8 @@ from largelm.model.bert import bert_metrics_from_logits
 from largelm.model.bert_layers import bert_layer_spec, bert_norms
 from largelm.model.pipeline_names import BERT_HEADS, pipeline_name_to_dense
 from largelm.model.pipeline import (TIED_ATTR, TIED_KEY, GPTPipelineModule, OutputEmbeddingPipe,
-                                    check_grid_matches_parallel_state, embedding_layer, stage_config)
-from largelm.model.sequence_parallel import reduce_sequence_parallel_grads_in_backward
+                                    embedding_layer, finish_stage, pipeline_topology, stage_config)
 from largelm.model.specs import checkpointed_layer_call
-from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat
 
 HEAD_PREFIXES = BERT_HEADS[0]
@@ -235,12 +232,10 @@ def build_bert_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, be
         raise ConfigError(f"build_bert_pipeline builds model.arch='bert', got {model_cfg.arch!r}")
     bert_cfg = bert_cfg or BertConfig()
     enable_cpu_compat()
-    model_cfg, config, tp, pp = stage_config(model_cfg, parallel_cfg, vocab_size, dtype, activation_checkpointing)
+    model_cfg, config, padded, per_stage = stage_config(model_cfg, parallel_cfg, vocab_size, dtype,
+                                                       activation_checkpointing)
     spec = bert_layer_spec(bert_cfg.residual_post_layernorm, config.sequence_parallel)
-    padded = model_cfg.padded_vocab_size(tp)
-    L = model_cfg.num_layers
-    per_stage = L // pp  # config validation: num_layers % pipeline_parallel == 0
-    tied = model_cfg.tie_embeddings
+    L, tied = model_cfg.num_layers, model_cfg.tie_embeddings
     layers: list = []
     layers.append(embedding_layer(BertEmbeddingPipe, tied, config, model_cfg, padded))
     layers += [LayerSpec(BertLayerPipe, config, spec, i % per_stage + 1) for i in range(L)]
@@ -253,8 +248,7 @@ def build_bert_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, be
         layers.append(LayerSpec(BertOutputPipe, config, padded))
     layers.append(LayerSpec(BertOutputBiasPipe, config, padded))
 
-    world = torch.distributed.get_world_size()
-    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))
+    topology = pipeline_topology(parallel_cfg)
     loss = BertPipelineLoss(bert_cfg.objective)
     # no_grad: the constructor broadcasts the tied weight in place (see build_gpt_pipeline)
     with torch.no_grad(), bert_norms(config.sequence_parallel):
@@ -263,16 +257,7 @@ def build_bert_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, be
     module.num_transformer_layers, module.tied, module.binary_head = L, tied, bert_cfg.binary_head
     module.metric_names = ["loss", "mlm_loss", "mlm_acc"] + (
         [f"{bert_cfg.objective}_loss", f"{bert_cfg.objective}_acc"] if bert_cfg.binary_head else [])
-    check_grid_matches_parallel_state(module)
-    for index in range(1, L + 1):  # megatron's layer numbering (offset by stage) matches DeepSpeed's partition
-        layer = module.stage_layer(index)
-        if layer is not None and layer.layer.layer_number != index:
-            raise RuntimeError(f"pipeline layer {index} got megatron layer_number {layer.layer.layer_number}: "
-                               f"DeepSpeed's partition {module.parts} differs from megatron's")
-    module.to(device=groups.device(), dtype=dtype)  # torch norms and plain linears are created in fp32
-    if config.sequence_parallel:
-        reduce_sequence_parallel_grads_in_backward(module)
-    return module
+    return finish_stage(module, config, dtype)
 
 
 def bert_pipeline_layer_index(name: str, num_layers: int, tied: bool) -> tuple[int, str]:

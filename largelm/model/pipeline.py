@@ -20,7 +20,7 @@ checkpoint files are ``layer_{i:02d}-model_{tp:02d}-model_states.pt``), tied mod
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -29,6 +29,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from largelm.config import ConfigError, ModelConfig, ParallelConfig
 from largelm.model.pipeline_names import TIED_KEY
@@ -205,12 +206,10 @@ def build_gpt_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
     if model_cfg.arch != "gpt":
         raise ConfigError(f"build_gpt_pipeline builds model.arch='gpt', got {model_cfg.arch!r}")
     enable_cpu_compat()
-    model_cfg, config, tp, pp = stage_config(model_cfg, parallel_cfg, vocab_size, dtype, activation_checkpointing)
+    model_cfg, config, padded, per_stage = stage_config(model_cfg, parallel_cfg, vocab_size, dtype,
+                                                       activation_checkpointing)
     spec = gpt_layer_spec(model_cfg, parallel_cfg.sequence_parallel, attention_choice(model_cfg, config))
-    padded = model_cfg.padded_vocab_size(tp)
-    L = model_cfg.num_layers
-    per_stage = L // pp  # config validation: num_layers % pipeline_parallel == 0
-    tied = model_cfg.tie_embeddings
+    L, tied = model_cfg.num_layers, model_cfg.tie_embeddings
     layers: list = []
     layers.append(embedding_layer(EmbeddingPipe, tied, config, model_cfg, padded))
     layers += [LayerSpec(TransformerLayerPipe, config, model_cfg, spec, i % per_stage + 1) for i in range(L)]
@@ -221,40 +220,57 @@ def build_gpt_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
     else:
         layers.append(LayerSpec(OutputPipe, config, padded))
 
-    world = torch.distributed.get_world_size()
-    # Axes (pipe, data, model) with model fastest: the same rank order as megatron's tp-dp-pp groups
-    # (``check_grid_matches_parallel_state`` verifies it on every rank).
-    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))
+    topology = pipeline_topology(parallel_cfg)
     # no_grad: the constructor broadcasts the tied weight in place, which autograd would otherwise record on the
     # parameter (torch warns at the first backward that it cannot differentiate c10d::broadcast_).
     with torch.no_grad():
         module = GPTPipelineModule(layers=layers, loss_fn=lm_loss_from_logits, topology=topology,
                                    partition_method="type:TransformerLayerPipe", activation_checkpoint_interval=0)
     module.num_transformer_layers, module.tied = L, tied
+    return finish_stage(module, config, dtype)
+
+
+def finish_stage(module: PipelineModule, config: TransformerConfig, dtype: torch.dtype) -> PipelineModule:
+    """What every pipeline builder ends with: check this rank's place in DeepSpeed's grid and that megatron's layer
+    numbering (offset by stage) matches DeepSpeed's partition, cast to the device and dtype (megatron's torch norms
+    and plain linears are created in fp32 whatever params_dtype says), and hook the sequence-parallel gradients."""
     check_grid_matches_parallel_state(module)
-    for index in range(1, L + 1):  # megatron's layer numbering (offset by stage) matches DeepSpeed's partition
+    for index in range(1, module.num_transformer_layers + 1):
         layer = module.stage_layer(index)
         if layer is not None and layer.layer.layer_number != index:
             raise RuntimeError(f"pipeline layer {index} got megatron layer_number {layer.layer.layer_number}: "
                                f"DeepSpeed's partition {module.parts} differs from megatron's")
-    # megatron's torch norms are created in fp32 whatever params_dtype says; cast everything (as build_gpt_model).
     module.to(device=groups.device(), dtype=dtype)
     if config.sequence_parallel:
         reduce_sequence_parallel_grads_in_backward(module)
     return module
 
 
+class StageConfig(NamedTuple):
+    model_cfg: ModelConfig  # vocab_size set
+    config: TransformerConfig
+    padded_vocab: int  # the vocabulary padded for TP
+    per_stage: int  # transformer layers per pipeline stage
+
+
 def stage_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, vocab_size: Optional[int], dtype: torch.dtype,
-                 activation_checkpointing: str) -> tuple:
-    """What every pipeline builder starts from: ``(model_cfg with vocab_size, TransformerConfig, TP, PP)``, after
-    checking the layout against megatron's parallel_state."""
+                 activation_checkpointing: str) -> StageConfig:
+    """What every pipeline builder starts from, after checking the layout against megatron's parallel_state."""
     from largelm.model.gpt import resolve_vocab_size
 
     model_cfg = resolve_vocab_size(model_cfg, vocab_size)
     tp, pp = check_layout(parallel_cfg)
     config = build_transformer_config(model_cfg, parallel_cfg, params_dtype=dtype,
                                       **recompute_fields(activation_checkpointing))
-    return model_cfg, config, tp, pp
+    # config validation: num_layers % pipeline_parallel == 0
+    return StageConfig(model_cfg, config, model_cfg.padded_vocab_size(tp), model_cfg.num_layers // pp)
+
+
+def pipeline_topology(parallel_cfg: ParallelConfig) -> PipeModelDataParallelTopology:
+    """DeepSpeed's grid with axes (pipe, data, model), model fastest: the same rank order as megatron's tp-dp-pp
+    groups (``check_grid_matches_parallel_state`` verifies it on every rank)."""
+    tp, pp = parallel_cfg.tensor_parallel, parallel_cfg.pipeline_parallel
+    return PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=torch.distributed.get_world_size() // (tp * pp))
 
 
 def check_layout(parallel_cfg: ParallelConfig) -> tuple[int, int]:
