@@ -117,6 +117,10 @@ class ParallelConfig(_Section):
     sequence_parallel: bool = False
     virtual_pipeline: Optional[int] = Field(default=None, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 1
+    single_replica_zero: Literal["fastest", "as_configured"] = Field(
+        default="fastest",
+        description="one data-parallel replica (no PP): run the cheapest ZeRO engine with the same math instead of "
+                    "zero_stage (ZeRO-0 in fp32, ZeRO-1 in bf16); see deepspeed_config.engine_zero_stage")
     backend: Optional[Literal["nccl", "gloo"]] = Field(default=None, description="default: nccl if CUDA else gloo")
 
     @model_validator(mode="after")

@@ -104,7 +104,7 @@ def runs(tmp_path_factory, tokenizer_path, shard_dir, shard_seq_length):
     pipe = tmp_path_factory.mktemp("gpt_pp2_zero1")
     configs = [
         tiny_config(gpt, tokenizer_path, shard_dir, shard_seq_length, logging=LOGGING, data=DATA,
-                    parallel={"tensor_parallel": 2, "zero_stage": 3},
+                    parallel={"tensor_parallel": 2, "zero_stage": 3, "single_replica_zero": "as_configured"},
                     train={"steps": 3}, checkpoint={"save_interval": 2}),
         tiny_config(llama, tokenizer_path, shard_dir, shard_seq_length, logging=LOGGING, data=DATA,
                     model={"style": "llama", "num_query_groups": 2, "tie_embeddings": False},

@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from largelm.config import config_from_dict, load_config
 from largelm.launch import CPU_MALLOC_ENV, cpu_environment
-from largelm.parallel.deepspeed_config import DEEPSPEED_DEFAULT_BUCKET, deepspeed_config, reduce_bucket_elements
+from largelm.parallel.deepspeed_config import (DEEPSPEED_DEFAULT_BUCKET, deepspeed_config, engine_zero_stage,
+                                               reduce_bucket_elements, skips_data_parallel_reduction)
 from largelm.train.optim import use_fused_adamw
 from mp_utils import single_rank_parallel_state
 
@@ -99,7 +100,8 @@ def test_training_state_bytes_reads_the_engine(one_rank, stage, precision, monke
     from largelm.train.state_bytes import training_state_bytes
 
     monkeypatch.setenv("LOCAL_RANK", "0")  # deepspeed.initialize insists (the launcher sets it)
-    cfg = _cfg(parallel={"zero_stage": stage}, train={"precision": precision})
+    # as_configured: the census must see ZeRO-2/3's own buffers, which one replica would otherwise not run
+    cfg = _cfg(parallel={"zero_stage": stage, "single_replica_zero": "as_configured"}, train={"precision": precision})
     model_parallel_manual_seed(1)
     step = DenseStep(cfg, world_size=1)
     tokens = torch.randint(0, 200, (2, 17))
@@ -118,3 +120,69 @@ def test_training_state_bytes_reads_the_engine(one_rank, stage, precision, monke
     assert expected <= out["optimizer"] < expected * 1.1
     assert out["total"] == sum(out[c] for c in ("params", "grads", "optimizer", "other"))
     assert set(out["detail"]) <= {"params", "grads", "optimizer", "other"}
+
+
+def test_one_replica_runs_the_cheapest_zero_engine_with_the_same_math():
+    one = {"fp32": 0, "bf16": 1}  # bf16 keeps ZeRO-1: BF16_Optimizer accumulates gradients in fp32, ZeRO-0 would not
+    for precision, expected in one.items():
+        for stage in (1, 2, 3):
+            cfg = _cfg(parallel={"zero_stage": stage}, train={"precision": precision})
+            assert engine_zero_stage(cfg, world_size=1) == expected
+            assert deepspeed_config(cfg, world_size=1)["zero_optimization"]["stage"] == expected
+            assert skips_data_parallel_reduction(cfg, world_size=1)
+            assert engine_zero_stage(cfg, world_size=2) == stage  # two replicas: partitioning is real
+            assert not skips_data_parallel_reduction(cfg, world_size=2)
+    bf16 = deepspeed_config(_cfg(parallel={"zero_stage": 3}, train={"precision": "bf16"}), world_size=1)
+    assert bf16["data_types"] == {"grad_accum_dtype": "fp32"} and bf16["bf16"]["immediate_grad_update"]
+    # kept as configured: explicitly, ZeRO-0, tensor parallelism leaving one replica, and pipelines
+    assert engine_zero_stage(_cfg(parallel={"zero_stage": 3, "single_replica_zero": "as_configured"}), 1) == 3
+    assert engine_zero_stage(_cfg(parallel={"zero_stage": 0}, train={"precision": "bf16"}), 1) == 0
+    assert engine_zero_stage(_cfg(parallel={"zero_stage": 2, "tensor_parallel": 2}), 2) == 0
+    assert engine_zero_stage(_cfg(parallel={"zero_stage": 2, "tensor_parallel": 2}), 4) == 2
+    pipe = _cfg(parallel={"zero_stage": 1, "pipeline_parallel": 2})
+    assert engine_zero_stage(pipe, 2) == 1 and not skips_data_parallel_reduction(pipe, 2)
+    pipe_bf16 = _cfg(parallel={"zero_stage": 1, "pipeline_parallel": 2}, train={"precision": "bf16"})
+    assert skips_data_parallel_reduction(pipe_bf16, 2) and not skips_data_parallel_reduction(pipe_bf16, 4)
+
+
+def _train_one_rank(cfg, steps: int = 3) -> tuple:
+    from largelm.parallel.cpu_compat import model_parallel_manual_seed
+    from largelm.train.engine import DenseStep
+
+    torch.manual_seed(0)
+    model_parallel_manual_seed(1)
+    step = DenseStep(cfg, world_size=1)
+    g = torch.Generator().manual_seed(5)
+    batches = iter([{"tokens": torch.randint(0, 200, (2, 17), generator=g)} for _ in range(2 * steps)])
+    curve = [(float(step.train_step(batches)), float(step.engine.get_global_grad_norm())) for _ in range(steps)]
+    weights = {k: v.detach().float().clone() for k, v in step.engine.module.state_dict().items()
+               if torch.is_tensor(v) and v.is_floating_point()}
+    return step.engine, curve, weights
+
+
+@pytest.mark.parametrize("precision,stage,optimizer", [("fp32", 2, "DeepSpeedZeroOptimizer"),
+                                                       ("fp32", 3, "DeepSpeedZeroOptimizer_Stage3"),
+                                                       ("bf16", 2, "DeepSpeedZeroOptimizer")])
+def test_one_replica_fast_engine_trains_like_the_configured_stage(one_rank, monkeypatch, precision, stage, optimizer):
+    """Three steps of 2 accumulated micro-batches (clipping on), the fast engine vs ``as_configured``: the same
+    losses, gradient norms and weights; and the fast engine really skips the data-parallel all-reduce."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    sections = {"train": {"precision": precision}, "optimizer": {"grad_clip": 0.05, "lr": 1e-2, "warmup_steps": 0}}
+    configured, ref_curve, ref_weights = _train_one_rank(
+        _cfg(parallel={"zero_stage": stage, "single_replica_zero": "as_configured"}, **sections))
+    assert type(configured.optimizer).__name__ == optimizer and configured.enable_backward_allreduce
+    fast, curve, weights = _train_one_rank(_cfg(parallel={"zero_stage": stage}, **sections))
+    expected = {"fp32": "AdamW", "bf16": "BF16_Optimizer"}[precision]  # ZeRO-0 steps torch's AdamW itself
+    assert type(fast.optimizer).__name__ == expected and not fast.enable_backward_allreduce
+    # fp32: the same arithmetic up to summation order (Adam turns 1e-9 gradient differences into ~1e-7 steps on
+    # near-zero entries, hence an absolute floor); bf16: fp32 master weights and accumulation in both, so the bf16
+    # weights differ by about one rounding step (2^-8 relative; near-zero entries by Adam-amplified noise)
+    tol = 1e-5 if precision == "fp32" else 2e-3
+    w_rtol, w_atol = (1e-5, 1e-5) if precision == "fp32" else (2**-7, 1e-3)  # 1e-3: a tenth of one Adam step
+    for (loss, norm), (ref_loss, ref_norm) in zip(curve, ref_curve):
+        assert loss == pytest.approx(ref_loss, rel=tol) and norm == pytest.approx(ref_norm, rel=tol)
+    assert ref_curve[0][1] > 0.05  # clipping was active
+    assert weights.keys() == ref_weights.keys()
+    for name, value in weights.items():
+        torch.testing.assert_close(value, ref_weights[name], rtol=w_rtol, atol=w_atol, msg=lambda m, n=name: f"{n}: {m}")
+    assert ref_curve[-1] != ref_curve[0]

@@ -1,10 +1,10 @@
 """Full (TP=1, PP=1) GPTModel weights + config from a training checkpoint, for tools that run the model outside
 training (quantization, distillation teachers, generation).
 
-``load_full_weights`` is the one entry point; it consolidates the DeepSpeed ZeRO checkpoint with DeepSpeed's own
-``zero_to_fp32`` (stages 0-3, fp32 master weights). It accepts only checkpoints written at tensor_parallel=1 and
-pipeline_parallel=1: other layouts need the checkpoint converter (largelm/checkpoint/convert), which this function
-is meant to be swapped for once it lands.
+``load_full_weights`` is the one entry point; it consolidates the checkpoint with the checkpoint converter
+(largelm/checkpoint/convert/consolidate.py: any ZeRO stage and DP size, DeepSpeed's BF16_Optimizer, the fp32 master
+weights wherever they exist). It accepts only checkpoints written at tensor_parallel=1 and pipeline_parallel=1,
+because the tools build a TP=1/PP=1 model from the checkpoint's config; reshard other layouts first.
 """
 
 from __future__ import annotations
@@ -46,18 +46,19 @@ def load_full_weights(path: str | Path, dtype: Optional[torch.dtype] = torch.flo
     manifest = read_manifest(ckpt_dir)
     tp = manifest.get("tensor_parallel", cfg.parallel.tensor_parallel)
     pp = manifest.get("pipeline_parallel", cfg.parallel.pipeline_parallel)
-    if tp != 1 or pp != 1:
+    if tp != 1 or pp != 1:  # the tools build a TP=1/PP=1 model from the checkpoint's config
         raise CheckpointError(
             f"checkpoint {ckpt_dir} was written with tensor_parallel={tp}, pipeline_parallel={pp}; only TP=1/PP=1 "
-            "checkpoints are consolidated here (convert it to TP=1 first with the checkpoint converter)"
+            "checkpoints are read here (reshard it to TP=1/PP=1 first with the checkpoint converter)"
         )
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from largelm.checkpoint.convert.consolidate import consolidate_checkpoint, inspect_checkpoint
+    from largelm.checkpoint.convert.errors import ConversionError
 
-    try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-    except Exception as err:  # DeepSpeed raises bare ValueError/FileNotFoundError with little context
+    try:  # the checkpoint converter: any TP/PP/DP layout and ZeRO stage, fp32 master weights where they exist
+        consolidated = consolidate_checkpoint(inspect_checkpoint(ckpt_dir, checksums=False), log=lambda _: None)
+    except ConversionError as err:
         raise CheckpointError(f"could not consolidate DeepSpeed checkpoint {ckpt_dir}: {err}") from err
-    state = {k: v.detach().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    state = consolidated.padded_tensors(cfg.model.padded_vocab_size())
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return cfg, state, ckpt_dir

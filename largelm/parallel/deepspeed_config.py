@@ -14,6 +14,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """
     t, o, p = cfg.train, cfg.optimizer, cfg.parallel
     dp = cfg.data_parallel_size(world_size)
+    stage = engine_zero_stage(cfg, world_size)
     ds: dict = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
@@ -32,16 +33,16 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
                 "adam_w_mode": True,
             },
         },
-        "zero_optimization": _zero_section(p.zero_stage, reduce_bucket_elements(cfg)),
+        "zero_optimization": _zero_section(stage, reduce_bucket_elements(cfg)),
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": False},
     }
-    if t.precision == "bf16" and p.zero_stage >= 1:
+    if t.precision == "bf16" and stage >= 1:
         # Accumulate gradients in fp32 across micro-batches (bf16 accumulation loses small updates). DeepSpeed
         # supports that only with ZeRO >= 1; ZeRO-0 + bf16 keeps fp32 master weights (FP16_Optimizer with bf16
         # params) but accumulates micro-batch gradients in bf16.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
-    if t.precision == "bf16" and p.zero_stage == 1:
+    if t.precision == "bf16" and stage == 1:
         # ZeRO-1 + bf16 runs DeepSpeed's BF16_Optimizer. By default it keeps every parameter's bf16 gradient alive
         # next to its fp32 accumulation buffer until the step; immediate_grad_update adds each micro-batch's bf16
         # gradient into the fp32 buffer in the backward hook and frees it (gpt-25m at DP=2: 156.7 -> 104.5 MiB
@@ -56,6 +57,34 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
                           "pipe_partitioned": not p.sequence_parallel,
                           "grad_partitioned": not p.sequence_parallel}
     return ds
+
+
+def engine_zero_stage(cfg: Config, world_size: int) -> int:
+    """The ZeRO stage DeepSpeed runs: ``parallel.zero_stage``, except on a single data-parallel replica.
+
+    ZeRO partitions optimizer state (1), gradients (2) and weights (3) across the data-parallel ranks; with one
+    replica each stage keeps the whole state on the rank, and stages 2/3 (and ZeRO-1 in fp32) only add work: per-
+    parameter gradient hooks copying into reduction buckets and flat partitions every micro-batch (7-15% of a step
+    on one CPU process, bench/p1_overhead.py). So with one replica and no pipeline largelm runs the cheapest engine
+    with the same arithmetic - ZeRO-0 in fp32 (torch AdamW on the fp32 parameters, fp32 gradients), ZeRO-1 in bf16
+    (DeepSpeed's BF16_Optimizer: fp32 master weights *and* fp32 gradient accumulation, which ZeRO-0 + bf16 lacks).
+    ``parallel.single_replica_zero: as_configured`` keeps the configured stage. The checkpoint converter derives
+    the same stage from a checkpoint's config and world size, and a resume needs the same world size and stage.
+    """
+    p = cfg.parallel
+    if (p.zero_stage == 0 or p.single_replica_zero == "as_configured" or p.pipeline_parallel > 1
+            or cfg.data_parallel_size(world_size) > 1):
+        return p.zero_stage
+    return 1 if cfg.train.precision == "bf16" else 0
+
+
+def skips_data_parallel_reduction(cfg: Config, world_size: int) -> bool:
+    """True when the engine's data-parallel gradient all-reduce is an identity that need not run: one replica, and
+    an optimizer that does not use the reduction to fill ZeRO partitions (ZeRO-0, or bf16 ZeRO-1's BF16_Optimizer).
+    DeepSpeed would otherwise flatten every gradient into a bucket, all-reduce it over a group of one, divide by 1
+    and copy it back after every accumulation boundary (~20 ms of a 310 ms gpt-25m bf16 step on CPU)."""
+    stage = engine_zero_stage(cfg, world_size)
+    return cfg.data_parallel_size(world_size) == 1 and (stage == 0 or (stage == 1 and cfg.train.precision == "bf16"))
 
 
 # DeepSpeed's default ZeRO gradient-reduction bucket: 5e8 elements, allocated whole (1 GB in bf16).

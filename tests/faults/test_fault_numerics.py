@@ -84,7 +84,9 @@ def test_every_optimizer_skips_nan_steps(run_config, tmp_path, ledger, zero_stag
     from largelm.checkpoint.manager import Checkpoint, CheckpointManager
     from largelm.train.guards import install_overflow_guard
 
-    sections = dict(parallel={"zero_stage": zero_stage}, train={"precision": precision})
+    # as_configured: one rank would otherwise run the cheapest engine (deepspeed_config.engine_zero_stage)
+    sections = dict(parallel={"zero_stage": zero_stage, "single_replica_zero": "as_configured"},
+                    train={"precision": precision})
     with ledger.scenario(f"NaN gradients, ZeRO-{zero_stage} {precision} (one rank, in process)"), \
             single_rank_step(run_config, tmp_path, **sections) as (cfg, step):
         engine = step.engine

@@ -39,7 +39,9 @@ def test_crafted_checkpoint_files_are_refused(run_config, tmp_path, ledger):
     torch.load(control, weights_only=False)
     assert (tmp_path / "control-marker").exists()
 
-    with single_rank_step(run_config, tmp_path / "run") as (cfg, step):
+    # as_configured: keep the ZeRO partition file on one rank (deepspeed_config.engine_zero_stage)
+    with single_rank_step(run_config, tmp_path / "run", parallel={"single_replica_zero": "as_configured"}) as (cfg,
+                                                                                                           step):
         manager = CheckpointManager(tmp_path / "ckpt", keep_last=3)
         good = manager.save(step.engine, 1, {"step": 1, "rng": torch.get_rng_state()})
         assert manager.load(step.engine, Checkpoint(good, 1))["step"] == 1  # a clean checkpoint loads

@@ -36,6 +36,7 @@ from largelm.checkpoint.convert.layout import (
 )
 from largelm.checkpoint.manager import LATEST, MANIFEST, PARTIAL_PREFIX, CheckpointError, verify_checkpoint
 from largelm.config import Config, ConfigError, config_from_dict
+from largelm.parallel.deepspeed_config import engine_zero_stage
 from largelm.parallel.sharding import unshard_tensors
 
 
@@ -117,8 +118,9 @@ def inspect_checkpoint(path: Path, tag: Optional[str] = None, checksums: bool = 
             raise ConversionError(f"{step_dir}: manifest says {key}={manifest[key]} but config.yaml says {value}")
     if world % (tp * pp):
         raise ConversionError(f"{step_dir}: world size {world} is not divisible by TP x PP = {tp * pp}")
-    info = CheckpointInfo(step_dir, int(manifest.get("step", -1)), cfg, manifest, tp, pp, cfg.parallel.zero_stage,
-                          world)
+    # The stage DeepSpeed ran (and wrote files for): the configured one unless a single replica ran a cheaper one.
+    info = CheckpointInfo(step_dir, int(manifest.get("step", -1)), cfg, manifest, tp, pp,
+                          engine_zero_stage(cfg, world), world)
     _check_files_present(info)
     return info
 
@@ -202,7 +204,12 @@ def read_mp_rank(info: CheckpointInfo, mp_rank: int, log=None) -> tuple[dict[str
         state = load_pt(f)[OPTIMIZER_STATE_DICT]
         state.pop("base_optimizer_state", None)  # Adam moments: not needed for weights
         optim.append(state)
-    stage = int(optim[0][ZERO_STAGE])
+    # DeepSpeed's BF16_Optimizer (bf16 + ZeRO-1) writes its own format: no ZERO_STAGE entry, but the same flat fp32
+    # partitions (parameters in group order, padded at the end to 2 x DP) as ZeRO-1/2, which zero_to_fp32 merges.
+    bf16_optimizer = ZERO_STAGE not in optim[0] and SINGLE_PARTITION_OF_FP32_GROUPS in optim[0]
+    if ZERO_STAGE not in optim[0] and not bf16_optimizer:
+        raise ConversionError(f"{optim_files[0]} is neither a ZeRO nor a BF16_Optimizer partition")
+    stage = 1 if bf16_optimizer else int(optim[0][ZERO_STAGE])
     if stage != info.zero_stage:
         raise ConversionError(f"{optim_files[0]} is a ZeRO-{stage} partition but the checkpoint config says "
                               f"ZeRO-{info.zero_stage}")
@@ -354,7 +361,8 @@ def consolidate_checkpoint(info: CheckpointInfo, log=print) -> Consolidated:
             "has no tokenizer (pass --tokenizer)")
     source = {"kind": "largelm-checkpoint", "path": str(info.path), "step": info.step,
               "tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": info.data_parallel,
-              "zero_stage": info.zero_stage, "precision": cfg.train.precision, "weights": sorted(sources)}
+              "zero_stage": cfg.parallel.zero_stage, "engine_zero_stage": info.zero_stage,
+              "precision": cfg.train.precision, "weights": sorted(sources)}
     if any(s.startswith("module bfloat16") for s in sources):
         log(f"warning: {info.path} has no ZeRO fp32 master weights (ZeRO-0); using the bf16 module weights")
     return Consolidated(tensors, model, cfg, padding, info.step, source, tokenizer if tokenizer.is_file() else None,
