@@ -226,7 +226,10 @@ class HFStep(PlainLoop):
 
     name = "HF transformers"
 
-    def __init__(self, cfg, batches: Cycle, state_dict: dict, attn_implementation: Optional[str] = None):
+    def __init__(self, cfg, batches: Cycle, state_dict: dict, attn_implementation: Optional[str] = None,
+                 precision: Optional[str] = None, name: Optional[str] = None):
+        """``precision``: the HF arm's own (default: the config's); ``name``: the arm's label."""
+        self.name = name or self.name
         model = hf_gpt2(cfg, state_dict, attn_implementation)
         self.attn_implementation = model.config._attn_implementation
 
@@ -234,4 +237,4 @@ class HFStep(PlainLoop):
             logits = model(input_ids=tokens[:, :-1]).logits
             return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
 
-        super().__init__(model, loss_fn, cfg, batches, bf16_autocast=cfg.train.precision == "bf16")
+        super().__init__(model, loss_fn, cfg, batches, bf16_autocast=(precision or cfg.train.precision) == "bf16")

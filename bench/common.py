@@ -328,6 +328,35 @@ def interleaved(arms: dict[str, Callable[[], object]], reps: int, steps_per_rep:
 # --- process group for one in-process rank -------------------------------------------------------------------
 
 
+def matmul_flops(dtype, n: int, seconds: float) -> float:
+    """FLOP/s of repeated n x n x n matmuls for about ``seconds`` (after one warm-up product)."""
+    import torch
+
+    a = torch.randn(n, n, device=device()).to(dtype)
+    b = torch.randn(n, n, device=device()).to(dtype)
+    torch.matmul(a, b)
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while True:
+        for _ in range(10 if a.is_cuda else 1):
+            torch.matmul(a, b)
+            iters += 1
+        sync()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and iters >= 3:
+            return 2 * n**3 * iters / elapsed
+
+
+def default_peak_sizes() -> tuple:
+    """Matmul sizes n whose best n x n x n rate is the measured peak: large enough to saturate the device."""
+    return (4096, 8192) if device().type == "cuda" else (1024, 2048)
+
+
+def measured_peak(dtype, sizes: tuple, seconds: float, reps: int = 3) -> float:
+    """The best over ``sizes`` of the median of ``reps`` matmul-rate measurements (FLOP/s)."""
+    return max(statistics.median(matmul_flops(dtype, n, seconds) for _ in range(reps)) for n in sizes)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

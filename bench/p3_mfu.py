@@ -24,31 +24,12 @@ import argparse
 import gc
 import time
 
-from common import (MODEL_SHAPES, SMALL, config_summary, device, finish_metadata, fmt_num, fmt_spread, init_single_rank,
-                    md_table, plt, run_metadata, save_plot, stats, sync, verdict, write_result)
+from common import (MODEL_SHAPES, SMALL, config_summary, default_peak_sizes, finish_metadata, fmt_num, fmt_spread,
+                    init_single_rank, matmul_flops, md_table, plt, run_metadata, save_plot, stats, sync, verdict,
+                    write_result)
 
 TARGET = 0.40
 NAME = "p3_mfu"
-PEAK_SIZES = (1024, 2048)
-
-
-def matmul_flops(dtype, n: int, seconds: float) -> float:
-    """FLOP/s of repeated n x n x n matmuls for about ``seconds`` (after one warm-up product)."""
-    import torch
-
-    a = torch.randn(n, n, device=device()).to(dtype)
-    b = torch.randn(n, n, device=device()).to(dtype)
-    torch.matmul(a, b)
-    sync()
-    iters, t0 = 0, time.perf_counter()
-    while True:
-        for _ in range(10 if a.is_cuda else 1):
-            torch.matmul(a, b)
-            iters += 1
-        sync()
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds and iters >= 3:
-            return 2 * n**3 * iters / elapsed
 
 
 def run_case(model: str, precision: str, mb: int, ga: int, reps: int, steps: int, peak_seconds: float,
@@ -106,8 +87,7 @@ def main(argv=None) -> int:
     init_single_rank(args.threads)
     meta = run_metadata()
     reps, peak_seconds = (2, 0.3) if args.quick else (args.reps, 0.6)
-    sizes = tuple(int(n) for n in args.peak_sizes.split(",")) if args.peak_sizes else (
-        (4096, 8192) if device().type == "cuda" else PEAK_SIZES)
+    sizes = tuple(int(n) for n in args.peak_sizes.split(",")) if args.peak_sizes else default_peak_sizes()
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     results = [run_case(args.model, prec, args.micro_batch, 1, reps, args.steps_per_rep, peak_seconds, sizes, peak)
                for prec in args.precisions.split(",")]
