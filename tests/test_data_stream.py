@@ -165,3 +165,24 @@ def test_blend_ratio_follows_weights(synth):
             if d == 1:
                 assert int(key[1:]) < 40
             assert row.tolist() == synthetic_tokens(key).tolist()
+
+
+def test_workers_send_numpy_and_the_loader_yields_tensors(shard_dir, monkeypatch):
+    """Workers return numpy arrays (pickled by value: no shared-memory segment per tensor, the P4 data-path fix);
+    the loader hands the training loop int64 tensors, the same batches whatever the worker count."""
+    import largelm.data.loader as loader_module
+
+    seen = []
+    collate = loader_module.collate_samples
+    monkeypatch.setattr(loader_module, "collate_samples", lambda items: seen.append(collate(items)) or seen[-1])
+    ordered = [build_loader([(shard_dir / "valid", 1.0)], SEQ, 4, num_workers=w, infinite=False) for w in (0, 2)]
+    in_process, workers = list(ordered[0]), list(ordered[1])
+    assert seen and all(isinstance(b["tokens"], np.ndarray) and isinstance(b["dataset"], np.ndarray)
+                        for b in seen if "tokens" in b)
+    for batches in (in_process, workers):
+        assert all(b["tokens"].dtype == torch.int64 and b["dataset"].dtype == torch.int64 for b in batches)
+
+    def samples(batches):
+        return sorted((k, tuple(t)) for b in batches for k, t in zip(b["key"], b["tokens"].tolist()))
+
+    assert samples(in_process) == samples(workers)

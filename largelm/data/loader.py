@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from largelm.data.format import DataError, read_manifest
 from largelm.data.shards import check_shard_files
-from largelm.data.stream import Source, StreamSettings, TokenStream, collate_samples
+from largelm.data.stream import Source, StreamSettings, TokenStream, batch_to_tensors, collate_samples
 
 STATE_VERSION = 1
 DatasetArg = Union[str, Path, tuple, object]  # path, (path, weight), or anything with .path and .weight
@@ -120,7 +120,7 @@ class TokenLoader:
                 self._slots[state["slot"]] = {"samples": state["samples"], "positions": state["positions"]}
                 self._next_slot = (state["slot"] + 1) % self.settings.num_slots
                 self._consumed += 1
-                yield batch
+                yield batch_to_tensors(batch)
         finally:
             # Stop the workers now. After an error the traceback keeps torch's iterator alive, and when the
             # garbage collector finally tears it down the worker shutdown stalls ~5 s per worker.

@@ -176,14 +176,25 @@ class TokenStream(IterableDataset):
 
 
 def collate_samples(items: list[dict]) -> dict:
-    """DataLoader collate_fn (runs in the worker): stack tokens, keep the reader state of the last sample."""
+    """DataLoader collate_fn (runs in the worker): stack tokens, keep the reader state of the last sample.
+
+    Arrays stay numpy here; ``TokenLoader`` makes them tensors in the main process (``batch_to_tensors``). A torch
+    tensor returned by a worker travels through its own new shared-memory segment (~1 ms each on CPU), while a
+    numpy array of a batch's few KB is pickled by value through the worker's queue: the P4 data-path benchmark
+    measured 1 worker going from 0.62M to 1.89M tokens/s with this change (2 workers: 0.75M -> 2.83M).
+    """
     samples = [it for it in items if "tokens" in it]
     batch = {"_bad": sum(it["bad"] for it in items), "_state": samples[-1]["state"] if samples else None}
     if samples:
-        batch["tokens"] = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+        batch["tokens"] = np.stack([s["tokens"] for s in samples]).astype(np.int64)
         batch["key"] = [s["key"] for s in samples]
-        batch["dataset"] = torch.tensor([s["dataset"] for s in samples], dtype=torch.long)
+        batch["dataset"] = np.array([s["dataset"] for s in samples], dtype=np.int64)
         for name, value in samples[0].items():  # extra per-sample arrays, e.g. from a sample_transform
             if name != "tokens" and isinstance(value, (np.ndarray, np.integer)):
-                batch[name] = torch.from_numpy(np.stack([s[name] for s in samples]).astype(np.int64))
+                batch[name] = np.stack([s[name] for s in samples]).astype(np.int64)
     return batch
+
+
+def batch_to_tensors(batch: dict) -> dict:
+    """A collated batch's numpy arrays as torch tensors (zero-copy), in the consuming process."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
