@@ -125,14 +125,17 @@ def run_cases(args, run_case: Callable[..., dict]) -> tuple[dict, list[dict]]:
     meta = run_metadata()
     results = [run_case(c["model"], c["precision"], c["mb"], c["ga"], c["reps"], c["steps"])
                for c in cases_from_args(args)]
-    meta["configs"] = [f"{r['model']} {r['precision']} ZeRO-{r['config']['zero_stage']} "
+    meta["configs"] = [f"{r['model']} {r['precision']} ZeRO-{r['config']['zero_stage']} (engine "
+                       f"ZeRO-{r['config']['engine_zero_stage']}) "
                        f"mb{r['config']['micro_batch_size']}x{r['config']['grad_accum_steps']}" for r in results]
     finish_metadata(meta)
     return meta, results
 
 
-def config_summary(cfg) -> dict:
+def config_summary(cfg, world_size: int = 1) -> dict:
+    """The case's shape and run settings; ``engine_zero_stage`` is the stage DeepSpeed runs at ``world_size``."""
     from largelm.model.flops import flops_per_token, matmul_parameter_count
+    from largelm.parallel.deepspeed_config import engine_zero_stage
 
     m, t = cfg.model, cfg.train
     return {
@@ -142,6 +145,7 @@ def config_summary(cfg) -> dict:
         "matmul_params": matmul_parameter_count(m),
         "flops_per_token": flops_per_token(m),
         "precision": t.precision, "zero_stage": cfg.parallel.zero_stage,
+        "engine_zero_stage": engine_zero_stage(cfg, world_size),
         "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
         "tokens_per_step_per_rank": t.micro_batch_size * t.grad_accum_steps * m.seq_length,
     }

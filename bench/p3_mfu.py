@@ -99,6 +99,7 @@ def main(argv=None) -> int:
             "formula": "flops/token = 6*N + 12*L*h*s (N = matmul params incl. output projection once)",
             "cases": results}
     c = results[0]["config"]
+    engines = ", ".join(f"{r['precision']} ZeRO-{r['config']['engine_zero_stage']}" for r in results)
     m = c["model"]
     rows = []
     for r in results:
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
 
 Model: GPT-2 style, L={m['num_layers']}, h={m['hidden_size']}, heads={m['heads']}, ffn={m['ffn']}, s={m['seq_length']},
 vocab={m['vocab']} (tied); N = {c['matmul_params']:,} matmul parameters; micro-batch {c['micro_batch_size']} x
-{c['grad_accum_steps']} ({c['tokens_per_step_per_rank']} tokens/step); largelm `DenseStep`, ZeRO-{c['zero_stage']}.
+{c['grad_accum_steps']} ({c['tokens_per_step_per_rank']} tokens/step); largelm `DenseStep`, ZeRO-{c['zero_stage']}
+(one replica, the engine runs: {engines}).
 
 **FLOPs/token = 6 N + 12 L h s = {c['flops_per_token']:,}** (6 N: forward + backward of every matmul weight;
 12 L h s: attention scores and weighted sum, causal mask not discounted; no recompute).

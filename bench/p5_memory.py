@@ -84,7 +84,7 @@ def worker(args) -> None:
         out.append({"stage": stage, "rank": rank, "world_size": world, "psi": psi,
                     "param_elem_bytes": torch.empty(0, dtype=model_dtype).element_size(),
                     "grad_elem_bytes": torch.empty(0, dtype=grad_dtype).element_size(),
-                    "optimizer_class": type(engine.optimizer).__name__, "config": config_summary(cfg),
+                    "optimizer_class": type(engine.optimizer).__name__, "config": config_summary(cfg, world),
                     "before_step": before, "after_step": after})
         del step, engine
         gc.collect()

@@ -44,7 +44,7 @@ def run(cfg_path: Path, nproc: int, timeout: int) -> tuple[list[float], str]:
     return values[1:], proc.stdout  # first interval includes warm-up
 
 
-def write_config(tmp: Path, model: str, steps: int, log_interval: int, tag: str) -> tuple[Path, dict]:
+def write_config(tmp: Path, model: str, steps: int, log_interval: int, tag: str, dp: int = 1) -> tuple[Path, dict]:
     cfg = bench_config(model, precision="bf16", zero_stage=2, micro_batch_size=8,
                        grad_accum_steps=2 if model == TINY else 1, steps=steps)
     raw = cfg.model_dump(mode="json")
@@ -53,7 +53,7 @@ def write_config(tmp: Path, model: str, steps: int, log_interval: int, tag: str)
     raw["logging"].update(tensorboard_dir=str(tmp / f"tb-{tag}"), progress_bar=False)
     path = tmp / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path, config_summary(cfg)
+    return path, config_summary(cfg, dp)
 
 
 def main(argv=None) -> int:
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
             summary = None
             for r in range(reps):
                 for dp in dps:
-                    cfg_path, summary = write_config(tmp, model, steps, interval, f"{model}-dp{dp}-{r}")
+                    cfg_path, summary = write_config(tmp, model, steps, interval, f"{model}-dp{dp}-{r}", dp)
                     values, _ = run(cfg_path, dp, args.timeout)
                     tps[dp] += values
                     print(f"[scaling {model}] rep {r + 1}/{reps} DP={dp}: tokens/s "
