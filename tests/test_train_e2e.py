@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 
 import pytest
 
@@ -91,3 +92,20 @@ def test_bad_config_fails_before_any_process_starts(make_config):
     assert proc.returncode == 2
     assert "parallel.tensor_parallel" in proc.stdout
     assert "deepspeed.launcher" not in proc.stdout  # refused by the launcher itself
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_process_runs_the_single_replica_engine_and_resumes_exactly(make_config, tmp_path, precision):
+    """One rank with the configured ZeRO-2: DeepSpeed runs ZeRO-0 (fp32) / BF16_Optimizer (bf16) instead
+    (deepspeed_config.engine_zero_stage), logs a finite gradient norm every step, and a run stopped at step 3
+    resumes from its own checkpoint to the uninterrupted run's losses, bit for bit."""
+    ref_cfg = make_config(train={"steps": 6, "precision": precision}, checkpoint={"dir": str(tmp_path / "ref")})
+    ref = check_ok(launch(ref_cfg, nproc=1))
+    assert f"DeepSpeed runs ZeRO-{0 if precision == 'fp32' else 1} for parallel.zero_stage=2" in ref
+    norms = re.findall(r"grad_norm (\S+)", ref)
+    assert len(norms) == 6 and all(float(n) > 0 for n in norms), norms  # nan would fail float(n) > 0
+    config = make_config(train={"steps": 6, "exit_interval": 3, "precision": precision})
+    first = losses(check_ok(launch(config, nproc=1)))
+    out = check_ok(launch(config, nproc=1))
+    assert "resumed from" in out and sorted(first) == [1, 2, 3] and sorted(losses(out)) == [4, 5, 6]
+    assert {**first, **losses(out)} == losses(ref)
