@@ -17,7 +17,6 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from largelm.config import ConfigError, ModelConfig, ParallelConfig
-from largelm.model.flops import flops_per_token, parameter_count  # noqa: F401 - part of this module's API
 from largelm.model.sequence_parallel import reduce_sequence_parallel_grads_in_backward
 from largelm.model.specs import build_transformer_config, gpt_block_spec, position_embedding_type
 from largelm.parallel import groups

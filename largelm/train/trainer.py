@@ -22,7 +22,7 @@ from largelm import faults
 from largelm.checkpoint.manager import LATEST, CheckpointManager, find_latest
 from largelm.config import Config, dump_config
 from largelm.data import build_loader
-from largelm.model.gpt import flops_per_token
+from largelm.model.flops import flops_per_token
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat, model_parallel_manual_seed
 from largelm.train.logger import RunLogger
