@@ -186,3 +186,16 @@ def test_one_replica_fast_engine_trains_like_the_configured_stage(one_rank, monk
     for name, value in weights.items():
         torch.testing.assert_close(value, ref_weights[name], rtol=w_rtol, atol=w_atol, msg=lambda m, n=name: f"{n}: {m}")
     assert ref_curve[-1] != ref_curve[0]
+
+
+def test_one_replica_fp32_without_clipping_still_reports_the_grad_norm(one_rank, monkeypatch):
+    """No clipping: DeepSpeed's ZeRO-0 engine computes no norm at all; largelm's pre-step hook does, and it is the
+    norm the configured ZeRO-2 engine reports, step by step."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    sections = {"optimizer": {"grad_clip": 0.0, "lr": 1e-2, "warmup_steps": 0}}
+    _, ref_curve, _ = _train_one_rank(_cfg(parallel={"zero_stage": 2, "single_replica_zero": "as_configured"},
+                                           **sections), steps=2)
+    fast, curve, _ = _train_one_rank(_cfg(parallel={"zero_stage": 2}, **sections), steps=2)
+    assert type(fast.optimizer).__name__ == "AdamW"
+    for (loss, norm), (ref_loss, ref_norm) in zip(curve, ref_curve):
+        assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-5) and norm > 0
