@@ -199,3 +199,33 @@ def test_one_replica_fp32_without_clipping_still_reports_the_grad_norm(one_rank,
     assert type(fast.optimizer).__name__ == "AdamW"
     for (loss, norm), (ref_loss, ref_norm) in zip(curve, ref_curve):
         assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-5) and norm > 0
+
+
+def test_resume_refuses_a_checkpoint_whose_engine_ran_another_zero_stage(tmp_path):
+    """Same layout and configured stage, but the engine differs (``parallel.single_replica_zero`` changed, or a
+    one-replica checkpoint from before the setting existed): refused before launch, naming the setting."""
+    import json
+
+    import yaml
+
+    from largelm.config import ConfigError
+    from largelm.train.preflight import _check_checkpoint
+
+    step = tmp_path / "step_00000002"
+    step.mkdir()
+    (tmp_path / "latest").write_text(step.name)
+    (step / "manifest.json").write_text(json.dumps({"world_size": 1}))
+    fast = _cfg(parallel={"zero_stage": 2}, checkpoint={"dir": str(tmp_path)})
+    configured = _cfg(parallel={"zero_stage": 2, "single_replica_zero": "as_configured"},
+                      checkpoint={"dir": str(tmp_path)})
+    (step / "config.yaml").write_text(yaml.safe_dump(fast.model_dump(mode="json")))
+    _check_checkpoint(fast, 1)
+    with pytest.raises(ConfigError, match=r"single_replica_zero: the checkpoint's engine ran ZeRO-0, this config's "
+                                          r"runs ZeRO-2 \(set it to 'fastest'\)"):
+        _check_checkpoint(configured, 1)
+    before = configured.model_dump(mode="json")
+    del before["parallel"]["single_replica_zero"]  # written before the setting existed: the configured stage ran
+    (step / "config.yaml").write_text(yaml.safe_dump(before))
+    _check_checkpoint(configured, 1)
+    with pytest.raises(ConfigError, match=r"ran ZeRO-2, this config's runs ZeRO-0 \(set it to 'as_configured'\)"):
+        _check_checkpoint(fast, 1)
