@@ -204,12 +204,14 @@ def read_mp_rank(info: CheckpointInfo, mp_rank: int, log=None) -> tuple[dict[str
         state = load_pt(f)[OPTIMIZER_STATE_DICT]
         state.pop("base_optimizer_state", None)  # Adam moments: not needed for weights
         optim.append(state)
-    # DeepSpeed's BF16_Optimizer (bf16 + ZeRO-1) writes its own format: no ZERO_STAGE entry, but the same flat fp32
-    # partitions (parameters in group order, padded at the end to 2 x DP) as ZeRO-1/2, which zero_to_fp32 merges.
-    bf16_optimizer = ZERO_STAGE not in optim[0] and SINGLE_PARTITION_OF_FP32_GROUPS in optim[0]
-    if ZERO_STAGE not in optim[0] and not bf16_optimizer:
+    if ZERO_STAGE in optim[0]:
+        stage = int(optim[0][ZERO_STAGE])
+    elif SINGLE_PARTITION_OF_FP32_GROUPS in optim[0]:
+        # DeepSpeed's BF16_Optimizer (bf16 + ZeRO-1) records no stage, but writes the same flat fp32 partitions
+        # (parameters in group order, padded at the end to 2 x DP) as ZeRO-1/2, which zero_to_fp32 merges.
+        stage = 1
+    else:
         raise ConversionError(f"{optim_files[0]} is neither a ZeRO nor a BF16_Optimizer partition")
-    stage = 1 if bf16_optimizer else int(optim[0][ZERO_STAGE])
     if stage != info.zero_stage:
         raise ConversionError(f"{optim_files[0]} is a ZeRO-{stage} partition but the checkpoint config says "
                               f"ZeRO-{info.zero_stage}")
