@@ -325,6 +325,23 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
         raise ConfigError(_format_errors(err, source)) from None
 
 
+# Fields added after checkpoints were already being written, with the value that describes those older runs.
+CHECKPOINT_LEGACY_DEFAULTS = {("parallel", "single_replica_zero"): "as_configured"}
+
+
+def checkpoint_config_from_dict(data: dict, source: str = "<checkpoint config>") -> Config:
+    """The config a checkpoint was written with (its config.yaml). A field added since takes the value that
+    describes how such an older run behaved, not today's default (``CHECKPOINT_LEGACY_DEFAULTS``): checkpoints
+    from before ``parallel.single_replica_zero`` existed ran the configured ZeRO stage."""
+    if isinstance(data, dict):
+        data = dict(data)
+        for (section, field), value in CHECKPOINT_LEGACY_DEFAULTS.items():
+            values = data.get(section) or {}
+            if isinstance(values, dict) and field not in values:
+                data[section] = {**values, field: value}
+    return config_from_dict(data, source=source)
+
+
 def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Config:
     """Load and validate a YAML config. ``overrides`` are ``dotted.key=value`` strings (YAML-typed)."""
     path = Path(path)

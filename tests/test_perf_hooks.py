@@ -229,3 +229,23 @@ def test_resume_refuses_a_checkpoint_whose_engine_ran_another_zero_stage(tmp_pat
     _check_checkpoint(configured, 1)
     with pytest.raises(ConfigError, match=r"ran ZeRO-2, this config's runs ZeRO-0 \(set it to 'as_configured'\)"):
         _check_checkpoint(fast, 1)
+
+
+def test_a_checkpoint_from_before_single_replica_zero_consolidates_with_its_own_stage(tmp_path):
+    """A one-replica checkpoint written before ``parallel.single_replica_zero`` existed ran the configured ZeRO-2:
+    the converter must look for ZeRO-2 partitions, not the ZeRO-0 files today's default would imply."""
+    import json
+
+    import yaml
+
+    from largelm.checkpoint.convert.consolidate import inspect_checkpoint
+    from largelm.checkpoint.convert.errors import ConversionError
+
+    step = tmp_path / "step_00000002"
+    step.mkdir()
+    raw = _cfg(parallel={"zero_stage": 2}).model_dump(mode="json")
+    del raw["parallel"]["single_replica_zero"]
+    (step / "config.yaml").write_text(yaml.safe_dump(raw))
+    (step / "manifest.json").write_text(json.dumps({"step": 2, "world_size": 1, "files": {}}))
+    with pytest.raises(ConversionError, match=r"ZeRO-2\): missing .*zero_pp_rank_0_mp_rank_00_optim_states\.pt"):
+        inspect_checkpoint(step, checksums=False)

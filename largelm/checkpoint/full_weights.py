@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from largelm.checkpoint.manager import CheckpointError, find_latest, read_manifest
-from largelm.config import Config, config_from_dict
+from largelm.config import Config, checkpoint_config_from_dict
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -36,7 +36,7 @@ def checkpoint_config(ckpt_dir: Path) -> Config:
     cfg_file = ckpt_dir / "config.yaml"
     if not cfg_file.is_file():
         raise CheckpointError(f"checkpoint {ckpt_dir} has no config.yaml")
-    return config_from_dict(yaml.safe_load(cfg_file.read_text()), source=str(cfg_file))
+    return checkpoint_config_from_dict(yaml.safe_load(cfg_file.read_text()), source=str(cfg_file))
 
 
 def load_full_weights(path: str | Path, dtype: Optional[torch.dtype] = torch.float32) -> tuple[Config, dict, Path]:

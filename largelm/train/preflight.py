@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from largelm.config import Config, ConfigError, config_from_dict
+from largelm.config import Config, ConfigError, checkpoint_config_from_dict
 from largelm.parallel.deepspeed_config import engine_zero_stage
 
 # Fields that fix the parameter shapes: a checkpoint written with other values cannot be resumed.
@@ -120,13 +120,11 @@ def _check_checkpoint(cfg: Config, world_size: int) -> None:
         mismatches.append(f"world size: checkpoint written by {saved_world} ranks, this run has {world_size} "
                           f"(reshard it: largelm-convert reshard SRC OUT --tp T --pp P --dp D --drop-optimizer)")
     elif not mismatches and saved_world is not None:  # same layout: did the engine run the same ZeRO stage?
-        # checkpoints from before parallel.single_replica_zero existed ran the configured stage
-        before = {**saved, "parallel": {"single_replica_zero": "as_configured", **saved["parallel"]}}
-        was = engine_zero_stage(config_from_dict(before, source=str(saved_cfg)), saved_world)
-        now = engine_zero_stage(cfg, world_size)
+        written = checkpoint_config_from_dict(saved, source=str(saved_cfg))
+        was, now = engine_zero_stage(written, saved_world), engine_zero_stage(cfg, world_size)
         if was != now:
             mismatches.append(f"parallel.single_replica_zero: the checkpoint's engine ran ZeRO-{was}, this config's "
-                              f"runs ZeRO-{now} (set it to {before['parallel']['single_replica_zero']!r})")
+                              f"runs ZeRO-{now} (set it to {written.parallel.single_replica_zero!r})")
     if mismatches:
         raise ConfigError(f"checkpoint {saved_cfg.parent} does not match this config:\n  " + "\n  ".join(mismatches))
 

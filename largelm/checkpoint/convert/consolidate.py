@@ -35,7 +35,7 @@ from largelm.checkpoint.convert.layout import (
     tp_partition,
 )
 from largelm.checkpoint.manager import LATEST, MANIFEST, PARTIAL_PREFIX, CheckpointError, verify_checkpoint
-from largelm.config import Config, ConfigError, config_from_dict
+from largelm.config import Config, ConfigError, checkpoint_config_from_dict
 from largelm.parallel.deepspeed_config import engine_zero_stage
 from largelm.parallel.sharding import unshard_tensors
 
@@ -104,7 +104,7 @@ def inspect_checkpoint(path: Path, tag: Optional[str] = None, checksums: bool = 
     if not cfg_path.is_file():
         raise ConversionError(f"checkpoint {step_dir} has no config.yaml")
     try:
-        cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
+        cfg = checkpoint_config_from_dict(yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
     except (ConfigError, yaml.YAMLError) as err:
         raise ConversionError(f"checkpoint config {cfg_path} is invalid: {err}") from None
     if cfg.model.vocab_size is None:
