@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import yaml
 
-from largelm.checkpoint.manager import CheckpointError, find_latest, read_manifest
+from largelm.checkpoint.manager import CheckpointError, find_latest
 from largelm.config import Config, checkpoint_config_from_dict
 
 
@@ -42,20 +42,21 @@ def checkpoint_config(ckpt_dir: Path) -> Config:
 def load_full_weights(path: str | Path, dtype: Optional[torch.dtype] = torch.float32) -> tuple[Config, dict, Path]:
     """``(config, state_dict, step_dir)``: GPTModel parameter names -> full tensors (``dtype``; None keeps fp32)."""
     ckpt_dir = resolve_checkpoint(path)
-    cfg = checkpoint_config(ckpt_dir)
-    manifest = read_manifest(ckpt_dir)
-    tp = manifest.get("tensor_parallel", cfg.parallel.tensor_parallel)
-    pp = manifest.get("pipeline_parallel", cfg.parallel.pipeline_parallel)
+    from largelm.checkpoint.convert.consolidate import consolidate_checkpoint, inspect_checkpoint
+    from largelm.checkpoint.convert.errors import ConversionError
+
+    try:  # the checkpoint converter reads config.yaml and the manifest once and checks they agree
+        info = inspect_checkpoint(ckpt_dir, checksums=False)
+    except ConversionError as err:
+        raise CheckpointError(f"could not consolidate DeepSpeed checkpoint {ckpt_dir}: {err}") from err
+    cfg, tp, pp = info.config, info.tensor_parallel, info.pipeline_parallel
     if tp != 1 or pp != 1:  # the tools build a TP=1/PP=1 model from the checkpoint's config
         raise CheckpointError(
             f"checkpoint {ckpt_dir} was written with tensor_parallel={tp}, pipeline_parallel={pp}; only TP=1/PP=1 "
             "checkpoints are read here (reshard it to TP=1/PP=1 first with the checkpoint converter)"
         )
-    from largelm.checkpoint.convert.consolidate import consolidate_checkpoint, inspect_checkpoint
-    from largelm.checkpoint.convert.errors import ConversionError
-
-    try:  # the checkpoint converter: any TP/PP/DP layout and ZeRO stage, fp32 master weights where they exist
-        consolidated = consolidate_checkpoint(inspect_checkpoint(ckpt_dir, checksums=False), log=lambda _: None)
+    try:  # any DP size and ZeRO stage, fp32 master weights where they exist
+        consolidated = consolidate_checkpoint(info, log=lambda _: None)
     except ConversionError as err:
         raise CheckpointError(f"could not consolidate DeepSpeed checkpoint {ckpt_dir}: {err}") from err
     state = consolidated.padded_tensors(cfg.model.padded_vocab_size())
