@@ -47,8 +47,8 @@ class ModelConfig(_Section):
     attention_dropout: float = Field(default=0.0, ge=0, lt=1)
     init_method_std: float = Field(default=0.02, gt=0)
     # Which kernel computes causal attention (not part of the shape; largelm/model/attention.py): auto = torch's
-    # fused scaled_dot_product_attention except bf16 on CPU, where megatron's unfused attention is faster.
-    attention: Literal["auto", "sdpa", "local"] = "auto"
+    # fused scaled_dot_product_attention on GPU, largelm's batched-matmul attention on CPU; local = megatron's.
+    attention: Literal["auto", "sdpa", "bmm", "local"] = "auto"
 
     @model_validator(mode="after")
     def _check_shape(self) -> "ModelConfig":

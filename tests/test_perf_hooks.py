@@ -188,6 +188,35 @@ def test_one_replica_fast_engine_trains_like_the_configured_stage(one_rank, monk
     assert ref_curve[-1] != ref_curve[0]
 
 
+def test_bf16_gradients_accumulate_in_place_with_the_same_result(one_rank, monkeypatch):
+    """``accumulate_bf16_gradients_in_place``: three steps of 2 accumulated micro-batches (the first gradient copied,
+    the second added) train bit-identically to DeepSpeed's own BF16_Optimizer, with no zeroing pass over the fp32
+    gradient buffers at all; and whatever a buffer slice holds without a gradient since the last clear is zeroed
+    before anything reads the whole buffer."""
+    import largelm.train.engine as engine_module
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    zeroed = []
+    monkeypatch.setattr(torch.Tensor, "zero_", lambda t: (zeroed.append(t.numel()), torch.fill_(t, 0))[1])
+    sections = {"train": {"precision": "bf16"}, "optimizer": {"grad_clip": 0.05, "lr": 1e-2, "warmup_steps": 0}}
+    cfg = _cfg(parallel={"zero_stage": 1}, **sections)
+    fast, curve, weights = _train_one_rank(cfg, steps=3)
+    assert type(fast.optimizer).__name__ == "BF16_Optimizer"
+    flat = fast.optimizer.fp32_groups_gradients_flat
+    assert max(zeroed, default=0) < min(b.numel() for b in flat)  # never a whole buffer
+    stock_zeroed = len(zeroed)
+    monkeypatch.setattr(engine_module, "accumulate_bf16_gradients_in_place", lambda optimizer: False)
+    _, ref_curve, ref_weights = _train_one_rank(cfg, steps=3)
+    assert len(zeroed) > stock_zeroed and curve == ref_curve and ref_curve[0] != ref_curve[-1]
+    for name, value in weights.items():
+        assert torch.equal(value, ref_weights[name]), name
+    # after the step every flag is clear: stale values must not reach the reduction or the next step
+    for buffer in flat:
+        buffer.fill_(float("nan"))
+    fast.optimizer.get_grads_for_reduction()
+    assert all(float(b.abs().max()) == 0 for b in flat)
+
+
 def test_one_replica_fp32_without_clipping_still_reports_the_grad_norm(one_rank, monkeypatch):
     """No clipping: DeepSpeed's ZeRO-0 engine computes no norm at all; largelm's pre-step hook does, and it is the
     norm the configured ZeRO-2 engine reports, step by step."""

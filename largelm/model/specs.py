@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from largelm.config import ModelConfig, ParallelConfig
-from largelm.model.attention import SDPAttention, use_sdpa
+from largelm.model.attention import KINDS, core_attention_kind
 from largelm.model.sequence_parallel import SequenceParallelNorm
 
 STYLES = ("gpt2", "llama")
@@ -148,27 +148,26 @@ def checkpointed_layer_call(config: TransformerConfig, function, *args):
     return tensor_parallel.checkpoint(function, False, *args)
 
 
-def gpt_layer_spec(model_cfg: ModelConfig, sequence_parallel: bool = False, sdpa: bool = False) -> ModuleSpec:
+def gpt_layer_spec(model_cfg: ModelConfig, sequence_parallel: bool = False, attention: str = "local") -> ModuleSpec:
     """One transformer layer: megatron-core's local layer spec with the norm chosen by ``normalization``.
 
     megatron's torch norms refuse sequence parallelism (they cannot mark their weights for the
     tensor-parallel grad all-reduce), so with ``sequence_parallel`` the two norm slots get
-    ``SequenceParallelNorm``. With ``sdpa`` the core attention is ``SDPAttention`` (megatron's
-    ``DotProductAttention`` computed by torch's fused kernel; ``attention_choice``). Everything else stays
-    megatron's.
+    ``SequenceParallelNorm``. ``attention`` names the core attention (``attention_choice``;
+    largelm/model/attention.py): ``local`` is megatron's ``DotProductAttention``, ``sdpa``/``bmm`` its
+    subclasses with a faster causal path. Everything else stays megatron's.
     """
     layer = get_gpt_layer_local_spec(normalization=normalization(model_cfg))
     if sequence_parallel:
         layer.submodules.input_layernorm = SequenceParallelNorm
         layer.submodules.pre_mlp_layernorm = SequenceParallelNorm
-    if sdpa:
-        layer.submodules.self_attention.submodules.core_attention = SDPAttention
+    layer.submodules.self_attention.submodules.core_attention = KINDS[attention]
     return layer
 
 
-def attention_choice(model_cfg: ModelConfig, config: TransformerConfig) -> bool:
-    """Whether this model's layers use ``SDPAttention`` (``model.attention``; largelm/model/attention.py)."""
-    return use_sdpa(model_cfg, bf16=config.bf16, on_cuda=not config.use_cpu_initialization)
+def attention_choice(model_cfg: ModelConfig, config: TransformerConfig) -> str:
+    """This model's core attention kind (``model.attention`` on this device; largelm/model/attention.py)."""
+    return core_attention_kind(model_cfg, on_cuda=not config.use_cpu_initialization)
 
 
 def final_norm(model_cfg: ModelConfig, sequence_parallel: bool = False) -> type:

@@ -50,3 +50,63 @@ def use_fused_adamw(optimizer) -> bool:
     for group in inner.param_groups:
         group.update(fused=True, foreach=False)
     return True
+
+
+
+def accumulate_bf16_gradients_in_place(optimizer) -> bool:
+    """Make DeepSpeed's ``BF16_Optimizer`` write its fp32 gradient buffers in one pass per gradient. True if installed.
+
+    Stock, every step costs three full passes over the model's fp32 gradients besides the one that matters: the
+    buffers are zeroed twice (at the end of ``step()``, then by the engine's ``zero_grad()``), and each bf16
+    gradient is first cast into a temporary fp32 tensor (``lp.grad.to(float32)``) which is then added into the
+    zeroed buffer (~12 ms of a ~280 ms gpt-25m bf16 step on CPU). Here the *first* gradient a parameter receives
+    after a clear is cast straight into its buffer slice (``copy_``: the value of adding it to zero) and later ones
+    are added without a temporary (``add_`` promotes bf16 to fp32 inside the kernel): the same fp32 numbers. A clear
+    only resets the optimizer's per-parameter "has a gradient" flags (``fp32_groups_has_gradients``, which DeepSpeed
+    already keeps and which its norm already honours); slices of parameters that received no gradient are zeroed
+    right before anything reads the whole buffer - the data-parallel reduction (``get_grads_for_reduction``) and
+    ``step()``. Not installed for expert-parallel (MoE) or AutoEP-folded optimizers, whose gradient paths differ.
+    """
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    if (not isinstance(optimizer, BF16_Optimizer) or optimizer.has_moe_layers
+            or getattr(optimizer, "autoep_folding_tp_group", None) is not None):
+        return False
+    written = optimizer.fp32_groups_has_gradients  # [group][param]; DeepSpeed replaces the inner lists on clear
+
+    @torch.no_grad()
+    def update_hp_grad(lp, group_idx: int, param_idx: int, clear_lp_grads: bool) -> None:
+        if lp.grad is None:
+            return
+        hp_grad = optimizer.fp32_groups_gradients[group_idx][param_idx]
+        if written[group_idx][param_idx]:
+            hp_grad.add_(lp.grad.view(hp_grad.shape))
+        else:
+            hp_grad.copy_(lp.grad.view(hp_grad.shape))
+        lp._hp_grad = hp_grad
+        written[group_idx][param_idx] = True
+        if clear_lp_grads:
+            lp.grad.zero_()
+
+    def clear_hp_grads() -> None:
+        for i, group in enumerate(optimizer.fp32_groups_gradients):
+            written[i] = [False] * len(group)
+
+    @torch.no_grad()
+    def zero_unwritten() -> None:
+        for i, group in enumerate(optimizer.fp32_groups_gradients):
+            for j, hp_grad in enumerate(group):
+                if not written[i][j]:
+                    hp_grad.zero_()
+
+    def before(method):
+        def wrapped(*args, **kwargs):
+            zero_unwritten()
+            return method(*args, **kwargs)
+        return wrapped
+
+    optimizer._update_hp_grad = update_hp_grad
+    optimizer.clear_hp_grads = clear_hp_grads
+    optimizer.get_grads_for_reduction = before(optimizer.get_grads_for_reduction)
+    optimizer.step = before(optimizer.step)
+    return True
