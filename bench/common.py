@@ -132,6 +132,16 @@ def run_cases(args, run_case: Callable[..., dict]) -> tuple[dict, list[dict]]:
     return meta, results
 
 
+def run_case_benchmark(argv, description: str, run_case: Callable[..., dict], models: str) -> tuple[dict, list[dict]]:
+    """A 1-process case benchmark's ``main``: its options (``add_case_args``, ``models`` the default) parsed from
+    ``argv``, then ``run_cases``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_case_args(p, models=models)
+    return run_cases(p.parse_args(argv), run_case)
+
+
 def config_summary(cfg, world_size: int = 1) -> dict:
     """The case's shape and run settings; ``engine_zero_stage`` is the stage DeepSpeed runs at ``world_size``."""
     from largelm.model.flops import flops_per_token, matmul_parameter_count

@@ -14,11 +14,10 @@ overhead into "megatron-core model vs plain model" and "DeepSpeed engine vs bare
 
 from __future__ import annotations
 
-import argparse
 import gc
 
-from common import (SMALL, TINY, Cycle, add_case_args, fmt_spread, grouped_bar_plot, md_table, ratio_stats,
-                    run_cases, verdict, write_result)
+from common import (SMALL, TINY, Cycle, fmt_spread, grouped_bar_plot, md_table, ratio_stats,
+                    run_case_benchmark, verdict, write_result)
 
 TARGET = 1.05
 NAME = "p1_overhead"
@@ -46,9 +45,7 @@ def run_case(model: str, precision: str, mb: int, ga: int, reps: int, steps: int
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_case_args(p, models=f"{TINY},{SMALL}")
-    meta, results = run_cases(p.parse_args(argv), run_case)
+    meta, results = run_case_benchmark(argv, __doc__, run_case, models=f"{TINY},{SMALL}")
     headline = results[0]["ratio_largelm_vs_plain"]["median"]
     data = {"meta": meta, "target": TARGET, "target_text": "largelm / plain PyTorch step time <= 1.05",
             "headline": {"value": headline, "case": f"{results[0]['model']} {results[0]['precision']}"},

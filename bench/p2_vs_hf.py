@@ -21,11 +21,10 @@ Two comparisons:
 
 from __future__ import annotations
 
-import argparse
 import gc
 
-from common import (SMALL, TINY, Cycle, add_case_args, default_peak_sizes, fmt_spread, grouped_bar_plot,
-                    md_table, measured_peak, ratio_stats, run_cases, verdict, write_result)
+from common import (SMALL, TINY, Cycle, default_peak_sizes, fmt_spread, grouped_bar_plot,
+                    md_table, measured_peak, ratio_stats, run_case_benchmark, verdict, write_result)
 
 TARGET = 1.3
 NAME = "p2_vs_hf"
@@ -60,9 +59,7 @@ def run_case(model: str, precision: str, mb: int, ga: int, reps: int, steps: int
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_case_args(p, models=f"{TINY},{SMALL}")
-    meta, results = run_cases(p.parse_args(argv), run_case)
+    meta, results = run_case_benchmark(argv, __doc__, run_case, models=f"{TINY},{SMALL}")
     worst = min(results, key=lambda r: r["speedup_largelm_vs_hf"]["median"])
     data = {"meta": meta, "target": TARGET, "target_text": "largelm tokens/s / HF tokens/s >= 1.3",
             "headline": {"value": worst["speedup_largelm_vs_hf"]["median"],

@@ -35,6 +35,14 @@ def _common(p: argparse.ArgumentParser, tag: bool = True) -> None:
     p.add_argument("--verbose", action="store_true", help="show DeepSpeed/megatron output of spawned ranks")
 
 
+def _weights_out(p: argparse.ArgumentParser, dtype_help: str, tokenizer_help: str) -> None:
+    """SOURCE OUT --dtype --tokenizer: the commands that write weights and a tokenizer to a directory."""
+    p.add_argument("source")
+    p.add_argument("out")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help=dtype_help)
+    p.add_argument("--tokenizer", type=Path, default=None, help=tokenizer_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="largelm-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,11 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("consolidate", help="training checkpoint (or any source) -> consolidated safetensors",
                        description="Merge ZeRO partitions (DeepSpeed's zero_to_fp32 merge), unshard TP/PP and write "
                                    "model.safetensors + largelm.json (+ tokenizer.model) to OUT.")
-    p.add_argument("source")
-    p.add_argument("out")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="output dtype (default: the source's)")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="sentencepiece .model to keep with it (default: the one in the checkpoint's config)")
+    _weights_out(p, "output dtype (default: the source's)",
+                 "sentencepiece .model to keep with it (default: the one in the checkpoint's config)")
     _common(p)
 
     p = sub.add_parser("reshard", help="any source -> training checkpoint in another TP/PP/DP layout",
@@ -78,11 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "MegatronBertForPreTraining/MegatronBertForMaskedLM (pre-LN), with config.json, "
                                    "safetensors and a tokenizer.json converted from the sentencepiece model, loadable "
                                    "offline with AutoModelForCausalLM / AutoModelForMaskedLM and AutoTokenizer.")
-    p.add_argument("source")
-    p.add_argument("out")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="weights dtype (default: the source's)")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="sentencepiece .model (default: the one recorded with the source)")
+    _weights_out(p, "weights dtype (default: the source's)",
+                 "sentencepiece .model (default: the one recorded with the source)")
     p.add_argument("--max-shard-size", type=int, default=None, help="bytes per safetensors shard (default 5 GiB)")
     _common(p)
 
