@@ -217,6 +217,34 @@ def test_bf16_gradients_accumulate_in_place_with_the_same_result(one_rank, monke
     assert all(float(b.abs().max()) == 0 for b in flat)
 
 
+def test_bf16_clipping_inside_fused_adamw_clips_as_deepspeed_does(one_rank, monkeypatch):
+    """``clip_inside_fused_adamw``: with clipping active every step, the fp32 master weights and losses match
+    DeepSpeed's own in-place clipping to float rounding, differ from an unclipped run, and the configured
+    ``clip_grad`` is what the optimizer (and so a checkpoint) holds between steps."""
+    import largelm.train.engine as engine_module
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+    def masters(engine):
+        return torch.cat([p.detach().clone() for p in engine.optimizer.fp32_groups_flat_partition])
+
+    sections = {"train": {"precision": "bf16"}, "optimizer": {"grad_clip": 0.05, "lr": 1e-2, "warmup_steps": 0}}
+    cfg = _cfg(parallel={"zero_stage": 1}, **sections)
+    fused, curve, _ = _train_one_rank(cfg, steps=3)
+    inner = fused.optimizer.optimizer
+    assert fused.optimizer.clip_grad == 0.05 and inner.grad_scale is None and inner._optimizer_step_pre_hooks
+    assert all(norm > 0.05 for _, norm in curve)  # clipped at every step
+    with monkeypatch.context() as m:
+        m.setattr(engine_module, "clip_inside_fused_adamw", lambda optimizer: False)
+        stock, ref_curve, _ = _train_one_rank(cfg, steps=3)
+        unclipped, free_curve, _ = _train_one_rank(_cfg(parallel={"zero_stage": 1}, train={"precision": "bf16"},
+                                                        optimizer={"grad_clip": 0.0, "lr": 1e-2, "warmup_steps": 0}))
+    for (loss, norm), (ref_loss, ref_norm) in zip(curve, ref_curve):
+        assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-5)
+    torch.testing.assert_close(masters(fused), masters(stock), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(masters(fused), masters(unclipped), rtol=1e-3, atol=1e-5)
+
+
 def test_one_replica_fp32_without_clipping_still_reports_the_grad_norm(one_rank, monkeypatch):
     """No clipping: DeepSpeed's ZeRO-0 engine computes no norm at all; largelm's pre-step hook does, and it is the
     norm the configured ZeRO-2 engine reports, step by step."""

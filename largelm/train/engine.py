@@ -34,7 +34,8 @@ from largelm.model.specs import recompute_fields
 from largelm.parallel import groups
 from largelm.parallel.deepspeed_config import deepspeed_config, engine_zero_stage, skips_data_parallel_reduction
 from largelm.parallel.sharding import load_full_state_dict
-from largelm.train.optim import accumulate_bf16_gradients_in_place, param_groups, use_fused_adamw
+from largelm.train.optim import (accumulate_bf16_gradients_in_place, clip_inside_fused_adamw, param_groups,
+                                 use_fused_adamw)
 from largelm.train.schedule import build_scheduler
 
 
@@ -54,6 +55,7 @@ def initialize_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=
     )
     use_fused_adamw(engine.optimizer)  # one-pass in-place AdamW on ZeRO's flat partitions (largelm/train/optim.py)
     accumulate_bf16_gradients_in_place(engine.optimizer)  # BF16_Optimizer: one pass per gradient, no clears
+    clip_inside_fused_adamw(engine.optimizer)  # BF16_Optimizer: clipping applied in the AdamW pass
     stage = engine_zero_stage(cfg, world_size)
     if stage != cfg.parallel.zero_stage and dist.get_rank() == 0:
         print(f"one data-parallel replica: DeepSpeed runs ZeRO-{stage} for parallel.zero_stage="

@@ -52,7 +52,6 @@ def use_fused_adamw(optimizer) -> bool:
     return True
 
 
-
 def accumulate_bf16_gradients_in_place(optimizer) -> bool:
     """Make DeepSpeed's ``BF16_Optimizer`` write its fp32 gradient buffers in one pass per gradient. True if installed.
 
@@ -109,4 +108,47 @@ def accumulate_bf16_gradients_in_place(optimizer) -> bool:
     optimizer.clear_hp_grads = clear_hp_grads
     optimizer.get_grads_for_reduction = before(optimizer.get_grads_for_reduction)
     optimizer.step = before(optimizer.step)
+    return True
+
+
+def clip_inside_fused_adamw(optimizer) -> bool:
+    """Let torch's fused AdamW apply ``BF16_Optimizer``'s gradient clipping instead of a separate pass. True if done.
+
+    DeepSpeed clips by multiplying every fp32 gradient by ``max_norm / (norm + 1e-6)`` in place, one more pass over
+    the model's gradients (~3.6 ms of a ~270 ms gpt-25m bf16 step on CPU), just before the AdamW pass reads them
+    again. torch's fused AdamW takes a ``grad_scale`` that it divides every gradient by inside its one pass (the
+    hook ``GradScaler`` uses). So during ``step()`` DeepSpeed's clip is switched off (``clip_grad`` is 0 only
+    while it runs; checkpoints keep the configured value) and a step pre-hook on the torch optimizer sets
+    ``grad_scale = (norm + 1e-6) / max_norm`` from the norm DeepSpeed has just computed whenever that is above 1 -
+    the same clipping, up to the rounding of one division. Only for a ``BF16_Optimizer`` with clipping whose torch
+    optimizer runs fused (``use_fused_adamw``): the other implementations refuse ``grad_scale``.
+    """
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    inner = getattr(optimizer, "optimizer", None)
+    if (not isinstance(optimizer, BF16_Optimizer) or not optimizer.clip_grad > 0
+            or not isinstance(inner, (torch.optim.AdamW, torch.optim.Adam))
+            or not all(group.get("fused") for group in inner.param_groups)):
+        return False
+    pending = {}  # max_norm while a BF16_Optimizer.step() runs
+
+    def set_grad_scale(*_) -> None:
+        inner.grad_scale = None
+        if "max_norm" in pending:
+            scale = (torch.as_tensor(optimizer._global_grad_norm, dtype=torch.float32) + 1e-6) / pending["max_norm"]
+            if scale > 1:  # DeepSpeed clips only when max_norm / (norm + eps) < 1
+                inner.grad_scale = scale.to(optimizer.fp32_groups_flat_partition[0].device)
+
+    step = optimizer.step
+
+    def step_with_fused_clip(*args, **kwargs):
+        pending["max_norm"], optimizer.clip_grad = optimizer.clip_grad, 0.0
+        try:
+            return step(*args, **kwargs)
+        finally:
+            optimizer.clip_grad = pending.pop("max_norm")
+            inner.grad_scale = None
+
+    inner.register_step_pre_hook(set_grad_scale)
+    optimizer.step = step_with_fused_clip
     return True
