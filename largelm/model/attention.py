@@ -71,6 +71,7 @@ class CausalBmmAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, probs, keep = ctx.saved_tensors
         grad_out = grad_out.contiguous()
+        # the dropped-out probabilities are recomputed rather than saved: one [b*heads, s, s] tensor less per layer
         dropped = probs * keep if keep is not None else probs
         grad_v = torch.bmm(dropped.transpose(1, 2), grad_out)
         grad_probs = torch.bmm(grad_out, v.transpose(1, 2))

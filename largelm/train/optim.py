@@ -132,8 +132,7 @@ def clip_inside_fused_adamw(optimizer) -> bool:
         return False
     pending = {}  # max_norm while a BF16_Optimizer.step() runs
 
-    def set_grad_scale(*_) -> None:
-        inner.grad_scale = None
+    def set_grad_scale(*_) -> None:  # grad_scale is None outside step_with_fused_clip
         if "max_norm" in pending:
             scale = (torch.as_tensor(optimizer._global_grad_norm, dtype=torch.float32) + 1e-6) / pending["max_norm"]
             if scale > 1:  # DeepSpeed clips only when max_norm / (norm + eps) < 1
