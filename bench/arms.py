@@ -30,7 +30,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from common import Cycle, bench_config, config_summary, device, interleaved, real_batches, seed_all, stats
+from common import Cycle, bench_config, config_summary, device, interleaved, real_batches, seed_all
+from report import stats
 
 
 def megatron_state_dict(module: torch.nn.Module) -> dict:

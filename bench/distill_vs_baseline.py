@@ -15,7 +15,6 @@ Writes bench/results/distill.md and bench/results/distill.json. Uses LARGELM_BEN
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -25,10 +24,8 @@ from pathlib import Path
 
 import yaml
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-RESULTS = Path(os.environ.get("LARGELM_BENCH_RESULTS", BENCH / "results"))
-DATA = Path(os.environ.get("LARGELM_BENCH_DATA", REPO / "data" / "default"))
+from report import DATA, REPO, finish_metadata, md_table, run_metadata, write_result
+
 VALID = re.compile(r"^step (\d+) valid loss ([0-9.]+) ppl ([0-9.]+)", re.MULTILINE)
 
 
@@ -66,13 +63,11 @@ def run(cfg: Path, nproc: int, log: Path) -> dict:
 
 
 def write_results(args, meta: dict, results: dict) -> str:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "distill.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    """``results/distill.{json,md}``: the arms finished so far, with the run record."""
     base = results.get("baseline", {}).get("valid_loss")
-    rows = []
-    for name, r in results.items():
-        delta = "" if base is None else f"{r['valid_loss'] - base:+.4f}"
-        rows.append(f"| {name} | {r['valid_loss']:.4f} | {r['valid_ppl']:.2f} | {delta} | {r['seconds']:.0f} |")
+    rows = [[name, f"{r['valid_loss']:.4f}", f"{r['valid_ppl']:.2f}",
+             "" if base is None else f"{r['valid_loss'] - base:+.4f}", f"{r['seconds']:.0f}"]
+            for name, r in results.items()]
     verdict = ("(run incomplete)" if base is None or "distill" not in results
                else f"**{results['distill']['valid_loss'] < base}**")
     md = "\n".join([
@@ -80,12 +75,14 @@ def write_results(args, meta: dict, results: dict) -> str:
         f"Teacher: gpt-tiny (4 layers, h=128) trained {args.teacher_steps} steps. Student: {args.student_layers} "
         f"layers, h=128, {args.student_steps} steps, same data order, seeds and LR schedule in every arm; "
         f"alpha={args.alpha}, T={args.temperature}; bf16; {args.nproc} rank(s); validation loss over "
-        f"{args.eval_steps} batches of {DATA}/shards/valid. Reproduce: `python bench/distill_vs_baseline.py "
-        f"--teacher-steps {args.teacher_steps} --student-steps {args.student_steps}`.", "",
-        "| run | valid loss | valid ppl | vs baseline | wall s |", "| --- | ---: | ---: | ---: | ---: |", *rows, "",
-        f"Distilled student (random init, same init as the baseline) beats the baseline: {verdict}", "",
+        f"{args.eval_steps} batches of {os.path.relpath(DATA / 'shards' / 'valid', REPO)}. Reproduce: "
+        f"`python bench/distill_vs_baseline.py --teacher-steps {args.teacher_steps} "
+        f"--student-steps {args.student_steps}`.", "",
+        md_table(["run", "valid loss", "valid ppl", "vs baseline", "wall s"], rows), "",
+        f"Distilled student (random init, same init as the baseline) beats the baseline: {verdict}",
     ])
-    (RESULTS / "distill.md").write_text(md)
+    finish_metadata(meta)
+    write_result("distill", {"meta": meta, "results": results}, md, meta=meta)
     return md
 
 
@@ -103,6 +100,10 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
+    meta = run_metadata(config={
+        "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "teacher_layers": 4,
+        "student_layers": args.student_layers, "alpha": args.alpha, "temperature": args.temperature,
+        "nproc": args.nproc, "data": str(DATA), "eval_steps": args.eval_steps, "precision": "bf16"})
     teacher_ckpt = work / "teacher" / "checkpoints"
     results = {"teacher": run(config(work, "teacher", args.teacher_steps, 4, args.eval_steps), args.nproc,
                               work / "teacher.log")}
@@ -112,10 +113,6 @@ def main(argv=None) -> int:
         "distill": {**distill, "student_init": "random"},
         "distill+every_kth": {**distill, "student_init": "every_kth_layer", "k": 2},
     }
-    meta = {"teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "teacher_layers": 4,
-            "student_layers": args.student_layers, "alpha": args.alpha, "temperature": args.temperature,
-            "nproc": args.nproc, "data": str(DATA), "eval_steps": args.eval_steps, "precision": "bf16",
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     for name, section in arms.items():
         slug = name.replace("+", "-")
         results[name] = run(config(work, slug, args.student_steps, args.student_layers, args.eval_steps, section),

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import gc
 
-from common import (SMALL, TINY, Cycle, fmt_spread, grouped_bar_plot, md_table, ratio_stats,
-                    run_case_benchmark, verdict, write_result)
+from common import SMALL, TINY, Cycle, run_case_benchmark
+from report import fmt_spread, grouped_bar_plot, md_table, ratio_stats, verdict, write_result
 
 TARGET = 1.05
 NAME = "p1_overhead"

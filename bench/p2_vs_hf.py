@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import gc
 
-from common import (SMALL, TINY, Cycle, default_peak_sizes, fmt_spread, grouped_bar_plot,
-                    md_table, measured_peak, ratio_stats, run_case_benchmark, verdict, write_result)
+from common import SMALL, TINY, Cycle, default_peak_sizes, measured_peak, run_case_benchmark
+from report import fmt_spread, grouped_bar_plot, md_table, ratio_stats, verdict, write_result
 
 TARGET = 1.3
 NAME = "p2_vs_hf"

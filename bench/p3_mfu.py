@@ -24,8 +24,8 @@ import argparse
 import gc
 import time
 
-from common import (MODEL_SHAPES, SMALL, config_summary, default_peak_sizes, finish_metadata, fmt_num, fmt_spread,
-                    init_single_rank, matmul_flops, md_table, plt, run_metadata, save_plot, stats, sync, verdict,
+from common import MODEL_SHAPES, SMALL, config_summary, default_peak_sizes, init_single_rank, matmul_flops, sync
+from report import (finish_metadata, fmt_num, fmt_spread, md_table, plt, run_metadata, save_plot, stats, verdict,
                     write_result)
 
 TARGET = 0.40

@@ -21,8 +21,8 @@ import gc
 import os
 import time
 
-from common import (DEFAULT_BATCH, sync, REPO, SMALL, TINY, Cycle, bench_config, finish_metadata, fmt_spread, init_single_rank,
-                    md_table, plt, ratio_stats, real_batches, run_metadata, seed_all, stats, verdict,
+from common import DEFAULT_BATCH, sync, SMALL, TINY, Cycle, bench_config, init_single_rank, real_batches, seed_all
+from report import (REPO, finish_metadata, fmt_spread, md_table, plt, ratio_stats, run_metadata, stats, verdict,
                     save_plot, write_result)
 
 TARGET = 20.0

@@ -29,8 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (_cuda as cuda, BENCH, SMALL, bench_config, config_summary, finish_metadata, fmt_num, free_port,
-                    md_table, plt, run_metadata, save_plot, verdict, write_result)
+from common import _cuda as cuda, SMALL, bench_config, config_summary, free_port
+from report import BENCH, finish_metadata, fmt_num, md_table, plt, run_metadata, save_plot, verdict, write_result
 
 TARGET = 1.1
 NAME = "p5_memory"

@@ -32,4 +32,4 @@ for bench in p1_overhead p2_vs_hf p3_mfu p4_data p5_memory scaling; do
   echo "=== $bench done in $(( $(date +%s) - t0 ))s" >&2
 done
 "$PY" bench/summary.py
-echo "all benchmarks done in $(( $(date +%s) - start ))s: bench/results/summary.md" >&2
+echo "all benchmarks done in $(( $(date +%s) - start ))s: ${LARGELM_BENCH_RESULTS:-bench/results}/summary.md" >&2

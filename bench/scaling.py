@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from common import (REPO, SMALL, TINY, bench_config, config_summary, finish_metadata, fmt_spread,
-                    free_port, md_table, plt, run_metadata, save_plot, stats, write_result)
+from common import SMALL, TINY, bench_config, config_summary, free_port
+from report import REPO, finish_metadata, fmt_spread, md_table, plt, run_metadata, save_plot, stats, write_result
 
 NAME = "scaling"
 TPS = re.compile(r"^step (\d+)/\d+ .*?tokens/s ([\d,.]+)", re.MULTILINE)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from common import RESULTS, fmt_num, fmt_spread, md_table, meta_markdown
+from report import RESULTS, fmt_num, fmt_spread, md_table, meta_markdown
 
 ORDER = ("p1_overhead", "p2_vs_hf", "p3_mfu", "p4_data", "p5_memory", "scaling")
 TITLES = {
