@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from report import RESULTS, fmt_num, fmt_spread, md_table, meta_markdown
+from report import RESULTS, fmt_num, fmt_spread, md_table, meta_markdown, verdict
 
 ORDER = ("p1_overhead", "p2_vs_hf", "p3_mfu", "p4_data", "p5_memory", "scaling")
 TITLES = {
@@ -21,10 +21,6 @@ TITLES = {
 }
 
 
-def ok(value: float, target: float, higher: bool) -> str:
-    return "met" if (value >= target if higher else value <= target) else "**missed**"
-
-
 def rows_for(name: str, d: dict) -> list[list[str]]:
     link = f"[{name}.md]({name}.md)"
     rows = []
@@ -32,33 +28,37 @@ def rows_for(name: str, d: dict) -> list[list[str]]:
         for c in d["cases"]:
             s = c["ratio_largelm_vs_plain"]
             rows.append([TITLES[name], f"largelm / plain PyTorch step time, {c['model']} {c['precision']}",
-                         fmt_spread(s), "<= 1.05", ok(s["median"], 1.05, False), link])
+                         fmt_spread(s), "<= 1.05", verdict(s["median"], 1.05, False), link])
     elif name == "p2_vs_hf":
-        for c in d["cases"]:
-            s, tps = c["speedup_largelm_vs_hf"], c["tokens_per_s"]
-            ceiling = f"; ceiling x{c['ceiling_vs_hf']:.2f}" if "ceiling_vs_hf" in c else ""
-            rows.append([TITLES[name], f"largelm / HF tokens/s, same precision, {c['model']} {c['precision']} "
-                         f"({fmt_num(tps['largelm']['median'])} vs {fmt_num(tps['HF transformers']['median'])}"
-                         f"{ceiling})", fmt_spread(s), ">= 1.3", ok(s["median"], 1.3, True), link])
+        # The comparison first: HF's GPT2LMHeadModel in a plain loop as users run it (fp32, its default)
+        # against largelm as it ships (bf16). Then the stricter one: HF given the same precision as largelm.
         for c in d["cases"]:
             if "speedup_largelm_vs_hf_default" in c:
                 s, tps = c["speedup_largelm_vs_hf_default"], c["tokens_per_s"]
-                rows.append([TITLES[name], f"default recipes: largelm {c['precision']} / HF fp32 (its default) "
-                             f"tokens/s, {c['model']} ({fmt_num(tps['largelm']['median'])} vs "
+                rows.append([TITLES[name], f"as users run each: largelm {c['precision']} (as shipped) / HF plain loop "
+                             f"fp32 (its default) tokens/s, {c['model']} ({fmt_num(tps['largelm']['median'])} vs "
                              f"{fmt_num(tps['HF transformers fp32 (default)']['median'])})",
-                             fmt_spread(s), ">= 1.3", ok(s["median"], 1.3, True), link])
+                             fmt_spread(s), ">= 1.3", verdict(s["median"], 1.3, True), link])
+        for c in d["cases"]:
+            s, tps = c["speedup_largelm_vs_hf"], c["tokens_per_s"]
+            ceiling = f"; ceiling x{c['ceiling_vs_hf']:.2f}" if "ceiling_vs_hf" in c else ""
+            rows.append([TITLES[name], f"stricter, HF given the same precision: largelm / HF tokens/s, {c['model']} "
+                         f"{c['precision']} ({fmt_num(tps['largelm']['median'])} vs "
+                         f"{fmt_num(tps['HF transformers']['median'])}{ceiling})", fmt_spread(s), ">= 1.3",
+                         verdict(s["median"], 1.3, True), link])
     elif name == "p3_mfu":
         for c in d["cases"]:
             s = c["mfu"]
-            rows.append([TITLES[name], f"MFU {c['precision']}, {c.get('model', 'gpt-25m')} ({fmt_num(c['achieved_flops']['median'] / 1e9)}"
-                         f" of {fmt_num(c['peak_flops']['median'] / 1e9)} GFLOP/s)",
-                         fmt_spread(s, 100) + " %", ">= 40 %", ok(s["median"], 0.40, True), link])
+            rows.append([TITLES[name], f"MFU {c['precision']}, {c.get('model', 'gpt-25m')} "
+                         f"({fmt_num(c['achieved_flops']['median'] / 1e9)} of {fmt_num(c['peak_flops']['median'] / 1e9)}"
+                         " GFLOP/s)",
+                         fmt_spread(s, 100) + " %", ">= 40 %", verdict(s["median"], 0.40, True), link])
     elif name == "p4_data":
         for w in ("1", "2"):
             for consumer, s in d["ratios"][w].items():
                 rows.append([TITLES[name], f"loader ({w} worker{'s' if w != '1' else ''}, "
                              f"{fmt_num(d['loader_tokens_per_s'][w]['median'])} tokens/s) / training {consumer}",
-                             fmt_spread(s), ">= 20", ok(s["median"], 20, True), link])
+                             fmt_spread(s), ">= 20", verdict(s["median"], 20, True), link])
     elif name == "p5_memory":
         for s in d["stages"]:
             target = "<= 1.1" if s["stage"] == 3 else "-"
@@ -66,7 +66,7 @@ def rows_for(name: str, d: dict) -> list[list[str]]:
                          f"{fmt_num(s['measured']['total'] / 2**20)} MiB measured vs "
                          f"{fmt_num(s['ideal']['total'] / 2**20)} MiB ideal",
                          f"{s['ratio']:.3f} x ideal", target,
-                         ok(s["ratio"], 1.1, False) if s["stage"] == 3 else "-", link])
+                         verdict(s["ratio"], 1.1, False) if s["stage"] == 3 else "-", link])
     elif name == "scaling":
         dps = d.get("dp") or [1, 2]
         lo, hi = str(dps[0]), str(dps[-1])
