@@ -9,7 +9,7 @@ import pytest
 
 from largelm.data import DataError, build_loader, read_manifest
 from largelm.data.bert_masking import IGNORE_INDEX, BertMasker
-from largelm.data.bert_prepare import document_pairs, prepare_bert_data, split_sentences
+from largelm.data.bert_prepare import OBJECTIVES, document_pairs, prepare_bert_data, split_sentences
 from largelm.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 
 SEQ = 48
@@ -89,6 +89,59 @@ def test_nsp_pairs_use_other_documents(tmp_path):
             else:
                 assert all(t // 100 == d for t in a + b)
     assert 0 < foreign < len(labels)
+
+
+def test_pairs_account_for_every_token_of_the_document():
+    """Tokens of a document are either in its pairs or counted as dropped (truncated / unpaired); an NSP random B is
+    another document's text, so cutting it drops nothing of this document."""
+    g = np.random.default_rng(0)
+    docs = [[list(range(int(n))) for n in g.integers(1, 25, size=int(g.integers(1, 8)))] + [[7]] for _ in range(12)]
+    for objective in OBJECTIVES:
+        totals = {"truncated": 0, "unpaired": 0}
+        for d, doc in enumerate(docs):
+            dropped = {"truncated": 0, "unpaired": 0}
+            own = 0
+            for a, b, label in document_pairs(doc, d, docs, seq_length=16, objective=objective,
+                                              rng=np.random.default_rng(d), short_seq_prob=0.2, dropped=dropped):
+                own += len(a) + (0 if objective == "nsp" and label else len(b))
+            assert own + dropped["truncated"] + dropped["unpaired"] == sum(map(len, doc)), (objective, d)
+            totals = {k: totals[k] + dropped[k] for k in totals}
+        assert totals["truncated"] > 0 and totals["unpaired"] > 0, (objective, totals)
+
+
+def test_dropped_text_is_counted_in_manifest_and_cli(tmp_path, tokenizer_path, tok, capsys):
+    """A blank document and one of nothing but [CLS]/[SEP]/[MASK] are empty documents; the literal special tokens,
+    the overshoot of an over-long pair and a one-token leftover are dropped tokens (like GPT's manifests)."""
+    from largelm.data.bert_prepare import main
+
+    seq = 16  # pairs hold seq - 3 = 13 tokens
+    long_sentence = "Now is the winter of our discontent made glorious summer by this sun of York and all the clouds"
+    n_long = len(tok.encode(long_sentence))
+    assert n_long > 2 * (seq - 3) and len(tok.encode("a")) == 1
+    specials_only = ["[CLS] [SEP]", "[MASK]"]  # two sentences (paragraphs) of special tokens and whitespace
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in [
+        "  \n ",                                           # empty document
+        "\n\n".join(specials_only),                        # no text but special tokens
+        long_sentence + ". a",                              # an over-long pair, then a one-token sentence
+        "To be, or not [MASK] to be. [SEP]",                # a literal special inside and a [SEP]-only sentence
+    ]))
+    argv = ["--input", str(corpus), "--tokenizer", str(tokenizer_path), "--out", str(tmp_path / "out"),
+            "--seq-length", str(seq), "--valid-fraction", "0", "--short-seq-prob", "0", "--samples-per-shard", "8"]
+    assert main(argv) == 0
+    m = read_manifest(tmp_path / "out" / "train")
+    special = sum(len(tok.encode(t)) for t in [*specials_only, "[SEP]"]) + 1  # + the [MASK] inside a sentence
+    truncated = (n_long + 1) - (seq - 3)  # "<long sentence>." is one sentence, cut to 13 tokens
+    assert (m.num_documents, m.num_samples, m.empty_documents) == (2, 2, 2)
+    assert m.dropped_tokens == special + truncated + 1, (special, truncated)
+    loader = build_loader([tmp_path / "out" / "train"], seq, batch_size=2, num_workers=0, shuffle_buffer=0,
+                          infinite=False, kind="bert_pairs")
+    ids = np.concatenate([batch["tokens"][:, :seq].numpy().ravel() for batch in loader])
+    written = int((~np.isin(ids, [0, tok.token_id("[CLS]"), tok.token_id("[SEP]")])).sum())
+    kept = (n_long + 1) + 1 + len(tok.encode("To be, or not [MASK] to be.")) - 1
+    assert written + truncated + 1 == kept  # every kept token is in a pair or counted
+    out = capsys.readouterr().out
+    assert f"2 pairs, 1 shards, 2 empty documents, {m.dropped_tokens} dropped tokens" in out
 
 
 def test_sentence_split():

@@ -8,9 +8,11 @@ The "student beats the no-teacher baseline" experiment is bench/distill_vs_basel
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +78,40 @@ def test_preflight_names_a_missing_or_mismatched_teacher(tmp_path, tokenizer_pat
         preflight(config_from_dict(raw), 1)
 
 
+def test_teacher_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, corpus_dir, small_corpus,
+                                                                     tokenizer_path, shard_dir, shard_seq_length):
+    """Equal vocab sizes are not enough: the teacher's tokenizer.model file (config.yaml) must be the student's."""
+    from largelm.tokenizer import Tokenizer, train_tokenizer
+    from largelm.train.distill import check_teacher
+
+    vocab = Tokenizer.load(tokenizer_path).vocab_size
+    small_sources = {json.loads(line)["source"] for line in small_corpus.read_text().splitlines()}
+    other_text = tmp_path / "other.jsonl"  # other works of the corpus than the student tokenizer's
+    records = [r for r in map(json.loads, (corpus_dir / "corpus.jsonl").read_text().splitlines())
+               if r["source"] not in small_sources][:6]
+    other_text.write_text("".join(json.dumps({"text": r["text"][:30000]}) + "\n" for r in records))
+    other = train_tokenizer([other_text], tmp_path / "other.model", vocab_size=vocab)
+    assert other.vocab_size == vocab and other.sha256 != Tokenizer.load(tokenizer_path).sha256
+
+    raw = _raw(tmp_path, tokenizer_path, shard_dir, shard_seq_length)
+    raw["model"]["vocab_size"] = vocab
+    raw["distill"] = {"teacher": str(tmp_path / "teacher")}
+    student = config_from_dict(raw)
+    teacher_path = tmp_path / "teacher" / "step_00000002"
+
+    def teacher(tokenizer):
+        return config_from_dict({**raw, "tokenizer": {"model": str(tokenizer)}})
+
+    with pytest.raises(ConfigError, match=rf"{teacher_path} was trained with tokenizer .*other\.model .*student's "
+                                          rf"tokenizer\.model is {tokenizer_path}"):
+        check_teacher(student, teacher(other.path), teacher_path)
+    copy = tmp_path / "copy.model"  # the same tokenizer under another name is fine
+    copy.write_bytes(Path(tokenizer_path).read_bytes())
+    check_teacher(student, teacher(copy), teacher_path)
+    with pytest.warns(UserWarning, match=r"tokenizer\.model=.*gone\.model, which is not there.*cannot verify"):
+        check_teacher(student, teacher(tmp_path / "gone.model"), teacher_path)
+
+
 def _save_teacher(cfg, root):
     from largelm.checkpoint.manager import CheckpointManager
     from largelm.config import dump_config
@@ -97,7 +133,8 @@ def _save_teacher(cfg, root):
 
 def test_distill_step_in_process(tmp_path, tokenizer_path, shard_dir, shard_seq_length, monkeypatch):
     """A real DistillStep: teacher consolidated from a DeepSpeed ZeRO-2 checkpoint, frozen; student initialised
-    from teacher layers 0 and 2; a step trains the student only and reports both loss parts."""
+    from teacher layers 0 and 2, built with train.activation_checkpointing (full recompute here; the teacher runs
+    without grad and gets none); a step trains the student only and reports both loss parts."""
     from largelm.parallel.cpu_compat import model_parallel_manual_seed
     from largelm.tokenizer import Tokenizer
     from largelm.train.distill import DistillStep
@@ -109,6 +146,7 @@ def test_distill_step_in_process(tmp_path, tokenizer_path, shard_dir, shard_seq_
     raw["model"].update(num_layers=4, vocab_size=vocab)
     teacher_cfg = config_from_dict(raw)
     student_raw = {**raw, "model": {**raw["model"], "num_layers": 2},
+                   "train": {**raw["train"], "activation_checkpointing": "full"},
                    "distill": {"teacher": str(tmp_path / "teacher"), "alpha": 0.6, "temperature": 2.0,
                                "student_init": "every_kth_layer", "k": 2, "teacher_precision": "fp32"}}
     cfg = config_from_dict(student_raw)
@@ -116,6 +154,9 @@ def test_distill_step_in_process(tmp_path, tokenizer_path, shard_dir, shard_seq_
         model_parallel_manual_seed(1)
         teacher_state = _save_teacher(teacher_cfg, tmp_path / "teacher")
         step = DistillStep(cfg, 1)
+        assert step.engine.module.config.recompute_granularity == "full"
+        assert step.engine.module.config.recompute_method == "uniform"
+        assert step.teacher.config.recompute_granularity is None
         student = step.engine.module.state_dict()
         torch.testing.assert_close(student["decoder.layers.1.self_attention.linear_qkv.weight"],
                                    teacher_state["decoder.layers.2.self_attention.linear_qkv.weight"])

@@ -80,7 +80,8 @@ class Manifest(BaseModel):
     num_tokens: int = Field(gt=0, description="tokens stored in samples = num_samples * sample_length")
     num_documents: int = Field(ge=0)
     empty_documents: int = Field(ge=0, description="input documents with no text (not written)")
-    dropped_tokens: int = Field(ge=0, description="tail tokens that did not fill a whole sample")
+    dropped_tokens: int = Field(ge=0, description="tokens not written: tail tokens that did not fill a whole sample; "
+                                "bert_pairs: literal special tokens, truncation of over-long pairs, unpairable rest")
     inputs: list[str] = Field(default_factory=list)
     kind: Literal["tokens", "bert_pairs"] = "tokens"
     pair_objective: Optional[Literal["sop", "nsp"]] = Field(default=None, description="bert_pairs only")

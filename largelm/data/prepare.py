@@ -133,9 +133,11 @@ class SplitWriter:
         self._shard_samples = 0
 
     def finish(
-        self, *, eos_id: int, tokenizer_sha256: str, empty_documents: int = 0, inputs: Sequence[str] = ()
+        self, *, eos_id: int, tokenizer_sha256: str, empty_documents: int = 0, dropped_tokens: int = 0,
+        inputs: Sequence[str] = (),
     ) -> Manifest:
-        """Close the last shard and write ``manifest.json``; the unpacked tail is reported as dropped_tokens."""
+        """Close the last shard and write ``manifest.json``; the unpacked tail plus the ``dropped_tokens`` the caller
+        left out before the writer (BERT pairs: ``largelm.data.bert_prepare``) are reported as dropped_tokens."""
         if self._writer is not None:
             self._writer.close()
         if self._num_samples == 0:
@@ -157,7 +159,7 @@ class SplitWriter:
             num_tokens=self._num_samples * self.sample_length,
             num_documents=self.num_documents,
             empty_documents=empty_documents,
-            dropped_tokens=len(self._pending),
+            dropped_tokens=len(self._pending) + dropped_tokens,
             inputs=list(inputs),
             **self.manifest_extra,
         )

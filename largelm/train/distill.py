@@ -15,6 +15,7 @@ in ``last_metrics`` (``distill/kl``, ``distill/lm_loss``), which the trainer log
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -22,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from largelm.config import Config, ConfigError
+from largelm.fileio import sha256_file
 from largelm.model.gpt import build_gpt_model, gpt_forward_loss, split_tokens
+from largelm.model.specs import recompute_fields
 from largelm.parallel import groups
 from largelm.parallel.sharding import load_full_state_dict
 
@@ -75,6 +78,7 @@ def check_teacher(cfg: Config, teacher_cfg: Config, path: Path) -> None:
     if teacher_cfg.model.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"distill.teacher: {path} has vocab_size {teacher_cfg.model.vocab_size}, the student "
                           f"{cfg.model.vocab_size}: teacher and student must share the tokenizer")
+    _check_teacher_tokenizer(cfg, teacher_cfg, path)
     if teacher_cfg.model.positions < cfg.model.seq_length:
         raise ConfigError(f"distill.teacher: {path} handles {teacher_cfg.model.positions} positions, the student's "
                           f"model.seq_length is {cfg.model.seq_length}")
@@ -91,6 +95,25 @@ def check_teacher(cfg: Config, teacher_cfg: Config, path: Path) -> None:
             raise ConfigError(f"distill.student_init=every_kth_layer: student layer {s.num_layers - 1} would come "
                               f"from teacher layer {(s.num_layers - 1) * k}, but the teacher has {t.num_layers} "
                               f"layers (lower distill.k or model.num_layers)")
+
+
+def _check_teacher_tokenizer(cfg: Config, teacher_cfg: Config, path: Path) -> None:
+    """Equal vocabulary sizes do not make the same tokenizer (the KL would compare unrelated ids): compare the
+    sentencepiece files (sha256) when the teacher's ``tokenizer.model`` is still there; warn when it is not."""
+    teacher_tok, student_tok = Path(teacher_cfg.tokenizer.model), Path(cfg.tokenizer.model)
+    if not student_tok.is_file():
+        return  # preflight reports the student's missing tokenizer.model
+    if not teacher_tok.is_file():
+        warnings.warn(f"distill.teacher: {path} was trained with tokenizer.model={teacher_tok}, which is not there "
+                      f"(from {Path.cwd()}): cannot verify that it is the student's tokenizer {student_tok}; only the "
+                      "vocabulary sizes were checked", stacklevel=2)
+        return
+    teacher_sha, student_sha = sha256_file(teacher_tok), sha256_file(student_tok)
+    if teacher_sha != student_sha:
+        raise ConfigError(f"distill.teacher: {path} was trained with tokenizer {teacher_tok} (sha256 "
+                          f"{teacher_sha[:12]}), the student's tokenizer.model is {student_tok} (sha256 "
+                          f"{student_sha[:12]}): teacher and student must share the tokenizer (same vocabulary "
+                          "size, different token ids)")
 
 
 def every_kth_layer_state(teacher_state: dict[str, torch.Tensor], num_layers: int, k: int) -> dict:
@@ -123,7 +146,9 @@ class DistillStep:
                                        dtype=teacher_dtype)
         load_full_state_dict(self.teacher, teacher_state)
         self.teacher.eval().requires_grad_(False)
-        model = build_gpt_model(cfg.model, cfg.parallel, vocab_size=cfg.model.vocab_size, dtype=model_dtype(cfg))
+        # Only the student trains (the teacher runs without grad): it alone gets train.activation_checkpointing.
+        model = build_gpt_model(cfg.model, cfg.parallel, vocab_size=cfg.model.vocab_size, dtype=model_dtype(cfg),
+                                **recompute_fields(cfg.train.activation_checkpointing))
         if init_state_dict is not None:
             load_full_state_dict(model, init_state_dict)
         self.engine = initialize_engine(cfg, model, world_size, mpu=groups.DeepSpeedMPU())
