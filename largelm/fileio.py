@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -21,6 +22,32 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def publish_dir(partial: str | Path, final: str | Path, replaced: str | Path) -> None:
+    """Make the complete, written directory ``partial`` appear as ``final`` in one rename.
+
+    An existing ``final`` (a complete earlier copy) is moved aside to ``replaced`` only at that moment and removed
+    once the new one is in place; if the renames fail it is put back. Readers see the old directory or the new
+    one, never a mix. ``partial``'s files must already be fsynced (its directory entry is fsynced here).
+    """
+    partial, final, replaced = Path(partial), Path(final), Path(replaced)
+    fsync_dir(partial)
+    try:
+        if final.exists():
+            os.rename(final, replaced)
+        os.rename(partial, final)
+        fsync_dir(final.parent)
+    except OSError:
+        if replaced.exists() and not final.exists():
+            os.rename(replaced, final)
+        raise
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -181,6 +181,19 @@ def test_consolidated_round_trip_and_vocab_padding(rank, tmp_path, tokenizer_pat
         load_consolidated(tmp_path / "hub")
 
 
+def test_a_failed_save_leaves_no_metadata_vouching_for_other_weights(rank, tmp_path):
+    save_consolidated(tmp_path / "hub", consolidated_from(megatron_model("gpt2"), "gpt2"))
+    other = consolidated_from(megatron_model("gpt2", seed=1), "gpt2", tmp_path / "missing.model")
+    with pytest.raises(ConversionError, match="missing.model does not exist"):  # fails after the new weights
+        save_consolidated(tmp_path / "hub", other)
+    with pytest.raises(ConversionError, match="no largelm.json"):  # the old metadata does not describe them
+        load_consolidated(tmp_path / "hub")
+    other.tokenizer = None
+    save_consolidated(tmp_path / "hub", other)
+    back = load_consolidated(tmp_path / "hub")
+    assert all(torch.equal(back.tensors[k], v) for k, v in other.tensors.items())
+
+
 # --- Hugging Face ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-untied", "llama", "llama-tied"])
 def test_export_to_transformers_computes_the_same_logits(rank, tmp_path, tokenizer_path, name):

@@ -10,7 +10,11 @@ properly trained model: bench-style numbers in the report of tools/quantize.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import resource
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -31,7 +35,7 @@ from largelm.quant import (
     save_quantized,
 )
 from largelm.quant.core import pack_int4, unpack_int4
-from largelm.quant.model import dir_bytes
+from largelm.quant.model import dir_bytes, read_meta
 from mp_utils import single_rank_parallel_state
 from train_utils import REPO, check_ok, launch, tiny_config
 
@@ -238,25 +242,132 @@ def test_refuses_unsupported(trained):
         check_supported(bert)
 
 
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+    """Writes past ``limit`` bytes fail with EFBIG (a real failed write, like a full disk)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_save_is_atomic(trained, tmp_path, monkeypatch):
+    """A failed save leaves the previous output as it was; a good one replaces it as a whole; no temp dirs remain."""
+    import errno
+
+    from largelm.quant import model as quant_model
+
+    cfg, state, _, _ = trained
+    out = tmp_path / "q"
+    with single_rank_parallel_state():
+        int8, int4 = _fresh(cfg, state), _fresh(cfg, state)
+        quantize_model(int8, QuantFormat(8))
+        quantize_model(int4, QuantFormat(4, GROUP))
+        save_quantized(int8, cfg, out, method="rtn", fmt=QuantFormat(8))
+        assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "quant.json"]
+        (out / "report.md").write_text("the int8 report")
+        previous = {p.name: p.read_bytes() for p in out.iterdir()}
+        with _file_size_limit(16 << 10), pytest.raises(Exception, match="File too large"):  # model.safetensors
+            save_quantized(int4, cfg, out, method="rtn", fmt=QuantFormat(4, GROUP))
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
+        assert [p.name for p in tmp_path.iterdir()] == ["q"]
+
+        def disk_full(_cfg):  # the last file fails, after the new weights and quant.json were written
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with monkeypatch.context() as m, pytest.raises(OSError, match="No space left"):
+            m.setattr(quant_model, "dump_config", disk_full)
+            save_quantized(int4, cfg, out, method="rtn", fmt=QuantFormat(4, GROUP))
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == previous  # not int4 weights with int8 metadata
+        assert [p.name for p in tmp_path.iterdir()] == ["q"]
+        assert read_meta(out)["bits"] == 8 and load_quantized(out)[0] is not None
+
+        save_quantized(int4, cfg, out, method="rtn", fmt=QuantFormat(4, GROUP))
+        assert [p.name for p in tmp_path.iterdir()] == ["q"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "quant.json"]
+        assert read_meta(out)["bits"] == 4 and load_quantized(out)[0] is not None
+
+        other = tmp_path / "other"  # a directory that is not a quantized checkpoint is not replaced
+        other.mkdir()
+        (other / "notes.txt").write_text("keep me")
+        with pytest.raises(QuantizationError, match=r"other holds files other than .*notes\.txt"):
+            save_quantized(int4, cfg, other, method="rtn", fmt=QuantFormat(4, GROUP))
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
 # --- the tool, on a real checkpoint --------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_quantize_tool_on_launcher_checkpoint(tmp_path, tokenizer_path, shard_dir, shard_seq_length):
-    config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length,
+@pytest.fixture(scope="module")
+def launcher_checkpoint(tokenizer_path, shard_dir, shard_seq_length, tmp_path_factory):
+    """Root of a checkpoint written by the real launcher (6 bf16 steps)."""
+    tmp = tmp_path_factory.mktemp("launched")
+    config = tiny_config(tmp, tokenizer_path, shard_dir, shard_seq_length,
                          train={"steps": 6, "precision": "bf16", "micro_batch_size": 4, "grad_accum_steps": 1,
                                 "eval_interval": 0, "log_interval": 3, "seed": 1})
     check_ok(launch(config, nproc=1))
+    return tmp / "ckpt"
+
+
+def _quantize_tool(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "quantize.py"), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_quantize_tool_on_launcher_checkpoint(launcher_checkpoint, tmp_path):
     out = tmp_path / "int4"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "quantize.py"), "--checkpoint",
-                           str(tmp_path / "ckpt"), "--out", str(out), "--bits", "4", "--group-size", "32",
-                           "--method", "gptq", "--calib-batches", "2", "--eval-batches", "2", "--prompt", "The"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = _quantize_tool("--checkpoint", launcher_checkpoint, "--out", out, "--bits", "4", "--group-size", "32",
+                          "--method", "gptq", "--calib-batches", "2", "--eval-batches", "2", "--prompt", "The")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["bytes"]["quantized"] < report["bytes"]["bf16"]
     assert report["after"]["tokens_per_s"] > 0 and report["sample"]["continuation"] is not None
     assert "Quantization report" in (out / "report.md").read_text()
-    bad = subprocess.run([sys.executable, str(REPO / "tools" / "quantize.py"), "--checkpoint", str(tmp_path / "ckpt"),
-                          "--out", str(tmp_path / "bad"), "--bits", "4", "--group-size", "48"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    bad = _quantize_tool("--checkpoint", launcher_checkpoint, "--out", tmp_path / "bad", "--bits", "4",
+                         "--group-size", "48")
     assert bad.returncode == 2 and "not divisible by group_size=48" in bad.stderr
+
+
+def _with_config(root, tmp_path, update):
+    """A copy of checkpoint ``root`` whose config.yaml has ``update(raw)`` applied (manifest updated to match)."""
+    import yaml
+
+    from largelm.fileio import sha256_file
+
+    step = next(shutil.copytree(root, tmp_path / "ckpt").glob("step_*"))
+    cfg_file, manifest_file = step / "config.yaml", step / "manifest.json"
+    raw = yaml.safe_load(cfg_file.read_text())
+    update(raw)
+    cfg_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    manifest = json.loads(manifest_file.read_text())
+    manifest["files"]["config.yaml"] = {"sha256": sha256_file(cfg_file), "bytes": cfg_file.stat().st_size}
+    manifest_file.write_text(json.dumps(manifest))
+    return step
+
+
+@pytest.mark.slow
+def test_quantize_tool_names_the_missing_data_or_tokenizer(launcher_checkpoint, shard_dir, tmp_path):
+    """config.yaml's data and tokenizer paths, relative to the training directory, do not resolve from another
+    directory: a clean error naming the path (exit 2), not a traceback; the tokenizer is read only for --prompt."""
+    def relative_paths(raw):
+        raw["tokenizer"]["model"] = "tokenizer/tokenizer.model"
+        for split in ("train", "valid"):
+            raw["data"][split] = [{"path": f"shards/{split}"}]
+
+    ckpt = _with_config(launcher_checkpoint, tmp_path, relative_paths)
+    common = ("--checkpoint", ckpt, "--bits", "8", "--eval-batches", "1")
+    no_data = _quantize_tool(*common, "--out", tmp_path / "a", cwd=tmp_path)
+    assert no_data.returncode == 2 and "Traceback" not in no_data.stderr, no_data.stderr[-3000:]
+    assert "error: shards/valid/manifest.json: no manifest" in no_data.stderr, no_data.stderr
+    no_tok = _quantize_tool(*common, "--out", tmp_path / "b", "--prompt", "The", cwd=tmp_path)
+    assert no_tok.returncode == 2 and "Traceback" not in no_tok.stderr, no_tok.stderr[-3000:]
+    assert "error: tokenizer model tokenizer/tokenizer.model does not exist" in no_tok.stderr, no_tok.stderr
+
+    (tmp_path / "shards").symlink_to(shard_dir)  # the data resolves, the tokenizer still does not: not needed
+    ok = _quantize_tool(*common, "--out", tmp_path / "c", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["sample"] is None

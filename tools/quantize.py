@@ -26,7 +26,8 @@ import torch
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint root (uses latest) or a step_XXXXXXXX directory")
-    p.add_argument("--out", required=True, help="output directory of the quantized checkpoint")
+    p.add_argument("--out", required=True, help="output directory of the quantized checkpoint (new, empty, or a "
+                   "previous output, which is replaced)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=8)
     p.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale/zero point")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
@@ -67,7 +68,8 @@ def run(args) -> dict:
         model = build_model(cfg, dtype)
         load_full_state_dict(model, state)
         model.eval()
-        tok = Tokenizer.load(cfg.tokenizer.model)
+        # only generation needs it; loaded before the slow work so that a missing one fails early
+        tok = Tokenizer.load(cfg.tokenizer.model) if args.prompt else None
         before = perplexity(model, cfg, batch_size=args.batch_size, max_batches=args.eval_batches)
         reference = build_model(cfg, dtype)  # an unquantized copy, timed side by side with the quantized model
         load_full_state_dict(reference, state)
@@ -118,12 +120,16 @@ def report_markdown(r: dict) -> str:
 def main(argv=None) -> int:
     from largelm.checkpoint.manager import CheckpointError
     from largelm.config import ConfigError
+    from largelm.data import DataError
     from largelm.quant import QuantizationError
+    from largelm.tokenizer import TokenizerError
 
     args = parse_args(argv)
     try:
         report = run(args)
-    except (QuantizationError, CheckpointError, ConfigError) as err:
+    # DataError/TokenizerError: the checkpoint's config.yaml names data and tokenizer paths (often relative to
+    # the training directory) that need not exist where this runs
+    except (QuantizationError, CheckpointError, ConfigError, DataError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report_markdown(report))

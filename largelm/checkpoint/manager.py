@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from largelm.fileio import fsync_dir, sha256_file, torch_save_durable, write_text_atomic
+from largelm.fileio import publish_dir, sha256_file, torch_save_durable, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +60,6 @@ def tag_for(step: int) -> str:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _any_rank(failed: bool) -> bool:
@@ -192,20 +186,13 @@ class CheckpointManager:
         if _rank() == 0:
             replaced = self.root / f"{REPLACED_PREFIX}{tag}"
             try:
-                (partial / "config.yaml").write_text(self.config_yaml)
+                write_text_atomic(partial / "config.yaml", self.config_yaml)  # fsynced before the manifest vouches
                 write_manifest(partial, {"step": step, "tag": tag, **self.meta})
-                fsync_dir(partial)
-                if final.exists():  # a complete checkpoint of the same step: swap it out only now
-                    os.rename(final, replaced)
-                os.rename(partial, final)
-                fsync_dir(self.root)
+                publish_dir(partial, final, replaced)  # a same-step checkpoint is swapped out only now
                 write_text_atomic(self.root / LATEST, tag)
-                shutil.rmtree(replaced, ignore_errors=True)
                 self._rotate()
             except OSError as err:
                 error = err
-                if replaced.exists() and not final.exists():  # put the same-step checkpoint back
-                    os.rename(replaced, final)
         self._check_all_ranks(error, step, partial)
         return final
 

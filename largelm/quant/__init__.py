@@ -13,7 +13,7 @@ from largelm.quant.core import QuantFormat, QuantizationError, QuantizedWeight, 
 from largelm.quant.model import (
     QuantLinear,
     build_model,
-    forward_tokens_per_s,
+    compare_tokens_per_s,
     load_quantized,
     perplexity,
     quantize_model,
@@ -47,7 +47,7 @@ def single_process_parallel_state(seed: int = 0) -> Iterator[None]:
 
 
 __all__ = [
-    "QuantFormat", "QuantLinear", "QuantizationError", "QuantizedWeight", "build_model", "forward_tokens_per_s",
+    "QuantFormat", "QuantLinear", "QuantizationError", "QuantizedWeight", "build_model", "compare_tokens_per_s",
     "load_quantized", "perplexity", "quantize_gptq", "quantize_model", "quantize_rtn", "save_quantized",
     "single_process_parallel_state",
 ]

@@ -17,7 +17,6 @@ The quantization parameters and the (de)quantization are torchao's primitives (`
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -209,9 +208,3 @@ def hessian_accumulator(in_features: int):
         return state["h"] / state["n"]
 
     return update, result
-
-
-def storage_bytes(numel: int, fmt: QuantFormat, rows: int) -> int:
-    groups = 1 if fmt.bits == 8 else numel // rows // fmt.group_size
-    per_group = 2 if fmt.bits == 8 else 3  # fp16 scale (+ uint8 zero)
-    return math.ceil(numel * fmt.bits / 8) + rows * groups * per_group

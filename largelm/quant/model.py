@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Iterable, Optional
@@ -32,6 +33,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from largelm.config import Config, ConfigError, ParallelConfig, config_from_dict, dump_config
+from largelm.fileio import fsync_file, publish_dir
 from largelm.quant.core import (
     SCALE_DTYPE,
     QuantFormat,
@@ -51,6 +53,9 @@ META = "quant.json"
 TARGET = re.compile(r"^decoder\.layers\.\d+\.(self_attention\.linear_qkv|self_attention\.linear_proj|"
                     r"mlp\.linear_fc1|mlp\.linear_fc2)$")
 STORE_DTYPE = torch.bfloat16
+# what save_quantized and tools/quantize.py write into an output directory: only such a directory (or an empty
+# one) is replaced by save_quantized
+OUTPUT_FILES = {WEIGHTS, META, "config.yaml", "report.md", "report.json"}
 
 
 # --- the forward ----------------------------------------------------------------------------------------------
@@ -199,9 +204,20 @@ def quantize_model(model: torch.nn.Module, fmt: QuantFormat, method: str = "rtn"
 
 def save_quantized(model: torch.nn.Module, cfg: Config, out: str | Path, *, method: str, fmt: Optional[QuantFormat],
                    extra_meta: Optional[dict] = None) -> Path:
-    """Write ``model`` (some layers ``QuantLinear``, or none with ``fmt=None``: the bf16 export) to ``out``."""
+    """Write ``model`` (some layers ``QuantLinear``, or none with ``fmt=None``: the bf16 export) to ``out``.
+
+    Atomic, like the training checkpoints (largelm/checkpoint/manager.py): the files are written and fsynced in a
+    ``.partial-*`` directory next to ``out``, which is then renamed to ``out``; an existing ``out`` (a previous
+    quantized checkpoint, or an empty directory) is swapped out only then. A crash or error leaves either the
+    previous ``out`` or the new one, never torn files or new weights with old metadata.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise QuantizationError(f"output directory {out} exists and is not a directory")
+    if out.exists() and not {p.name for p in out.iterdir()} <= OUTPUT_FILES:
+        raise QuantizationError(f"output directory {out} holds files other than a quantized checkpoint's "
+                                f"({sorted({p.name for p in out.iterdir()} - OUTPUT_FILES)[:5]}); it would be "
+                                "replaced as a whole: choose a new or empty directory")
     tensors, layers = {}, []
     quant_prefixes = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     for name, module in model.named_modules():
@@ -222,9 +238,21 @@ def save_quantized(model: torch.nn.Module, cfg: Config, out: str | Path, *, meth
     meta = {"format": FORMAT, "version": VERSION, "method": method, "bits": fmt.bits if fmt else 16,
             "group_size": fmt.group_size if fmt else None, "layers": layers, "stored_dtype": "bfloat16",
             **(extra_meta or {})}
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT, "quant": json.dumps(meta)})
-    (out / META).write_text(json.dumps(meta, indent=1))
-    (out / "config.yaml").write_text(dump_config(cfg))
+    partial, replaced = out.parent / f".partial-{out.name}", out.parent / f".replaced-{out.name}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (partial, replaced):  # left by a crashed save: never loaded
+        shutil.rmtree(stale, ignore_errors=True)
+    partial.mkdir()
+    try:
+        save_file(tensors, str(partial / WEIGHTS), metadata={"format": FORMAT, "quant": json.dumps(meta)})
+        (partial / META).write_text(json.dumps(meta, indent=1))
+        (partial / "config.yaml").write_text(dump_config(cfg))
+        for name in (WEIGHTS, META, "config.yaml"):
+            fsync_file(partial / name)
+        publish_dir(partial, out, replaced)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return out
 
 
@@ -313,26 +341,6 @@ def perplexity(model: torch.nn.Module, cfg: Config, datasets: Optional[list] = N
         raise ConfigError(f"validation data {datasets} yielded no batch")
     loss = total / tokens
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens}
-
-
-@torch.no_grad()
-def forward_tokens_per_s(model: torch.nn.Module, cfg: Config, batch_size: int = 8, repeats: int = 5,
-                         warmup: int = 1) -> float:
-    """Tokens/s of the logits forward on a fixed random batch (median of ``repeats`` timed passes)."""
-    s = cfg.model.seq_length
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.model.vocab_size, (batch_size, s), generator=g)
-    pos = torch.arange(s).unsqueeze(0).expand(batch_size, s)
-    model.eval()
-    for _ in range(warmup):
-        model(ids, pos, None)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(ids, pos, None)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return batch_size * s / times[len(times) // 2]
 
 
 @torch.no_grad()

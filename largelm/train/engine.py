@@ -25,7 +25,6 @@ from typing import Iterator, Optional
 import deepspeed
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from largelm.config import Config
 from largelm.model.gpt import build_gpt_model, gpt_forward_loss, split_tokens
@@ -295,7 +294,3 @@ def build_step(cfg: Config, world_size: int, init_state_dict: Optional[dict] = N
     if cfg.parallel.pipeline_parallel > 1:
         return PipelineStep(cfg, world_size, init_state_dict)
     return DenseStep(cfg, world_size, init_state_dict)
-
-
-def data_parallel_rank_and_size() -> tuple[int, int]:
-    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()

@@ -19,7 +19,6 @@ zero rows (their logits are 0; the logits of real tokens never depend on them), 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import torch
 from largelm.checkpoint.convert.errors import ConversionError
 from largelm.checkpoint.convert.layout import VOCAB_PARALLEL, param_shapes
 from largelm.config import BertConfig, Config, ConfigError, ModelConfig, config_from_dict
+from largelm.fileio import sha256_file, write_text_atomic
 
 FORMAT = "largelm-consolidated"
 FORMAT_VERSION = 1
@@ -144,14 +144,6 @@ def is_consolidated(path: Path) -> bool:
     return (Path(path) / META).is_file()
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_consolidated(out_dir: Path, c: Consolidated) -> Path:
     """Write ``c`` to ``out_dir`` (created; existing hub files are replaced). Returns ``out_dir``."""
     from safetensors.torch import save_file
@@ -159,6 +151,9 @@ def save_consolidated(out_dir: Path, c: Consolidated) -> Path:
     c.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # META vouches for the directory (is_consolidated): an old one goes first and the new one is written last and
+    # atomically, so a crash mid-save never leaves old metadata describing new weights.
+    (out_dir / META).unlink(missing_ok=True)
     tensors = {k: v.contiguous() for k, v in c.tensors.items()}
     tensors.update({PADDING_PREFIX + k: v.contiguous() for k, v in c.padding.items()})
     tmp = out_dir / (WEIGHTS + ".tmp")
@@ -171,8 +166,9 @@ def save_consolidated(out_dir: Path, c: Consolidated) -> Path:
             raise ConversionError(f"tokenizer model {src} does not exist")
         dst = out_dir / TOKENIZER
         if src.resolve() != dst.resolve():
-            shutil.copyfile(src, dst)
-        tokenizer = {"file": TOKENIZER, "sha256": sha256_of(dst)}
+            shutil.copyfile(src, dst.with_name(dst.name + ".tmp"))
+            dst.with_name(dst.name + ".tmp").replace(dst)
+        tokenizer = {"file": TOKENIZER, "sha256": sha256_file(dst)}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -187,7 +183,7 @@ def save_consolidated(out_dir: Path, c: Consolidated) -> Path:
         "bert": c.bert.model_dump(mode="json") if c.bert is not None else None,
         "tensors": {k: list(v.shape) for k, v in c.tensors.items()},
     }
-    (out_dir / META).write_text(json.dumps(meta, indent=1) + "\n")
+    write_text_atomic(out_dir / META, json.dumps(meta, indent=1) + "\n")
     return out_dir
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from largelm.checkpoint.convert.errors import ConversionError
-from largelm.checkpoint.convert.hub import META, Consolidated, load_consolidated
+from largelm.checkpoint.convert.hub import META, Consolidated, is_consolidated, load_consolidated
 from largelm.checkpoint.manager import LATEST, MANIFEST
 from largelm.config import Config
 
@@ -81,7 +81,7 @@ def open_source(path, tag: Optional[str] = None, checksums: bool = True, base_co
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"{path} does not exist")
-    if (path / META).is_file():
+    if is_consolidated(path):
         return Source("consolidated", path, log=log)
     if (path / "config.json").is_file() and not (path / MANIFEST).is_file():
         return Source("hf", path, base_config=base_config, log=log)
