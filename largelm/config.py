@@ -359,6 +359,9 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Conf
 def apply_override(data: dict, item: str, source: str = "<override>") -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.field=value")
+    if not isinstance(data, dict):  # e.g. an empty config file: there is no section to put the value in
+        found = "it is empty" if data is None else f"its top level is a {type(data).__name__}"
+        raise ConfigError(f"override {item!r}: {source} does not hold a mapping of sections ({found})")
     key, raw = item.split("=", 1)
     node = data
     parts = key.split(".")
@@ -366,7 +369,10 @@ def apply_override(data: dict, item: str, source: str = "<override>") -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section in {source}")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML: {err}") from None
 
 
 def dump_config(cfg: Config) -> str:

@@ -148,3 +148,28 @@ def test_activation_recompute_replays_dropout_on_cpu(fresh_compat):
     mcore_random._set_all_rng_states(*state)
     tensor_parallel.checkpoint(block, False, x.requires_grad_()).sum().backward()
     assert torch.equal(w.grad, plain)
+
+
+def test_checkpointed_rng_state_carries_the_tracker_or_fails(fresh_compat, monkeypatch):
+    """``capture_rng_state`` (what a checkpoint stores) includes the tracked model-parallel stream, so a resume
+    continues it exactly; a tracker that cannot report its states fails the capture instead of silently leaving
+    them out (which would make the resume quietly inexact)."""
+    from largelm.train.rng import capture_rng_state, restore_rng_state
+
+    def tracked_draw():
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return torch.rand(8)
+
+    model_parallel_manual_seed(5, tp_rank=0)
+    state = capture_rng_state()
+    expected = tracked_draw()
+    model_parallel_manual_seed(6, tp_rank=0)  # the streams move on elsewhere
+    restore_rng_state(state)
+    assert torch.equal(tracked_draw(), expected)
+
+    def unavailable():
+        raise RuntimeError("tracker states unavailable")
+
+    monkeypatch.setattr(tensor_parallel.get_cuda_rng_tracker(), "get_states", unavailable)
+    with pytest.raises(RuntimeError, match="tracker states unavailable"):
+        capture_rng_state()

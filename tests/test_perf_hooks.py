@@ -271,7 +271,7 @@ def test_resume_refuses_a_checkpoint_whose_engine_ran_another_zero_stage(tmp_pat
     step = tmp_path / "step_00000002"
     step.mkdir()
     (tmp_path / "latest").write_text(step.name)
-    (step / "manifest.json").write_text(json.dumps({"world_size": 1}))
+    (step / "manifest.json").write_text(json.dumps({"world_size": 1, "files": {}}))
     fast = _cfg(parallel={"zero_stage": 2}, checkpoint={"dir": str(tmp_path)})
     configured = _cfg(parallel={"zero_stage": 2, "single_replica_zero": "as_configured"},
                       checkpoint={"dir": str(tmp_path)})

@@ -109,3 +109,44 @@ def test_one_process_runs_the_single_replica_engine_and_resumes_exactly(make_con
     out = check_ok(launch(config, nproc=1))
     assert "resumed from" in out and sorted(first) == [1, 2, 3] and sorted(losses(out)) == [4, 5, 6]
     assert {**first, **losses(out)} == losses(ref)
+
+
+def _evaluate_rank(rank, world_size, config, one_sample_split):
+    """Build the real Trainer and run its validation twice: on the config's split, then on ``one_sample_split``."""
+    from largelm.config import load_config
+    from largelm.train.trainer import Trainer
+
+    trainer = Trainer(load_config(config))
+    try:
+        metrics = trainer.evaluate()
+        trainer.cfg.data.valid[0].path = str(one_sample_split)
+        try:
+            trainer.evaluate()
+            error = None
+        except RuntimeError as err:
+            error = str(err)
+        return {"metrics": metrics, "error": error}
+    finally:
+        trainer.close()
+
+
+def test_validation_runs_the_same_batches_on_every_data_parallel_rank(tmp_path, tokenizer_path, shard_dir,
+                                                                      shard_seq_length, make_token_shards):
+    """9 validation samples over 2 data-parallel ranks with batches of 4: rank 0 has 1 batch, rank 1 has 2. Under
+    ZeRO-3 every eval forward is collective, so both must stop after 1 (else they hang); with 1 sample, rank 0 has
+    none and both fail together instead of rank 1 waiting for rank 0 forever."""
+    from mp_utils import run_ranks
+
+    uneven = make_token_shards(tmp_path / "valid9", 9, seq_length=shard_seq_length)
+    single = make_token_shards(tmp_path / "valid1", 1, seq_length=shard_seq_length)
+    config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length,
+                         model={"vocab_size": 1000},  # set as preflight would (the synthetic splits skip it)
+                         data={"valid": [{"path": str(uneven)}], "num_workers": 0},  # daemonic ranks: no workers
+                         parallel={"zero_stage": 3, "single_replica_zero": "as_configured"},
+                         train={"eval_steps": 8, "micro_batch_size": 4},
+                         logging={"tensorboard_dir": None, "peak_tflops_per_rank": 1.0})
+    results = run_ranks(_evaluate_rank, 2, config, single, timeout_s=240)
+    losses = [r["metrics"]["valid/loss"] for r in results]
+    assert losses[0] == losses[1] and 0 < losses[0] < 20, losses
+    for r in results:
+        assert r["error"] is not None and "yielded no batch on some data-parallel rank" in r["error"], r["error"]

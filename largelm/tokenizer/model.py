@@ -8,6 +8,8 @@ import sentencepiece as spm
 
 from largelm.data.format import file_sha256
 
+MODEL_FILE_NAME = "spm.model"  # the model file's name when train_tokenizer is given a directory
+
 
 class TokenizerError(ValueError):
     """A tokenizer file is missing or unusable, or a requested piece is not in its vocabulary."""
@@ -22,6 +24,10 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         path = Path(path)
+        if path.is_dir():  # e.g. the directory ``train_tokenizer --out DIR`` wrote its model into
+            inside = path / MODEL_FILE_NAME
+            hint = f" (did you mean {inside}?)" if inside.is_file() else ""
+            raise TokenizerError(f"tokenizer model {path} is a directory, not a sentencepiece model file{hint}")
         if not path.is_file():
             raise TokenizerError(f"tokenizer model {path} does not exist")
         data = path.read_bytes()

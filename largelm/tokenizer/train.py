@@ -26,12 +26,11 @@ import sentencepiece as spm
 
 from largelm.data.documents import iter_documents
 from largelm.data.format import DataError
-from largelm.tokenizer.model import Tokenizer, TokenizerError
+from largelm.tokenizer.model import MODEL_FILE_NAME, Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]")
-MODEL_FILE_NAME = "spm.model"  # used when the output path is a directory
 NEWLINE_PIECE = "\n"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # sentencepiece drops training lines longer than max_sentence_length bytes; we cut longer lines instead.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
@@ -31,12 +30,7 @@ def preflight(cfg: Config, world_size: int) -> Config:
                           "pipeline parallelism runs with zero_stage 1 here (DeepSpeed's pipeline engine allows "
                           "only 0 or 1, and its stage-0 gradient norm is wrong across pipeline stages)")
     tokenizer_path = Path(cfg.tokenizer.model)
-    if not tokenizer_path.is_file():
-        raise ConfigError(f"tokenizer.model: file {tokenizer_path} does not exist (train one with "
-                          f"tools/train_tokenizer.py)")
-    from largelm.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(tokenizer_path)
+    tok = _load_tokenizer(tokenizer_path)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tok.vocab_size
     elif cfg.model.vocab_size < tok.vocab_size:
@@ -53,6 +47,18 @@ def preflight(cfg: Config, world_size: int) -> Config:
 
         preflight_teacher(cfg)
     return cfg
+
+
+def _load_tokenizer(path: Path):
+    """The tokenizer ``tokenizer.model`` names; a missing, directory or non-sentencepiece file is a ConfigError."""
+    from largelm.tokenizer import Tokenizer, TokenizerError
+
+    if not path.exists():
+        raise ConfigError(f"tokenizer.model: file {path} does not exist (train one with tools/train_tokenizer.py)")
+    try:
+        return Tokenizer.load(path)
+    except TokenizerError as err:
+        raise ConfigError(f"tokenizer.model: {err}") from None
 
 
 def _check_dataset(field: str, path: Path, cfg: Config, tok) -> None:
@@ -90,14 +96,19 @@ def _check_checkpoint(cfg: Config, world_size: int) -> None:
     """A checkpoint of another model shape or parallel layout is refused before any step runs."""
     if not cfg.checkpoint.resume:
         return
+    from largelm.checkpoint.manager import CheckpointError, find_latest, read_manifest
+
     root = Path(cfg.checkpoint.dir)
-    pointer = root / "latest"
-    if not pointer.is_file():
+    try:  # the checkpoint the resume will load: ``latest``, or the newest complete one if that one is damaged
+        latest = find_latest(root, checksums=False)  # sizes only here; the trainer verifies the sha256 too
+    except CheckpointError as err:
+        raise ConfigError(f"checkpoint.dir: {err}") from None
+    if latest is None:
         return
-    saved_cfg = root / pointer.read_text().strip() / "config.yaml"
+    saved_cfg = latest.path / "config.yaml"
     if not saved_cfg.is_file():
-        return  # the manager falls back to the newest complete checkpoint and verifies it
-    saved = yaml.safe_load(saved_cfg.read_text())
+        return  # not written by the trainer (which always saves it): nothing to compare against
+    saved = _read_saved_config(saved_cfg)
     mismatches = [
         f"model.{key}: checkpoint {saved['model'].get(key)!r} vs config {getattr(cfg.model, key)!r}"
         for key in SHAPE_FIELDS if saved["model"].get(key) != getattr(cfg.model, key)
@@ -114,8 +125,7 @@ def _check_checkpoint(cfg: Config, world_size: int) -> None:
     if saved["parallel"].get("zero_stage") != cfg.parallel.zero_stage:
         mismatches.append(f"parallel.zero_stage: checkpoint {saved['parallel'].get('zero_stage')} vs config "
                           f"{cfg.parallel.zero_stage} (optimizer state is partitioned per stage)")
-    manifest = root / pointer.read_text().strip() / "manifest.json"
-    saved_world = json.loads(manifest.read_text()).get("world_size") if manifest.is_file() else None
+    saved_world = read_manifest(latest.path).get("world_size")  # find_latest has read it: valid JSON
     if saved_world is not None and saved_world != world_size:
         mismatches.append(f"world size: checkpoint written by {saved_world} ranks, this run has {world_size} "
                           f"(reshard it: largelm-convert reshard SRC OUT --tp T --pp P --dp D --drop-optimizer)")
@@ -127,6 +137,19 @@ def _check_checkpoint(cfg: Config, world_size: int) -> None:
                               f"runs ZeRO-{now} (set it to {written.parallel.single_replica_zero!r})")
     if mismatches:
         raise ConfigError(f"checkpoint {saved_cfg.parent} does not match this config:\n  " + "\n  ".join(mismatches))
+
+
+def _read_saved_config(path: Path) -> dict:
+    """A checkpoint's config.yaml as a dict with ``model`` and ``parallel`` sections, else a ConfigError."""
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"checkpoint config {path} is not valid YAML, so it cannot be checked against this "
+                          f"config: {err}") from None
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(key), dict) for key in ("model", "parallel")):
+        raise ConfigError(f"checkpoint config {path} has no model and parallel sections, so it cannot be checked "
+                          "against this config")
+    return saved
 
 
 def _check_bert_tokenizer(tok) -> None:

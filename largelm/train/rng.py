@@ -19,12 +19,12 @@ def capture_rng_state() -> dict:
     }
     if torch.cuda.is_available():
         state["torch_cuda"] = torch.cuda.get_rng_state()
-    try:  # megatron's model-parallel RNG tracker (dropout inside TP regions)
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    # megatron's model-parallel RNG tracker (dropout inside TP regions). No try: megatron-core is a dependency and
+    # an uninitialised tracker is created empty ({} states), so any error here is real and must fail the save,
+    # not quietly make the resume inexact.
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-        state["megatron_tracker"] = get_cuda_rng_tracker().get_states()
-    except Exception:  # tracker not initialised (e.g. unit tests without megatron)
-        pass
+    state["megatron_tracker"] = get_cuda_rng_tracker().get_states()
     return state
 
 

@@ -76,6 +76,7 @@ class Trainer:
         self.log = RunLogger(self.rank == 0, cfg.train.steps, self.step, cfg.logging.tensorboard_dir,
                              cfg.logging.progress_bar)
         self.history: list[tuple[int, float]] = []
+        self._short_eval_noted = False  # said once that validation runs fewer than train.eval_steps batches
 
     # --- data ---------------------------------------------------------------------------------------
     def _train_loader(self):
@@ -115,6 +116,12 @@ class Trainer:
         dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
         return value.item() / self.dp_size
 
+    def _on_every_dp_rank(self, flag: bool) -> bool:
+        """Collective over the data-parallel group: is ``flag`` true on every rank?"""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=parallel_state.get_data_parallel_group())
+        return bool(value.item())
+
     def train_step(self, batches) -> float:
         loss = self._dp_mean(self.stepper.train_step(batches))
         # Extra scalars a step driver exposes for its last step (e.g. DistillStep's loss parts), averaged over
@@ -129,16 +136,25 @@ class Trainer:
             return None
         total, count = torch.zeros((), device=self.device), 0
         extra: dict[str, float] = {}  # a step driver's per-batch validation metrics (``last_eval_metrics``)
-        for i, batch in enumerate(self._valid_loader()):
-            if i >= self.cfg.train.eval_steps:
+        batches, steps = iter(self._valid_loader()), self.cfg.train.eval_steps
+        while count < steps:
+            batch = next(batches, None)
+            # The data-parallel ranks' shares of the validation data can differ by a batch (more with skipped bad
+            # samples) and an eval forward can be collective (ZeRO-3): all stop at the first batch one rank lacks.
+            if not self._on_every_dp_rank(batch is not None):
                 break
             total += self.stepper.eval_loss(batch)
             for name, value in (getattr(self.stepper, "last_eval_metrics", None) or {}).items():
                 extra[name] = extra.get(name, 0.0) + float(value)
             count += 1
+        paths = [s.path for s in self.cfg.data.valid]
         if count == 0:
-            raise RuntimeError(f"validation data {[s.path for s in self.cfg.data.valid]} yielded no batch on "
-                               f"data-parallel rank {self.dp_rank}")
+            raise RuntimeError(f"validation data {paths} yielded no batch on some data-parallel rank (each of the "
+                               f"{self.dp_size} ranks reads its own share: it needs at least {self.dp_size} samples)")
+        if count < steps and not self._short_eval_noted:
+            self._short_eval_noted = True
+            self.log.line(f"validation runs {count} of train.eval_steps={steps} batches: the smallest "
+                          f"data-parallel share of {paths} has only {count}")
         loss = self._dp_mean(total / count)
         metrics = {"valid/loss": loss}
         if self.cfg.model.arch == "gpt":  # perplexity of the LM loss; BERT's loss is MLM + SOP, not a perplexity

@@ -4,7 +4,9 @@ same preflight when started by another launcher)."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
 import pytest
 import yaml
@@ -29,7 +31,27 @@ def _set(config, section, key, value):
     return config
 
 
+def _hf_tokenizer(config):
+    """Point tokenizer.model at a Hugging Face tokenizer.json (not a sentencepiece model)."""
+    hf = config.parent / "tokenizer.json"
+    hf.write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}))
+    return _set(config, "tokenizer", "model", str(hf))
+
+
+def _tokenizer_dir(config):
+    """Point tokenizer.model at the directory ``train_tokenizer --out DIR`` writes (DIR/spm.model)."""
+    directory = config.parent / "tok"
+    directory.mkdir()
+    shutil.copy(yaml.safe_load(config.read_text())["tokenizer"]["model"], directory / "spm.model")
+    return _set(config, "tokenizer", "model", str(directory))
+
+
 CASES = {
+    "tokenizer file that is not sentencepiece": (_hf_tokenizer, 2,
+                                                 r"tokenizer\.model: \S+tokenizer\.json is not a sentencepiece model"),
+    "tokenizer directory instead of its model file": (_tokenizer_dir, 2,
+                                                      r"tokenizer\.model: tokenizer model \S+tok is a directory, not a "
+                                                      r"sentencepiece model file \(did you mean \S+tok/spm\.model\?\)"),
     "unknown field": (lambda c: _set(c, "train", "stepz", 5), 2, r"train\.stepz: unknown field"),
     "wrong type": (lambda c: _set(c, "train", "steps", "many"), 2,
                    r"train\.steps: Input should be a valid integer.*got 'many'"),
@@ -47,6 +69,57 @@ def test_bad_config_is_refused_before_launch(case, run_config, tmp_path, capsys,
     with ledger.scenario(f"config fault: {case}"):
         config = change(run_config(tmp_path))
         assert re.search(message, _refused(capsys, config, nproc)), message
+
+
+def test_bad_override_or_tokenizer_is_refused_by_both_entry_points(run_config, tmp_path, capsys, ledger, monkeypatch):
+    config = run_config(tmp_path)
+    with ledger.scenario("override value that is not YAML"):
+        assert re.search(r"override 'train\.steps=\[1': the value '\[1' is not valid YAML",
+                         _refused(capsys, config, 2, "train.steps=[1"))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with ledger.scenario("override on an empty config file"):
+        assert f"override 'train.steps=3': {empty} does not hold a mapping of sections (it is empty)" in _refused(
+            capsys, empty, 2, "train.steps=3")
+    with ledger.scenario("tokenizer that is not sentencepiece, caught by a rank started without largelm-launch"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        assert rank_main.main(["--config", str(_hf_tokenizer(config))]) == 2
+        assert "tokenizer.json is not a sentencepiece model" in capsys.readouterr().err
+
+
+def test_damaged_checkpoint_is_passed_over_or_named_before_launch(run_config, tmp_path, capsys, ledger):
+    """The launcher checks the checkpoint the resume would load (``find_latest``: ``latest``, or the newest complete
+    one when that one's manifest or files are damaged), and names a saved config it cannot read."""
+    from largelm.checkpoint.manager import write_manifest
+    from largelm.config import dump_config, load_config
+    from largelm.train.preflight import preflight
+
+    config = run_config(tmp_path)
+    root = tmp_path / "ckpt"  # the config's checkpoint.dir
+    written_with = dump_config(preflight(load_config(config), world_size=2))  # what a 2-rank run saves
+    for step in (2, 4):
+        step_dir = root / f"step_{step:08d}"
+        step_dir.mkdir(parents=True)
+        (step_dir / "config.yaml").write_text(written_with)
+        write_manifest(step_dir, {"step": step, "world_size": 2})
+    (root / "latest").write_text("step_00000004")
+    with ledger.scenario("torn manifest.json in the latest checkpoint"):
+        (root / "step_00000004" / "manifest.json").write_text('{"step": 4, "wor')
+        assert launch.main(["--config", str(config), "--nproc", "2", "--dry-run"]) == 0  # step 2 fits
+        capsys.readouterr()
+        err = _refused(capsys, config, 1)  # so it is step 2 that is checked
+        assert f"checkpoint {root / 'step_00000002'} does not match this config" in err
+        assert "world size: checkpoint written by 2 ranks, this run has 1" in err
+    with ledger.scenario("unreadable config.yaml that its manifest vouches for"):
+        saved_config = root / "step_00000002" / "config.yaml"
+        saved_config.write_text("model: [")
+        write_manifest(saved_config.parent, {"step": 2, "world_size": 2})
+        assert f"checkpoint config {saved_config} is not valid YAML" in _refused(capsys, config, 2)
+    with ledger.scenario("no checkpoint with a readable manifest"):
+        (root / "step_00000002" / "manifest.json").write_text("")
+        assert re.search(r"checkpoint\.dir: no usable checkpoint in \S+ckpt:\n.*manifest \S+ is corrupt",
+                         _refused(capsys, config, 2))
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ not exercised here.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -177,3 +178,26 @@ def test_corrupt_latest_checkpoint_falls_back_loudly(reference_fp32, copy_checkp
         assert chosen.step == 6
         assert re.search(r"skipping unusable checkpoint: checkpoint \S+step_00000008: file "
                          r"zero_pp_rank_1_mp_rank_00_optim_states\.pt fails its sha256 check", caplog.text)
+
+
+def test_every_file_a_manifest_vouches_for_is_fsynced_before_it(run_config, tmp_path, monkeypatch, ledger):
+    """A power cut after a save must not leave a manifest vouching for bytes still in the page cache: every file it
+    lists (DeepSpeed's, the trainer state, config.yaml) was fsynced before the manifest itself."""
+    from faultkit import single_rank_step
+    from largelm.checkpoint.manager import MANIFEST, CheckpointManager
+
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):  # the real fsync; notes the file's inode (the renames of an atomic write keep it)
+        real_fsync(fd)
+        synced.append(os.fstat(fd).st_ino)
+
+    with ledger.scenario("power cut after a save (files fsynced before the manifest)"), \
+            single_rank_step(run_config, tmp_path / "run") as (cfg, step):
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        saved = CheckpointManager(tmp_path / "ckpt", config_yaml="name: test\n").save(step.engine, 1, {"step": 1})
+        monkeypatch.undo()
+        files = json.loads((saved / MANIFEST).read_text())["files"]
+        before = synced[:synced.index((saved / MANIFEST).stat().st_ino)]
+        assert "config.yaml" in files
+        assert [rel for rel in files if (saved / rel).stat().st_ino not in before] == []
