@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 
+from largelm.cli import positive_int
 from largelm.config import ConfigError, load_config
 from largelm.train.preflight import preflight
 
@@ -26,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
-    p.add_argument("--nproc", type=int, default=1, help="ranks per node (GPUs per node; CPU processes here)")
-    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--nproc", type=positive_int, default=1, help="ranks per node (GPUs per node; CPU processes here)")
+    p.add_argument("--num-nodes", type=positive_int, default=1)
     p.add_argument("--hostfile", help="deepspeed hostfile ('host slots=N' per line)")
     p.add_argument("--include", help="deepspeed --include, e.g. 'node1:0,1@node2'")
     p.add_argument("--exclude", help="deepspeed --exclude")

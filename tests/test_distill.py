@@ -110,6 +110,15 @@ def test_teacher_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, co
     check_teacher(student, teacher(copy), teacher_path)
     with pytest.warns(UserWarning, match=r"tokenizer\.model=.*gone\.model, which is not there.*cannot verify"):
         check_teacher(student, teacher(tmp_path / "gone.model"), teacher_path)
+    # checkpoints record the tokenizer's sha256 (Trainer): that decides, wherever the file is now
+    teacher_path.mkdir(parents=True)
+    for recorded, same in ((other.sha256, False), (Tokenizer.load(tokenizer_path).sha256, True)):
+        (teacher_path / "manifest.json").write_text(json.dumps({"files": {}, "tokenizer_sha256": recorded}))
+        if same:
+            check_teacher(student, teacher(tmp_path / "gone.model"), teacher_path)  # no warning: verified
+        else:
+            with pytest.raises(ConfigError, match=r"the tokenizer its manifest records \(.*gone\.model at the "):
+                check_teacher(student, teacher(tmp_path / "gone.model"), teacher_path)
 
 
 def _save_teacher(cfg, root):

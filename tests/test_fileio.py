@@ -46,3 +46,22 @@ def test_write_text_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):
     write_text_atomic(target, "step_1")
     write_text_atomic(target, "step_2")
     assert target.read_text() == "step_2" and [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+@pytest.mark.parametrize("text, what", [
+    ("[1, 2]", "not an object with a 'files' mapping"),
+    ('{"step": 3}', "not an object with a 'files' mapping"),
+    ('{"files": {"model.pt": 12}}', "files\\['model.pt'\\] lacks an integer 'bytes'"),
+    ('{"files": {"model.pt": {"bytes": "12", "sha256": "ab"}}}', "files\\['model.pt'\\] lacks an integer 'bytes'"),
+])
+def test_a_checkpoint_manifest_of_the_wrong_shape_is_named_corrupt(tmp_path, text, what):
+    """Valid JSON that is not a manifest must be a CheckpointError (resume falls back past it), not a TypeError."""
+    from largelm.checkpoint.manager import CheckpointError, find_latest, verify_checkpoint
+
+    ckpt = tmp_path / "step_00000003"
+    ckpt.mkdir()
+    (ckpt / "manifest.json").write_text(text)
+    with pytest.raises(CheckpointError, match=rf"manifest \S+manifest.json is corrupt: {what}"):
+        verify_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*\n.*is corrupt"):
+        find_latest(tmp_path)

@@ -40,3 +40,15 @@ def test_cpu_environment_splits_cores():
     env = cpu_environment({}, nproc=2)
     assert env["DS_ACCELERATOR"] == "cpu" and int(env["OMP_NUM_THREADS"]) >= 1
     assert cpu_environment({"OMP_NUM_THREADS": "7"}, 2)["OMP_NUM_THREADS"] == "7"
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--nproc", "0", "argument --nproc: must be >= 1, got 0"),
+    ("--num-nodes", "-2", "argument --num-nodes: must be >= 1, got -2"),
+    ("--nproc", "two", "argument --nproc: 'two' is not an integer"),
+])
+def test_counts_must_be_positive(capsys, option, value, message):
+    """A zero rank count used to divide by zero in cpu_environment; now it is a usage error naming the option."""
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--config", "c.yaml", option, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

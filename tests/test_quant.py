@@ -317,6 +317,14 @@ def _quantize_tool(*args, cwd=REPO) -> subprocess.CompletedProcess:
                           cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.parametrize("option", ["--batch-size", "--calib-batches", "--group-size", "--eval-batches"])
+def test_quantize_tool_refuses_a_zero_count(tmp_path, option):
+    """Usage error naming the option (exit 2) before any checkpoint is read, not a ValueError traceback later."""
+    proc = _quantize_tool("--checkpoint", tmp_path / "none", "--out", tmp_path / "out", option, "0")
+    assert proc.returncode == 2 and f"argument {option}: must be >= 1, got 0" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_quantize_tool_on_launcher_checkpoint(launcher_checkpoint, tmp_path):
     out = tmp_path / "int4"

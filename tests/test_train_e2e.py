@@ -114,6 +114,7 @@ def test_one_process_runs_the_single_replica_engine_and_resumes_exactly(make_con
 def _evaluate_rank(rank, world_size, config, one_sample_split):
     """Build the real Trainer and run its validation twice: on the config's split, then on ``one_sample_split``."""
     from largelm.config import load_config
+    from largelm.data import DataError
     from largelm.train.trainer import Trainer
 
     trainer = Trainer(load_config(config))
@@ -123,7 +124,7 @@ def _evaluate_rank(rank, world_size, config, one_sample_split):
         try:
             trainer.evaluate()
             error = None
-        except RuntimeError as err:
+        except DataError as err:  # main() prints it as a clean "error (rank N): ..." line, exit 1
             error = str(err)
         return {"metrics": metrics, "error": error}
     finally:

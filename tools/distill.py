@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from largelm.cli import positive_int
+
 
 def build_argv(argv=None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,9 +24,9 @@ def build_argv(argv=None) -> list[str]:
     p.add_argument("--alpha", type=float, default=None, help="weight of the KL term (default 0.5)")
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature T (default 2)")
     p.add_argument("--student-init", choices=("random", "every_kth_layer"), default=None)
-    p.add_argument("--k", type=int, default=None, help="every_kth_layer: student layer i <- teacher layer i*k")
+    p.add_argument("--k", type=positive_int, default=None, help="every_kth_layer: student layer i <- teacher layer i*k")
     p.add_argument("--teacher-precision", choices=("fp32", "bf16"), default=None)
-    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--nproc", type=positive_int, default=1)
     p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
     p.add_argument("--master-port", type=int, default=None)
     p.add_argument("--launch-arg", action="append", default=[], help="extra largelm-launch argument (repeatable)")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from largelm.cli import positive_int
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,12 +31,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory of the quantized checkpoint (new, empty, or a "
                    "previous output, which is replaced)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=8)
-    p.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale/zero point")
+    p.add_argument("--group-size", type=positive_int, default=128, help="int4: input columns per scale/zero point")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
-    p.add_argument("--calib-batches", type=int, default=16, help="gptq: training batches for the Hessians")
+    p.add_argument("--calib-batches", type=positive_int, default=16, help="gptq: training batches for the Hessians")
     p.add_argument("--percdamp", type=float, default=0.01, help="gptq: Hessian damping (fraction of mean diag)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-batches", type=int, default=None, help="limit validation batches (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--eval-batches", type=positive_int, default=None, help="limit validation batches (default: all)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute dtype for eval and timing")
     p.add_argument("--prompt", default="", help="also generate a greedy sample from this prompt for the report")
     return p.parse_args(argv)

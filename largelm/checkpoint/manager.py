@@ -86,9 +86,16 @@ def read_manifest(ckpt_dir: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt_dir} has no {MANIFEST}: it is partial or not a largelm checkpoint")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"checkpoint manifest {path} is corrupt: {err}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"checkpoint manifest {path} is corrupt: not an object with a 'files' mapping")
+    for rel, info in manifest["files"].items():
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+            raise CheckpointError(f"checkpoint manifest {path} is corrupt: files[{rel!r}] lacks an integer 'bytes' "
+                                  "and a string 'sha256'")
+    return manifest
 
 
 def verify_checkpoint(ckpt_dir: Path, checksums: bool = True) -> dict:

@@ -99,21 +99,28 @@ def check_teacher(cfg: Config, teacher_cfg: Config, path: Path) -> None:
 
 def _check_teacher_tokenizer(cfg: Config, teacher_cfg: Config, path: Path) -> None:
     """Equal vocabulary sizes do not make the same tokenizer (the KL would compare unrelated ids): compare the
-    sentencepiece files (sha256) when the teacher's ``tokenizer.model`` is still there; warn when it is not."""
+    student's sentencepiece file (sha256) with the one the teacher's checkpoint manifest records, or else with the
+    teacher's ``tokenizer.model`` file if it is still there; warn when neither is available."""
+    from largelm.checkpoint.manager import read_manifest
+
     teacher_tok, student_tok = Path(teacher_cfg.tokenizer.model), Path(cfg.tokenizer.model)
     if not student_tok.is_file():
         return  # preflight reports the student's missing tokenizer.model
-    if not teacher_tok.is_file():
-        warnings.warn(f"distill.teacher: {path} was trained with tokenizer.model={teacher_tok}, which is not there "
-                      f"(from {Path.cwd()}): cannot verify that it is the student's tokenizer {student_tok}; only the "
-                      "vocabulary sizes were checked", stacklevel=2)
+    recorded = read_manifest(path).get("tokenizer_sha256") if (path / "manifest.json").is_file() else None
+    if recorded:
+        teacher_sha, teacher_desc = recorded, f"the tokenizer its manifest records ({teacher_tok} at the time)"
+    elif teacher_tok.is_file():
+        teacher_sha, teacher_desc = sha256_file(teacher_tok), f"tokenizer {teacher_tok}"
+    else:
+        warnings.warn(f"distill.teacher: {path} records no tokenizer hash and was trained with tokenizer.model="
+                      f"{teacher_tok}, which is not there (from {Path.cwd()}): cannot verify that it is the "
+                      f"student's tokenizer {student_tok}; only the vocabulary sizes were checked", stacklevel=2)
         return
-    teacher_sha, student_sha = sha256_file(teacher_tok), sha256_file(student_tok)
+    student_sha = sha256_file(student_tok)
     if teacher_sha != student_sha:
-        raise ConfigError(f"distill.teacher: {path} was trained with tokenizer {teacher_tok} (sha256 "
-                          f"{teacher_sha[:12]}), the student's tokenizer.model is {student_tok} (sha256 "
-                          f"{student_sha[:12]}): teacher and student must share the tokenizer (same vocabulary "
-                          "size, different token ids)")
+        raise ConfigError(f"distill.teacher: {path} was trained with {teacher_desc} (sha256 {teacher_sha[:12]}), "
+                          f"the student's tokenizer.model is {student_tok} (sha256 {student_sha[:12]}): teacher "
+                          "and student must share the tokenizer (same vocabulary size, different token ids)")
 
 
 def every_kth_layer_state(teacher_state: dict[str, torch.Tensor], num_layers: int, k: int) -> dict:

@@ -21,7 +21,8 @@ from megatron.core import parallel_state
 from largelm import faults
 from largelm.checkpoint.manager import LATEST, CheckpointManager, find_latest
 from largelm.config import Config, dump_config
-from largelm.data import build_loader
+from largelm.data import DataError, build_loader
+from largelm.fileio import sha256_file
 from largelm.model.flops import flops_per_token
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat, model_parallel_manual_seed
@@ -63,7 +64,9 @@ class Trainer:
         self.ckpt = CheckpointManager(
             cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last, config_yaml=dump_config(cfg),
             meta={"world_size": self.world_size, "tensor_parallel": cfg.parallel.tensor_parallel,
-                  "pipeline_parallel": cfg.parallel.pipeline_parallel, "zero_stage": cfg.parallel.zero_stage},
+                  "pipeline_parallel": cfg.parallel.pipeline_parallel, "zero_stage": cfg.parallel.zero_stage,
+                  # which token ids the weights mean, independent of where the file is later (distill's check)
+                  "tokenizer_sha256": sha256_file(cfg.tokenizer.model)},
         )
         self.step = 0
         self.loader = self._train_loader()
@@ -149,8 +152,8 @@ class Trainer:
             count += 1
         paths = [s.path for s in self.cfg.data.valid]
         if count == 0:
-            raise RuntimeError(f"validation data {paths} yielded no batch on some data-parallel rank (each of the "
-                               f"{self.dp_size} ranks reads its own share: it needs at least {self.dp_size} samples)")
+            raise DataError(f"validation data {paths} yielded no batch on some data-parallel rank (each of the "
+                            f"{self.dp_size} ranks reads its own share: it needs at least {self.dp_size} samples)")
         if count < steps and not self._short_eval_noted:
             self._short_eval_noted = True
             self.log.line(f"validation runs {count} of train.eval_steps={steps} batches: the smallest "
