@@ -101,12 +101,12 @@ def _check_teacher_tokenizer(cfg: Config, teacher_cfg: Config, path: Path) -> No
     """Equal vocabulary sizes do not make the same tokenizer (the KL would compare unrelated ids): compare the
     student's sentencepiece file (sha256) with the one the teacher's checkpoint manifest records, or else with the
     teacher's ``tokenizer.model`` file if it is still there; warn when neither is available."""
-    from largelm.checkpoint.manager import read_manifest
+    from largelm.checkpoint.manager import MANIFEST, read_manifest
 
     teacher_tok, student_tok = Path(teacher_cfg.tokenizer.model), Path(cfg.tokenizer.model)
     if not student_tok.is_file():
         return  # preflight reports the student's missing tokenizer.model
-    recorded = read_manifest(path).get("tokenizer_sha256") if (path / "manifest.json").is_file() else None
+    recorded = read_manifest(path).get("tokenizer_sha256") if (path / MANIFEST).is_file() else None
     if recorded:
         teacher_sha, teacher_desc = recorded, f"the tokenizer its manifest records ({teacher_tok} at the time)"
     elif teacher_tok.is_file():

@@ -30,7 +30,7 @@ import torch
 from largelm.checkpoint.convert.errors import ConversionError
 from largelm.checkpoint.convert.layout import VOCAB_PARALLEL, param_shapes
 from largelm.config import BertConfig, Config, ConfigError, ModelConfig, config_from_dict
-from largelm.fileio import sha256_file, write_text_atomic
+from largelm.fileio import fsync_file, sha256_file, write_text_atomic
 
 FORMAT = "largelm-consolidated"
 FORMAT_VERSION = 1
@@ -158,6 +158,7 @@ def save_consolidated(out_dir: Path, c: Consolidated) -> Path:
     tensors.update({PADDING_PREFIX + k: v.contiguous() for k, v in c.padding.items()})
     tmp = out_dir / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    fsync_file(tmp)  # durable before META vouches for it (a power cut must not leave META over a torn file)
     tmp.replace(out_dir / WEIGHTS)
     tokenizer = None
     if c.tokenizer is not None:
@@ -166,8 +167,10 @@ def save_consolidated(out_dir: Path, c: Consolidated) -> Path:
             raise ConversionError(f"tokenizer model {src} does not exist")
         dst = out_dir / TOKENIZER
         if src.resolve() != dst.resolve():
-            shutil.copyfile(src, dst.with_name(dst.name + ".tmp"))
-            dst.with_name(dst.name + ".tmp").replace(dst)
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.copyfile(src, tmp)
+            fsync_file(tmp)
+            tmp.replace(dst)
         tokenizer = {"file": TOKENIZER, "sha256": sha256_file(dst)}
     meta = {
         "format": FORMAT,
