@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from common import Cycle, bench_config, config_summary, device, interleaved, real_batches, seed_all
+from largelm.hardware import is_bf16
 from report import stats
 
 
@@ -98,7 +99,8 @@ class LargelmStep:
 
 def largelm_case(model: str, precision: str, mb: int, ga: int, zero_stage: int = 2) -> tuple:
     """``(cfg, batches, LargelmStep)`` for one benchmark case: the config, 8 real micro-batches (every arm cycles
-    over this same list) and largelm's step built after seeding, so its initial weights are the run's."""
+    over this same list) and largelm's step built after seeding, so its initial weights are the run's.
+    ``precision``: fp32, bf16 or auto (resolved on this machine as the trainer does: ``largelm.hardware``)."""
     cfg = bench_config(model, precision=precision, zero_stage=zero_stage, micro_batch_size=mb, grad_accum_steps=ga)
     batches = real_batches(cfg, 8)
     seed_all(cfg.train.seed)
@@ -114,7 +116,7 @@ def compare_arms(cfg, steppers: list, *, model: str, reps: int, steps: int, labe
     summary = config_summary(cfg)
     tokens_per_step = summary["tokens_per_step_per_rank"]
     out = {
-        "model": model, "precision": cfg.train.precision, "config": summary,
+        "model": model, "precision": summary["precision"], "config": summary,
         "reps": reps, "steps_per_rep": steps, **extra,
         "first_step_loss": first,
         "step_time_s": {k: stats(v) for k, v in times.items()},
@@ -137,7 +139,7 @@ class MegatronPlainStep(PlainLoop):
         if missing or unexpected:
             raise KeyError(f"megatron state dict mismatch: missing {missing}, unexpected {unexpected}")
         super().__init__(model, lambda tokens: gpt_forward_loss(model, tokens)[1], cfg, batches,
-                         bf16_autocast=cfg.train.precision == "bf16")
+                         bf16_autocast=is_bf16(cfg))
 
 
 class ReferenceStep(PlainLoop):
@@ -156,7 +158,7 @@ class ReferenceStep(PlainLoop):
                 logits = model(tokens[:, :-1])
             return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
 
-        super().__init__(model, loss_fn, cfg, batches, bf16_autocast=cfg.train.precision == "bf16")
+        super().__init__(model, loss_fn, cfg, batches, bf16_autocast=is_bf16(cfg))
 
 
 def hf_gpt2(cfg, state_dict: Optional[dict] = None, attn_implementation: Optional[str] = None):
@@ -238,4 +240,5 @@ class HFStep(PlainLoop):
             logits = model(input_ids=tokens[:, :-1]).logits
             return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
 
-        super().__init__(model, loss_fn, cfg, batches, bf16_autocast=(precision or cfg.train.precision) == "bf16")
+        super().__init__(model, loss_fn, cfg, batches,
+                         bf16_autocast=precision == "bf16" if precision else is_bf16(cfg))

@@ -83,7 +83,10 @@ DEFAULT_BATCH = {TINY: (8, 2, 3), SMALL: (8, 1, 1), "gpt-125m": (8, 1, 1), "gpt-
 def add_case_args(p, models: str, precisions: str = "fp32,bf16", reps: int = 9) -> None:
     """Options shared by the 1-process benchmarks (defaults: what run_all.sh measures on a CPU)."""
     p.add_argument("--models", default=models, help=f"comma-separated, from {', '.join(MODEL_SHAPES)}")
-    p.add_argument("--precisions", default=precisions)
+    p.add_argument("--precisions", default=precisions,
+                   help="comma-separated fp32, bf16, auto (= what train.precision: auto picks here). bf16 cases are "
+                        f"skipped, with the reason recorded, where bf16 is not native and not cheap ({BF16_POLICY_ENV}"
+                        "=run to time them anyway)")
     p.add_argument("--micro-batch", type=int, default=None, help="default: per model (DEFAULT_BATCH)")
     p.add_argument("--grad-accum", type=int, default=None)
     p.add_argument("--steps-per-rep", type=int, default=None, help="optimizer steps timed per repetition")
@@ -102,20 +105,37 @@ def cases_from_args(args) -> list[dict]:
             raise SystemExit(f"unknown model {model!r}; choose from {', '.join(MODEL_SHAPES)}")
         mb, ga, steps = DEFAULT_BATCH[model]
         reps = 3 if args.quick else (args.reps if model == TINY else max(3, args.reps - 2))
-        for precision in args.precisions.split(","):
+        for requested in args.precisions.split(","):
+            precision = shipped_precision()[0] if requested == "auto" else requested
+            if precision not in ("fp32", "bf16"):
+                raise SystemExit(f"unknown precision {requested!r}; choose from fp32, bf16, auto")
+            if any(c["model"] == model and c["precision"] == precision for c in out):
+                continue
             out.append({"model": model, "precision": precision, "mb": args.micro_batch or mb,
                         "ga": args.grad_accum or ga, "steps": args.steps_per_rep or steps, "reps": reps})
     return out
 
 
-def run_cases(args, run_case: Callable[..., dict]) -> tuple[dict, list[dict]]:
+def run_cases(args, run_case: Callable[..., dict], label: str) -> tuple[dict, list[dict]]:
     """The 1-process case benchmarks' run: one rank, ``run_case(model, precision, mb, ga, reps, steps)`` for every
-    case of ``cases_from_args(args)``, the cases named in ``meta["configs"]``. Returns ``(meta, results)``, meta
-    finished (``finish_metadata``)."""
+    case of ``cases_from_args(args)`` that runs on this machine (``skip_reason``; the others are listed in
+    ``meta["skipped"]``), the cases named in ``meta["configs"]``. Returns ``(meta, results)``, meta finished
+    (``finish_metadata``)."""
     init_single_rank(args.threads)
     meta = run_metadata()
-    results = [run_case(c["model"], c["precision"], c["mb"], c["ga"], c["reps"], c["steps"])
-               for c in cases_from_args(args)]
+    results, skipped = [], []
+    for c in cases_from_args(args):
+        reason = skip_reason(c["precision"], c["model"])
+        if reason:
+            print(f"[{label} {c['model']} {c['precision']}] skipped: {reason}", flush=True)
+            skipped.append({"case": f"{c['model']} {c['precision']}", "model": c["model"],
+                            "precision": c["precision"], "reason": reason})
+            continue
+        results.append(run_case(c["model"], c["precision"], c["mb"], c["ga"], c["reps"], c["steps"]))
+    record_skips(meta, skipped)
+    if not results:
+        raise SystemExit(f"{label}: no case runs on this machine: "
+                         + "; ".join(f"{s['case']}: {s['reason']}" for s in skipped))
     meta["configs"] = [f"{r['model']} {r['precision']} ZeRO-{r['config']['zero_stage']} (engine "
                        f"ZeRO-{r['config']['engine_zero_stage']}) "
                        f"mb{r['config']['micro_batch_size']}x{r['config']['grad_accum_steps']}" for r in results]
@@ -123,18 +143,20 @@ def run_cases(args, run_case: Callable[..., dict]) -> tuple[dict, list[dict]]:
     return meta, results
 
 
-def run_case_benchmark(argv, description: str, run_case: Callable[..., dict], models: str) -> tuple[dict, list[dict]]:
+def run_case_benchmark(argv, description: str, run_case: Callable[..., dict], models: str, label: str
+                       ) -> tuple[dict, list[dict]]:
     """A 1-process case benchmark's ``main``: its options (``add_case_args``, ``models`` the default) parsed from
-    ``argv``, then ``run_cases``."""
+    ``argv``, then ``run_cases`` (``label``: the log lines' prefix, e.g. "P1")."""
     import argparse
 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case_args(p, models=models)
-    return run_cases(p.parse_args(argv), run_case)
+    return run_cases(p.parse_args(argv), run_case, label)
 
 
 def config_summary(cfg, world_size: int = 1) -> dict:
     """The case's shape and run settings; ``engine_zero_stage`` is the stage DeepSpeed runs at ``world_size``."""
+    from largelm.hardware import run_precision
     from largelm.model.flops import flops_per_token, matmul_parameter_count
     from largelm.parallel.deepspeed_config import engine_zero_stage
 
@@ -145,7 +167,8 @@ def config_summary(cfg, world_size: int = 1) -> dict:
                   "tie_embeddings": m.tie_embeddings, "style": m.style},
         "matmul_params": matmul_parameter_count(m),
         "flops_per_token": flops_per_token(m),
-        "precision": t.precision, "zero_stage": cfg.parallel.zero_stage,
+        # as computed; ``requested_precision`` is the config's setting (``auto`` is resolved on this machine)
+        "precision": run_precision(cfg), "requested_precision": t.precision, "zero_stage": cfg.parallel.zero_stage,
         "engine_zero_stage": engine_zero_stage(cfg, world_size),
         "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
         "tokens_per_step_per_rank": t.micro_batch_size * t.grad_accum_steps * m.seq_length,
@@ -190,11 +213,12 @@ def interleaved(arms: dict[str, Callable[[], object]], reps: int, steps_per_rep:
     return times
 
 
-# --- process group for one in-process rank -------------------------------------------------------------------
+# --- measured peak: the model's own matrix products (as the trainer's MFU) ---------------------------------------
 
 
-def matmul_flops(dtype, n: int, seconds: float) -> float:
-    """FLOP/s of repeated n x n x n matmuls for about ``seconds`` (after one warm-up product)."""
+def square_matmul_flops(dtype, n: int, seconds: float) -> float:
+    """FLOP/s of repeated n x n x n matmuls for about ``seconds`` (after one warm-up product). Only P3's optional
+    reference column (``--square-sizes``): the MFU peak is ``model_matmul_rates``."""
     import torch
 
     a = torch.randn(n, n, device=device()).to(dtype)
@@ -212,14 +236,97 @@ def matmul_flops(dtype, n: int, seconds: float) -> float:
             return 2 * n**3 * iters / elapsed
 
 
-def default_peak_sizes() -> tuple:
-    """Matmul sizes n whose best n x n x n rate is the measured peak: large enough to saturate the device."""
-    return (4096, 8192) if device().type == "cuda" else (1024, 2048)
+def model_matmul_rates(cfg, dtype, seconds_per_product: float = 0.05, tokens: Optional[int] = None,
+                       raw: bool = False) -> dict:
+    """FLOP/s of the model's own matrix products, as the trainer measures its MFU peak: every linear of
+    ``largelm.model.flops.matmul_shapes`` (QKV, attention output, MLP in/out, logits) at the micro-batch's tokens
+    (``tokens``: default micro_batch_size x seq_length) and the rank's TP split, each in the three layouts training
+    runs (forward, input gradient, weight gradient), timed by ``largelm.train.metrics.matmul_flops``. Keyed
+    ``"<product> <m>x<k>x<n>"`` (``raw``: metrics' ``(product, m, k, n)`` keys); the best value is the peak."""
+    from largelm.model.flops import matmul_shapes
+    from largelm.train.metrics import matmul_flops
+
+    tokens = tokens or cfg.train.micro_batch_size * cfg.model.seq_length
+    shapes = matmul_shapes(cfg.model, tokens, cfg.parallel.tensor_parallel)
+    rates = matmul_flops(shapes, dtype, seconds_per_product, device=device())
+    return rates if raw else {f"{name} {m}x{k}x{n}": rate for (name, m, k, n), rate in rates.items()}
 
 
-def measured_peak(dtype, sizes: tuple, seconds: float, reps: int = 3) -> float:
-    """The best over ``sizes`` of the median of ``reps`` matmul-rate measurements (FLOP/s)."""
-    return max(statistics.median(matmul_flops(dtype, n, seconds) for _ in range(reps)) for n in sizes)
+def model_peak(cfg, dtype, seconds_per_product: float = 0.1, reps: int = 3) -> tuple[float, dict[str, float]]:
+    """``(peak, rates)``: the median of ``reps`` measurements of each of the model's products
+    (``model_matmul_rates``) and the best of those medians, the MFU denominator (as the trainer's)."""
+    runs = [model_matmul_rates(cfg, dtype, seconds_per_product) for _ in range(reps)]
+    rates = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    return max(rates.values()), rates
+
+
+# --- precision: what largelm ships (``auto``) and when bf16 is worth timing here -------------------------------
+
+BF16_CHEAP_SLOWDOWN = 3.0  # without native bf16, bf16 cases still run if the model's products are at most this slow
+BF16_POLICY_ENV = "LARGELM_BENCH_EMULATED_BF16"  # probe (default) | run | skip: bf16 cases where bf16 is not native
+BF16_CHECK: dict = {}  # the probe's outcome, recorded in the run's metadata (``meta["bf16_check"]``)
+
+
+def shipped_precision() -> tuple[str, str]:
+    """``(precision, reason)``: what ``train.precision: auto`` (every shipped config's setting) computes in on this
+    machine for a fresh run (``largelm.hardware.choose_precision``)."""
+    from largelm.hardware import choose_precision, detect_device
+
+    choice = choose_precision("auto", detect_device())
+    return choice.precision, choice.reason
+
+
+def bf16_skip_reason(model: str = TINY) -> Optional[str]:
+    """None if bf16 cases should run here, else why not (recorded with the skipped case). They run where bf16 is
+    native (``largelm.hardware.detect_device``). Elsewhere a probe times the model's matrix products
+    (``model_matmul_rates`` at 256 tokens, the shapes of ``model``) in bf16 and fp32, a few
+    seconds even at emulated speed: bf16 cases run only if cheap, i.e. the products take at most
+    ``BF16_CHEAP_SLOWDOWN`` x as long in bf16 (an AVX2-only CPU: 30-85x; they would take minutes). The environment
+    variable LARGELM_BENCH_EMULATED_BF16=run or =skip overrides the probe. The first probe's outcome is reused."""
+    import torch
+
+    from largelm.hardware import detect_device
+    from largelm.train.metrics import products_seconds
+
+    dev = detect_device()
+    if dev.native_bf16:
+        return None
+    policy = os.environ.get(BF16_POLICY_ENV, "probe")
+    what = f"bf16 not native on this {'CPU' if dev.type == 'cpu' else 'GPU'}: {dev.detail}"
+    if policy == "run":
+        BF16_CHECK.update(native=False, run=True, reason=f"{what}; run anyway ({BF16_POLICY_ENV}=run)")
+        return None
+    if policy == "skip":
+        BF16_CHECK.update(native=False, run=False, reason=f"{what} ({BF16_POLICY_ENV}=skip)")
+        return BF16_CHECK["reason"]
+    if "slowdown" not in BF16_CHECK:
+        cfg = bench_config(model)
+        times = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            times[dtype] = products_seconds(model_matmul_rates(cfg, dtype, 0.02, tokens=256, raw=True))
+        slowdown = times[torch.bfloat16] / times[torch.float32]
+        cheap = slowdown <= BF16_CHEAP_SLOWDOWN
+        BF16_CHECK.update(native=False, slowdown=round(slowdown, 2), run=cheap, reason=(
+            f"{what}; the model's matrix products took {slowdown:.1f}x as long in bf16 as in fp32 here (probe; "
+            f"bf16 cases run up to {BF16_CHEAP_SLOWDOWN:g}x)"))
+        print(f"bf16 probe: {BF16_CHECK['reason']}", flush=True)
+    return None if BF16_CHECK["run"] else BF16_CHECK["reason"]
+
+
+def skip_reason(precision: str, model: str = TINY) -> Optional[str]:
+    """Why a case of ``model`` in ``precision`` is not run on this machine (None: run it)."""
+    return bf16_skip_reason(model) if precision == "bf16" else None
+
+
+def record_skips(meta: dict, skipped: list[dict]) -> None:
+    """Cases not run and why (``meta["skipped"]``: every result page lists them in its run record, the summary as
+    rows), and the bf16 probe's outcome if one ran."""
+    meta["skipped"] = skipped
+    if BF16_CHECK:
+        meta["bf16_check"] = dict(BF16_CHECK)
+
+
+# --- process group for one in-process rank -------------------------------------------------------------------
 
 
 def free_port() -> int:

@@ -26,6 +26,13 @@ import yaml
 
 from report import DATA, REPO, finish_metadata, md_table, run_metadata, write_result
 
+
+def shipped_precision() -> str:
+    """What ``train.precision: auto`` (every arm's setting, as shipped) computes in on this machine."""
+    from largelm.hardware import choose_precision, detect_device
+
+    return choose_precision("auto", detect_device()).precision
+
 VALID = re.compile(r"^step (\d+) valid loss ([0-9.]+) ppl ([0-9.]+)", re.MULTILINE)
 
 
@@ -38,7 +45,7 @@ def config(work: Path, name: str, steps: int, layers: int, eval_steps: int, dist
     cfg["data"]["valid"] = [{"path": str(DATA / "shards" / "valid")}]
     cfg["optimizer"]["warmup_steps"] = min(30, steps // 10)
     cfg["train"].update(steps=steps, eval_interval=steps, eval_steps=eval_steps, log_interval=max(1, steps // 10),
-                        precision="bf16", seed=1234)
+                        precision="auto", seed=1234)  # as shipped: bf16 where native, else fp32
     cfg["checkpoint"] = {"dir": str(work / name / "checkpoints"), "save_interval": 0, "keep_last": 1,
                          "resume": False}
     cfg["logging"] = {"tensorboard_dir": str(work / name / "tensorboard"), "progress_bar": False}
@@ -74,7 +81,8 @@ def write_results(args, meta: dict, results: dict) -> str:
         "# Distillation vs. the same student without a teacher", "",
         f"Teacher: gpt-tiny (4 layers, h=128) trained {args.teacher_steps} steps. Student: {args.student_layers} "
         f"layers, h=128, {args.student_steps} steps, same data order, seeds and LR schedule in every arm; "
-        f"alpha={args.alpha}, T={args.temperature}; bf16; {args.nproc} rank(s); validation loss over "
+        f"alpha={args.alpha}, T={args.temperature}; `precision: auto` (= {shipped_precision()} on this machine); "
+        f"{args.nproc} rank(s); validation loss over "
         f"{args.eval_steps} batches of {os.path.relpath(DATA / 'shards' / 'valid', REPO)}. Reproduce: "
         f"`python bench/distill_vs_baseline.py --teacher-steps {args.teacher_steps} "
         f"--student-steps {args.student_steps}`.", "",
@@ -103,7 +111,8 @@ def main(argv=None) -> int:
     meta = run_metadata(config={
         "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "teacher_layers": 4,
         "student_layers": args.student_layers, "alpha": args.alpha, "temperature": args.temperature,
-        "nproc": args.nproc, "data": str(DATA), "eval_steps": args.eval_steps, "precision": "bf16"})
+        "nproc": args.nproc, "data": str(DATA), "eval_steps": args.eval_steps,
+        "precision": f"auto (= {shipped_precision()} here)"})
     teacher_ckpt = work / "teacher" / "checkpoints"
     results = {"teacher": run(config(work, "teacher", args.teacher_steps, 4, args.eval_steps), args.nproc,
                               work / "teacher.log")}

@@ -3,7 +3,8 @@
 Same weights (the largelm model's initial weights copied into the plain model), same micro-batches in the same
 order, same precision, same threads, same optimizer settings (AdamW, clipping, LR schedule). Arms run
 interleaved in one process; the figure is the per-repetition ratio largelm / plain PyTorch step time (median,
-IQR, min-max). Target: <= 1.05.
+IQR, min-max). Target: <= 1.05. Cases in fp32 and bf16 (the overhead per dtype); bf16 cases are skipped, with
+the reason recorded, where bf16 is not native and not cheap (``common.bf16_skip_reason``).
 
 A third, diagnostic arm runs largelm's megatron-core model in the bare loop (no DeepSpeed), splitting the
 overhead into "megatron-core model vs plain model" and "DeepSpeed engine vs bare loop".
@@ -45,7 +46,7 @@ def run_case(model: str, precision: str, mb: int, ga: int, reps: int, steps: int
 
 
 def main(argv=None) -> int:
-    meta, results = run_case_benchmark(argv, __doc__, run_case, models=f"{TINY},{SMALL}")
+    meta, results = run_case_benchmark(argv, __doc__, run_case, models=f"{TINY},{SMALL}", label="P1")
     headline = results[0]["ratio_largelm_vs_plain"]["median"]
     data = {"meta": meta, "target": TARGET, "target_text": "largelm / plain PyTorch step time <= 1.05",
             "headline": {"value": headline, "case": f"{results[0]['model']} {results[0]['precision']}"},

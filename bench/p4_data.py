@@ -3,8 +3,10 @@
 Loader alone: ``largelm.data.build_loader`` exactly as the trainer builds it (training shards, shuffle buffer and
 seed of configs/gpt-tiny.yaml, sha256-verified shards, rank 0 of 1) with 1 and 2 DataLoader workers (and 0 =
 in the main process, for reference), iterated by the main process with no model. Training: largelm's step
-(``DenseStep``, 1 process, all cores) on batches already in memory, for the quickstart model (gpt-tiny bf16,
-the fastest consumer, so the worst case for this ratio) and the ~25M model. Blocks interleaved in one process;
+(``DenseStep``, 1 process, all cores) on batches already in memory, in the precision largelm ships
+(``train.precision: auto``: bf16 where the machine computes it natively, fp32 elsewhere - the faster of the two
+on either kind of machine), for the quickstart model (gpt-tiny, the fastest consumer, so the worst case for this
+ratio) and the ~25M model. Blocks interleaved in one process;
 per-repetition ratio loader tokens/s / training tokens/s. Tokens = predicted positions (micro-batch x seq_length).
 Target: >= 20x (the loader then needs <= 5% of the time it feeds).
 
@@ -21,7 +23,8 @@ import gc
 import os
 import time
 
-from common import DEFAULT_BATCH, sync, SMALL, TINY, Cycle, bench_config, init_single_rank, real_batches, seed_all
+from common import (DEFAULT_BATCH, SMALL, TINY, Cycle, bench_config, init_single_rank, real_batches, seed_all,
+                    shipped_precision, sync)
 from report import (REPO, finish_metadata, fmt_spread, md_table, plt, ratio_stats, run_metadata, stats, verdict,
                     save_plot, write_result)
 
@@ -34,7 +37,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--batches", type=int, default=400, help="loader batches per repetition")
-    p.add_argument("--models", default=f"{TINY},{SMALL}", help="training consumers (bf16, ZeRO-2)")
+    p.add_argument("--models", default=f"{TINY},{SMALL}",
+                   help="training consumers (ZeRO-2, train.precision: auto as shipped)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -45,7 +49,7 @@ def main(argv=None) -> int:
     import arms
     from largelm.data import build_loader
 
-    cfg = bench_config(TINY, precision="bf16", zero_stage=2, micro_batch_size=8, grad_accum_steps=2)
+    cfg = bench_config(TINY, zero_stage=2, micro_batch_size=8, grad_accum_steps=2)  # the loader's settings
     d = cfg.data
     seq, mb = cfg.model.seq_length, cfg.train.micro_batch_size
     iters = {}
@@ -58,8 +62,10 @@ def main(argv=None) -> int:
         iters[w] = it
 
     consumers = {}
+    prec, why = shipped_precision()  # the consumers train as shipped: precision auto, resolved on this machine
+    print(f"[P4] training consumers in {prec}: {why}", flush=True)
     for model in args.models.split(","):
-        prec, (mbs, ga, steps) = "bf16", DEFAULT_BATCH[model]
+        mbs, ga, steps = DEFAULT_BATCH[model]
         c = bench_config(model, precision=prec, zero_stage=2, micro_batch_size=mbs, grad_accum_steps=ga)
         seed_all(c.train.seed)
         step = arms.LargelmStep(c, Cycle(real_batches(c, 8)))
@@ -91,7 +97,8 @@ def main(argv=None) -> int:
     ratios = {w: {k: ratio_stats(loader_tps[w], v) for k, v in train_tps.items()} for w in WORKERS}
     shards = os.path.relpath(d.train[0].path, REPO)
     meta["config"] = {"seq_length": seq, "micro_batch_size": mb, "shuffle_buffer": d.shuffle_buffer,
-                      "loader_batches_per_rep": nbatches, "shards": shards}
+                      "loader_batches_per_rep": nbatches, "shards": shards,
+                      "training_precision": {"requested": "auto", "computed": prec, "reason": why}}
     finish_metadata(meta)
     data = {"meta": meta, "target": TARGET, "target_text": "loader tokens/s >= 20 x training tokens/s",
             "headline": {"value": min(ratios[w][worst_consumer]["median"] for w in (1, 2)),
@@ -110,7 +117,8 @@ def main(argv=None) -> int:
 
 largelm's training loader (webdataset shards of `{shards}`, seq_length {seq}, batch {mb}, shuffle buffer
 {d.shuffle_buffer}, checksum-verified, rank 0 of 1) read with no model, vs tokens/s largelm's training step
-consumes (1 process, all cores, batches in memory). Median [IQR] (min-max), {reps} interleaved repetitions of
+consumes (1 process, all cores, batches in memory; in {prec}, what `precision: auto` - as shipped - computes in on
+this machine). Median [IQR] (min-max), {reps} interleaved repetitions of
 {nbatches} loader batches. Target: loader >= {TARGET:.0f} x training.
 
 Training consumption (tokens/s):

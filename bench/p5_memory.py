@@ -2,7 +2,8 @@
 
 Two ranks started by the real DeepSpeed launcher (``python -m deepspeed.launcher.runner --num_gpus 2``, gloo,
 DS_ACCELERATOR=cpu). In each rank, for every ZeRO stage, largelm's engine (``DenseStep``: megatron-core
-GPTModel in DeepSpeed, bf16 by default) runs one optimizer step (so Adam's state exists) and a second step up
+GPTModel in DeepSpeed, in the precision largelm ships - ``train.precision: auto``, bf16 where the machine computes
+it natively, fp32 elsewhere - by default) runs one optimizer step (so Adam's state exists) and a second step up
 to the end of the last micro-batch's backward - the point where gradients are complete and the optimizer has
 not yet consumed them, i.e. where parameters, gradients and optimizer state are all alive. There
 ``largelm.train.state_bytes.training_state_bytes(engine)`` reads the sizes of the tensors the engine really
@@ -15,7 +16,7 @@ state (4 bytes fp32 master copy when training in bf16, 0 in fp32) + 8 bytes Adam
 ZeRO-1 divides the optimizer state by N, ZeRO-2 also the gradients, ZeRO-3 also the parameters.
 Target: ZeRO-3 measured <= 1.1 x ideal.
 
-    python bench/p5_memory.py [--precision bf16] [--model gpt-25m]
+    python bench/p5_memory.py [--precision auto|bf16|fp32] [--model gpt-25m]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import _cuda as cuda, SMALL, bench_config, config_summary, free_port
+from common import _cuda as cuda, SMALL, bench_config, config_summary, free_port, shipped_precision, skip_reason
 from report import BENCH, finish_metadata, fmt_num, md_table, plt, run_metadata, save_plot, verdict, write_result
 
 TARGET = 1.1
@@ -117,7 +118,8 @@ def launch(args, out_dir: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=SMALL)
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto (default): what train.precision: auto picks on this machine, as shipped")
     p.add_argument("--dp", type=int, default=2)
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--quick", action="store_true", help="accepted for run_all.sh; P5 is short already")
@@ -128,7 +130,17 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
+    requested = args.precision
+    if args.precision == "auto":  # resolved here, so the workers, the label and the ideal agree
+        args.precision = shipped_precision()[0]
+        print(f"[P5] precision auto = {args.precision} on this machine", flush=True)
+    else:
+        reason = skip_reason(args.precision, args.model)
+        if reason:
+            raise SystemExit(f"P5: not run in {args.precision}: {reason}; use --precision auto or fp32 "
+                             "(LARGELM_BENCH_EMULATED_BF16=run to run it anyway)")
     meta = run_metadata()
+    meta["precision"] = {"requested": requested, "computed": args.precision}
     with tempfile.TemporaryDirectory() as tmp:
         launch(args, tmp)
         per_rank = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(args.dp)]
@@ -179,7 +191,8 @@ def main(argv=None) -> int:
     psi = stages[0]["psi"]
     md = f"""# P5: per-rank training-state memory, ZeRO 0/1/2/3 at DP={args.dp}
 
-Model {args.model} ({psi:,} parameters), {args.precision}, {args.dp} ranks via the DeepSpeed launcher.
+Model {args.model} ({psi:,} parameters), {args.precision}{" (`precision: auto` on this machine, as shipped)"
+if requested == "auto" else ""}, {args.dp} ranks via the DeepSpeed launcher.
 Bytes of the tensors each rank's engine holds (`largelm.train.state_bytes.training_state_bytes`: every storage
 reachable from the module's parameters and from the DeepSpeed optimizer, counted once), read after the last
 backward of step 2, before the optimizer step (parameters, complete gradients and Adam state all alive); the

@@ -24,6 +24,8 @@ REPO = BENCH.parent
 RESULTS = Path(os.environ.get("LARGELM_BENCH_RESULTS", BENCH / "results"))
 DATA = Path(os.environ.get("LARGELM_BENCH_DATA", REPO / "data" / "default"))
 ENV_KEYS = ("OMP_NUM_THREADS", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES")
+# what torch and oneDNN may use on this CPU: they decide whether bf16 is native (fast) or emulated (30-85x slower)
+ISA_ENV_KEYS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 
 # --- run metadata ----------------------------------------------------------------------------------------
@@ -61,6 +63,47 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def compute_record() -> dict:
+    """What this machine computes natively, as the run saw it: torch's CPU capability (the ATen kernels' ISA),
+    ``largelm.hardware.detect_device()`` (which decides ``train.precision: auto``), the precision ``auto`` picks
+    here, and the environment variables that limit the ISA (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``) if
+    set. bf16 is ~3x fp32 on a CPU with AVX512_BF16/AMX and 30-85x slower on an AVX2-only one, so every figure
+    involving bf16 - and every "as shipped" figure - depends on it."""
+    import dataclasses
+
+    import torch
+
+    record: dict = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "env": {k: os.environ[k] for k in ISA_ENV_KEYS if k in os.environ}}
+    try:
+        from largelm.hardware import choose_precision, detect_device
+
+        device = detect_device()
+        record["device"] = dataclasses.asdict(device)
+        record["auto_precision"] = choose_precision("auto", device).precision
+    except Exception as e:  # noqa: BLE001 - the record must not stop a benchmark
+        record["device"] = {"error": f"{type(e).__name__}: {e}"}
+    return record
+
+
+def compute_text(meta: dict) -> str:
+    """One line of ``meta["compute"]`` for the pages' machine line and the summary's header."""
+    c = meta.get("compute")
+    if not c:
+        return "CPU capability not recorded (run before the record existed)"
+    d = c.get("device", {})
+    if "native_bf16" in d:
+        native = "native" if d["native_bf16"] else "not native"
+        where = f"{d['type']} {d['capability']}: " if d["capability"] != c["torch_cpu_capability"] else ""
+        text = (f"torch CPU capability {c['torch_cpu_capability']}; {where}bf16 {native} ({d['detail']}), so "
+                f"`precision: auto` = {c.get('auto_precision', '?')}")
+    else:
+        text = f"torch CPU capability {c['torch_cpu_capability']}; device not detected ({d.get('error', '?')})"
+    if c.get("env"):
+        text += "; " + " ".join(f"{k}={v}" for k, v in c["env"].items())
+    return text
+
+
 def run_metadata(**extra) -> dict:
     import torch
 
@@ -86,6 +129,7 @@ def run_metadata(**extra) -> dict:
         "torch_threads": torch.get_num_threads(),
         "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "compute": compute_record(),
     }
     meta.update(extra)
     return meta
@@ -104,7 +148,8 @@ def meta_markdown(meta: dict, machine_only: bool = False) -> str:
     v = meta["versions"]
     lines = [
         f"- date: {meta['date']}; host `{meta['host']}`; git `{meta['largelm_commit']}`",
-        f"- machine: {meta['cpu']}, {meta['cores']} cores, {meta['memory_gib']} GiB, GPU: {meta['gpu']}",
+        f"- machine: {meta['cpu']}, {meta['cores']} cores, {meta['memory_gib']} GiB, GPU: {meta['gpu']}; "
+        f"{compute_text(meta)}",
         f"- versions: python {meta['python']}, torch {v['torch']}, deepspeed {v['deepspeed']}, megatron-core "
         f"{v['megatron-core']}, transformers {v['transformers']}, webdataset {v['webdataset']}",
     ]
@@ -117,6 +162,10 @@ def meta_markdown(meta: dict, machine_only: bool = False) -> str:
     for key in ("config", "configs"):
         if key in meta:
             lines.append(f"- {key}: `{json.dumps(meta[key], sort_keys=False)}`")
+    if meta.get("bf16_check", {}).get("run"):  # bf16 not native but cheap enough here (common.bf16_skip_reason)
+        lines.append(f"- bf16 cases ran: {meta['bf16_check']['reason']}")
+    for skip in meta.get("skipped", []):
+        lines.append(f"- skipped: {skip['case']} - {skip['reason']}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,8 @@
 # absolute timings (not the side-by-side ratios) move with load, and every result file records the load average.
 #   LARGELM_VENV   venv to use (default .venv)
 #   BENCH_ARGS     extra arguments for every benchmark script, e.g. BENCH_ARGS=--quick for a smoke run
+#   LARGELM_BENCH_EMULATED_BF16  bf16 cases where the CPU has no native bf16 (AVX512_BF16/AMX): probe (default:
+#                  run them only if the model's products are <= 3x slower than fp32, else skip with the reason), run, skip
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${LARGELM_VENV:-.venv}

@@ -1,7 +1,8 @@
 """Scaling: training tokens/s with DP=1 vs DP=2 on this machine, through the real launcher and trainer.
 
 Each run is ``largelm-launch --config <cfg> --nproc {1,2}`` (deepspeed launcher, gloo, DS_ACCELERATOR=cpu), i.e.
-the whole training loop: webdataset loader with its worker, DeepSpeed engine, logging. The launcher gives each
+the whole training loop: webdataset loader with its worker, DeepSpeed engine, logging; ``train.precision: auto``
+as shipped (each rank resolves it: bf16 where the machine computes it natively, fp32 elsewhere). The launcher gives each
 rank cores/nproc threads (OMP_NUM_THREADS): DP=1 runs 1 rank x 2 threads, DP=2 runs 2 ranks x 1 thread on the
 same 2 cores - so on this machine DP=2 can at best match DP=1; the figure shows what data parallelism costs
 (gradient all-reduce over gloo, a second loader, duplicated optimizer work below ZeRO's partitioning) rather than
@@ -45,7 +46,8 @@ def run(cfg_path: Path, nproc: int, timeout: int) -> tuple[list[float], str]:
 
 
 def write_config(tmp: Path, model: str, steps: int, log_interval: int, tag: str, dp: int = 1) -> tuple[Path, dict]:
-    cfg = bench_config(model, precision="bf16", zero_stage=2, micro_batch_size=8,
+    # as shipped: train.precision auto, resolved by each rank's preflight as in a user's run (bf16 where native)
+    cfg = bench_config(model, precision="auto", zero_stage=2, micro_batch_size=8,
                        grad_accum_steps=2 if model == TINY else 1, steps=steps)
     raw = cfg.model_dump(mode="json")
     raw["train"].update(eval_interval=0, log_interval=log_interval)
@@ -90,8 +92,9 @@ def main(argv=None) -> int:
                             "tokens_per_s": {str(dp): stats(v) for dp, v in tps.items()},
                             "threads_per_rank": {str(dp): max(1, cores // dp) for dp in dps},
                             "dp2_over_dp1": stats(tps[dps[-1]])["median"] / stats(tps[dps[0]])["median"]})
-    meta["configs"] = [f"{r['model']} bf16 ZeRO-2 mb{r['config']['micro_batch_size']}x"
-                       f"{r['config']['grad_accum_steps']} per rank" for r in results]
+    meta["configs"] = [f"{r['model']} precision auto (= {r['config']['precision']} here) ZeRO-2 "
+                       f"mb{r['config']['micro_batch_size']}x{r['config']['grad_accum_steps']} per rank"
+                       for r in results]
     meta["launcher"] = "largelm-launch (deepspeed launcher, gloo, DS_ACCELERATOR=cpu)"
     finish_metadata(meta)
     data = {"meta": meta, "target": None, "target_text": "reported, no target",
@@ -107,8 +110,9 @@ def main(argv=None) -> int:
                          f"{ratio['median']:.2f}" if dp != lo else "1 (reference)"])
     md = f"""# Scaling: DP=1 vs DP=2 on this {cores}-core machine
 
-Real runs: `largelm-launch --nproc N` (deepspeed launcher, gloo), the full trainer with its loader; bf16, ZeRO-2,
-same micro-batch x accumulation per rank. The launcher splits the cores between ranks (OMP_NUM_THREADS =
+Real runs: `largelm-launch --nproc N` (deepspeed launcher, gloo), the full trainer with its loader; as shipped,
+`precision: auto` (= {results[0]['config']['precision']} on this machine), ZeRO-2, same micro-batch x accumulation
+per rank. The launcher splits the cores between ranks (OMP_NUM_THREADS =
 cores / N), so DP=2 shares the same {cores} cores as DP=1: there is no extra hardware to scale onto, and the ratio
 measures the cost of data parallelism (gloo all-reduce, a loader per rank) against intra-op threading.
 Global tokens/s from the trainer's log lines (one value per log interval, first interval dropped), median [IQR]

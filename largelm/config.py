@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -163,7 +163,10 @@ class TrainConfig(_Section):
     steps: int = Field(gt=0, description="optimizer steps")
     micro_batch_size: int = Field(default=1, gt=0)
     grad_accum_steps: int = Field(default=1, gt=0)
-    precision: Literal["fp32", "bf16"] = "bf16"
+    # auto: bf16 where the device multiplies it natively (CUDA sm_80+, a CPU with AVX512_BF16/AMX), else fp32; a
+    # resumed run keeps its checkpoint's precision. Resolved by preflight (largelm.hardware.choose_precision).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    _precision_choice: Any = PrivateAttr(default=None)  # preflight's decision and its reason (for the log)
     seed: int = 1234
     eval_interval: int = Field(default=100, ge=0, description="0 disables validation")
     eval_steps: int = Field(default=10, gt=0)
@@ -326,20 +329,26 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
 
 
 # Fields added after checkpoints were already being written, with the value that describes those older runs.
-CHECKPOINT_LEGACY_DEFAULTS = {("parallel", "single_replica_zero"): "as_configured"}
+CHECKPOINT_LEGACY_DEFAULTS = {("parallel", "single_replica_zero"): "as_configured",
+                              ("train", "precision"): "bf16"}  # the default before ``auto``
 
 
 def checkpoint_config_from_dict(data: dict, source: str = "<checkpoint config>") -> Config:
     """The config a checkpoint was written with (its config.yaml). A field added since takes the value that
     describes how such an older run behaved, not today's default (``CHECKPOINT_LEGACY_DEFAULTS``): checkpoints
-    from before ``parallel.single_replica_zero`` existed ran the configured ZeRO stage."""
+    from before ``parallel.single_replica_zero`` existed ran the configured ZeRO stage. ``train.precision`` is
+    what the run computed in (the trainer saves ``auto`` resolved): ``auto`` here cannot say which, so it is refused."""
     if isinstance(data, dict):
         data = dict(data)
         for (section, field), value in CHECKPOINT_LEGACY_DEFAULTS.items():
             values = data.get(section) or {}
             if isinstance(values, dict) and field not in values:
                 data[section] = {**values, field: value}
-    return config_from_dict(data, source=source)
+    cfg = config_from_dict(data, source=source)
+    if cfg.train.precision == "auto":
+        raise ConfigError(f"{source}: train.precision is 'auto', which does not say what the checkpoint was trained "
+                          "in (the trainer records fp32 or bf16); set it to the precision the run used")
+    return cfg
 
 
 def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Config:

@@ -6,6 +6,10 @@
 
 On a machine without CUDA it sets DS_ACCELERATOR=cpu and gives each rank an equal share of the cores
 (OMP_NUM_THREADS); with CUDA nothing changes and NCCL is used. The command is printed before it runs.
+
+The deepspeed launcher runs as ``python -m largelm.ds_launcher`` (DeepSpeed's runner and launch code in one process,
+which polls the ranks every 0.1 s and exits without Python's teardown; see that module), and run from the command
+line this process becomes the launcher (exec) instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import os
 import shlex
 import subprocess
 import sys
+from typing import Optional
 
 from largelm.cli import positive_int
 from largelm.config import ConfigError, load_config
 from largelm.train.preflight import preflight
 
 ENTRY_MODULE = "largelm.train.main"
+DEEPSPEED_MODULE = "largelm.ds_launcher"  # deepspeed.launcher.runner's command line, started faster
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +79,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
         else:
             cmd += ["--standalone"]
         return cmd + ["-m", ENTRY_MODULE, *script]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={args.nproc}"]
+    cmd = [sys.executable, "-m", DEEPSPEED_MODULE, f"--num_gpus={args.nproc}"]
     if args.hostfile:
         cmd += [f"--hostfile={args.hostfile}", f"--num_nodes={args.num_nodes}"]
     elif args.num_nodes > 1 and not args.no_ssh:
@@ -87,7 +93,13 @@ def build_command(args: argparse.Namespace) -> list[str]:
     return cmd + ["--module", ENTRY_MODULE, *script]
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, replace_process: Optional[bool] = None) -> int:
+    """Validate, then run the launcher. As the program (``argv`` None: ``largelm-launch``, ``python -m
+    largelm.launch``; or ``replace_process``) this process is replaced by the launcher, so that it neither holds
+    torch in memory for the whole run nor spends seconds tearing it down at the end; exit code and signals are the
+    launcher's. Called with ``argv`` (from Python) it runs the launcher as a child and returns its exit code."""
+    if replace_process is None:
+        replace_process = argv is None
     args = build_parser().parse_args(argv)
     world_size = args.nproc * args.num_nodes
     try:  # validate before any process starts: config, layout, tokenizer, data, checkpoint compatibility
@@ -104,6 +116,9 @@ def main(argv=None) -> int:
     print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     if args.dry_run:
         return 0
+    if replace_process:
+        sys.stderr.flush()
+        os.execve(cmd[0], cmd, env)
     return subprocess.call(cmd, env=env)
 
 

@@ -107,7 +107,8 @@ def test_overrides_are_typed_and_validated():
 
 
 def test_deepspeed_config_is_generated_from_config():
-    cfg = load_config("configs/gpt-tiny.yaml", ["parallel.zero_stage=3", "train.grad_accum_steps=4"])
+    cfg = load_config("configs/gpt-tiny.yaml", ["parallel.zero_stage=3", "train.grad_accum_steps=4",
+                                                "train.precision=bf16"])
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["train_batch_size"] == cfg.train.micro_batch_size * 4 * 2

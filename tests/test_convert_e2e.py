@@ -1,5 +1,8 @@
 """Checkpoint conversion on checkpoints written by real training runs (the Trainer on 2 gloo ranks).
 
+Logit checks compare two fp32 forwards of the same weights in different layouts or libraries: ``tolerances.logit_tol``
+(the logits' reduction chain, relative to max(1, max |logit|)); a loss likewise (``fp32_rounding_tol``).
+
 * a GPT-2-style model trained 3 steps at TP=2 with ZeRO-3 (fp32), a Llama-style GQA model trained 2 steps at
   DP=2 with ZeRO-1 (bf16: DeepSpeed's BF16_Optimizer), an untied GPT-2-style model at DP=2 with ZeRO-0 (bf16)
   and a tied one at PP=2 with ZeRO-1 (DeepSpeed's pipeline engine): consolidation equals the live engines' fp32 master weights exactly, and the
@@ -27,6 +30,7 @@ from largelm.checkpoint.convert.hub import load_consolidated
 from largelm.checkpoint.convert.layout import VOCAB_PARALLEL
 from mp_utils import free_port, run_ranks
 from reference_gpt import RefConfig, ReferenceGPT
+from tolerances import fp32_rounding_tol, logit_tol, max_err, model_chain
 from train_utils import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -159,8 +163,8 @@ def _assert_equals_live(hub, results):
 def test_zero3_tp2_consolidation_equals_live_model(runs, tmp_path):
     ckpt, results = runs["gpt"]
     checks = api.consolidate(ckpt, tmp_path / "hub", log=print)
-    assert checks[0].ok and checks[0].max_abs_diff < 1e-5
     hub = load_consolidated(tmp_path / "hub")
+    assert checks[0].ok and checks[0].max_abs_diff <= logit_tol(hub.model, checks[0].max_abs_logit)
     assert hub.step == 3 and hub.source["zero_stage"] == 3 and hub.source["tensor_parallel"] == 2
     _assert_equals_live(hub, results)
     # the consolidated weights, run by the plain-PyTorch reference, give the live TP=2 model's logits
@@ -169,8 +173,8 @@ def test_zero3_tp2_consolidation_equals_live_model(runs, tmp_path):
     ref.load_from_megatron(hub.padded_tensors(padded))
     with torch.no_grad():
         ours = ref(verify.fixed_tokens(hub.model))
-    live = torch.from_numpy(results[0]["logits"])
-    torch.testing.assert_close(ours, live[..., :padded], rtol=0, atol=1e-4)
+    live = torch.from_numpy(results[0]["logits"])[..., :padded]
+    assert ours.shape == live.shape and max_err(ours, live) <= logit_tol(hub.model, live.abs().max().item())
 
 
 def test_zero1_bf16_dp2_consolidation_and_hf_export(runs, tmp_path):
@@ -184,7 +188,7 @@ def test_zero1_bf16_dp2_consolidation_and_hf_export(runs, tmp_path):
     assert hub.source["data_parallel"] == 2 and hub.source["precision"] == "bf16" and hub.dtype == torch.float32
     _assert_equals_live(hub, results)  # the fp32 masters, not the bf16 module weights
     checks = api.export_hf(ckpt, tmp_path / "hf", log=print)
-    assert checks[0].ok and checks[0].max_abs_diff < 1e-4
+    assert checks[0].ok and checks[0].max_abs_diff <= logit_tol(hub.model, checks[0].max_abs_logit)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     text = "To be, or not to be, that is the question."
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text, add_special_tokens=False) == \
@@ -195,7 +199,8 @@ def test_zero0_bf16_consolidation_reads_the_fp32_masters(runs, tmp_path):
     ckpt, results = runs["zero0"]
     checks = api.consolidate(ckpt, tmp_path / "hub", log=print)
     hub = load_consolidated(tmp_path / "hub")
-    assert hub.source["weights"] == ["fp32 master (ZeRO-0 optimizer)"] and checks[0].max_abs_diff < 1e-5
+    assert hub.source["weights"] == ["fp32 master (ZeRO-0 optimizer)"]
+    assert checks[0].max_abs_diff <= logit_tol(hub.model, checks[0].max_abs_logit)
     _assert_equals_live(hub, results)
 
 
@@ -230,7 +235,12 @@ def test_tp2_checkpoint_resharded_to_tp1_resumes_in_the_trainer(runs, tmp_path):
     resumed = run_ranks(_resume_rank, 1, str(step_dir / "config.yaml"), timeout_s=600)[0]
     assert resumed["start"] == 2 and [s for s, _ in resumed["history"]] == [3]
     tp2_loss = dict(results[0]["history"])[3]
-    assert resumed["history"][0][1] == pytest.approx(tp2_loss, abs=1e-5)  # same weights, same batch
+    # same weights, same batch (4 x 32 tokens x 2 micro-batches; 1000 ids padded to 1024): TP only reorders sums
+    from largelm.config import load_config
+
+    model = load_config(step_dir / "config.yaml").model
+    tol = fp32_rounding_tol(model_chain(model, vocab=1024, tokens=4 * 32 * 2), abs(tp2_loss))
+    assert resumed["history"][0][1] == pytest.approx(tp2_loss, abs=tol)
 
 
 def _round_trip(runs, tmp_path, tp: int, pp: int) -> None:
@@ -240,7 +250,7 @@ def _round_trip(runs, tmp_path, tp: int, pp: int) -> None:
     api.consolidate(ckpt, tmp_path / "hub", verify_logits=False, log=print)
     checks = api.reshard(tmp_path / "hub", tmp_path / "out", tensor_parallel=tp, pipeline_parallel=pp,
                          zero_stage=1, log=print)
-    assert checks[0].max_abs_diff < 1e-5
+    assert checks[0].max_abs_diff <= logit_tol(load_consolidated(tmp_path / "hub").model, checks[0].max_abs_logit)
     step_dir = tmp_path / "out" / "step_00000003"
     assert sorted(p.name for p in step_dir.glob("layer_*")) == [
         f"layer_{i:02d}-model_{t:02d}-model_states.pt" for i in range(4) for t in range(tp)]
@@ -271,7 +281,11 @@ def test_hugging_face_model_imported_into_a_tp2_training_checkpoint(runs, tmp_pa
     api.export_hf(ckpt, tmp_path / "hf", verify_logits=False, log=print)
     checks = api.reshard(tmp_path / "hf", tmp_path / "tp2", tensor_parallel=2, base_config=ckpt.parent / "config.yaml",
                          log=print)
-    assert checks[0].what.startswith("Hugging Face vs checkpoint (TP=2") and checks[0].max_abs_diff < 1e-4
+    from largelm.config import load_config
+
+    model = load_config(ckpt.parent / "config.yaml").model
+    assert checks[0].what.startswith("Hugging Face vs checkpoint (TP=2")
+    assert checks[0].max_abs_diff <= logit_tol(model, checks[0].max_abs_logit)
     step_dir = tmp_path / "tp2" / "step_00000000"
     manifest = json.loads((step_dir / "manifest.json").read_text())
     assert manifest["step"] == 0 and manifest["tensor_parallel"] == 2 and manifest["world_size"] == 2

@@ -201,7 +201,7 @@ def test_distill_tool_through_launcher(tmp_path, tokenizer_path, shard_dir, shar
                           model={"num_layers": 4}, train={"steps": 4, "log_interval": 2})
     check_ok(launch(teacher, nproc=1))
     student = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length,
-                          train={"steps": 4, "log_interval": 2, "precision": "bf16"})
+                          train={"steps": 2, "log_interval": 2, "precision": "bf16"})  # bf16: slow without AVX512_BF16
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "distill.py"), "--config", str(student), "--teacher",
          str(teacher_dir / "ckpt"), "--alpha", "0.5", "--temperature", "2", "--student-init", "every_kth_layer",
@@ -216,7 +216,7 @@ def test_distill_tool_through_launcher(tmp_path, tokenizer_path, shard_dir, shar
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert "distill/kl" in tags and "distill/lm_loss" in tags, tags
-    assert len(acc.Scalars("distill/kl")) == 4
+    assert len(acc.Scalars("distill/kl")) == 2  # one per step
     saved = yaml.safe_load(next((tmp_path / "ckpt").glob("step_*/config.yaml")).read_text())
     assert saved["distill"]["student_init"] == "every_kth_layer"
 

@@ -1,8 +1,15 @@
-"""The launcher builds the right deepspeed/torchrun command lines (multi-node options included)."""
+"""The launcher builds the right deepspeed/torchrun command lines (multi-node options included), and
+``largelm.ds_launcher`` runs DeepSpeed's runner and per-node launcher in one process."""
+
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
-from largelm.launch import build_command, build_parser, cpu_environment
+from largelm import ds_launcher
+from largelm.launch import DEEPSPEED_MODULE, build_command, build_parser, cpu_environment
 
 
 def cmd(*argv):
@@ -11,7 +18,7 @@ def cmd(*argv):
 
 def test_deepspeed_single_node():
     c = cmd("--nproc", "2", "--", "train.steps=5")
-    assert c[1:3] == ["-m", "deepspeed.launcher.runner"] and "--num_gpus=2" in c
+    assert c[1:3] == ["-m", DEEPSPEED_MODULE] and "--num_gpus=2" in c
     assert c[-4:] == ["largelm.train.main", "--config", "c.yaml", "train.steps=5"] and "--module" in c
 
 
@@ -52,3 +59,50 @@ def test_counts_must_be_positive(capsys, option, value, message):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["--config", "c.yaml", option, value])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_ds_launcher_runs_the_local_launch_in_process(monkeypatch):
+    """The runner's local ``deepspeed.launcher.launch`` command becomes a call with that command's arguments and
+    environment; the runner module's ``subprocess`` is put back afterwards."""
+    from deepspeed.launcher import runner
+
+    calls = []
+    monkeypatch.setattr(ds_launcher, "run_launch", lambda argv, env: calls.append((argv, env)) or 7)
+    real = runner.subprocess
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert ds_launcher.main(["--num_gpus=2", "--master_port=29999", "--module", "largelm.train.main", "--config",
+                             "c.yaml", "train.steps=5"]) == 7
+    assert runner.subprocess is real
+    (argv, env), = calls
+    assert argv[0].startswith("--world_info=") and "--master_port=29999" in argv and "--module" in argv
+    assert argv[-4:] == ["largelm.train.main", "--config", "c.yaml", "train.steps=5"]
+    assert env["DS_ACCELERATOR"] == "cpu"
+
+
+def test_ds_launcher_spawner_passes_other_commands_through():
+    spawner = ds_launcher._Spawner(subprocess)
+    assert spawner.DEVNULL is subprocess.DEVNULL
+    proc = spawner.Popen([sys.executable, "-c", "pass"])  # e.g. the pdsh command of a multi-node launch
+    assert proc.wait() == 0
+    with pytest.raises(ds_launcher._LocalLaunch):
+        spawner.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.launch", "--world_info=x", "s.py"], env={})
+
+
+@pytest.mark.slow
+def test_ds_launcher_end_to_end_exit_code(tmp_path):
+    """A real launch of 2 ranks: they are children of the launcher process itself (no second launcher process),
+    a failing rank's exit code is the launcher's, and the healthy rank is not waited for."""
+    script = tmp_path / "rank.py"
+    script.write_text("import os, sys, time\n"
+                      "print('rank', os.environ['RANK'], 'parent', os.getppid(), flush=True)\n"
+                      "time.sleep(60) if os.environ['RANK'] == '0' else sys.exit(3)\n")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", DEEPSPEED_MODULE, "--num_gpus=2", "--master_port=29998",
+                             str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, out
+    parents = {line.split()[3] for line in out.splitlines() if line.startswith("rank ")}
+    assert parents == {str(proc.pid)}, out
+    assert "exits with return code = 3" in out
+    assert time.monotonic() - start < 55  # rank 0 was terminated, not waited for

@@ -30,26 +30,27 @@ def _tensorboard_scalars(logdir) -> dict[str, list[float]]:
 
 
 def test_two_rank_zero2_bf16_run_learns_logs_and_checkpoints(make_config, tmp_path):
-    config = make_config(train={"steps": 24, "precision": "bf16", "eval_interval": 12, "log_interval": 4},
-                         optimizer={"lr": 5e-3, "warmup_steps": 3}, checkpoint={"save_interval": 12})
+    # bf16 is the point (emulated on CPUs without AVX512_BF16, ~1-2 s a step there): as few steps as show learning
+    config = make_config(train={"steps": 12, "precision": "bf16", "eval_interval": 6, "log_interval": 3},
+                         optimizer={"lr": 5e-3, "warmup_steps": 3}, checkpoint={"save_interval": 6})
     out = check_ok(launch(config, nproc=2))
     curve = losses(out)
-    assert sorted(curve) == list(range(4, 25, 4)), out[-3000:]
-    assert curve[24] < curve[4] - 0.5, f"loss did not decrease: {curve}"
-    assert "valid loss" in out and "done: 24 steps" in out
+    assert sorted(curve) == list(range(3, 13, 3)), out[-3000:]
+    assert curve[12] < curve[3] - 0.5, f"loss did not decrease: {curve}"
+    assert "valid loss" in out and "done: 12 steps" in out
 
     scalars = _tensorboard_scalars(tmp_path / "tb")
     for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "valid/loss",
                 "valid/ppl"):
         assert tag in scalars, f"{tag} missing from tensorboard: {sorted(scalars)}"
-    assert len(scalars["train/loss"]) == 24
+    assert len(scalars["train/loss"]) == 12
     assert any(tag.startswith("mem/") for tag in scalars)
     assert all(v > 0 for v in scalars["perf/tokens_per_s"])
     assert scalars["train/lr"][0] < scalars["train/lr"][2]  # warmup
 
     ckpts = sorted((tmp_path / "ckpt").glob("step_*"))
-    assert [c.name for c in ckpts] == ["step_00000012", "step_00000024"]
-    assert (tmp_path / "ckpt" / "latest").read_text() == "step_00000024"
+    assert [c.name for c in ckpts] == ["step_00000006", "step_00000012"]
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_00000012"
     manifest = json.loads((ckpts[-1] / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["zero_stage"] == 2
     assert any("optim_states" in name for name in manifest["files"])
@@ -58,11 +59,11 @@ def test_two_rank_zero2_bf16_run_learns_logs_and_checkpoints(make_config, tmp_pa
 
 @pytest.mark.parametrize("stage", [0, 1, 3])
 def test_every_zero_stage_trains_in_bf16(make_config, stage):
-    config = make_config(parallel={"zero_stage": stage}, train={"steps": 10, "precision": "bf16"},
+    config = make_config(parallel={"zero_stage": stage}, train={"steps": 4, "precision": "bf16"},
                          optimizer={"lr": 5e-3, "warmup_steps": 2})
     curve = losses(check_ok(launch(config, nproc=2)))
-    assert len(curve) == 10
-    assert curve[10] < curve[1], f"ZeRO-{stage}: loss did not decrease: {curve}"
+    assert len(curve) == 4
+    assert curve[4] < curve[1], f"ZeRO-{stage}: loss did not decrease: {curve}"
 
 
 def test_checkpoint_is_resumed_by_a_second_run_exactly(make_config, tmp_path):
@@ -91,23 +92,24 @@ def test_bad_config_fails_before_any_process_starts(make_config):
     proc = launch(config, nproc=2, timeout=120)
     assert proc.returncode == 2
     assert "parallel.tensor_parallel" in proc.stdout
-    assert "deepspeed.launcher" not in proc.stdout  # refused by the launcher itself
+    # refused by the launcher itself: no launcher command printed or run
+    assert "deepspeed.launcher" not in proc.stdout and "ds_launcher" not in proc.stdout
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_one_process_runs_the_single_replica_engine_and_resumes_exactly(make_config, tmp_path, precision):
     """One rank with the configured ZeRO-2: DeepSpeed runs ZeRO-0 (fp32) / BF16_Optimizer (bf16) instead
-    (deepspeed_config.engine_zero_stage), logs a finite gradient norm every step, and a run stopped at step 3
+    (deepspeed_config.engine_zero_stage), logs a finite gradient norm every step, and a run stopped at step 2
     resumes from its own checkpoint to the uninterrupted run's losses, bit for bit."""
-    ref_cfg = make_config(train={"steps": 6, "precision": precision}, checkpoint={"dir": str(tmp_path / "ref")})
+    ref_cfg = make_config(train={"steps": 4, "precision": precision}, checkpoint={"dir": str(tmp_path / "ref")})
     ref = check_ok(launch(ref_cfg, nproc=1))
     assert f"DeepSpeed runs ZeRO-{0 if precision == 'fp32' else 1} for parallel.zero_stage=2" in ref
     norms = re.findall(r"grad_norm (\S+)", ref)
-    assert len(norms) == 6 and all(float(n) > 0 for n in norms), norms  # nan would fail float(n) > 0
-    config = make_config(train={"steps": 6, "exit_interval": 3, "precision": precision})
+    assert len(norms) == 4 and all(float(n) > 0 for n in norms), norms  # nan would fail float(n) > 0
+    config = make_config(train={"steps": 4, "exit_interval": 2, "precision": precision})
     first = losses(check_ok(launch(config, nproc=1)))
     out = check_ok(launch(config, nproc=1))
-    assert "resumed from" in out and sorted(first) == [1, 2, 3] and sorted(losses(out)) == [4, 5, 6]
+    assert "resumed from" in out and sorted(first) == [1, 2] and sorted(losses(out)) == [3, 4]
     assert {**first, **losses(out)} == losses(ref)
 
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -29,7 +30,8 @@ def tiny_config(tmp: Path, tokenizer_path: Path, shard_dir: Path, seq_length: in
         "train": {"steps": 8, "micro_batch_size": 4, "grad_accum_steps": 2, "precision": "fp32", "seed": 11,
                   "eval_interval": 0, "eval_steps": 2, "log_interval": 1},
         "checkpoint": {"dir": str(tmp / "ckpt"), "save_interval": 0, "keep_last": 2},
-        "logging": {"tensorboard_dir": str(tmp / "tb"), "progress_bar": False},
+        # a datasheet-style MFU peak: no start-up matmul measurement (tests of the measured peak set None)
+        "logging": {"tensorboard_dir": str(tmp / "tb"), "progress_bar": False, "peak_tflops_per_rank": 1.0},
     }
     for section, values in sections.items():
         if isinstance(values, dict) and isinstance(cfg.get(section), dict):
@@ -48,12 +50,13 @@ def free_port() -> int:
 
 
 def launch(config: Path, nproc: int = 2, overrides: tuple = (), launcher: str = "deepspeed",
-           timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``largelm-launch`` (the real launcher) and return the completed process (stdout+stderr merged)."""
+           timeout: int = 600, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """Run ``largelm-launch`` (the real launcher) and return the completed process (stdout+stderr merged).
+    ``env``: extra environment variables for the launcher and its ranks."""
     cmd = [sys.executable, "-m", "largelm.launch", "--config", str(config), "--nproc", str(nproc),
            "--launcher", launcher, "--master-port", str(free_port())]
     cmd += ["--", *overrides] if overrides else []
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)
 

@@ -44,7 +44,7 @@ def build_argv(argv=None) -> list[str]:
 def main(argv=None) -> int:
     from largelm.launch import main as launch_main
 
-    return launch_main(build_argv(argv))
+    return launch_main(build_argv(argv), replace_process=argv is None)  # as a program: become the launcher
 
 
 if __name__ == "__main__":

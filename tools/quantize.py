@@ -20,9 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-from largelm.cli import positive_int
+from largelm.cli import exit_now, positive_int
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,6 +51,8 @@ def calibration_batches(cfg, count: int, batch_size: int):
 
 
 def run(args) -> dict:
+    import torch
+
     from largelm.checkpoint.full_weights import load_full_weights
     from largelm.model.generate import generate
     from largelm.parallel.sharding import load_full_state_dict
@@ -120,13 +120,13 @@ def report_markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)  # a usage error is reported before torch and the checkpoint code are imported (seconds)
     from largelm.checkpoint.manager import CheckpointError
     from largelm.config import ConfigError
     from largelm.data import DataError
     from largelm.quant import QuantizationError
     from largelm.tokenizer import TokenizerError
 
-    args = parse_args(argv)
     try:
         report = run(args)
     # DataError/TokenizerError: the checkpoint's config.yaml names data and tokenizer paths (often relative to
@@ -139,4 +139,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # files written and closed: skip the interpreter's teardown of torch (largelm.cli.exit_now)

@@ -99,3 +99,18 @@ def bert_flops_per_token(model_cfg: ModelConfig, vocab_size: Optional[int] = Non
     if binary_head:
         flops += 6 * (h * h + 2 * h) / s
     return flops
+
+
+def matmul_shapes(model_cfg: ModelConfig, tokens: int, tensor_parallel: int = 1,
+                  vocab_size: Optional[int] = None) -> list[tuple[int, int, int]]:
+    """The linears one rank applies to a micro-batch of ``tokens`` tokens, as ``(m, k, n)``: ``[m, k]`` inputs
+    times a ``[n, k]`` weight - one transformer layer's QKV, attention output, MLP in and out, then the logit
+    projection - the dimension tensor parallelism splits divided by ``tensor_parallel``. What the MFU peak is
+    measured on (train/metrics)."""
+    h, tp = model_cfg.hidden_size, tensor_parallel
+    head_dim = h // model_cfg.num_attention_heads
+    mlp_in = (2 if model_cfg.style == "llama" else 1) * model_cfg.ffn_size
+    vocab = vocab_size or model_cfg.padded_vocab_size(tp)
+    shapes = [(tokens, h, (h + 2 * model_cfg.kv_groups * head_dim) // tp), (tokens, h // tp, h),
+              (tokens, h, mlp_in // tp), (tokens, model_cfg.ffn_size // tp, h), (tokens, h, vocab // tp)]
+    return shapes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from largelm.config import Config
+from largelm.hardware import is_bf16
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
@@ -15,6 +16,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     t, o, p = cfg.train, cfg.optimizer, cfg.parallel
     dp = cfg.data_parallel_size(world_size)
     stage = engine_zero_stage(cfg, world_size)
+    bf16 = is_bf16(cfg)
     ds: dict = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
@@ -34,15 +36,15 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
             },
         },
         "zero_optimization": _zero_section(stage, reduce_bucket_elements(cfg)),
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
     }
-    if t.precision == "bf16" and stage >= 1:
+    if bf16 and stage >= 1:
         # Accumulate gradients in fp32 across micro-batches (bf16 accumulation loses small updates). DeepSpeed
         # supports that only with ZeRO >= 1; ZeRO-0 + bf16 keeps fp32 master weights (FP16_Optimizer with bf16
         # params) but accumulates micro-batch gradients in bf16.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
-    if t.precision == "bf16" and stage == 1:
+    if bf16 and stage == 1:
         # ZeRO-1 + bf16 runs DeepSpeed's BF16_Optimizer. By default it keeps every parameter's bf16 gradient alive
         # next to its fp32 accumulation buffer until the step; immediate_grad_update adds each micro-batch's bf16
         # gradient into the fp32 buffer in the backward hook and frees it (gpt-25m at DP=2: 156.7 -> 104.5 MiB
@@ -75,7 +77,7 @@ def engine_zero_stage(cfg: Config, world_size: int) -> int:
     if (p.zero_stage == 0 or p.single_replica_zero == "as_configured" or p.pipeline_parallel > 1
             or cfg.data_parallel_size(world_size) > 1):
         return p.zero_stage
-    return 1 if cfg.train.precision == "bf16" else 0
+    return 1 if is_bf16(cfg) else 0
 
 
 def skips_data_parallel_reduction(cfg: Config, world_size: int) -> bool:
@@ -84,7 +86,7 @@ def skips_data_parallel_reduction(cfg: Config, world_size: int) -> bool:
     DeepSpeed would otherwise flatten every gradient into a bucket, all-reduce it over a group of one, divide by 1
     and copy it back after every accumulation boundary (~20 ms of a 310 ms gpt-25m bf16 step on CPU)."""
     stage = engine_zero_stage(cfg, world_size)
-    return cfg.data_parallel_size(world_size) == 1 and (stage == 0 or (stage == 1 and cfg.train.precision == "bf16"))
+    return cfg.data_parallel_size(world_size) == 1 and (stage == 0 or (stage == 1 and is_bf16(cfg)))
 
 
 # DeepSpeed's default ZeRO gradient-reduction bucket: 5e8 elements, allocated whole (1 GB in bf16).

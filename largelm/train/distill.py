@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from largelm.config import Config, ConfigError
 from largelm.fileio import sha256_file
+from largelm.hardware import model_dtype, run_precision
 from largelm.model.gpt import build_gpt_model, gpt_forward_loss, split_tokens
 from largelm.model.specs import recompute_fields
 from largelm.parallel import groups
@@ -141,14 +142,14 @@ class DistillStep:
     """Student = a DeepSpeed-wrapped GPTModel (TP=1, PP=1, any ZeRO stage); teacher = a frozen GPTModel."""
 
     def __init__(self, cfg: Config, world_size: int, init_state_dict: Optional[dict] = None):
-        from largelm.train.engine import initialize_engine, model_dtype
+        from largelm.train.engine import initialize_engine
 
         self.cfg = cfg
         d = cfg.distill
         teacher_cfg, teacher_state = _teacher_weights(cfg)
         if init_state_dict is None and d.student_init == "every_kth_layer":
             init_state_dict = every_kth_layer_state(teacher_state, cfg.model.num_layers, d.k)
-        teacher_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[d.teacher_precision or cfg.train.precision]
+        teacher_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[d.teacher_precision or run_precision(cfg)]
         self.teacher = build_gpt_model(teacher_cfg.model, cfg.parallel, vocab_size=teacher_cfg.model.vocab_size,
                                        dtype=teacher_dtype)
         load_full_state_dict(self.teacher, teacher_state)

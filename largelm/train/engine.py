@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from largelm.config import Config
+from largelm.hardware import is_bf16, model_dtype
 from largelm.model.gpt import build_gpt_model, gpt_forward_loss, split_tokens
 from largelm.model.pipeline import build_gpt_pipeline
 from largelm.model.specs import recompute_fields
@@ -36,10 +37,6 @@ from largelm.parallel.sharding import load_full_state_dict
 from largelm.train.optim import (accumulate_bf16_gradients_in_place, clip_inside_fused_adamw, param_groups,
                                  use_fused_adamw)
 from largelm.train.schedule import build_scheduler
-
-
-def model_dtype(cfg: Config) -> torch.dtype:
-    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
 
 def initialize_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None):
@@ -59,7 +56,7 @@ def initialize_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=
     if stage != cfg.parallel.zero_stage and dist.get_rank() == 0:
         print(f"one data-parallel replica: DeepSpeed runs ZeRO-{stage} for parallel.zero_stage="
               f"{cfg.parallel.zero_stage} (same math, nothing to partition; parallel.single_replica_zero)", flush=True)
-    if stage == 0 and cfg.train.precision == "fp32":
+    if stage == 0 and not is_bf16(cfg):
         report_zero0_grad_norm(engine)
     if skips_data_parallel_reduction(cfg, world_size):
         # The all-reduce over a data-parallel group of one is an identity; DeepSpeed's dense and pipeline engines

@@ -5,26 +5,59 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from typing import Iterable, Optional
 
 import torch
 
 
-def measure_matmul_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5) -> float:
-    """Achieved FLOP/s of a square matmul on this device: the MFU denominator when no peak is configured.
+def matmul_flops(linears: Iterable[tuple[int, int, int]], dtype: torch.dtype, seconds_per_product: float = 0.05,
+                 device: Optional[torch.device] = None) -> dict[tuple[str, int, int, int], float]:
+    """Achieved FLOP/s of the three products of each linear ``(m, k, n)`` (input ``[m, k]``, weight ``[n, k]``) in
+    ``dtype`` on ``device`` (CUDA if present), with the operand layouts training uses - forward ``x @ w.T``, input
+    gradient ``g @ w``, weight gradient ``g.T @ x`` - keyed ``(product, m, k, n)``. The layout matters: on an AVX2
+    CPU bf16 ``[1024, 128] @ [4096, 128].T`` ran at 7.7 GFLOP/s and ``[1024, 4096] @ [4096, 128]`` at 0.8.
+    The best of these rates is the MFU denominator when no datasheet peak is configured (``logging.
+    peak_tflops_per_rank``): measured on the model's own products, not one square matmul, because a peak measured
+    where the device is slow (square n=1024 in bf16 on AVX2: 0.8 GFLOP/s) gave MFU above 100% (364%, gpt-tiny).
+    One warm-up product, then products until ``seconds_per_product`` has passed (a warm-up slower than that is
+    the measurement: a slow device's start-up stays short)."""
+    device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    rates = {}
+    # Operands from a private generator: the trainer measures after restoring a checkpoint's RNG state, which a draw
+    # from the global generator would move (a resumed run with dropout would no longer be bit-exact).
+    gen = torch.Generator().manual_seed(0)
 
-    On CPU there is no datasheet peak to trust (threads, turbo, AVX-512 availability vary), so we measure it.
-    """
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    torch.matmul(a, b)  # warm up
-    iters, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.matmul(a, b)
-        iters += 1
+    def operand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    for m, k, n in dict.fromkeys(linears):  # each distinct shape once
+        x, w, g = operand(m, k), operand(n, k), operand(m, n)
+        for name, a, b in (("forward", x, w.t()), ("input_grad", g, w), ("weight_grad", g.t(), x)):
+            start = time.perf_counter()
+            torch.matmul(a, b)  # warm up (oneDNN primitive creation, caches)
+            _sync(device)
+            iters, elapsed = 1, time.perf_counter() - start
+            if elapsed < seconds_per_product:
+                iters, start = 0, time.perf_counter()
+                while iters == 0 or time.perf_counter() - start < seconds_per_product:
+                    torch.matmul(a, b)
+                    iters += 1
+                    _sync(device)
+                elapsed = time.perf_counter() - start
+            rates[(name, m, k, n)] = 2 * m * k * n * iters / elapsed
+    return rates
+
+
+def products_seconds(rates: dict[tuple[str, int, int, int], float]) -> float:
+    """Time to compute each product of ``matmul_flops`` once at its measured rate: comparing it between dtypes gives
+    how much slower a step's matrix products are (the rates of one product say little: bf16 on AVX2 ranges 1-31
+    GFLOP/s with the layout)."""
+    return sum(2 * m * k * n / rate for (_, m, k, n), rate in rates.items())
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return 2 * n**3 * iters / (time.perf_counter() - start)
 
 
 def memory_stats() -> dict[str, float]:

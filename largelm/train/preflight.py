@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
 from largelm.config import Config, ConfigError, checkpoint_config_from_dict
+from largelm.hardware import PRECISIONS, PrecisionChoice, choose_precision, detect_device
 from largelm.parallel.deepspeed_config import engine_zero_stage
 
 # Fields that fix the parameter shapes: a checkpoint written with other values cannot be resumed.
@@ -41,7 +43,9 @@ def preflight(cfg: Config, world_size: int) -> Config:
     for section, specs in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
         for i, spec in enumerate(specs):
             _check_dataset(f"{section}[{i}]", Path(spec.path), cfg, tok)
-    _check_checkpoint(cfg, world_size)
+    found = _saved_checkpoint(cfg)
+    _resolve_precision(cfg, found[1] if found else None)
+    _check_checkpoint(cfg, world_size, found)
     if getattr(cfg, "distill", None) is not None:  # the teacher checkpoint exists and fits the student
         from largelm.train.distill import preflight_teacher
 
@@ -92,23 +96,48 @@ def _check_dataset(field: str, path: Path, cfg: Config, tok) -> None:
         raise ConfigError(f"{field}: {err}") from None
 
 
-def _check_checkpoint(cfg: Config, world_size: int) -> None:
-    """A checkpoint of another model shape or parallel layout is refused before any step runs."""
+def _saved_checkpoint(cfg: Config):
+    """(the checkpoint resume will load, its saved config as a dict) or None: no resume, no checkpoint, or one not
+    written by the trainer (which always saves config.yaml)."""
     if not cfg.checkpoint.resume:
-        return
-    from largelm.checkpoint.manager import CheckpointError, find_latest, read_manifest
+        return None
+    from largelm.checkpoint.manager import CheckpointError, find_latest
 
     root = Path(cfg.checkpoint.dir)
     try:  # the checkpoint the resume will load: ``latest``, or the newest complete one if that one is damaged
         latest = find_latest(root, checksums=False)  # sizes only here; the trainer verifies the sha256 too
     except CheckpointError as err:
         raise ConfigError(f"checkpoint.dir: {err}") from None
-    if latest is None:
+    if latest is None or not (latest.path / "config.yaml").is_file():
+        return None
+    return latest, _read_saved_config(latest.path / "config.yaml")
+
+
+def _resolve_precision(cfg: Config, saved: Optional[dict]) -> None:
+    """Set ``train.precision`` to what the run computes in (``auto`` resolved; a resume keeps its checkpoint's
+    precision under ``auto``) and keep the one-line reason for rank 0's log (``precision_choice``)."""
+    train = (saved or {}).get("train")
+    was = train.get("precision") if isinstance(train, dict) else None
+    choice = choose_precision(cfg.train.precision, detect_device(), was if was in PRECISIONS else None)
+    cfg.train.precision = choice.precision
+    cfg.train._precision_choice = choice  # private: not dumped; the checkpoint records the precision itself
+
+
+def precision_choice(cfg: Config) -> Optional[PrecisionChoice]:
+    """The decision preflight made for ``cfg`` (None: ``cfg`` did not pass through preflight)."""
+    return cfg.train._precision_choice
+
+
+def _check_checkpoint(cfg: Config, world_size: int, found=None) -> None:
+    """A checkpoint of another model shape or parallel layout is refused before any step runs. ``found``: what
+    ``_saved_checkpoint(cfg)`` returned (looked up here when not given)."""
+    found = found if found is not None else _saved_checkpoint(cfg)
+    if found is None:
         return
+    from largelm.checkpoint.manager import read_manifest
+
+    latest, saved = found
     saved_cfg = latest.path / "config.yaml"
-    if not saved_cfg.is_file():
-        return  # not written by the trainer (which always saves it): nothing to compare against
-    saved = _read_saved_config(saved_cfg)
     mismatches = [
         f"model.{key}: checkpoint {saved['model'].get(key)!r} vs config {getattr(cfg.model, key)!r}"
         for key in SHAPE_FIELDS if saved["model"].get(key) != getattr(cfg.model, key)
@@ -132,7 +161,12 @@ def _check_checkpoint(cfg: Config, world_size: int) -> None:
     elif not mismatches and saved_world is not None:  # same layout: did the engine run the same ZeRO stage?
         written = checkpoint_config_from_dict(saved, source=str(saved_cfg))
         was, now = engine_zero_stage(written, saved_world), engine_zero_stage(cfg, world_size)
-        if was != now:
+        if was != now and written.train.precision != cfg.train.precision:
+            # one replica: bf16 runs ZeRO-1's BF16_Optimizer, fp32 ZeRO-0 (engine_zero_stage); their states differ
+            mismatches.append(f"train.precision: the checkpoint was trained in {written.train.precision} (DeepSpeed "
+                              f"ran ZeRO-{was}), this run is {cfg.train.precision} (ZeRO-{now}), whose optimizer "
+                              f"state differs: resume with train.precision={written.train.precision}")
+        elif was != now:
             mismatches.append(f"parallel.single_replica_zero: the checkpoint's engine ran ZeRO-{was}, this config's "
                               f"runs ZeRO-{now} (set it to {written.parallel.single_replica_zero!r})")
     if mismatches:

@@ -20,17 +20,31 @@ from megatron.core import parallel_state
 
 from largelm import faults
 from largelm.checkpoint.manager import LATEST, CheckpointManager, find_latest
-from largelm.config import Config, dump_config
+from largelm.config import Config, ConfigError, dump_config
 from largelm.data import DataError, build_loader
 from largelm.fileio import sha256_file
-from largelm.model.flops import flops_per_token
+from largelm.hardware import choose_precision, detect_device, model_dtype
+from largelm.model.flops import flops_per_token, matmul_shapes
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat, model_parallel_manual_seed
 from largelm.train.logger import RunLogger
-from largelm.train.metrics import Throughput, measure_matmul_peak_flops, memory_stats
+from largelm.train.metrics import Throughput, matmul_flops, memory_stats, products_seconds
 from largelm.train.rng import capture_rng_state, restore_rng_state
-from largelm.train.engine import build_step, model_dtype
+from largelm.train.engine import build_step
 from largelm.train.guards import StepGuard, install_overflow_guard
+from largelm.train.preflight import precision_choice
+
+
+def check_ranks_agree_on_precision(precision: str) -> None:
+    """Every rank resolved ``train.precision`` on its own device (preflight): a mixed allocation (nodes of two CPU
+    kinds under ``auto``) would train one model in two precisions. A collective: refuse it on every rank, naming
+    each rank's choice and device."""
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (precision, detect_device().describe()))
+    if len({chosen for chosen, _ in every}) > 1:
+        lines = "\n  ".join(f"rank {r}: {chosen} on {device}" for r, (chosen, device) in enumerate(every))
+        raise ConfigError(f"train.precision: the ranks chose different precisions on their devices (set it to fp32 "
+                          f"or bf16 explicitly):\n  {lines}")
 
 
 class TrainingAborted(RuntimeError):
@@ -56,6 +70,9 @@ class Trainer:
         np.random.seed(cfg.train.seed % 2**32)  # not reproduce another's RNG state (checkpointed in rng.py)
         model_parallel_manual_seed(cfg.train.seed)
 
+        if cfg.train.precision == "auto":  # not through preflight (a test, a tool): resolve as for a fresh run
+            cfg.train.precision = choose_precision("auto", detect_device()).precision
+        check_ranks_agree_on_precision(cfg.train.precision)
         self.stepper = build_step(cfg, self.world_size)
         self.engine = self.stepper.engine
         install_overflow_guard(self.engine)  # NaN/inf gradients skip the update on every optimizer (guards.py)
@@ -65,6 +82,7 @@ class Trainer:
             cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last, config_yaml=dump_config(cfg),
             meta={"world_size": self.world_size, "tensor_parallel": cfg.parallel.tensor_parallel,
                   "pipeline_parallel": cfg.parallel.pipeline_parallel, "zero_stage": cfg.parallel.zero_stage,
+                  "precision": cfg.train.precision,  # as computed (``auto`` resolved), also in config.yaml
                   # which token ids the weights mean, independent of where the file is later (distill's check)
                   "tokenizer_sha256": sha256_file(cfg.tokenizer.model)},
         )
@@ -72,14 +90,34 @@ class Trainer:
         self.loader = self._train_loader()
         self._restore()
 
-        peak = cfg.logging.peak_tflops_per_rank
-        peak_flops = peak * 1e12 if peak else measure_matmul_peak_flops(model_dtype(cfg))
+        peak_flops = self._peak_flops_and_precision_note()
         flops = flops_per_token(cfg.model, binary_head=cfg.bert.binary_head if cfg.bert is not None else False)
         self.throughput = Throughput(cfg.tokens_per_step(self.world_size), flops, peak_flops * self.world_size)
         self.log = RunLogger(self.rank == 0, cfg.train.steps, self.step, cfg.logging.tensorboard_dir,
                              cfg.logging.progress_bar)
         self.history: list[tuple[int, float]] = []
         self._short_eval_noted = False  # said once that validation runs fewer than train.eval_steps batches
+
+    # --- precision and MFU peak ------------------------------------------------------------------------
+    def _peak_flops_and_precision_note(self) -> float:
+        """Per-rank MFU denominator (datasheet ``logging.peak_tflops_per_rank``, else measured on the model's own
+        products in its dtype) and rank 0's precision line: what was chosen and why, and, for bf16 on a device
+        that emulates it, how much slower than fp32 it is here (measured now, on the same products)."""
+        cfg, dtype = self.cfg, model_dtype(self.cfg)
+        choice = precision_choice(cfg) or choose_precision(cfg.train.precision, detect_device())
+        shapes = matmul_shapes(cfg.model, cfg.train.micro_batch_size * cfg.model.seq_length,
+                               cfg.parallel.tensor_parallel)
+        configured = cfg.logging.peak_tflops_per_rank
+        rates = matmul_flops(shapes, dtype) if not configured or choice.slow_bf16 else {}
+        peak = configured * 1e12 if configured else max(rates.values())
+        note = f"precision: {choice.reason}"
+        if choice.slow_bf16:
+            slower = products_seconds(rates) / products_seconds(matmul_flops(shapes, torch.float32))
+            note += (f"\nwarning: bf16 is not native on this device: the model's matrix products take {slower:,.1f}x "
+                     f"as long in bf16 as in fp32 here (measured at start-up); train.precision=auto would use fp32")
+        if self.rank == 0:
+            print(note, flush=True)
+        return peak
 
     # --- data ---------------------------------------------------------------------------------------
     def _train_loader(self):
@@ -232,7 +270,7 @@ class Trainer:
             scalars.update(memory_stats())
             eta = (cfg.steps - self.step) * perf["perf/step_time_s"]
             self.log.line(f"step {self.step}/{cfg.steps} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
-                          f"tokens/s {tps:,.0f} mfu {perf['perf/mfu']:.1%} eta {eta:.0f}s"
+                          f"tokens/s {tps:,.0f} {cfg.precision} mfu {perf['perf/mfu']:.1%} eta {eta:.0f}s"
                           + "".join(f" {k.rsplit('/', 1)[-1]} {v:.4f}" for k, v in extra.items()))
         self.log.scalars(self.step, scalars)
         self.log.step(loss, tps)

@@ -20,7 +20,7 @@ def _refused(capsys, config, nproc=2, *overrides) -> str:
     code = launch.main(["--config", str(config), "--nproc", str(nproc), "--", *overrides])
     out = capsys.readouterr()
     assert code == 2, out
-    assert "deepspeed.launcher" not in out.out + out.err  # no process was started
+    assert "--module largelm.train.main" not in out.out + out.err  # no launcher command was printed or run
     return out.err
 
 
@@ -142,3 +142,56 @@ def test_checkpoint_of_another_shape_or_layout_is_refused(reference_fp32, run_co
         monkeypatch.setenv("RANK", "0")
         assert rank_main.main(["--config", str(config)]) == 2
         assert "model.hidden_size: checkpoint 64 vs config 128" in capsys.readouterr().err
+
+
+def _precision_on_rank(rank: int, world_size: int) -> str:
+    """A rank of a mixed allocation: rank 0 resolved ``auto`` to bf16 (AVX512_BF16 node), the others to fp32."""
+    from largelm.config import ConfigError
+    from largelm.parallel import groups
+    from largelm.train.trainer import check_ranks_agree_on_precision
+
+    groups.init_distributed("gloo")
+    try:
+        check_ranks_agree_on_precision("bf16" if rank == 0 else "fp32")
+        return "accepted"
+    except ConfigError as err:
+        return str(err)
+    finally:
+        groups.destroy()
+
+
+def test_precision_faults_are_named(run_config, tmp_path, capsys, ledger):
+    """``train.precision: auto`` resolved per node: nodes of two CPU kinds disagree, refused on every rank before
+    the model is built; and a checkpoint whose config says ``auto`` cannot say what it was trained in."""
+    from mp_utils import run_ranks
+
+    from largelm.checkpoint.manager import write_manifest
+    from largelm.config import dump_config, load_config
+    from largelm.train.preflight import preflight
+
+    with ledger.scenario("ranks whose devices resolve train.precision=auto differently (mixed CPU kinds)"):
+        errors = run_ranks(_precision_on_rank, 2)
+        assert errors[0] == errors[1] and "the ranks chose different precisions" in errors[0], errors
+        assert "rank 0: bf16 on" in errors[0] and "rank 1: fp32 on" in errors[0]
+    with ledger.scenario("checkpoint config with train.precision=auto (not what it was trained in)"):
+        config = run_config(tmp_path)
+        step_dir = tmp_path / "ckpt" / "step_00000002"
+        step_dir.mkdir(parents=True)
+        saved = yaml.safe_load(dump_config(preflight(load_config(config), world_size=2)))
+        saved["train"]["precision"] = "auto"
+        (step_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+        write_manifest(step_dir, {"step": 2, "world_size": 2})
+        (tmp_path / "ckpt" / "latest").write_text(step_dir.name)
+        err = _refused(capsys, config, 2)
+        assert f"{step_dir / 'config.yaml'}: train.precision is 'auto'" in err
+    with ledger.scenario("one-replica bf16 checkpoint resumed in fp32 (another DeepSpeed optimizer)"):
+        bf16_run = load_config(config, ["train.precision=bf16", "checkpoint.resume=false"])
+        saved = yaml.safe_load(dump_config(preflight(bf16_run, world_size=1)))
+        saved["checkpoint"]["resume"] = True
+        (step_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+        write_manifest(step_dir, {"step": 2, "world_size": 1})
+        err = _refused(capsys, config, 1, "train.precision=fp32")
+        assert "train.precision: the checkpoint was trained in bf16 (DeepSpeed ran ZeRO-1), this run is fp32 " \
+               "(ZeRO-0)" in err and "resume with train.precision=bf16" in err
+        code = launch.main(["--config", str(config), "--nproc", "1", "--dry-run", "--", "train.precision=auto"])
+        assert code == 0 and "--module largelm.train.main" in capsys.readouterr().out  # auto resumes in bf16

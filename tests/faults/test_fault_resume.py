@@ -120,37 +120,38 @@ def test_kill_during_save_then_disk_full(reference_fp32, run_config, tmp_path, l
 
 def test_bf16_resume_with_skipped_bad_samples(run_config, tmp_path, copy_split, copy_checkpoints, shard_dir, ledger):
     """bf16 + ``skip_bad_samples`` on damaged shards: the bad samples are logged and counted in tensorboard (summed
-    over ranks), and a run resumed from the step-4 checkpoint continues bit-identically, counts included."""
+    over ranks), and a run resumed from the step-2 checkpoint continues bit-identically, counts included. 4 steps, not
+    the suite's 8: bf16 is emulated (slow) on CPUs without AVX512_BF16, and both bad samples are read in step 1."""
     train = copy_split(shard_dir / "train")
     keys = []
     for (shard, start), payload in zip(first_shards_read(train, seed=7), (
             encode_tokens(np.arange(1, 9, dtype=np.uint16)),  # wrong length (8 tokens, not 33)
             encode_tokens(np.full(33, 4000, dtype=np.uint16)))):  # token ids outside the vocabulary
         keys.append(rewrite_sample(Path(shard), start + 3, payload))
-    sections = dict(train={"precision": "bf16"}, data={"train": [{"path": str(train)}], "skip_bad_samples": True},
-                    checkpoint={"save_interval": 4})
+    sections = dict(train={"precision": "bf16", "steps": 4}, checkpoint={"save_interval": 2},
+                    data={"train": [{"path": str(train)}], "skip_bad_samples": True})
     with ledger.scenario("bad samples in skip mode: logged and counted, not silently dropped", injected=2) as sc:
         reference = run(run_config(tmp_path / "ref", **sections))
         reference.check_ok()
         for key in keys:
             assert re.search(rf"skipping 1 bad sample\(s\): shard \S+ sample '{key}'", reference.output), key
         ref_tb = tb_scalars(tmp_path / "ref" / "tb")
-        counted = int(ref_tb["data/bad_samples"][8])
+        counted = int(ref_tb["data/bad_samples"][4])
         sc["data_lost"] = len(keys) - counted
         assert counted == len(keys), ref_tb["data/bad_samples"]
 
-    with ledger.scenario("bf16 resume from a copied step-4 checkpoint (bit-exact on CPU)") as sc:
+    with ledger.scenario("bf16 resume from a copied step-2 checkpoint (bit-exact on CPU)") as sc:
         config = run_config(tmp_path / "resumed", **sections)
         root = tmp_path / "resumed" / "ckpt"
-        copy_checkpoints(tmp_path / "ref" / "ckpt", root, steps=[4])
+        copy_checkpoints(tmp_path / "ref" / "ckpt", root, steps=[2])
         resumed = run(config)
         resumed.check_ok()
-        assert resumed.resumed_at == 4
+        assert resumed.resumed_at == 2
         tb = tb_scalars(tmp_path / "resumed" / "tb")
-        lost = _loss_mismatches(tb["train/loss"], ref_tb["train/loss"], range(5, 9))
+        lost = _loss_mismatches(tb["train/loss"], ref_tb["train/loss"], range(3, 5))
         counts, ref_counts = tb["data/bad_samples"], ref_tb["data/bad_samples"]
-        lost += [f"bad_samples at step {s}" for s in range(5, 9) if counts[s] != ref_counts[s]]
-        lost += state_differences(tmp_path / "ref" / "ckpt" / "step_00000008", root / "step_00000008")
+        lost += [f"bad_samples at step {s}" for s in range(3, 5) if counts[s] != ref_counts[s]]
+        lost += state_differences(tmp_path / "ref" / "ckpt" / "step_00000004", root / "step_00000004")
         sc["data_lost"] = len(lost)
         assert not lost, lost
 
