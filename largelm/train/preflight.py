@@ -128,10 +128,14 @@ def precision_choice(cfg: Config) -> Optional[PrecisionChoice]:
     return cfg.train._precision_choice
 
 
-def _check_checkpoint(cfg: Config, world_size: int, found=None) -> None:
+_LOOK_UP = object()  # _check_checkpoint's ``found`` when the caller has not looked the checkpoint up
+
+
+def _check_checkpoint(cfg: Config, world_size: int, found=_LOOK_UP) -> None:
     """A checkpoint of another model shape or parallel layout is refused before any step runs. ``found``: what
-    ``_saved_checkpoint(cfg)`` returned (looked up here when not given)."""
-    found = found if found is not None else _saved_checkpoint(cfg)
+    ``_saved_checkpoint(cfg)`` returned (None: nothing to resume), looked up here when not given."""
+    if found is _LOOK_UP:
+        found = _saved_checkpoint(cfg)
     if found is None:
         return
     from largelm.checkpoint.manager import read_manifest
