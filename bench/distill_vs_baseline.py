@@ -24,14 +24,9 @@ from pathlib import Path
 
 import yaml
 
+from common import shipped_precision
 from report import DATA, REPO, finish_metadata, md_table, run_metadata, write_result
 
-
-def shipped_precision() -> str:
-    """What ``train.precision: auto`` (every arm's setting, as shipped) computes in on this machine."""
-    from largelm.hardware import choose_precision, detect_device
-
-    return choose_precision("auto", detect_device()).precision
 
 VALID = re.compile(r"^step (\d+) valid loss ([0-9.]+) ppl ([0-9.]+)", re.MULTILINE)
 
@@ -81,7 +76,7 @@ def write_results(args, meta: dict, results: dict) -> str:
         "# Distillation vs. the same student without a teacher", "",
         f"Teacher: gpt-tiny (4 layers, h=128) trained {args.teacher_steps} steps. Student: {args.student_layers} "
         f"layers, h=128, {args.student_steps} steps, same data order, seeds and LR schedule in every arm; "
-        f"alpha={args.alpha}, T={args.temperature}; `precision: auto` (= {shipped_precision()} on this machine); "
+        f"alpha={args.alpha}, T={args.temperature}; `precision: auto` (= {shipped_precision()[0]} on this machine); "
         f"{args.nproc} rank(s); validation loss over "
         f"{args.eval_steps} batches of {os.path.relpath(DATA / 'shards' / 'valid', REPO)}. Reproduce: "
         f"`python bench/distill_vs_baseline.py --teacher-steps {args.teacher_steps} "
@@ -112,7 +107,7 @@ def main(argv=None) -> int:
         "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "teacher_layers": 4,
         "student_layers": args.student_layers, "alpha": args.alpha, "temperature": args.temperature,
         "nproc": args.nproc, "data": str(DATA), "eval_steps": args.eval_steps,
-        "precision": f"auto (= {shipped_precision()} here)"})
+        "precision": f"auto (= {shipped_precision()[0]} here)"})
     teacher_ckpt = work / "teacher" / "checkpoints"
     results = {"teacher": run(config(work, "teacher", args.teacher_steps, 4, args.eval_steps), args.nproc,
                               work / "teacher.log")}

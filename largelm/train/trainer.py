@@ -23,7 +23,7 @@ from largelm.checkpoint.manager import LATEST, CheckpointManager, find_latest
 from largelm.config import Config, ConfigError, dump_config
 from largelm.data import DataError, build_loader
 from largelm.fileio import sha256_file
-from largelm.hardware import choose_precision, detect_device, model_dtype
+from largelm.hardware import choose_precision, detect_device, model_dtype, run_precision
 from largelm.model.flops import flops_per_token, matmul_shapes
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat, model_parallel_manual_seed
@@ -70,8 +70,7 @@ class Trainer:
         np.random.seed(cfg.train.seed % 2**32)  # not reproduce another's RNG state (checkpointed in rng.py)
         model_parallel_manual_seed(cfg.train.seed)
 
-        if cfg.train.precision == "auto":  # not through preflight (a test, a tool): resolve as for a fresh run
-            cfg.train.precision = choose_precision("auto", detect_device()).precision
+        cfg.train.precision = run_precision(cfg)  # ``auto`` left only without preflight (a test, a tool): fresh-run rule
         check_ranks_agree_on_precision(cfg.train.precision)
         self.stepper = build_step(cfg, self.world_size)
         self.engine = self.stepper.engine
