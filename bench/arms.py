@@ -29,10 +29,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-
 from common import Cycle, bench_config, config_summary, device, interleaved, real_batches, seed_all
-from largelm.hardware import is_bf16
 from report import stats
+
+from largelm.hardware import is_bf16
 
 
 def megatron_state_dict(module: torch.nn.Module) -> dict:

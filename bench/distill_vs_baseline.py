@@ -23,10 +23,8 @@ import time
 from pathlib import Path
 
 import yaml
-
 from common import shipped_precision
 from report import DATA, REPO, finish_metadata, md_table, run_metadata, write_result
-
 
 VALID = re.compile(r"^step (\d+) valid loss ([0-9.]+) ppl ([0-9.]+)", re.MULTILINE)
 

@@ -44,9 +44,8 @@ def as_users_run_label(r: dict) -> str:
 
 
 def run_case(model: str, precision: str, mb: int, ga: int, reps: int, steps: int, zero_stage: int = 2) -> dict:
-    import torch
-
     import arms
+    import torch
 
     shipped, why = shipped_precision()
     cfg, tokens, largelm = arms.largelm_case(model, precision, mb, ga, zero_stage)

@@ -30,10 +30,30 @@ import argparse
 import gc
 import time
 
-from common import (MODEL_SHAPES, SMALL, config_summary, init_single_rank, model_matmul_rates, record_skips,
-                    shipped_precision, skip_reason, square_matmul_flops, sync)
-from report import (finish_metadata, fmt_num, fmt_spread, md_table, plt, run_metadata, save_plot, stats, verdict,
-                    write_result)
+from common import (
+    MODEL_SHAPES,
+    SMALL,
+    config_summary,
+    init_single_rank,
+    model_matmul_rates,
+    record_skips,
+    shipped_precision,
+    skip_reason,
+    square_matmul_flops,
+    sync,
+)
+from report import (
+    finish_metadata,
+    fmt_num,
+    fmt_spread,
+    md_table,
+    plt,
+    run_metadata,
+    save_plot,
+    stats,
+    verdict,
+    write_result,
+)
 
 TARGET = 0.40
 NAME = "p3_mfu"
@@ -41,9 +61,8 @@ NAME = "p3_mfu"
 
 def run_case(model: str, precision: str, mb: int, ga: int, reps: int, steps: int, peak_seconds: float,
              square_sizes: tuple, datasheet_peak: float | None) -> dict:
-    import torch
-
     import arms
+    import torch
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     cfg, _, step = arms.largelm_case(model, precision, mb, ga)

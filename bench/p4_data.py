@@ -23,10 +23,31 @@ import gc
 import os
 import time
 
-from common import (DEFAULT_BATCH, SMALL, TINY, Cycle, bench_config, init_single_rank, real_batches, seed_all,
-                    shipped_precision, sync)
-from report import (REPO, finish_metadata, fmt_spread, md_table, plt, ratio_stats, run_metadata, stats, verdict,
-                    save_plot, write_result)
+from common import (
+    DEFAULT_BATCH,
+    SMALL,
+    TINY,
+    Cycle,
+    bench_config,
+    init_single_rank,
+    real_batches,
+    seed_all,
+    shipped_precision,
+    sync,
+)
+from report import (
+    REPO,
+    finish_metadata,
+    fmt_spread,
+    md_table,
+    plt,
+    ratio_stats,
+    run_metadata,
+    save_plot,
+    stats,
+    verdict,
+    write_result,
+)
 
 TARGET = 20.0
 NAME = "p4_data"
@@ -47,6 +68,7 @@ def main(argv=None) -> int:
     reps, nbatches = (2, 100) if args.quick else (args.reps, args.batches)
 
     import arms
+
     from largelm.data import build_loader
 
     cfg = bench_config(TINY, zero_stage=2, micro_batch_size=8, grad_accum_steps=2)  # the loader's settings

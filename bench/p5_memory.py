@@ -30,7 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import _cuda as cuda, SMALL, bench_config, config_summary, free_port, shipped_precision, skip_reason
+from common import SMALL, bench_config, config_summary, free_port, shipped_precision, skip_reason
+from common import _cuda as cuda
 from report import BENCH, finish_metadata, fmt_num, md_table, plt, run_metadata, save_plot, verdict, write_result
 
 TARGET = 1.1
@@ -52,8 +53,8 @@ def ideal_bytes(psi: int, stage: int, dp: int, s_p: int, s_g: int) -> dict:
 
 def worker(args) -> None:
     import torch
-
     from common import Cycle, real_batches, seed_all
+
     from largelm.model.gpt import gpt_forward_loss
     from largelm.parallel import groups
     from largelm.train.engine import DenseStep

@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 import yaml
-
 from common import SMALL, TINY, bench_config, config_summary, free_port
 from report import REPO, finish_metadata, fmt_spread, md_table, plt, run_metadata, save_plot, stats, write_result
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -25,6 +25,12 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     """Model *shape*. The parallel building blocks are chosen by the layer spec (largelm.model.specs)."""
+
+    # Fields that fix the parameter shapes: a checkpoint written with other values cannot be resumed as it is
+    # (preflight), and the converter keeps them when it reshards.
+    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "arch", "style", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+        "vocab_size", "make_vocab_size_divisible_by", "tie_embeddings", "max_position_embeddings")
 
     arch: Literal["gpt", "bert"] = "gpt"
     # gpt2: LayerNorm, GeLU MLP, learned absolute positions, biases.

@@ -29,7 +29,7 @@ SMALL_CORPUS_WORKS = ("hamlet_gut.txt", "sonnets_gut.txt", "paradise_regained_gu
 
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
-    from largelm.data.corpus import build_default_corpus
+    from largelm.prepare.corpus import build_default_corpus
 
     return build_default_corpus(tmp_path_factory.mktemp("corpus")).parent
 
@@ -55,7 +55,7 @@ def small_corpus(corpus_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_path(small_corpus, tmp_path_factory) -> Path:
-    from largelm.tokenizer import train_tokenizer
+    from largelm.prepare.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
     train_tokenizer([small_corpus], out, vocab_size=1000)
@@ -64,7 +64,7 @@ def tokenizer_path(small_corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shard_dir(small_corpus, tokenizer_path, tmp_path_factory) -> Path:
-    from largelm.data.prepare import prepare_data
+    from largelm.prepare.gpt_data import prepare_data
 
     out = tmp_path_factory.mktemp("shards")
     prepare_data([small_corpus], out, tokenizer_path, SHARD_SEQ_LENGTH, samples_per_shard=64, valid_fraction=0.2)
@@ -84,7 +84,7 @@ def make_token_shards():
     Sample ``i`` holds token ids ``(i * 31 + arange(seq_length + 1)) % (vocab_size - 1) + 1``; its key is
     ``sample_key(i)``. Returns ``path`` (a split directory with manifest.json).
     """
-    from largelm.data.prepare import SplitWriter
+    from largelm.prepare.gpt_data import SplitWriter
 
     def make(path, num_samples: int, seq_length: int = 8, samples_per_shard: int = 10, vocab_size: int = 1000) -> Path:
         path = Path(path)
@@ -122,7 +122,7 @@ def tp1():
 @pytest.fixture(scope="session")
 def bert_shards(small_corpus, tokenizer_path, tmp_path_factory):
     """Sentence-pair (SOP) shards of seq_length 64 from the small corpus, for BERT training runs."""
-    from largelm.data.bert_prepare import prepare_bert_data
+    from largelm.prepare.bert_data import prepare_bert_data
 
     out = tmp_path_factory.mktemp("bert_e2e_shards")
     prepare_bert_data([small_corpus], out, tokenizer_path, 64, objective="sop", samples_per_shard=64,

@@ -8,7 +8,7 @@ start method) with the launcher environment a real run has (``RANK``, ``WORLD_SI
 in the test with that rank's traceback; ranks still running at the timeout are killed. ``fn`` must
 be a module-level function (spawn pickles it by name). Return plain Python values (floats, lists,
 dicts): tensors would travel through shared memory owned by a rank that is about to exit.
-It is ``largelm.checkpoint.convert.spawn.run_ranks`` (which also gives the ranks ``CUDA_VISIBLE_DEVICES=""``
+It is ``largelm.convert.spawn.run_ranks`` (which also gives the ranks ``CUDA_VISIBLE_DEVICES=""``
 and ``DS_ACCELERATOR=cpu`` and ignores User/DeprecationWarnings in them, as pytest's filterwarnings does here).
 """
 
@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from largelm.checkpoint.convert import spawn
-from largelm.checkpoint.convert.spawn import RankFailed, free_port
+from largelm.convert import spawn
+from largelm.convert.spawn import RankFailed, free_port
 
 __all__ = ["RankFailed", "free_port", "randomize", "run_ranks", "single_rank_parallel_state"]
 
@@ -55,7 +55,7 @@ def _one_thread(rank: int, world_size: int, fn: Callable, *args: Any) -> Any:
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300.0) -> list[Any]:
-    """``largelm.checkpoint.convert.spawn.run_ranks`` (the converters' local-rank runner) with one torch thread
+    """``largelm.convert.spawn.run_ranks`` (the converters' local-rank runner) with one torch thread
     per rank, the ranks' output left on the terminal (pytest captures it) and a timeout. Raises its
     ``RankFailed`` naming each failed rank with its traceback (only the message for a ``ConversionError``), or
     the ranks that did not report."""

@@ -12,12 +12,12 @@ import pytest
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from tolerances import U32, f64_bound, max_err
 
 from largelm.config import ModelConfig, ParallelConfig
 from largelm.model.attention import KINDS, BmmAttention, CausalBmmAttention, core_attention_kind
 from largelm.model.specs import build_transformer_config
 from largelm.parallel.cpu_compat import model_parallel_manual_seed
-from tolerances import U32, f64_bound, max_err
 
 FAST = ["sdpa", "bmm"]
 pytestmark = pytest.mark.numerics

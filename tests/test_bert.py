@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from mp_utils import randomize, run_ranks
+from tolerances import chain_length, f64_bound, fp32_rounding_tol, loss_f64_bound, max_err
 
 from largelm.config import ConfigError, ModelConfig, ParallelConfig, config_from_dict
 from largelm.data.bert_masking import IGNORE_INDEX, BertMasker
 from largelm.model.bert import bert_forward_metrics, build_bert_model
 from largelm.parallel.cpu_compat import model_parallel_manual_seed
-from mp_utils import randomize, run_ranks
-from tolerances import chain_length, f64_bound, fp32_rounding_tol, loss_f64_bound, max_err
 
 VOCAB, PADDED, SEQ = 200, 256, 32
 TINY = dict(arch="bert", num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=SEQ, vocab_size=VOCAB)
@@ -212,8 +212,8 @@ def test_bert_config_errors_are_named(change, field):
 
 def test_preflight_catches_tokenizer_without_mask_and_wrong_shards(tmp_path, small_corpus, tokenizer_path, shard_dir,
                                                                      shard_seq_length):
-    from largelm.data.bert_prepare import prepare_bert_data
-    from largelm.tokenizer import train_tokenizer
+    from largelm.prepare.bert_data import prepare_bert_data
+    from largelm.prepare.tokenizer import train_tokenizer
     from largelm.train.preflight import preflight
 
     def cfg(tokenizer, shards, seq, **bert):

@@ -9,8 +9,9 @@ import pytest
 
 from largelm.data import DataError, build_loader, read_manifest
 from largelm.data.bert_masking import IGNORE_INDEX, BertMasker
-from largelm.data.bert_prepare import OBJECTIVES, document_pairs, prepare_bert_data, split_sentences
-from largelm.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from largelm.prepare.bert_data import OBJECTIVES, document_pairs, prepare_bert_data, split_sentences
+from largelm.prepare.tokenizer import train_tokenizer
+from largelm.tokenizer import Tokenizer, TokenizerError
 
 SEQ = 48
 
@@ -112,7 +113,7 @@ def test_pairs_account_for_every_token_of_the_document():
 def test_dropped_text_is_counted_in_manifest_and_cli(tmp_path, tokenizer_path, tok, capsys):
     """A blank document and one of nothing but [CLS]/[SEP]/[MASK] are empty documents; the literal special tokens,
     the overshoot of an over-long pair and a one-token leftover are dropped tokens (like GPT's manifests)."""
-    from largelm.data.bert_prepare import main
+    from largelm.prepare.bert_data import main
 
     seq = 16  # pairs hold seq - 3 = 13 tokens
     long_sentence = "Now is the winter of our discontent made glorious summer by this sun of York and all the clouds"
@@ -287,7 +288,7 @@ def test_resume_with_other_masking_settings_is_refused(bert_dir, tok, small_corp
 
 
 def test_prepare_bert_cli(small_corpus, tokenizer_path, tmp_path, capsys):
-    from largelm.data.bert_prepare import main
+    from largelm.prepare.bert_data import main
 
     argv = ["--input", str(small_corpus), "--tokenizer", str(tokenizer_path), "--out", str(tmp_path / "out"),
             "--seq-length", str(SEQ), "--objective", "nsp", "--samples-per-shard", "64", "--seed", "5"]

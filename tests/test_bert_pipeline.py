@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 import yaml
-
 from mp_utils import assert_steps_match, rel_diff, run_ranks, single_rank_parallel_state
 from test_bert import TINY, VOCAB, bert_config, make_batch
 from tolerances import chain_length, sum_rtol
@@ -64,7 +63,7 @@ def test_names_map_to_bertmodel_and_one_stage_equals_bertmodel(opts, monkeypatch
     from largelm.config import ParallelConfig
     from largelm.model.bert import bert_forward_metrics
     from largelm.model.bert_pipeline import bert_pipeline_layer_index, build_bert_pipeline, pipeline_name_to_bert
-    from largelm.parallel.sharding import load_full_state_dict
+    from largelm.model.weights import load_full_state_dict
 
     L = MODEL["num_layers"]
     with single_rank_parallel_state():

@@ -14,14 +14,15 @@ import os
 
 import pytest
 import torch
-
-from largelm.checkpoint.convert import api, hf_tokenizer, layout, verify
-from largelm.checkpoint.convert.errors import ConversionError, UnsupportedArchitecture, VerificationError
-from largelm.checkpoint.convert.hub import Consolidated, load_consolidated, save_consolidated
-from largelm.checkpoint.convert.qkv import fuse_qkv, split_qkv
-from largelm.config import ModelConfig, ParallelConfig
 from reference_gpt import RefConfig, ReferenceGPT, split_megatron_qkv
 from tolerances import logit_tol, max_err
+
+from largelm.checkpoint.consolidated import Consolidated, load_consolidated, save_consolidated
+from largelm.config import ModelConfig, ParallelConfig
+from largelm.convert import api, hf_tokenizer, verify
+from largelm.convert.qkv import fuse_qkv, split_qkv
+from largelm.errors import ConversionError, UnsupportedArchitecture, VerificationError
+from largelm.model import layout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -57,7 +58,7 @@ def perturbed(model, seed: int = 0):
 
 
 def consolidated_from(model, name: str, tokenizer=None) -> Consolidated:
-    from largelm.checkpoint.convert.hub import strip_vocab_padding
+    from largelm.checkpoint.consolidated import strip_vocab_padding
 
     cfg = ModelConfig(**MODELS[name])
     full = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
@@ -201,7 +202,7 @@ def test_a_failed_save_leaves_no_metadata_vouching_for_other_weights(rank, tmp_p
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-untied", "llama", "llama-tied"])
 def test_export_to_transformers_computes_the_same_logits(rank, tmp_path, tokenizer_path, name):
     """megatron (largelm) == transformers == the reference GPT, through the CLI's export (with its own check)."""
-    from largelm.checkpoint.convert.hf import hf_logits
+    from largelm.convert.hf import hf_logits
 
     model = megatron_model(name)
     c = consolidated_from(model, name, tokenizer_path)
@@ -231,7 +232,7 @@ def test_export_to_transformers_computes_the_same_logits(rank, tmp_path, tokeniz
 
 def test_export_verification_fails_on_a_wrong_mapping(rank, tmp_path, monkeypatch):
     """The self-check is real: a QKV layout mistake in the exporter is caught."""
-    from largelm.checkpoint.convert import hf_gpt2
+    from largelm.convert import hf_gpt2
 
     c = consolidated_from(megatron_model("gpt2"), "gpt2")
     save_consolidated(tmp_path / "hub", c)
@@ -251,7 +252,7 @@ def test_export_verification_fails_on_a_wrong_mapping(rank, tmp_path, monkeypatc
 
 
 def test_a_failed_verification_exits_3_and_marks_the_result_unusable(rank, tmp_path, monkeypatch, capsys):
-    from largelm.checkpoint.convert.cli import main
+    from largelm.convert.cli import main
 
     save_consolidated(tmp_path / "hub", consolidated_from(megatron_model("gpt2"), "gpt2"))
     real, calls = verify.consolidated_logits, []
@@ -315,7 +316,7 @@ def test_unrepresentable_architectures_are_refused(rank, tmp_path):
 
     gqa_gpt2 = ModelConfig(**dict(MODELS["gpt2"], num_query_groups=2))
     with pytest.raises(UnsupportedArchitecture, match="cannot represent grouped-query attention"):
-        from largelm.checkpoint.convert import hf_gpt2
+        from largelm.convert import hf_gpt2
 
         hf_gpt2.check_exportable(gqa_gpt2)
     from transformers import RobertaConfig
@@ -331,7 +332,7 @@ def test_unrepresentable_architectures_are_refused(rank, tmp_path):
 
 
 def test_missing_partial_and_unsafe_checkpoints_are_refused(tmp_path):
-    from largelm.checkpoint.convert.consolidate import load_pt
+    from largelm.checkpoint.reader import load_pt
 
     with pytest.raises(ConversionError, match="does not exist"):
         api.consolidate(tmp_path / "nowhere", tmp_path / "out", log=lambda *_: None)
@@ -361,9 +362,10 @@ def test_reshard_requires_drop_optimizer_and_a_training_config(rank, tmp_path):
 
 def test_target_layout_is_validated_before_any_rank_starts(rank, tmp_path, tokenizer_path, shard_dir,
                                                            shard_seq_length):
-    from largelm.checkpoint.convert.reshard import target_config
-    from largelm.config import load_config
     from train_utils import tiny_config
+
+    from largelm.config import load_config
+    from largelm.convert.reshard import target_config
 
     cfg = load_config(tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length,
                                   model={"style": "llama", "num_query_groups": 2, "tie_embeddings": False,
@@ -399,13 +401,13 @@ def test_tool_script_and_module_entry_points(tmp_path, rank):
                                capture_output=True, text=True, check=True).stdout
     assert "largelm-convert" in help_text and "reshard" in help_text
     save_consolidated(tmp_path / "hub", consolidated_from(megatron_model("gpt2"), "gpt2"))
-    info = subprocess.run([sys.executable, "-m", "largelm.checkpoint.convert", "info", str(tmp_path / "hub")],
+    info = subprocess.run([sys.executable, "-m", "largelm.convert", "info", str(tmp_path / "hub")],
                           capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert json.loads(info)["kind"] == "consolidated"
 
 
 def test_cli_help_and_exit_codes(tmp_path, capsys):
-    from largelm.checkpoint.convert.cli import main
+    from largelm.convert.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])

@@ -12,13 +12,14 @@ import os
 
 import pytest
 import torch
-
-from largelm.checkpoint.convert import api, hf_bert, layout, verify
-from largelm.checkpoint.convert.errors import UnsupportedArchitecture, VerificationError
-from largelm.checkpoint.convert.hub import Consolidated, load_consolidated, save_consolidated, strip_vocab_padding
-from largelm.config import BertConfig, ModelConfig, ParallelConfig
 from test_convert import assert_same_safetensors, import_randomized, perturbed
 from tolerances import logit_tol, max_err
+
+from largelm.checkpoint.consolidated import Consolidated, load_consolidated, save_consolidated, strip_vocab_padding
+from largelm.config import BertConfig, ModelConfig, ParallelConfig
+from largelm.convert import api, hf_bert, verify
+from largelm.errors import UnsupportedArchitecture, VerificationError
+from largelm.model import layout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -80,7 +81,7 @@ def test_bert_layout_matches_megatron(rank, name):
 def test_bert_export_to_transformers_computes_the_same_logits(rank, tmp_path, tokenizer_path, name):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from largelm.checkpoint.convert.hf import hf_logits
+    from largelm.convert.hf import hf_logits
 
     model = bert_model(name)
     c = consolidated_from(model, name, tokenizer_path)

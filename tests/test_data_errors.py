@@ -8,7 +8,8 @@ import pytest
 import webdataset as wds
 
 from largelm.data import DataError, build_loader
-from largelm.data.format import encode_tokens, file_sha256, sample_key
+from largelm.data.format import encode_tokens, sample_key
+from largelm.fileio import sha256_file
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def _refresh_checksums(split_dir):
     manifest = _manifest(split_dir)
     for shard in manifest["shards"]:
         path = split_dir / shard["file"]
-        shard["sha256"], shard["num_bytes"] = file_sha256(path), path.stat().st_size
+        shard["sha256"], shard["num_bytes"] = sha256_file(path), path.stat().st_size
     (split_dir / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -5,8 +5,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from largelm.data.format import DataError, file_sha256, read_manifest, sample_key
-from largelm.data.prepare import document_bucket, main, prepare_data, valid_cutoff
+from largelm.data.format import DataError, read_manifest, sample_key
+from largelm.fileio import sha256_file
+from largelm.prepare.gpt_data import document_bucket, main, prepare_data, valid_cutoff
 from largelm.tokenizer import Tokenizer
 
 
@@ -32,7 +33,7 @@ def test_manifest_matches_tar_contents(shard_dir, tokenizer_path, split):
     keys, total_tokens = [], 0
     for shard in manifest.shards:
         path = shard_dir / split / shard.file
-        assert file_sha256(path) == shard.sha256 and path.stat().st_size == shard.num_bytes
+        assert sha256_file(path) == shard.sha256 and path.stat().st_size == shard.num_bytes
         samples = _read_tar(path)
         assert len(samples) == shard.num_samples
         for tokens in samples.values():

@@ -18,11 +18,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
-from largelm.config import ConfigError, config_from_dict
-from largelm.train.distill import distill_loss, every_kth_layer_state
 from mp_utils import single_rank_parallel_state
 from train_utils import REPO, check_ok, free_port, launch, tiny_config
+
+from largelm.config import ConfigError, config_from_dict
+from largelm.train.distill import distill_loss
+from largelm.train.teacher import every_kth_layer_state
 
 
 def test_distill_loss_parts():
@@ -81,8 +82,9 @@ def test_preflight_names_a_missing_or_mismatched_teacher(tmp_path, tokenizer_pat
 def test_teacher_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, corpus_dir, small_corpus,
                                                                      tokenizer_path, shard_dir, shard_seq_length):
     """Equal vocab sizes are not enough: the teacher's tokenizer.model file (config.yaml) must be the student's."""
-    from largelm.tokenizer import Tokenizer, train_tokenizer
-    from largelm.train.distill import check_teacher
+    from largelm.prepare.tokenizer import train_tokenizer
+    from largelm.tokenizer import Tokenizer
+    from largelm.train.teacher import check_teacher
 
     vocab = Tokenizer.load(tokenizer_path).vocab_size
     small_sources = {json.loads(line)["source"] for line in small_corpus.read_text().splitlines()}

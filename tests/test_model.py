@@ -8,22 +8,15 @@ the single rank run in float64.
 
 import pytest
 import torch
-
-from largelm.config import ConfigError, ModelConfig, ParallelConfig
-from largelm.model import (
-    build_gpt_model,
-    build_transformer_config,
-    flops_per_token,
-    gpt_forward_loss,
-    matmul_parameter_count,
-    parameter_count,
-    resolve_vocab_size,
-    split_tokens,
-)
-from largelm.parallel.cpu_compat import model_parallel_manual_seed
 from mp_utils import randomize, run_ranks
 from reference_gpt import RefConfig, ReferenceGPT
 from tolerances import UBF16, chain_length, f64_bound, fp32_rounding_tol, max_err
+
+from largelm.config import ConfigError, ModelConfig, ParallelConfig
+from largelm.model.flops import flops_per_token, matmul_parameter_count, parameter_count
+from largelm.model.gpt import build_gpt_model, gpt_forward_loss, resolve_vocab_size, split_tokens
+from largelm.model.specs import build_transformer_config
+from largelm.parallel.cpu_compat import model_parallel_manual_seed
 
 TOKENIZER_VOCAB = 200  # padded by make_vocab_size_divisible_by=128 to:
 PADDED_VOCAB = 256

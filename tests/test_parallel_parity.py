@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-
 from mp_utils import assert_steps_match, rel_diff, run_ranks, single_rank_parallel_state
 from tolerances import UBF16, chain_length, sum_rtol
 
@@ -160,7 +159,7 @@ def _markov_tokens(steps: int, samples: int, seq: int, seed: int = 0) -> torch.T
 
 def _initial_weights(style: str) -> dict:
     from largelm.config import ModelConfig, ParallelConfig
-    from largelm.model import build_gpt_model
+    from largelm.model.gpt import build_gpt_model
     from largelm.parallel.cpu_compat import model_parallel_manual_seed
 
     model_parallel_manual_seed(3)
@@ -333,9 +332,9 @@ def test_misconfigured_layout_fails_before_training(tmp_path, tokenizer_path, sh
 @pytest.mark.parametrize("style", list(STYLES))
 def test_pipeline_layer_index_covers_every_gptmodel_key(style):
     from largelm.config import ModelConfig, ParallelConfig
-    from largelm.model import build_gpt_model
+    from largelm.model.gpt import build_gpt_model
     from largelm.model.pipeline import pipeline_layer_index
-    from largelm.parallel.sharding import load_full_state_dict
+    from largelm.model.weights import load_full_state_dict
 
     with single_rank_parallel_state():
         model_cfg = ModelConfig(**MODEL, **STYLES[style])

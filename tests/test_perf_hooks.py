@@ -8,15 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
-from largelm.config import config_from_dict, load_config
-from largelm.launch import CPU_MALLOC_ENV, cpu_environment
-from largelm.parallel.deepspeed_config import (DEEPSPEED_DEFAULT_BUCKET, deepspeed_config, engine_zero_stage,
-                                               reduce_bucket_elements, skips_data_parallel_reduction)
-from largelm.train.optim import use_fused_adamw
 from mp_utils import single_rank_parallel_state
 from tolerances import U32, UBF16, adamw_step_tol, bf16_adam_drift, chain_length, fp32_adam_drift, sum_rtol
 
+from largelm.config import config_from_dict, load_config
+from largelm.launch import CPU_MALLOC_ENV, cpu_environment
+from largelm.parallel.deepspeed_config import (
+    DEEPSPEED_DEFAULT_BUCKET,
+    deepspeed_config,
+    engine_zero_stage,
+    reduce_bucket_elements,
+    skips_data_parallel_reduction,
+)
+from largelm.train.optim import use_fused_adamw
 
 # reduction chain of _cfg's model over one step (2 micro-batches of 2 x 16 tokens), forward and backward
 STEP_CHAIN = chain_length(layers=2, hidden=64, ffn=256, seq=16, heads=4, vocab=256, tokens=2 * 2 * 16, backward=True)
@@ -394,8 +398,8 @@ def test_a_checkpoint_from_before_single_replica_zero_consolidates_with_its_own_
 
     import yaml
 
-    from largelm.checkpoint.convert.consolidate import inspect_checkpoint
-    from largelm.checkpoint.convert.errors import ConversionError
+    from largelm.checkpoint.reader import inspect_checkpoint
+    from largelm.errors import ConversionError
 
     step = tmp_path / "step_00000002"
     step.mkdir()

@@ -20,11 +20,11 @@ import sys
 
 import pytest
 import torch
+from train_utils import check_ok, launch, tiny_config
 
 from largelm.config import load_config
 from largelm.hardware import DeviceInfo, choose_precision, detect_device, run_precision
 from largelm.model.flops import matmul_parameter_count, matmul_shapes
-from train_utils import check_ok, launch, tiny_config
 
 AVX2 = DeviceInfo("cpu", "fake EPYC", "AVX2", False, "no AVX512_BF16 or AMX: bf16 matmuls are emulated")
 AVX512_BF16 = DeviceInfo("cpu", "fake Xeon", "AVX512", True, "AVX512_BF16/AMX_BF16")

@@ -20,6 +20,8 @@ import sys
 
 import pytest
 import torch
+from mp_utils import single_rank_parallel_state
+from train_utils import REPO, check_ok, launch, tiny_config
 
 from largelm.config import config_from_dict
 from largelm.quant import (
@@ -36,8 +38,6 @@ from largelm.quant import (
 )
 from largelm.quant.core import pack_int4, unpack_int4
 from largelm.quant.model import dir_bytes, read_meta
-from mp_utils import single_rank_parallel_state
-from train_utils import REPO, check_ok, launch, tiny_config
 
 INT8_PPL_BOUND = 1.01
 INT4_PPL_BOUND = 1.10
@@ -119,7 +119,7 @@ def trained(tokenizer_path, shard_dir, shard_seq_length, tmp_path_factory):
 
 
 def _fresh(cfg, state):
-    from largelm.parallel.sharding import load_full_state_dict
+    from largelm.model.weights import load_full_state_dict
 
     model = build_model(cfg)
     load_full_state_dict(model, state)

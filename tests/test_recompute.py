@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from mp_utils import run_ranks
 from test_bert import TINY as BERT_TINY
 from test_bert import make_batch

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from slurm_cluster import LocalSlurm, SlurmError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,8 +2,10 @@ import json
 
 import pytest
 
-from largelm.data.format import DataError, file_sha256
-from largelm.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from largelm.data.format import DataError
+from largelm.fileio import sha256_file
+from largelm.prepare.tokenizer import train_tokenizer
+from largelm.tokenizer import Tokenizer, TokenizerError
 
 
 def test_round_trip_on_real_text(tokenizer_path, corpus_dir):
@@ -31,7 +33,7 @@ def test_special_ids(tokenizer_path):
     assert newline in tok.encode("a\nb")
     with pytest.raises(TokenizerError, match=r"'\[NOPE\]' is not in the vocabulary"):
         tok.token_id("[NOPE]")
-    assert tok.sha256 == file_sha256(tokenizer_path)
+    assert tok.sha256 == sha256_file(tokenizer_path)
 
 
 def test_training_is_deterministic_and_options_apply(small_corpus, tmp_path):
@@ -67,7 +69,7 @@ def test_load_errors(tmp_path):
 
 
 def test_command_line(small_corpus, tmp_path, capsys):
-    from largelm.tokenizer.train import main
+    from largelm.prepare.tokenizer import main
 
     assert main(["--input", str(small_corpus), "--out", str(tmp_path / "cli.model"), "--vocab-size", "500"]) == 0
     assert Tokenizer.load(tmp_path / "cli.model").vocab_size == 500

@@ -7,7 +7,6 @@ import json
 import re
 
 import pytest
-
 from train_utils import check_ok, launch, losses, tiny_config
 
 pytestmark = pytest.mark.slow

@@ -55,9 +55,16 @@ def run(args) -> dict:
 
     from largelm.checkpoint.full_weights import load_full_weights
     from largelm.model.generate import generate
-    from largelm.parallel.sharding import load_full_state_dict
-    from largelm.quant import (QuantFormat, build_model, load_quantized, perplexity,
-                               quantize_model, save_quantized, single_process_parallel_state)
+    from largelm.model.weights import load_full_state_dict
+    from largelm.quant import (
+        QuantFormat,
+        build_model,
+        load_quantized,
+        perplexity,
+        quantize_model,
+        save_quantized,
+        single_process_parallel_state,
+    )
     from largelm.quant.model import check_supported, compare_tokens_per_s, dir_bytes
     from largelm.tokenizer import Tokenizer
 

@@ -2,7 +2,7 @@
 training (quantization, distillation teachers, generation).
 
 ``load_full_weights`` is the one entry point; it consolidates the checkpoint with the checkpoint converter
-(largelm/checkpoint/convert/consolidate.py: any ZeRO stage and DP size, DeepSpeed's BF16_Optimizer, the fp32 master
+(largelm/checkpoint/reader.py: any ZeRO stage and DP size, DeepSpeed's BF16_Optimizer, the fp32 master
 weights wherever they exist). It accepts only checkpoints written at tensor_parallel=1 and pipeline_parallel=1,
 because the tools build a TP=1/PP=1 model from the checkpoint's config; reshard other layouts first.
 """
@@ -16,7 +16,9 @@ import torch
 import yaml
 
 from largelm.checkpoint.manager import CheckpointError, find_latest
+from largelm.checkpoint.reader import consolidate_checkpoint, inspect_checkpoint
 from largelm.config import Config, checkpoint_config_from_dict
+from largelm.errors import ConversionError
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -42,8 +44,6 @@ def checkpoint_config(ckpt_dir: Path) -> Config:
 def load_full_weights(path: str | Path, dtype: Optional[torch.dtype] = torch.float32) -> tuple[Config, dict, Path]:
     """``(config, state_dict, step_dir)``: GPTModel parameter names -> full tensors (``dtype``; None keeps fp32)."""
     ckpt_dir = resolve_checkpoint(path)
-    from largelm.checkpoint.convert.consolidate import consolidate_checkpoint, inspect_checkpoint
-    from largelm.checkpoint.convert.errors import ConversionError
 
     try:  # the checkpoint converter reads config.yaml and the manifest once and checks they agree
         info = inspect_checkpoint(ckpt_dir, checksums=False)

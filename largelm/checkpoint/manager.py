@@ -33,6 +33,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from largelm import faults
+from largelm.checkpoint.safe_load import (
+    UnsafeCheckpointError,
+    forced_weights_only,
+    install_safe_checkpoint_engine,
+    safe_torch_load,
+    take_write_error,
+)
 from largelm.fileio import publish_dir, sha256_file, torch_save_durable, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -163,8 +171,6 @@ class CheckpointManager:
 
     def save(self, engine, step: int, rank_state: dict) -> Path:
         """Collective: every rank must call it. ``rank_state`` holds this rank's tensors and plain values."""
-        from largelm import faults
-        from largelm.checkpoint.safe_load import install_safe_checkpoint_engine, take_write_error
 
         tag = tag_for(step)
         partial = self.root / f"{PARTIAL_PREFIX}{tag}"
@@ -228,8 +234,6 @@ class CheckpointManager:
         """
         import pickle
 
-        from largelm.checkpoint.safe_load import (UnsafeCheckpointError, forced_weights_only,
-                                                  install_safe_checkpoint_engine, safe_torch_load)
 
         install_safe_checkpoint_engine(engine)
         try:

@@ -30,10 +30,10 @@ import zlib
 import numpy as np
 
 from largelm.data.shards import seed_words
+from largelm.tokenizer import BERT_SPECIAL_PIECES
 
 IGNORE_INDEX = -100
 SEED_MASK = 3  # purpose word, distinct from largelm.data.shards' SEED_SHARD_ORDER/BLEND/SHUFFLE
-BERT_SPECIAL_PIECES = ("[CLS]", "[SEP]", "[MASK]")
 WORD_START = "\u2581"  # sentencepiece's whitespace marker
 
 

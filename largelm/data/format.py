@@ -14,7 +14,7 @@ Keys are ``s<10-digit index>``: unique within a split and free of dots (webdatas
 first dot into key and extension).
 
 Manifest ``kind`` says what a sample holds. ``tokens`` (the default, GPT): packed token stream as above.
-``bert_pairs`` (``largelm.data.bert_prepare``): the same member and length, laid out as
+``bert_pairs`` (``largelm.prepare.bert_data``): the same member and length, laid out as
 ``[CLS] A [SEP] B [SEP] <pad>...`` in the first ``seq_length`` ids (pad id 0) and the pair label (0 = B is the
 true continuation in order, 1 = swapped (SOP) / random (NSP), see ``pair_objective``) as the last id. Segment ids
 and the padding mask follow from the two [SEP]s; masking is done at load time (``largelm.data.bert_masking``).
@@ -30,8 +30,6 @@ from typing import Literal, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from largelm.fileio import sha256_file as file_sha256  # noqa: F401 - the data modules' name for it
 
 FORMAT_NAME = "largelm-tokens"
 FORMAT_VERSION = 1

@@ -25,7 +25,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from largelm.data.format import DataError, Manifest, ShardInfo, decode_sample, file_sha256
+from largelm.data.format import DataError, Manifest, ShardInfo, decode_sample
+from largelm.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class ShardReader:
         expected = self._info[path].sha256
         if not self.verify_checksums or (path, expected) in _hashed:
             return
-        actual = file_sha256(Path(path))
+        actual = sha256_file(Path(path))
         if actual == expected:
             _hashed.add((path, expected))
             return

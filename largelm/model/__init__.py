@@ -1,31 +1,11 @@
-"""GPT on megatron-core: config -> TransformerConfig + local layer spec -> GPTModel (see docs/design.md)."""
+"""Models on megatron-core. Importing the package is cheap (no megatron): import the module you need.
 
-from largelm.model.flops import flops_per_token, matmul_parameter_count, parameter_count
-from largelm.model.gpt import build_gpt_model, gpt_forward_loss, resolve_vocab_size, split_tokens
-from largelm.model.sequence_parallel import SequenceParallelNorm, reduce_sequence_parallel_grads_in_backward
-from largelm.model.specs import (
-    build_transformer_config,
-    final_norm,
-    gpt_block_spec,
-    gpt_layer_spec,
-    kernel_fusions,
-    position_embedding_type,
-)
-
-__all__ = [
-    "SequenceParallelNorm",
-    "build_gpt_model",
-    "build_transformer_config",
-    "final_norm",
-    "flops_per_token",
-    "gpt_block_spec",
-    "gpt_forward_loss",
-    "gpt_layer_spec",
-    "kernel_fusions",
-    "matmul_parameter_count",
-    "parameter_count",
-    "position_embedding_type",
-    "reduce_sequence_parallel_grads_in_backward",
-    "resolve_vocab_size",
-    "split_tokens",
-]
+    registry.py          one ArchSpec per architecture: builders, forward/loss, FLOPs, converters, name maps
+    specs.py             config -> TransformerConfig + local layer spec (shape apart from the parallel blocks)
+    gpt.py / bert.py     the dense models (megatron's GPTModel / BertModel)
+    pipeline.py          pipeline stages (DeepSpeed PipelineModule) built from the same layers
+    bert_pipeline.py     BERT's pipeline stages
+    layout.py            parameter names, shapes and TP/PP rules (used by the checkpoint reader and converters)
+    weights.py           load full (TP=1) weights into any layout
+    flops.py             FLOPs per token, matmul shapes
+"""

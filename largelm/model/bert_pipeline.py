@@ -47,9 +47,17 @@ from megatron.core.transformer.utils import get_linear_layer
 from largelm.config import BertConfig, ConfigError, ModelConfig, ParallelConfig
 from largelm.model.bert import bert_metrics_from_logits
 from largelm.model.bert_layers import bert_layer_spec, bert_norms
+from largelm.model.pipeline import (
+    TIED_ATTR,
+    TIED_KEY,
+    GPTPipelineModule,
+    OutputEmbeddingPipe,
+    embedding_layer,
+    finish_stage,
+    pipeline_topology,
+    stage_config,
+)
 from largelm.model.pipeline_names import BERT_HEADS, pipeline_name_to_dense
-from largelm.model.pipeline import (TIED_ATTR, TIED_KEY, GPTPipelineModule, OutputEmbeddingPipe,
-                                    embedding_layer, finish_stage, pipeline_topology, stage_config)
 from largelm.model.specs import checkpointed_layer_call
 from largelm.parallel.cpu_compat import enable_cpu_compat
 

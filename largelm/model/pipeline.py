@@ -15,7 +15,7 @@ round-off against the single-rank model in tests/test_parallel_parity.py). Activ
 Parameter names: layer ``i`` of the list is registered as module ``str(i)`` (DeepSpeed's convention; its
 checkpoint files are ``layer_{i:02d}-model_{tp:02d}-model_states.pt``), tied modules under ``tied_modules``.
 ``pipeline_layer_index`` maps a ``GPTModel`` state-dict key to (layer index, key inside that layer);
-``largelm.parallel.sharding.load_full_state_dict`` uses it to load full (TP=1) weights into any layout.
+``largelm.model.weights.load_full_state_dict`` uses it to load full (TP=1) weights into any layout.
 """
 
 from __future__ import annotations
@@ -32,10 +32,18 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from largelm.config import ConfigError, ModelConfig, ParallelConfig
+from largelm.model.gpt import resolve_vocab_size
 from largelm.model.pipeline_names import TIED_KEY
 from largelm.model.sequence_parallel import reduce_sequence_parallel_grads_in_backward
-from largelm.model.specs import (attention_choice, build_transformer_config, checkpointed_layer_call, final_norm,
-                                 gpt_layer_spec, position_embedding_type, recompute_fields)
+from largelm.model.specs import (
+    attention_choice,
+    build_transformer_config,
+    checkpointed_layer_call,
+    final_norm,
+    gpt_layer_spec,
+    position_embedding_type,
+    recompute_fields,
+)
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat
 
@@ -184,7 +192,7 @@ class GPTPipelineModule(PipelineModule):
 
     def full_name_targets(self, name: str) -> list[tuple[int, str]]:
         """Where a full single-stage model's parameter ``name`` goes: [(layer index, key inside the layer)], two
-        entries for a tied word embedding (used by ``largelm.parallel.sharding.load_full_state_dict``)."""
+        entries for a tied word embedding (used by ``largelm.model.weights.load_full_state_dict``)."""
         targets = [pipeline_layer_index(name, self.num_transformer_layers, self.tied)]
         if self.tied and name == "embedding.word_embeddings.weight":
             targets.append((self.tied_output_index, "word_embeddings.weight"))  # the last stage's tied copy
@@ -256,7 +264,6 @@ class StageConfig(NamedTuple):
 def stage_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, vocab_size: Optional[int], dtype: torch.dtype,
                  activation_checkpointing: str) -> StageConfig:
     """What every pipeline builder starts from, after checking the layout against megatron's parallel_state."""
-    from largelm.model.gpt import resolve_vocab_size
 
     model_cfg = resolve_vocab_size(model_cfg, vocab_size)
     tp, pp = check_layout(parallel_cfg)

@@ -26,7 +26,6 @@ import contextlib
 from typing import Optional
 
 import torch
-
 from megatron.core.fusions import fused_softmax
 from megatron.core.tensor_parallel import random as mcore_random
 

@@ -9,6 +9,8 @@ import contextlib
 import socket
 from typing import Iterator
 
+from largelm.parallel import groups
+from largelm.parallel.cpu_compat import model_parallel_manual_seed
 from largelm.quant.core import QuantFormat, QuantizationError, QuantizedWeight, quantize_gptq, quantize_rtn
 from largelm.quant.model import (
     QuantLinear,
@@ -27,7 +29,6 @@ def single_process_parallel_state(seed: int = 0) -> Iterator[None]:
     Does nothing if a process group already exists."""
     import torch.distributed as dist
 
-    from largelm.parallel import groups
 
     if dist.is_initialized():
         yield
@@ -38,7 +39,6 @@ def single_process_parallel_state(seed: int = 0) -> Iterator[None]:
     groups.init_distributed("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         groups.init_model_parallel(1, 1)
-        from largelm.parallel.cpu_compat import model_parallel_manual_seed
 
         model_parallel_manual_seed(seed)  # megatron's attention forks the model-parallel RNG stream
         yield

@@ -33,7 +33,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from largelm.config import Config, ConfigError, ParallelConfig, config_from_dict, dump_config
+from largelm.data import build_loader
 from largelm.fileio import fsync_file, publish_dir
+from largelm.model.gpt import build_gpt_model, gpt_forward_loss, split_tokens
 from largelm.quant.core import (
     SCALE_DTYPE,
     QuantFormat,
@@ -150,7 +152,6 @@ def check_supported(cfg: Config) -> None:
 @torch.no_grad()
 def collect_hessians(model: torch.nn.Module, names: Iterable[str], batches: Iterable[torch.Tensor]) -> dict:
     """``X^T X / n`` of each named linear's input over the calibration ``batches`` (tokens [b, s+1])."""
-    from largelm.model.gpt import split_tokens
 
     modules = dict(model.named_modules())
     accum, handles = {}, []
@@ -270,7 +271,6 @@ def read_meta(path: str | Path) -> dict:
 
 def build_model(cfg: Config, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """An (uninitialised-weights) TP=1 GPTModel of ``cfg``'s shape; megatron parallel_state must be set up."""
-    from largelm.model.gpt import build_gpt_model
 
     return build_gpt_model(cfg.model, ParallelConfig(), vocab_size=cfg.model.vocab_size, dtype=dtype)
 
@@ -321,8 +321,6 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
 def perplexity(model: torch.nn.Module, cfg: Config, datasets: Optional[list] = None, batch_size: int = 8,
                max_batches: Optional[int] = None) -> dict:
     """Token-level validation loss/perplexity over the validation shards with the real loader (one pass)."""
-    from largelm.data import build_loader
-    from largelm.model.gpt import gpt_forward_loss
 
     datasets = datasets or [(s.path, s.weight) for s in cfg.data.valid]
     if not datasets:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from largelm.data.format import file_sha256
+from largelm.fileio import sha256_file
 
+BERT_SPECIAL_PIECES = ("[CLS]", "[SEP]", "[MASK]")  # the pieces a BERT tokenizer must hold as single ids
 MODEL_FILE_NAME = "spm.model"  # the model file's name when train_tokenizer is given a directory
 
 
@@ -36,7 +37,7 @@ class Tokenizer:
             processor.LoadFromSerializedProto(data)
         except (RuntimeError, OSError) as err:
             raise TokenizerError(f"{path} is not a sentencepiece model: {err}") from None
-        return cls(processor, path, file_sha256(path))
+        return cls(processor, path, sha256_file(path))
 
     # --- ids ------------------------------------------------------------------------------------------
     @property

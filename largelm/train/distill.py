@@ -15,22 +15,18 @@ in ``last_metrics`` (``distill/kl``, ``distill/lm_loss``), which the trainer log
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-from largelm.config import Config, ConfigError
-from largelm.fileio import sha256_file
+from largelm.config import Config
 from largelm.hardware import model_dtype, run_precision
 from largelm.model.gpt import build_gpt_model, gpt_forward_loss, split_tokens
 from largelm.model.specs import recompute_fields
+from largelm.model.weights import load_full_state_dict
 from largelm.parallel import groups
-from largelm.parallel.sharding import load_full_state_dict
-
-_LAYER_PREFIX = "decoder.layers."
+from largelm.train.teacher import every_kth_layer_state, teacher_weights
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
@@ -45,99 +41,6 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     return alpha * kl + (1.0 - alpha) * lm, kl, lm
 
 
-def _teacher_weights(cfg: Config):
-    from largelm.checkpoint.full_weights import load_full_weights
-
-    teacher_cfg, state, path = load_full_weights(cfg.distill.teacher)
-    check_teacher(cfg, teacher_cfg, path)
-    return teacher_cfg, state
-
-
-def preflight_teacher(cfg: Config) -> None:
-    """Before any process group: the teacher checkpoint resolves, has a config, and fits the student."""
-    from largelm.checkpoint.full_weights import checkpoint_config, resolve_checkpoint
-    from largelm.checkpoint.manager import CheckpointError
-
-    try:
-        path = resolve_checkpoint(cfg.distill.teacher)
-        teacher_cfg = checkpoint_config(path)
-    except CheckpointError as err:
-        raise ConfigError(f"distill.teacher: {err}") from None
-    check_teacher(cfg, teacher_cfg, path)
-
-
-def check_teacher(cfg: Config, teacher_cfg: Config, path: Path) -> None:
-    """The teacher must read the same token ids and cover the student's sequence length."""
-    if teacher_cfg.model.arch != "gpt":
-        raise ConfigError(f"distill.teacher: {path} is a model.arch={teacher_cfg.model.arch!r} checkpoint; "
-                          "distillation supports GPT teachers")
-    if teacher_cfg.parallel.tensor_parallel != 1 or teacher_cfg.parallel.pipeline_parallel != 1:
-        raise ConfigError(f"distill.teacher: {path} was trained with tensor_parallel="
-                          f"{teacher_cfg.parallel.tensor_parallel}, pipeline_parallel="
-                          f"{teacher_cfg.parallel.pipeline_parallel}; teachers are read as TP=1/PP=1 checkpoints "
-                          "(convert it to TP=1 first)")
-    if teacher_cfg.model.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(f"distill.teacher: {path} has vocab_size {teacher_cfg.model.vocab_size}, the student "
-                          f"{cfg.model.vocab_size}: teacher and student must share the tokenizer")
-    _check_teacher_tokenizer(cfg, teacher_cfg, path)
-    if teacher_cfg.model.positions < cfg.model.seq_length:
-        raise ConfigError(f"distill.teacher: {path} handles {teacher_cfg.model.positions} positions, the student's "
-                          f"model.seq_length is {cfg.model.seq_length}")
-    if cfg.distill.student_init == "every_kth_layer":
-        t, s, k = teacher_cfg.model, cfg.model, cfg.distill.k
-        same = ("style", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                "tie_embeddings", "max_position_embeddings", "make_vocab_size_divisible_by")
-        diff = [f"{f}: teacher {getattr(t, f)!r} vs student {getattr(s, f)!r}" for f in same
-                if getattr(t, f) != getattr(s, f)]
-        if diff:
-            raise ConfigError("distill.student_init=every_kth_layer copies teacher layers, so the layer shape must "
-                              "match the teacher's:\n  " + "\n  ".join(diff))
-        if (s.num_layers - 1) * k >= t.num_layers:
-            raise ConfigError(f"distill.student_init=every_kth_layer: student layer {s.num_layers - 1} would come "
-                              f"from teacher layer {(s.num_layers - 1) * k}, but the teacher has {t.num_layers} "
-                              f"layers (lower distill.k or model.num_layers)")
-
-
-def _check_teacher_tokenizer(cfg: Config, teacher_cfg: Config, path: Path) -> None:
-    """Equal vocabulary sizes do not make the same tokenizer (the KL would compare unrelated ids): compare the
-    student's sentencepiece file (sha256) with the one the teacher's checkpoint manifest records, or else with the
-    teacher's ``tokenizer.model`` file if it is still there; warn when neither is available."""
-    from largelm.checkpoint.manager import MANIFEST, read_manifest
-
-    teacher_tok, student_tok = Path(teacher_cfg.tokenizer.model), Path(cfg.tokenizer.model)
-    if not student_tok.is_file():
-        return  # preflight reports the student's missing tokenizer.model
-    recorded = read_manifest(path).get("tokenizer_sha256") if (path / MANIFEST).is_file() else None
-    if recorded:
-        teacher_sha, teacher_desc = recorded, f"the tokenizer its manifest records ({teacher_tok} at the time)"
-    elif teacher_tok.is_file():
-        teacher_sha, teacher_desc = sha256_file(teacher_tok), f"tokenizer {teacher_tok}"
-    else:
-        warnings.warn(f"distill.teacher: {path} records no tokenizer hash and was trained with tokenizer.model="
-                      f"{teacher_tok}, which is not there (from {Path.cwd()}): cannot verify that it is the "
-                      f"student's tokenizer {student_tok}; only the vocabulary sizes were checked", stacklevel=2)
-        return
-    student_sha = sha256_file(student_tok)
-    if teacher_sha != student_sha:
-        raise ConfigError(f"distill.teacher: {path} was trained with {teacher_desc} (sha256 {teacher_sha[:12]}), "
-                          f"the student's tokenizer.model is {student_tok} (sha256 {student_sha[:12]}): teacher "
-                          "and student must share the tokenizer (same vocabulary size, different token ids)")
-
-
-def every_kth_layer_state(teacher_state: dict[str, torch.Tensor], num_layers: int, k: int) -> dict:
-    """Student weights: embeddings, final norm, output layer from the teacher; student layer i = teacher layer i*k."""
-    out = {}
-    for name, tensor in teacher_state.items():
-        if not name.startswith(_LAYER_PREFIX):
-            out[name] = tensor.clone()
-            continue
-        index, rest = name[len(_LAYER_PREFIX):].split(".", 1)
-        index = int(index)
-        if index % k == 0 and index // k < num_layers:
-            out[f"{_LAYER_PREFIX}{index // k}.{rest}"] = tensor.clone()
-    return out
-
-
 class DistillStep:
     """Student = a DeepSpeed-wrapped GPTModel (TP=1, PP=1, any ZeRO stage); teacher = a frozen GPTModel."""
 
@@ -146,7 +49,7 @@ class DistillStep:
 
         self.cfg = cfg
         d = cfg.distill
-        teacher_cfg, teacher_state = _teacher_weights(cfg)
+        teacher_cfg, teacher_state = teacher_weights(cfg)
         if init_state_dict is None and d.student_init == "every_kth_layer":
             init_state_dict = every_kth_layer_state(teacher_state, cfg.model.num_layers, d.k)
         teacher_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[d.teacher_precision or run_precision(cfg)]

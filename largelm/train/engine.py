@@ -31,11 +31,15 @@ from largelm.hardware import is_bf16, model_dtype
 from largelm.model.gpt import build_gpt_model, gpt_forward_loss, split_tokens
 from largelm.model.pipeline import build_gpt_pipeline
 from largelm.model.specs import recompute_fields
+from largelm.model.weights import load_full_state_dict
 from largelm.parallel import groups
 from largelm.parallel.deepspeed_config import deepspeed_config, engine_zero_stage, skips_data_parallel_reduction
-from largelm.parallel.sharding import load_full_state_dict
-from largelm.train.optim import (accumulate_bf16_gradients_in_place, clip_inside_fused_adamw, param_groups,
-                                 use_fused_adamw)
+from largelm.train.optim import (
+    accumulate_bf16_gradients_in_place,
+    clip_inside_fused_adamw,
+    param_groups,
+    use_fused_adamw,
+)
 from largelm.train.schedule import build_scheduler
 
 

@@ -56,10 +56,10 @@ def main(argv=None) -> int:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
 
-    # Heavy imports only after the config is known to be good.
-    from largelm.checkpoint.manager import CheckpointError
-    from largelm.data import DataError
-    from largelm.train.trainer import Trainer, TrainingAborted
+    # lazy: heavy imports (torch, deepspeed, megatron) only after the config is known to be good.
+    from largelm.checkpoint.manager import CheckpointError  # lazy (see above)
+    from largelm.data import DataError  # lazy (see above)
+    from largelm.train.trainer import Trainer, TrainingAborted  # lazy (see above)
 
     stop = StopFlag()
     rank = int(os.environ.get("RANK", "0"))
@@ -110,7 +110,7 @@ def _all_ranks(stop: StopFlag):
     import torch
     import torch.distributed as dist
 
-    from largelm.parallel.groups import device
+    from largelm.parallel.groups import device  # lazy (heavy: torch)
 
     def requested() -> bool:
         flag = torch.tensor([1.0 if stop() else 0.0], device=device())

@@ -7,14 +7,15 @@ from typing import Optional
 
 import yaml
 
-from largelm.config import Config, ConfigError, checkpoint_config_from_dict
+from largelm.checkpoint.manager import CheckpointError, find_latest
+from largelm.checkpoint.manager import read_manifest as read_checkpoint_manifest
+from largelm.config import Config, ConfigError, ModelConfig, checkpoint_config_from_dict
+from largelm.data import DataError, read_manifest
+from largelm.data.shards import check_shard_files
 from largelm.hardware import PRECISIONS, PrecisionChoice, choose_precision, detect_device
 from largelm.parallel.deepspeed_config import engine_zero_stage
-
-# Fields that fix the parameter shapes: a checkpoint written with other values cannot be resumed.
-SHAPE_FIELDS = ("arch", "style", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                "ffn_hidden_size", "vocab_size", "make_vocab_size_divisible_by", "tie_embeddings",
-                "max_position_embeddings")
+from largelm.tokenizer import BERT_SPECIAL_PIECES, Tokenizer, TokenizerError
+from largelm.train.teacher import preflight_teacher
 
 
 def preflight(cfg: Config, world_size: int) -> Config:
@@ -47,7 +48,6 @@ def preflight(cfg: Config, world_size: int) -> Config:
     _resolve_precision(cfg, found[1] if found else None)
     _check_checkpoint(cfg, world_size, found)
     if getattr(cfg, "distill", None) is not None:  # the teacher checkpoint exists and fits the student
-        from largelm.train.distill import preflight_teacher
 
         preflight_teacher(cfg)
     return cfg
@@ -55,7 +55,6 @@ def preflight(cfg: Config, world_size: int) -> Config:
 
 def _load_tokenizer(path: Path):
     """The tokenizer ``tokenizer.model`` names; a missing, directory or non-sentencepiece file is a ConfigError."""
-    from largelm.tokenizer import Tokenizer, TokenizerError
 
     if not path.exists():
         raise ConfigError(f"tokenizer.model: file {path} does not exist (train one with tools/train_tokenizer.py)")
@@ -66,7 +65,6 @@ def _load_tokenizer(path: Path):
 
 
 def _check_dataset(field: str, path: Path, cfg: Config, tok) -> None:
-    from largelm.data import DataError, read_manifest
 
     try:
         manifest = read_manifest(path)
@@ -88,7 +86,6 @@ def _check_dataset(field: str, path: Path, cfg: Config, tok) -> None:
     if sha and sha != tok.sha256:
         raise ConfigError(f"{field}: shards in {path} were tokenized with another tokenizer than "
                           f"tokenizer.model={cfg.tokenizer.model} (sha256 {sha[:12]} vs {tok.sha256[:12]})")
-    from largelm.data.shards import check_shard_files
 
     try:  # a missing or truncated shard fails here, not hours into the run (sha256 is checked when read)
         check_shard_files(manifest, path)
@@ -101,7 +98,6 @@ def _saved_checkpoint(cfg: Config):
     written by the trainer (which always saves config.yaml)."""
     if not cfg.checkpoint.resume:
         return None
-    from largelm.checkpoint.manager import CheckpointError, find_latest
 
     root = Path(cfg.checkpoint.dir)
     try:  # the checkpoint the resume will load: ``latest``, or the newest complete one if that one is damaged
@@ -138,13 +134,12 @@ def _check_checkpoint(cfg: Config, world_size: int, found=_LOOK_UP) -> None:
         found = _saved_checkpoint(cfg)
     if found is None:
         return
-    from largelm.checkpoint.manager import read_manifest
 
     latest, saved = found
     saved_cfg = latest.path / "config.yaml"
     mismatches = [
         f"model.{key}: checkpoint {saved['model'].get(key)!r} vs config {getattr(cfg.model, key)!r}"
-        for key in SHAPE_FIELDS if saved["model"].get(key) != getattr(cfg.model, key)
+        for key in ModelConfig.SHAPE_FIELDS if saved["model"].get(key) != getattr(cfg.model, key)
     ]
     saved_bert, bert = saved.get("bert") or {}, cfg.model_dump().get("bert") or {}
     # the binary head is a parameter set; the residual placement renames the layer norms
@@ -158,7 +153,7 @@ def _check_checkpoint(cfg: Config, world_size: int, found=_LOOK_UP) -> None:
     if saved["parallel"].get("zero_stage") != cfg.parallel.zero_stage:
         mismatches.append(f"parallel.zero_stage: checkpoint {saved['parallel'].get('zero_stage')} vs config "
                           f"{cfg.parallel.zero_stage} (optimizer state is partitioned per stage)")
-    saved_world = read_manifest(latest.path).get("world_size")  # find_latest has read it: valid JSON
+    saved_world = read_checkpoint_manifest(latest.path).get("world_size")  # find_latest has read it: valid JSON
     if saved_world is not None and saved_world != world_size:
         mismatches.append(f"world size: checkpoint written by {saved_world} ranks, this run has {world_size} "
                           f"(reshard it: largelm-convert reshard SRC OUT --tp T --pp P --dp D --drop-optimizer)")
@@ -192,8 +187,6 @@ def _read_saved_config(path: Path) -> dict:
 
 def _check_bert_tokenizer(tok) -> None:
     """BERT needs [CLS], [SEP] and [MASK] as single pieces (user-defined symbols) of the tokenizer."""
-    from largelm.data.bert_masking import BERT_SPECIAL_PIECES
-    from largelm.tokenizer import TokenizerError
 
     missing = []
     for piece in BERT_SPECIAL_PIECES:

@@ -22,17 +22,19 @@ from largelm import faults
 from largelm.checkpoint.manager import LATEST, CheckpointManager, find_latest
 from largelm.config import Config, ConfigError, dump_config
 from largelm.data import DataError, build_loader
+from largelm.data.bert_masking import BertMasker
 from largelm.fileio import sha256_file
 from largelm.hardware import choose_precision, detect_device, model_dtype, run_precision
 from largelm.model.flops import flops_per_token, matmul_shapes
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat, model_parallel_manual_seed
-from largelm.train.logger import RunLogger
-from largelm.train.metrics import Throughput, matmul_flops, memory_stats, products_seconds
-from largelm.train.rng import capture_rng_state, restore_rng_state
+from largelm.tokenizer import Tokenizer
 from largelm.train.engine import build_step
 from largelm.train.guards import StepGuard, install_overflow_guard
+from largelm.train.logger import RunLogger
+from largelm.train.metrics import Throughput, matmul_flops, memory_stats, products_seconds
 from largelm.train.preflight import precision_choice
+from largelm.train.rng import capture_rng_state, restore_rng_state
 
 
 def check_ranks_agree_on_precision(precision: str) -> None:
@@ -303,8 +305,6 @@ def _sample_kind(cfg) -> dict:
     """Loader arguments for the model's sample kind: BERT reads sentence pairs and masks them in the workers."""
     if cfg.model.arch != "bert":
         return {}
-    from largelm.data.bert_masking import BertMasker
-    from largelm.tokenizer import Tokenizer
 
     b = cfg.bert
     masker = BertMasker.from_tokenizer(

@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from faultkit import RunConfig, run, tb_scalars
 
 

@@ -18,7 +18,6 @@ from queue import Empty, Queue
 from typing import Callable, Optional
 
 import yaml
-
 from train_utils import REPO, free_port, tiny_config
 
 RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")

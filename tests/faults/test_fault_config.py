@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import yaml
-
 from faultkit import edit_config
+
 from largelm import launch
 from largelm.train import main as rank_main
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from faultkit import first_shards_read, rewrite_sample, run
+
 from largelm import launch
 from largelm.data import DataError, build_loader
 from largelm.data.format import encode_tokens

@@ -9,8 +9,8 @@ import re
 
 import pytest
 import torch
-
 from faultkit import run, single_rank_step, tb_scalars
+
 from largelm.checkpoint.manager import list_checkpoints
 from largelm.checkpoint.safe_load import safe_torch_load
 

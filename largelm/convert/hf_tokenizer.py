@@ -1,7 +1,7 @@
 """largelm's sentencepiece model -> a Hugging Face fast tokenizer (``tokenizer.json``) that
 ``AutoTokenizer.from_pretrained(dir)`` loads offline and that encodes text to the same ids.
 
-largelm's tokenizers (largelm/tokenizer/train.py) are sentencepiece BPE with identity normalisation, a dummy
+largelm's tokenizers (largelm/prepare/tokenizer.py) are sentencepiece BPE with identity normalisation, a dummy
 ``▁`` prefix, spaces kept as ``▁`` (no whitespace collapsing), byte fallback, digits split, control pieces
 ``<pad> <unk> <s> </s>`` and user-defined pieces (``[CLS] [SEP] [MASK]``, ``\\n``). The equivalent
 ``tokenizers`` pipeline:
@@ -26,7 +26,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from largelm.checkpoint.convert.errors import ConversionError
+from largelm.errors import ConversionError
+from largelm.tokenizer import BERT_SPECIAL_PIECES
 
 CHECK_TEXTS = (
     "Hello world",
@@ -87,7 +88,6 @@ def build_fast_tokenizer(model_path: Path, bert: bool = False):
 
     extra = {}
     if bert:
-        from largelm.data.bert_masking import BERT_SPECIAL_PIECES
 
         ids = {p.piece: i for i, p in enumerate(pieces)}
         missing = [p for p in BERT_SPECIAL_PIECES if p not in ids]

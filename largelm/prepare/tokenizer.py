@@ -24,8 +24,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import sentencepiece as spm
 
-from largelm.data.documents import iter_documents
 from largelm.data.format import DataError
+from largelm.prepare.documents import iter_documents
 from largelm.tokenizer.model import MODEL_FILE_NAME, Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)

@@ -140,8 +140,8 @@ def main(argv=None) -> int:
     _quiet(hf=args.command in ("export-hf", "import-hf") or (Path(args.source) / "config.json").is_file())
     if getattr(args, "verbose", False):
         os.environ["LARGELM_CONVERT_VERBOSE"] = "1"
-    from largelm.checkpoint.convert import api
-    from largelm.checkpoint.convert.errors import ConversionError, VerificationError
+    from largelm.convert import api  # lazy: after the quiet environment is set
+    from largelm.errors import ConversionError, VerificationError  # lazy: after the quiet environment is set
 
     def log(msg: str) -> None:
         print(msg, flush=True)

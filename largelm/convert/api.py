@@ -14,11 +14,20 @@ from typing import Optional
 
 import torch
 
-from largelm.checkpoint.convert import verify
-from largelm.checkpoint.convert.errors import ConversionError, VerificationError
-from largelm.checkpoint.convert.hub import META, load_consolidated, parse_dtype, save_consolidated
-from largelm.checkpoint.convert.source import Source, open_source
+from largelm.checkpoint.consolidated import META, load_consolidated, parse_dtype, save_consolidated
+from largelm.checkpoint.reader import checkpoint_summary
 from largelm.config import Config, ConfigError, load_config
+from largelm.convert import hf, verify
+from largelm.convert.hf import read_hf_config
+from largelm.convert.reshard import (
+    source_data_states,
+    source_extra_state,
+    target_config,
+    write_conversion_record,
+    write_training_checkpoint,
+)
+from largelm.convert.source import Source, open_source
+from largelm.errors import ConversionError, VerificationError
 
 
 def _tol(override: Optional[float], *dtypes: torch.dtype, reference: torch.Tensor) -> float:
@@ -80,9 +89,6 @@ def reshard(source, out_root, *, tensor_parallel: int, pipeline_parallel: int = 
             verify_logits: bool = True, tolerance: Optional[float] = None, timeout_s: Optional[float] = None,
             log=print) -> list[verify.Check]:
     """Any source -> a training checkpoint (root directory ``out_root``) in the given layout."""
-    from largelm.checkpoint.convert.reshard import (
-        source_data_states, source_extra_state, target_config, write_conversion_record, write_training_checkpoint,
-    )
 
     if min(tensor_parallel, pipeline_parallel, data_parallel) < 1:
         raise ConversionError("--tp, --pp and --dp must be >= 1")
@@ -153,7 +159,6 @@ def export_hf(source, out_dir, *, dtype: Optional[str] = None, tokenizer: Option
               tag: Optional[str] = None, checksums: bool = True, verify_logits: bool = True,
               tolerance: Optional[float] = None, max_shard_size: Optional[int] = None, log=print) -> list[verify.Check]:
     """Any source -> Hugging Face directory (GPT2LMHeadModel / LlamaForCausalLM + tokenizer)."""
-    from largelm.checkpoint.convert import hf
 
     src = open_source(source, tag, checksums=checksums, log=log)
     log(f"source: {src.describe()}")
@@ -193,13 +198,11 @@ def info(source, tag: Optional[str] = None) -> dict:
     """What a source is (no conversion, no checksums)."""
     src = open_source(source, tag, checksums=False, log=lambda *_: None)
     if src.kind == "checkpoint":
-        from largelm.checkpoint.convert.consolidate import checkpoint_summary
 
         return {"kind": "checkpoint", **checkpoint_summary(src.info)}
     if src.kind == "consolidated":
         meta = json.loads((Path(source) / META).read_text())
         return {"kind": "consolidated", **{k: meta[k] for k in ("model", "dtype", "step", "source", "verification")}}
-    from largelm.checkpoint.convert.hf import read_hf_config
 
     return {"kind": "huggingface", "config": read_hf_config(src.path).to_dict()}
 

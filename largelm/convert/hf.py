@@ -22,10 +22,13 @@ from typing import Optional
 
 import torch
 
-from largelm.checkpoint.convert import hf_bert, hf_gpt2, hf_llama
-from largelm.checkpoint.convert.errors import ConversionError, UnsupportedArchitecture
-from largelm.checkpoint.convert.hub import Consolidated, dtype_name
+from largelm.checkpoint.consolidated import Consolidated, dtype_name
 from largelm.config import Config, ConfigError, ModelConfig, config_from_dict
+from largelm.convert import hf_bert, hf_gpt2, hf_llama
+from largelm.convert.hf_tokenizer import export_tokenizer, special_ids
+from largelm.convert.verify import bert_inputs, drop_padded
+from largelm.errors import ConversionError, UnsupportedArchitecture
+from largelm.tokenizer import Tokenizer
 
 DEFAULT_MAX_SHARD = 5 * 1024**3
 DEFAULT_SEQ_LENGTH = 2048  # largelm seq_length for imports without a training config (Llama has no position table)
@@ -71,7 +74,6 @@ def export_hf(c: Consolidated, out_dir: Path, *, dtype: Optional[torch.dtype] = 
     tokenizer = Path(tokenizer) if tokenizer else c.tokenizer
     ids = {}
     if tokenizer is not None:
-        from largelm.checkpoint.convert.hf_tokenizer import special_ids
 
         ids = special_ids(tokenizer)
     bert = (c.bert,) if c.model.arch == "bert" else ()
@@ -86,7 +88,6 @@ def export_hf(c: Consolidated, out_dir: Path, *, dtype: Optional[torch.dtype] = 
     save_hf_weights(tensors, out_dir, max_shard_size)
     record = None
     if tokenizer is not None:
-        from largelm.checkpoint.convert.hf_tokenizer import export_tokenizer
 
         record = export_tokenizer(tokenizer, out_dir, bert=bool(bert))
         log(f"tokenizer: {tokenizer} -> {out_dir}/tokenizer.json ({record['tokenizer_class']}, "
@@ -206,7 +207,6 @@ def import_hf(path: Path, base_config: Optional[Config] = None, log=print) -> Co
         if tokenizer is None and Path(config.tokenizer.model).is_file():
             tokenizer = Path(config.tokenizer.model)
     if tokenizer is not None:
-        from largelm.tokenizer import Tokenizer
 
         vocab = Tokenizer.load(tokenizer).vocab_size
         if vocab > model.vocab_size:
@@ -241,7 +241,6 @@ def hf_logits(path: Path, tokens: torch.Tensor):
     model.eval()
     if not bert:
         return model(input_ids=tokens.long()).logits.float()
-    from largelm.checkpoint.convert.verify import bert_inputs, drop_padded
 
     types, mask = bert_inputs(tokens)
     out = model(input_ids=tokens.long(), token_type_ids=types, attention_mask=mask)

@@ -17,7 +17,7 @@ import time
 import traceback
 from typing import Any, Callable, Optional
 
-from largelm.checkpoint.convert.errors import ConversionError
+from largelm.errors import ConversionError
 
 
 class RankFailed(ConversionError):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from largelm.checkpoint.convert.errors import UnsupportedArchitecture
-from largelm.checkpoint.convert.hf_common import Taker, finish_import
-from largelm.checkpoint.convert.qkv import fuse_qkv, split_qkv
+from largelm.convert.hf_common import Taker, finish_import
+from largelm.convert.qkv import fuse_qkv, split_qkv
+from largelm.errors import UnsupportedArchitecture
 
 ARCHITECTURE = "LlamaForCausalLM"
 MODEL_TYPE = "llama"

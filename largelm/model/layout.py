@@ -24,10 +24,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from largelm.checkpoint.convert.errors import ConversionError
 from largelm.config import BertConfig, ModelConfig
+from largelm.errors import ConversionError
 from largelm.model.pipeline_names import (  # noqa: F401 - TIED_PREFIX: part of this module's API
-    BERT_HEADS, GPT_HEADS, TIED_PREFIX, WORD_EMBEDDINGS, pipeline_name_to_dense,
+    BERT_HEADS,
+    GPT_HEADS,
+    TIED_PREFIX,
+    WORD_EMBEDDINGS,
+    pipeline_name_to_dense,
 )
 
 POSITION_EMBEDDINGS = "embedding.position_embeddings.weight"

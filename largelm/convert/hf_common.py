@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from largelm.checkpoint.convert.errors import UnsupportedArchitecture
+from largelm.errors import UnsupportedArchitecture
 
 
 class Taker:

@@ -15,7 +15,7 @@ Every random choice for document ``d`` comes from a generator seeded by ``(seed,
 pure function of (inputs, tokenizer, seq_length, objective, seed). [CLS]/[SEP]/[MASK] occurring literally in the
 text are dropped (sentencepiece encodes them as the special ids), so the two [SEP]s always mark the segments.
 Masking is not done here but at load time (``largelm.data.bert_masking``: new masks every epoch).
-The train/valid document split is ``largelm.data.prepare``'s (lowest text hashes go to valid).
+The train/valid document split is ``largelm.prepare.gpt_data``'s (lowest text hashes go to valid).
 
 Text that is not written is counted, per split, in the manifest (as the GPT preparation does): ``empty_documents``
 are blank documents and documents with nothing but [CLS]/[SEP]/[MASK] in them; ``dropped_tokens`` are the literal
@@ -34,13 +34,18 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from largelm.data.documents import check_input_files, iter_documents
 from largelm.data.format import DataError, Manifest
-from largelm.data.prepare import (
-    SplitWriter, _clear_split_dir, document_bucket, prepare_arguments, run_prepare, valid_cutoff,
-)
 from largelm.data.shards import seed_words
-from largelm.tokenizer import Tokenizer
+from largelm.prepare.documents import check_input_files, iter_documents
+from largelm.prepare.gpt_data import (
+    SplitWriter,
+    _clear_split_dir,
+    document_bucket,
+    prepare_arguments,
+    run_prepare,
+    valid_cutoff,
+)
+from largelm.tokenizer import BERT_SPECIAL_PIECES, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +158,6 @@ def prepare_bert_data(
                         "[0, 1]")
     files = check_input_files(inputs)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
-    from largelm.data.bert_masking import BERT_SPECIAL_PIECES  # noqa: PLC0415 - keep import order simple
 
     try:
         cls_id, sep_id, mask_id = (tok.token_id(p) for p in BERT_SPECIAL_PIECES)

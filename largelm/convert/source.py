@@ -13,10 +13,13 @@ from typing import Optional
 
 import torch
 
-from largelm.checkpoint.convert.errors import ConversionError
-from largelm.checkpoint.convert.hub import META, Consolidated, is_consolidated, load_consolidated
+from largelm.checkpoint.consolidated import META, Consolidated, is_consolidated, load_consolidated
 from largelm.checkpoint.manager import LATEST, MANIFEST
+from largelm.checkpoint.reader import consolidate_checkpoint, inspect_checkpoint
 from largelm.config import Config
+from largelm.convert import verify
+from largelm.convert.hf import hf_logits, import_hf
+from largelm.errors import ConversionError
 
 
 @dataclass
@@ -47,13 +50,11 @@ class Source:
     def consolidated(self) -> Consolidated:
         if self._consolidated is None:
             if self.kind == "checkpoint":
-                from largelm.checkpoint.convert.consolidate import consolidate_checkpoint
 
                 self._consolidated = consolidate_checkpoint(self.info, log=self.log)
             elif self.kind == "consolidated":
                 self._consolidated = load_consolidated(self.path)
             else:
-                from largelm.checkpoint.convert.hf import import_hf
 
                 self._consolidated = import_hf(self.path, base_config=self.base_config, log=self.log)
         return self._consolidated
@@ -65,13 +66,11 @@ class Source:
         return self.consolidated().dtype
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        from largelm.checkpoint.convert import verify
 
         if self.kind == "checkpoint":
             return verify.checkpoint_logits(self.info, tokens)
         if self.kind == "consolidated":
             return verify.consolidated_logits(self.consolidated(), tokens)
-        from largelm.checkpoint.convert.hf import hf_logits
 
         return hf_logits(self.path, tokens)
 
@@ -87,7 +86,6 @@ def open_source(path, tag: Optional[str] = None, checksums: bool = True, base_co
         return Source("hf", path, base_config=base_config, log=log)
     if tag or (path / MANIFEST).is_file() or (path / LATEST).is_file() or path.name.startswith((".partial-", "step_")) \
             or (path.is_dir() and any(c.name.endswith("_model_states.pt") for c in path.iterdir())):
-        from largelm.checkpoint.convert.consolidate import inspect_checkpoint
 
         return Source("checkpoint", path, info=inspect_checkpoint(path, tag, checksums=checksums), log=log)
     raise ConversionError(f"{path} is neither a largelm checkpoint (manifest.json / latest), a consolidated model "

@@ -1,4 +1,6 @@
-"""Errors raised by the checkpoint converters (each message names the file, field or layout at fault)."""
+"""Errors of checkpoint reading and conversion (each message names the file, field or layout at fault).
+
+They live at the bottom layer because model layout rules, the checkpoint reader and the converters all raise them."""
 
 from __future__ import annotations
 

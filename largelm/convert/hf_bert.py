@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from largelm.checkpoint.convert.errors import UnsupportedArchitecture
-from largelm.checkpoint.convert.qkv import fuse_qkv, split_qkv
 from largelm.config import BertConfig
+from largelm.convert.qkv import fuse_qkv, split_qkv
+from largelm.errors import UnsupportedArchitecture
 
 MODEL_TYPES = {True: "bert", False: "megatron-bert"}  # keyed by residual_post_layernorm
 CLASS_PREFIX = {True: "Bert", False: "MegatronBert"}

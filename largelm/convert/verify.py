@@ -31,8 +31,16 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from largelm.checkpoint.convert.errors import ConversionError, VerificationError
+from largelm.checkpoint.reader import inspect_checkpoint, read_mp_rank
 from largelm.config import ModelConfig, ParallelConfig
+from largelm.convert.spawn import free_port, run_ranks
+from largelm.errors import ConversionError, VerificationError
+from largelm.model.bert import build_bert_model
+from largelm.model.bert_pipeline import BertPipelineModule, build_bert_pipeline
+from largelm.model.gpt import build_gpt_model
+from largelm.model.pipeline import build_gpt_pipeline
+from largelm.parallel import groups
+from largelm.parallel.cpu_compat import model_parallel_manual_seed
 
 FP32_TOLERANCE = 1e-4
 BF16_TOLERANCE = 5e-2
@@ -125,7 +133,6 @@ def single_rank_group() -> Iterator[None]:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from largelm.parallel import groups
 
     if dist.is_initialized():
         tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else None
@@ -133,7 +140,6 @@ def single_rank_group() -> Iterator[None]:
             raise ConversionError("a process group with another layout is active; cannot run a TP=1 forward here")
         yield
         return
-    from largelm.checkpoint.convert.spawn import free_port
 
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed announces its CPU comm backend on stdout
         groups.init_distributed("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
@@ -157,23 +163,18 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype
     """This rank's module in the layout ``parallel`` (dense ``GPTModel``/``BertModel`` or a pipeline stage), for
     inference. Sequence parallelism is left off: it changes how activations are split, not the weights.
     """
-    from largelm.parallel.cpu_compat import model_parallel_manual_seed
 
     parallel = parallel.model_copy(update={"sequence_parallel": False, "virtual_pipeline": None})
     model_parallel_manual_seed(0)
     if model.arch == "bert":
         if parallel.pipeline_parallel > 1:
-            from largelm.model.bert_pipeline import build_bert_pipeline
 
             return build_bert_pipeline(model, parallel, bert, vocab_size=model.vocab_size, dtype=dtype).eval()
-        from largelm.model.bert import build_bert_model
 
         return build_bert_model(model, parallel, bert, vocab_size=model.vocab_size, dtype=dtype).eval()
     if parallel.pipeline_parallel > 1:
-        from largelm.model.pipeline import build_gpt_pipeline
 
         return build_gpt_pipeline(model, parallel, vocab_size=model.vocab_size, dtype=dtype).eval()
-    from largelm.model.gpt import build_gpt_model
 
     return build_gpt_model(model, parallel, vocab_size=model.vocab_size, dtype=dtype).eval()
 
@@ -233,7 +234,6 @@ def layout_forward(module: torch.nn.Module, tokens: torch.Tensor, hidden_size: i
 def _is_bert(module: torch.nn.Module) -> bool:
     from megatron.core.models.bert.bert_model import BertModel
 
-    from largelm.model.bert_pipeline import BertPipelineModule
 
     return isinstance(module, (BertModel, BertPipelineModule))
 
@@ -263,8 +263,6 @@ def consolidated_logits(c, tokens: torch.Tensor):
 
 
 def _checkpoint_rank(rank: int, world_size: int, step_dir: str, tokens: np.ndarray):
-    from largelm.checkpoint.convert.consolidate import inspect_checkpoint, read_mp_rank
-    from largelm.parallel import groups
 
     info = inspect_checkpoint(step_dir, checksums=False)
     groups.init_distributed("gloo")
@@ -283,8 +281,6 @@ def checkpoint_logits(info, tokens: torch.Tensor, timeout_s: Optional[float] = N
     each loading its own shard's fp32 weights into the model class that trained it."""
     import torch.distributed as dist
 
-    from largelm.checkpoint.convert.consolidate import read_mp_rank
-    from largelm.checkpoint.convert.spawn import run_ranks
 
     vocab = info.config.model.vocab_size
     if info.model_parallel == 1 and not dist.is_initialized():  # one rank: no need for a process

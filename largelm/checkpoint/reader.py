@@ -25,17 +25,18 @@ from typing import Optional
 import torch
 import yaml
 
-from largelm.checkpoint.convert.errors import ConversionError
-from largelm.checkpoint.convert.hub import Consolidated, strip_vocab_padding
-from largelm.checkpoint.convert.layout import (
+from largelm.checkpoint.consolidated import Consolidated, strip_vocab_padding
+from largelm.checkpoint.manager import LATEST, MANIFEST, PARTIAL_PREFIX, CheckpointError, verify_checkpoint
+from largelm.checkpoint.safe_load import UnsafeCheckpointError, safe_torch_load
+from largelm.config import Config, ConfigError, checkpoint_config_from_dict
+from largelm.errors import ConversionError
+from largelm.model.layout import (
     is_gated,
     mp_rank_coordinates,
     param_shapes,
     to_model_names,
     tp_partition,
 )
-from largelm.checkpoint.manager import LATEST, MANIFEST, PARTIAL_PREFIX, CheckpointError, verify_checkpoint
-from largelm.config import Config, ConfigError, checkpoint_config_from_dict
 from largelm.parallel.deepspeed_config import engine_zero_stage
 from largelm.parallel.sharding import unshard_tensors
 
@@ -164,7 +165,6 @@ def _check_files_present(info: CheckpointInfo) -> None:
 def load_pt(path: Path) -> dict:
     """A DeepSpeed/largelm ``.pt`` file through the shared security boundary (largelm.checkpoint.safe_load:
     ``torch.load(weights_only=True)`` with DeepSpeed's plain data classes allowlisted); clear errors otherwise."""
-    from largelm.checkpoint.safe_load import UnsafeCheckpointError, safe_torch_load
 
     try:
         return safe_torch_load(path)
@@ -184,8 +184,16 @@ def read_mp_rank(info: CheckpointInfo, mp_rank: int, log=None) -> tuple[dict[str
     if not optim_files:
         return _module_weights(info, mp_rank, model_states[0])
     from deepspeed.checkpoint.constants import (
-        BUFFER_NAMES, FP32_FLAT_GROUPS, FROZEN_PARAM_FRAGMENTS, FROZEN_PARAM_SHAPES, OPTIMIZER_STATE_DICT,
-        PARAM_ALIGNMENT_PADDINGS, PARAM_SHAPES, PARTITION_COUNT, SINGLE_PARTITION_OF_FP32_GROUPS, ZERO_STAGE,
+        BUFFER_NAMES,
+        FP32_FLAT_GROUPS,
+        FROZEN_PARAM_FRAGMENTS,
+        FROZEN_PARAM_SHAPES,
+        OPTIMIZER_STATE_DICT,
+        PARAM_ALIGNMENT_PADDINGS,
+        PARAM_SHAPES,
+        PARTITION_COUNT,
+        SINGLE_PARTITION_OF_FP32_GROUPS,
+        ZERO_STAGE,
     )  # fmt: skip
     from deepspeed.utils import zero_to_fp32 as z
 

@@ -27,10 +27,10 @@ from typing import Optional
 
 import torch
 
-from largelm.checkpoint.convert.errors import ConversionError
-from largelm.checkpoint.convert.layout import VOCAB_PARALLEL, param_shapes
 from largelm.config import BertConfig, Config, ConfigError, ModelConfig, config_from_dict
+from largelm.errors import ConversionError
 from largelm.fileio import fsync_file, sha256_file, write_text_atomic
+from largelm.model.layout import VOCAB_PARALLEL, param_shapes
 
 FORMAT = "largelm-consolidated"
 FORMAT_VERSION = 1

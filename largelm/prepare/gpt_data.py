@@ -23,7 +23,6 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import webdataset as wds
 
-from largelm.data.documents import check_input_files, iter_documents
 from largelm.data.format import (
     MANIFEST_NAME,
     TOKENS_FIELD,
@@ -31,11 +30,12 @@ from largelm.data.format import (
     Manifest,
     ShardInfo,
     encode_tokens,
-    file_sha256,
     sample_key,
     token_dtype,
     write_manifest,
 )
+from largelm.fileio import sha256_file
+from largelm.prepare.documents import check_input_files, iter_documents
 from largelm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class SplitWriter:
     _writer: Optional[wds.ShardWriter] = field(default=None, init=False, repr=False)
     _num_samples: int = field(default=0, init=False)
     _shard_samples: int = field(default=0, init=False)
-    # Extra manifest fields, e.g. {"kind": "bert_pairs", "pair_objective": "sop"} (largelm.data.bert_prepare).
+    # Extra manifest fields, e.g. {"kind": "bert_pairs", "pair_objective": "sop"} (largelm.prepare.bert_data).
     manifest_extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,7 +127,7 @@ class SplitWriter:
                 num_samples=self._shard_samples,
                 num_tokens=self._shard_samples * self.sample_length,
                 num_bytes=path.stat().st_size,
-                sha256=file_sha256(path),
+                sha256=sha256_file(path),
             )
         )
         self._shard_samples = 0
@@ -137,7 +137,7 @@ class SplitWriter:
         inputs: Sequence[str] = (),
     ) -> Manifest:
         """Close the last shard and write ``manifest.json``; the unpacked tail plus the ``dropped_tokens`` the caller
-        left out before the writer (BERT pairs: ``largelm.data.bert_prepare``) are reported as dropped_tokens."""
+        left out before the writer (BERT pairs: ``largelm.prepare.bert_data``) are reported as dropped_tokens."""
         if self._writer is not None:
             self._writer.close()
         if self._num_samples == 0:

@@ -37,16 +37,27 @@ from typing import Optional
 import numpy as np
 import torch
 
-from largelm.checkpoint.convert.errors import ConversionError
-from largelm.checkpoint.convert.hub import Consolidated, load_consolidated, save_consolidated
-from largelm.checkpoint.convert.layout import (
-    check_pipeline_parallel, check_tensor_parallel, model_name,
+from largelm.checkpoint.consolidated import Consolidated, load_consolidated, save_consolidated
+from largelm.checkpoint.manager import Checkpoint, CheckpointManager
+from largelm.checkpoint.reader import load_pt
+from largelm.config import Config, ConfigError, ModelConfig, apply_override, config_from_dict, dump_config
+from largelm.convert import verify
+from largelm.convert.spawn import run_ranks
+from largelm.errors import ConversionError
+from largelm.model.layout import (
+    check_pipeline_parallel,
+    check_tensor_parallel,
+    model_name,
 )
-from largelm.config import Config, ConfigError, apply_override, config_from_dict, dump_config
-from largelm.train.preflight import SHAPE_FIELDS
+from largelm.parallel import groups
+from largelm.parallel.cpu_compat import model_parallel_manual_seed
+from largelm.parallel.sharding import shard_tensor
+from largelm.train.engine import build_step
+from largelm.train.rng import capture_rng_state
+from largelm.train.trainer import build_run_loader
 
 # Model fields the converted weights fix (make_vocab_size_divisible_by is free: we re-pad).
-FIXED_MODEL_FIELDS = tuple(f for f in SHAPE_FIELDS if f != "make_vocab_size_divisible_by") + (
+FIXED_MODEL_FIELDS = tuple(f for f in ModelConfig.SHAPE_FIELDS if f != "make_vocab_size_divisible_by") + (
     "rotary_base", "norm_epsilon")
 BERT_WEIGHT_FIELDS = ("binary_head", "residual_post_layernorm")
 
@@ -105,7 +116,6 @@ def target_config(c: Consolidated, *, tensor_parallel: int, pipeline_parallel: i
 
 def source_data_states(info, cfg: Config, world_size: int, log=print) -> Optional[list]:
     """Per target rank, the loader state of the source's same data-parallel rank (None: start afresh)."""
-    from largelm.checkpoint.convert.consolidate import load_pt
 
     dp_target = world_size // cfg.parallel.model_parallel
     if info is None:
@@ -129,7 +139,6 @@ def source_data_states(info, cfg: Config, world_size: int, log=print) -> Optiona
 def source_extra_state(info) -> dict:
     """What else the trainer keeps per rank besides step, data position and RNG (e.g. the step guard's running
     loss statistics, identical on every rank): taken from the source's rank 0 and given to every new rank."""
-    from largelm.checkpoint.convert.consolidate import load_pt
 
     if info is None:
         return {}
@@ -142,7 +151,6 @@ def source_extra_state(info) -> dict:
 def _local_full_value(name: str, param: torch.nn.Parameter, full: dict, model, tp_rank: int, tp: int):
     """The exact fp32 value this rank's parameter ``name`` should hold, cut from the full weights with the
     partition attributes megatron put on the parameter."""
-    from largelm.parallel.sharding import shard_tensor
 
     value = full[model_name(name, model)]
     if getattr(param, "tensor_model_parallel", False) and tp > 1:
@@ -167,13 +175,6 @@ def _write_rank(rank: int, world_size: int, hub_dir: str, cfg_dict: dict, step: 
     from deepspeed.utils import safe_set_full_fp32_param
     from megatron.core import parallel_state
 
-    from largelm.checkpoint.convert import verify
-    from largelm.checkpoint.manager import Checkpoint, CheckpointManager
-    from largelm.parallel import groups
-    from largelm.parallel.cpu_compat import model_parallel_manual_seed
-    from largelm.train.engine import build_step
-    from largelm.train.trainer import build_run_loader
-    from largelm.train.rng import capture_rng_state
 
     cfg = config_from_dict(cfg_dict, source="target layout")
     tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
@@ -235,8 +236,6 @@ def write_training_checkpoint(c: Consolidated, cfg: Config, out_root: Path, *, w
                               log=print) -> tuple[Path, torch.Tensor, dict]:
     """Spawn the target layout's ranks and write the checkpoint; returns (step directory, target-layout logits,
     {"weight_diff", "module_diff"} maxima over ranks)."""
-    from largelm.checkpoint.convert import verify
-    from largelm.checkpoint.convert.spawn import run_ranks
 
     out_root = Path(out_root)
     if out_root.exists() and any(p.name.startswith(("step_", ".partial-", "latest")) for p in out_root.iterdir()):

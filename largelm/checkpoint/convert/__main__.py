@@ -1,5 +1,0 @@
-import sys
-
-from largelm.checkpoint.convert.cli import main
-
-sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from largelm.convert.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""The distillation teacher: checks that its checkpoint fits the student (run by preflight, before any process
+group, so it imports no model code) and loading its full weights."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from largelm.checkpoint.full_weights import checkpoint_config, load_full_weights, resolve_checkpoint
+from largelm.checkpoint.manager import MANIFEST, CheckpointError, read_manifest
+from largelm.config import Config, ConfigError
+from largelm.fileio import sha256_file
+
+_LAYER_PREFIX = "decoder.layers."
+
+
+def teacher_weights(cfg: Config) -> tuple[Config, dict]:
+    """The teacher's config and full (TP=1) weights, checked against the student's config."""
+    teacher_cfg, state, path = load_full_weights(cfg.distill.teacher)
+    check_teacher(cfg, teacher_cfg, path)
+    return teacher_cfg, state
+
+
+def preflight_teacher(cfg: Config) -> None:
+    """Before any process group: the teacher checkpoint resolves, has a config, and fits the student."""
+    try:
+        path = resolve_checkpoint(cfg.distill.teacher)
+        teacher_cfg = checkpoint_config(path)
+    except CheckpointError as err:
+        raise ConfigError(f"distill.teacher: {err}") from None
+    check_teacher(cfg, teacher_cfg, path)
+
+
+def check_teacher(cfg: Config, teacher_cfg: Config, path: Path) -> None:
+    """The teacher must read the same token ids and cover the student's sequence length."""
+    if teacher_cfg.model.arch != "gpt":
+        raise ConfigError(f"distill.teacher: {path} is a model.arch={teacher_cfg.model.arch!r} checkpoint; "
+                          "distillation supports GPT teachers")
+    if teacher_cfg.parallel.tensor_parallel != 1 or teacher_cfg.parallel.pipeline_parallel != 1:
+        raise ConfigError(f"distill.teacher: {path} was trained with tensor_parallel="
+                          f"{teacher_cfg.parallel.tensor_parallel}, pipeline_parallel="
+                          f"{teacher_cfg.parallel.pipeline_parallel}; teachers are read as TP=1/PP=1 checkpoints "
+                          "(convert it to TP=1 first)")
+    if teacher_cfg.model.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"distill.teacher: {path} has vocab_size {teacher_cfg.model.vocab_size}, the student "
+                          f"{cfg.model.vocab_size}: teacher and student must share the tokenizer")
+    _check_teacher_tokenizer(cfg, teacher_cfg, path)
+    if teacher_cfg.model.positions < cfg.model.seq_length:
+        raise ConfigError(f"distill.teacher: {path} handles {teacher_cfg.model.positions} positions, the student's "
+                          f"model.seq_length is {cfg.model.seq_length}")
+    if cfg.distill.student_init == "every_kth_layer":
+        t, s, k = teacher_cfg.model, cfg.model, cfg.distill.k
+        same = ("style", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                "tie_embeddings", "max_position_embeddings", "make_vocab_size_divisible_by")
+        diff = [f"{f}: teacher {getattr(t, f)!r} vs student {getattr(s, f)!r}" for f in same
+                if getattr(t, f) != getattr(s, f)]
+        if diff:
+            raise ConfigError("distill.student_init=every_kth_layer copies teacher layers, so the layer shape must "
+                              "match the teacher's:\n  " + "\n  ".join(diff))
+        if (s.num_layers - 1) * k >= t.num_layers:
+            raise ConfigError(f"distill.student_init=every_kth_layer: student layer {s.num_layers - 1} would come "
+                              f"from teacher layer {(s.num_layers - 1) * k}, but the teacher has {t.num_layers} "
+                              f"layers (lower distill.k or model.num_layers)")
+
+
+def _check_teacher_tokenizer(cfg: Config, teacher_cfg: Config, path: Path) -> None:
+    """Equal vocabulary sizes do not make the same tokenizer (the KL would compare unrelated ids): compare the
+    student's sentencepiece file (sha256) with the one the teacher's checkpoint manifest records, or else with the
+    teacher's ``tokenizer.model`` file if it is still there; warn when neither is available."""
+
+    teacher_tok, student_tok = Path(teacher_cfg.tokenizer.model), Path(cfg.tokenizer.model)
+    if not student_tok.is_file():
+        return  # preflight reports the student's missing tokenizer.model
+    recorded = read_manifest(path).get("tokenizer_sha256") if (path / MANIFEST).is_file() else None
+    if recorded:
+        teacher_sha, teacher_desc = recorded, f"the tokenizer its manifest records ({teacher_tok} at the time)"
+    elif teacher_tok.is_file():
+        teacher_sha, teacher_desc = sha256_file(teacher_tok), f"tokenizer {teacher_tok}"
+    else:
+        warnings.warn(f"distill.teacher: {path} records no tokenizer hash and was trained with tokenizer.model="
+                      f"{teacher_tok}, which is not there (from {Path.cwd()}): cannot verify that it is the "
+                      f"student's tokenizer {student_tok}; only the vocabulary sizes were checked", stacklevel=2)
+        return
+    student_sha = sha256_file(student_tok)
+    if teacher_sha != student_sha:
+        raise ConfigError(f"distill.teacher: {path} was trained with {teacher_desc} (sha256 {teacher_sha[:12]}), "
+                          f"the student's tokenizer.model is {student_tok} (sha256 {student_sha[:12]}): teacher "
+                          "and student must share the tokenizer (same vocabulary size, different token ids)")
+
+
+def every_kth_layer_state(teacher_state: dict[str, torch.Tensor], num_layers: int, k: int) -> dict:
+    """Student weights: embeddings, final norm, output layer from the teacher; student layer i = teacher layer i*k."""
+    out = {}
+    for name, tensor in teacher_state.items():
+        if not name.startswith(_LAYER_PREFIX):
+            out[name] = tensor.clone()
+            continue
+        index, rest = name[len(_LAYER_PREFIX):].split(".", 1)
+        index = int(index)
+        if index % k == 0 and index // k < num_layers:
+            out[f"{_LAYER_PREFIX}{index // k}.{rest}"] = tensor.clone()
+    return out
