@@ -101,7 +101,6 @@ def make_token_shards():
 @pytest.fixture
 def copy_split(tmp_path):
     """``copy_split(src) -> Path``: a private copy of a split directory that the test may damage."""
-
     def copy(src: Path) -> Path:
         dst = tmp_path / f"copy-{Path(src).name}"
         shutil.copytree(src, dst)

@@ -171,7 +171,6 @@ class CheckpointManager:
 
     def save(self, engine, step: int, rank_state: dict) -> Path:
         """Collective: every rank must call it. ``rank_state`` holds this rank's tensors and plain values."""
-
         tag = tag_for(step)
         partial = self.root / f"{PARTIAL_PREFIX}{tag}"
         final = self.root / tag

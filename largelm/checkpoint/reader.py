@@ -165,7 +165,6 @@ def _check_files_present(info: CheckpointInfo) -> None:
 def load_pt(path: Path) -> dict:
     """A DeepSpeed/largelm ``.pt`` file through the shared security boundary (largelm.checkpoint.safe_load:
     ``torch.load(weights_only=True)`` with DeepSpeed's plain data classes allowlisted); clear errors otherwise."""
-
     try:
         return safe_torch_load(path)
     except UnsafeCheckpointError as err:

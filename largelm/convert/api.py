@@ -89,7 +89,6 @@ def reshard(source, out_root, *, tensor_parallel: int, pipeline_parallel: int = 
             verify_logits: bool = True, tolerance: Optional[float] = None, timeout_s: Optional[float] = None,
             log=print) -> list[verify.Check]:
     """Any source -> a training checkpoint (root directory ``out_root``) in the given layout."""
-
     if min(tensor_parallel, pipeline_parallel, data_parallel) < 1:
         raise ConversionError("--tp, --pp and --dp must be >= 1")
     base = _base_config(base_config)
@@ -159,7 +158,6 @@ def export_hf(source, out_dir, *, dtype: Optional[str] = None, tokenizer: Option
               tag: Optional[str] = None, checksums: bool = True, verify_logits: bool = True,
               tolerance: Optional[float] = None, max_shard_size: Optional[int] = None, log=print) -> list[verify.Check]:
     """Any source -> Hugging Face directory (GPT2LMHeadModel / LlamaForCausalLM + tokenizer)."""
-
     src = open_source(source, tag, checksums=checksums, log=log)
     log(f"source: {src.describe()}")
     c = src.consolidated()
@@ -198,7 +196,6 @@ def info(source, tag: Optional[str] = None) -> dict:
     """What a source is (no conversion, no checksums)."""
     src = open_source(source, tag, checksums=False, log=lambda *_: None)
     if src.kind == "checkpoint":
-
         return {"kind": "checkpoint", **checkpoint_summary(src.info)}
     if src.kind == "consolidated":
         meta = json.loads((Path(source) / META).read_text())

@@ -74,7 +74,6 @@ def export_hf(c: Consolidated, out_dir: Path, *, dtype: Optional[torch.dtype] = 
     tokenizer = Path(tokenizer) if tokenizer else c.tokenizer
     ids = {}
     if tokenizer is not None:
-
         ids = special_ids(tokenizer)
     bert = (c.bert,) if c.model.arch == "bert" else ()
     tensors = {k: v.to(dtype) for k, v in mapping.to_hf(c.model, c.tensors, *bert).items()}
@@ -88,7 +87,6 @@ def export_hf(c: Consolidated, out_dir: Path, *, dtype: Optional[torch.dtype] = 
     save_hf_weights(tensors, out_dir, max_shard_size)
     record = None
     if tokenizer is not None:
-
         record = export_tokenizer(tokenizer, out_dir, bert=bool(bert))
         log(f"tokenizer: {tokenizer} -> {out_dir}/tokenizer.json ({record['tokenizer_class']}, "
             f"{record['texts_checked']} texts encode identically)")
@@ -207,7 +205,6 @@ def import_hf(path: Path, base_config: Optional[Config] = None, log=print) -> Co
         if tokenizer is None and Path(config.tokenizer.model).is_file():
             tokenizer = Path(config.tokenizer.model)
     if tokenizer is not None:
-
         vocab = Tokenizer.load(tokenizer).vocab_size
         if vocab > model.vocab_size:
             raise ConversionError(f"tokenizer {tokenizer} has {vocab} pieces, more than the model's vocab_size "

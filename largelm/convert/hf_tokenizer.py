@@ -88,7 +88,6 @@ def build_fast_tokenizer(model_path: Path, bert: bool = False):
 
     extra = {}
     if bert:
-
         ids = {p.piece: i for i, p in enumerate(pieces)}
         missing = [p for p in BERT_SPECIAL_PIECES if p not in ids]
         if missing:

@@ -116,7 +116,6 @@ def target_config(c: Consolidated, *, tensor_parallel: int, pipeline_parallel: i
 
 def source_data_states(info, cfg: Config, world_size: int, log=print) -> Optional[list]:
     """Per target rank, the loader state of the source's same data-parallel rank (None: start afresh)."""
-
     dp_target = world_size // cfg.parallel.model_parallel
     if info is None:
         return None
@@ -139,7 +138,6 @@ def source_data_states(info, cfg: Config, world_size: int, log=print) -> Optiona
 def source_extra_state(info) -> dict:
     """What else the trainer keeps per rank besides step, data position and RNG (e.g. the step guard's running
     loss statistics, identical on every rank): taken from the source's rank 0 and given to every new rank."""
-
     if info is None:
         return {}
     path = info.path / "trainer_state_rank00000.pt"
@@ -151,7 +149,6 @@ def source_extra_state(info) -> dict:
 def _local_full_value(name: str, param: torch.nn.Parameter, full: dict, model, tp_rank: int, tp: int):
     """The exact fp32 value this rank's parameter ``name`` should hold, cut from the full weights with the
     partition attributes megatron put on the parameter."""
-
     value = full[model_name(name, model)]
     if getattr(param, "tensor_model_parallel", False) and tp > 1:
         value = shard_tensor(value, tp_rank, tp, param.partition_dim, getattr(param, "partition_stride", 1))
@@ -236,7 +233,6 @@ def write_training_checkpoint(c: Consolidated, cfg: Config, out_root: Path, *, w
                               log=print) -> tuple[Path, torch.Tensor, dict]:
     """Spawn the target layout's ranks and write the checkpoint; returns (step directory, target-layout logits,
     {"weight_diff", "module_diff"} maxima over ranks)."""
-
     out_root = Path(out_root)
     if out_root.exists() and any(p.name.startswith(("step_", ".partial-", "latest")) for p in out_root.iterdir()):
         raise ConversionError(f"output directory {out_root} already holds checkpoints; choose a new directory")

@@ -50,7 +50,6 @@ class Source:
     def consolidated(self) -> Consolidated:
         if self._consolidated is None:
             if self.kind == "checkpoint":
-
                 self._consolidated = consolidate_checkpoint(self.info, log=self.log)
             elif self.kind == "consolidated":
                 self._consolidated = load_consolidated(self.path)
@@ -66,7 +65,6 @@ class Source:
         return self.consolidated().dtype
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-
         if self.kind == "checkpoint":
             return verify.checkpoint_logits(self.info, tokens)
         if self.kind == "consolidated":
@@ -86,7 +84,6 @@ def open_source(path, tag: Optional[str] = None, checksums: bool = True, base_co
         return Source("hf", path, base_config=base_config, log=log)
     if tag or (path / MANIFEST).is_file() or (path / LATEST).is_file() or path.name.startswith((".partial-", "step_")) \
             or (path.is_dir() and any(c.name.endswith("_model_states.pt") for c in path.iterdir())):
-
         return Source("checkpoint", path, info=inspect_checkpoint(path, tag, checksums=checksums), log=log)
     raise ConversionError(f"{path} is neither a largelm checkpoint (manifest.json / latest), a consolidated model "
                           f"({META}) nor a Hugging Face model directory (config.json)")

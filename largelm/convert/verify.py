@@ -163,17 +163,14 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype
     """This rank's module in the layout ``parallel`` (dense ``GPTModel``/``BertModel`` or a pipeline stage), for
     inference. Sequence parallelism is left off: it changes how activations are split, not the weights.
     """
-
     parallel = parallel.model_copy(update={"sequence_parallel": False, "virtual_pipeline": None})
     model_parallel_manual_seed(0)
     if model.arch == "bert":
         if parallel.pipeline_parallel > 1:
-
             return build_bert_pipeline(model, parallel, bert, vocab_size=model.vocab_size, dtype=dtype).eval()
 
         return build_bert_model(model, parallel, bert, vocab_size=model.vocab_size, dtype=dtype).eval()
     if parallel.pipeline_parallel > 1:
-
         return build_gpt_pipeline(model, parallel, vocab_size=model.vocab_size, dtype=dtype).eval()
 
     return build_gpt_model(model, parallel, vocab_size=model.vocab_size, dtype=dtype).eval()
@@ -263,7 +260,6 @@ def consolidated_logits(c, tokens: torch.Tensor):
 
 
 def _checkpoint_rank(rank: int, world_size: int, step_dir: str, tokens: np.ndarray):
-
     info = inspect_checkpoint(step_dir, checksums=False)
     groups.init_distributed("gloo")
     try:

@@ -264,7 +264,6 @@ class StageConfig(NamedTuple):
 def stage_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, vocab_size: Optional[int], dtype: torch.dtype,
                  activation_checkpointing: str) -> StageConfig:
     """What every pipeline builder starts from, after checking the layout against megatron's parallel_state."""
-
     model_cfg = resolve_vocab_size(model_cfg, vocab_size)
     tp, pp = check_layout(parallel_cfg)
     config = build_transformer_config(model_cfg, parallel_cfg, params_dtype=dtype,

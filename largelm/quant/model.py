@@ -152,7 +152,6 @@ def check_supported(cfg: Config) -> None:
 @torch.no_grad()
 def collect_hessians(model: torch.nn.Module, names: Iterable[str], batches: Iterable[torch.Tensor]) -> dict:
     """``X^T X / n`` of each named linear's input over the calibration ``batches`` (tokens [b, s+1])."""
-
     modules = dict(model.named_modules())
     accum, handles = {}, []
     for name in names:
@@ -271,7 +270,6 @@ def read_meta(path: str | Path) -> dict:
 
 def build_model(cfg: Config, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """An (uninitialised-weights) TP=1 GPTModel of ``cfg``'s shape; megatron parallel_state must be set up."""
-
     return build_gpt_model(cfg.model, ParallelConfig(), vocab_size=cfg.model.vocab_size, dtype=dtype)
 
 
@@ -321,7 +319,6 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
 def perplexity(model: torch.nn.Module, cfg: Config, datasets: Optional[list] = None, batch_size: int = 8,
                max_batches: Optional[int] = None) -> dict:
     """Token-level validation loss/perplexity over the validation shards with the real loader (one pass)."""
-
     datasets = datasets or [(s.path, s.weight) for s in cfg.data.valid]
     if not datasets:
         raise ConfigError("no validation data: the config has no data.valid and none was given")

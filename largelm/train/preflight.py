@@ -55,7 +55,6 @@ def preflight(cfg: Config, world_size: int) -> Config:
 
 def _load_tokenizer(path: Path):
     """The tokenizer ``tokenizer.model`` names; a missing, directory or non-sentencepiece file is a ConfigError."""
-
     if not path.exists():
         raise ConfigError(f"tokenizer.model: file {path} does not exist (train one with tools/train_tokenizer.py)")
     try:
@@ -65,7 +64,6 @@ def _load_tokenizer(path: Path):
 
 
 def _check_dataset(field: str, path: Path, cfg: Config, tok) -> None:
-
     try:
         manifest = read_manifest(path)
     except DataError as err:
@@ -187,7 +185,6 @@ def _read_saved_config(path: Path) -> dict:
 
 def _check_bert_tokenizer(tok) -> None:
     """BERT needs [CLS], [SEP] and [MASK] as single pieces (user-defined symbols) of the tokenizer."""
-
     missing = []
     for piece in BERT_SPECIAL_PIECES:
         try:

@@ -69,7 +69,6 @@ def _check_teacher_tokenizer(cfg: Config, teacher_cfg: Config, path: Path) -> No
     """Equal vocabulary sizes do not make the same tokenizer (the KL would compare unrelated ids): compare the
     student's sentencepiece file (sha256) with the one the teacher's checkpoint manifest records, or else with the
     teacher's ``tokenizer.model`` file if it is still there; warn when neither is available."""
-
     teacher_tok, student_tok = Path(teacher_cfg.tokenizer.model), Path(cfg.tokenizer.model)
     if not student_tok.is_file():
         return  # preflight reports the student's missing tokenizer.model

@@ -79,7 +79,6 @@ def reference_fp32(run_config, tmp_path_factory):
 @pytest.fixture
 def copy_checkpoints(tmp_path):
     """``copy_checkpoints(src_root, dst_root, steps=None)``: copy a checkpoint root (optionally some steps)."""
-
     def copy(src: Path, dst: Path, steps=None) -> Path:
         dst.mkdir(parents=True, exist_ok=True)
         for child in Path(src).iterdir():
