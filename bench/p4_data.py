@@ -149,8 +149,8 @@ Training consumption (tokens/s):
 
 Loader:
 
-{md_table(["DataLoader workers", "loader tokens/s", *(f"x {k} training" for k in train_tps), f"target (vs {worst_consumer})"],
-          rows)}
+{md_table(["DataLoader workers", "loader tokens/s", *(f"x {k} training" for k in train_tps),
+           f"target (vs {worst_consumer})"], rows)}
 """
     write_result(NAME, data, md, plot="P4", meta=meta)
     pyplot = plt()

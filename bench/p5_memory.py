@@ -202,8 +202,8 @@ rank holding more is shown. Ideal = 1/DP partitioning (ZeRO-1: optimizer state; 
 accumulates bf16 gradients in fp32 under ZeRO >= 1), fp32 master weights when training in bf16 (4 B) and Adam's
 two fp32 moments (8 B) per parameter. MiB, measured / ideal. Target: ZeRO-3 total <= {TARGET} x ideal.
 
-{md_table(["stage", "DeepSpeed optimizer", "B/param: weight / grad accum", "params", "grads", "optimizer state", "other", "total",
-           "measured / ideal", "target", "total after step"], rows)}
+{md_table(["stage", "DeepSpeed optimizer", "B/param: weight / grad accum", "params", "grads", "optimizer state",
+           "other", "total", "measured / ideal", "target", "total after step"], rows)}
 
 Largest tensors (>= 1% of the stage's total) behind these numbers:
 

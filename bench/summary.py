@@ -75,7 +75,8 @@ def rows_for(name: str, d: dict) -> list[list[str]]:
         for c in d["cases"]:
             s = c["mfu"]
             rows.append([TITLES[name], f"MFU {c['precision']}, {c.get('model', 'gpt-25m')} "
-                         f"({fmt_num(c['achieved_flops']['median'] / 1e9)} of {fmt_num(c['peak_flops']['median'] / 1e9)}"
+                         f"({fmt_num(c['achieved_flops']['median'] / 1e9)} of "
+                         f"{fmt_num(c['peak_flops']['median'] / 1e9)}"
                          " GFLOP/s" + ("; peak: best of the model's products" if "peak_product" in c
                                        else "; peak: square matmuls") + ")",
                          fmt_spread(s, 100) + " %", ">= 40 %", verdict(s["median"], 0.40, True), link])
@@ -132,7 +133,8 @@ skipped, with the reason, where bf16 is not native and not cheap.
 {md_table(["benchmark", "figure", "measured", "target", "verdict", "details"], rows)}
 
 Where a target is missed, the profile-based reasons and the changes already made to largelm for these
-benchmarks are in [bench/README.md, "Findings"](../README.md#findings-behind-the-figures-profiling-and-what-was-changed-in-largelm).
+benchmarks are in [bench/README.md, "Findings"]\
+(../README.md#findings-behind-the-figures-profiling-and-what-was-changed-in-largelm).
 {"" if not missing else chr(10) + "Not run: " + ", ".join(missing) + chr(10)}
 {plots}
 

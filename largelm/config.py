@@ -217,7 +217,8 @@ class DistillConfig(_Section):
 
 
 class BertConfig(_Section):
-    """BERT pretraining objective (``model.arch: bert``); masking runs in the data pipeline (largelm.data.bert_masking)."""
+    """BERT pretraining objective (``model.arch: bert``); masking runs in the data pipeline
+    (largelm.data.bert_masking)."""
 
     mask_prob: float = Field(default=0.15, gt=0, lt=1, description="fraction of real tokens chosen for MLM")
     mask_token_prob: float = Field(default=0.8, ge=0, le=1, description="chosen -> [MASK]")
@@ -321,7 +322,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
-        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict) else ""))
+        show_input = e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict)
+        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if show_input else ""))
     return "\n".join(lines)
 
 

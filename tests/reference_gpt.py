@@ -87,7 +87,9 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: RefConfig) -> nn.Module:
-    return RMSNorm(cfg.hidden_size, cfg.norm_eps) if cfg.style == "llama" else nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    if cfg.style == "llama":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
 
 def rotate_half(x):
@@ -241,4 +243,5 @@ def split_megatron_qkv(fused: torch.Tensor, cfg: RefConfig) -> tuple[torch.Tenso
     ng, d, r = cfg.num_kv_groups, cfg.head_dim, cfg.num_heads // cfg.num_kv_groups
     grouped = fused.reshape(ng, (r + 2) * d, *fused.shape[1:])
     q, k, v = grouped.split([r * d, d, d], dim=1)
-    return (q.reshape(ng * r * d, *fused.shape[1:]), k.reshape(ng * d, *fused.shape[1:]), v.reshape(ng * d, *fused.shape[1:]))
+    rest = fused.shape[1:]
+    return q.reshape(ng * r * d, *rest), k.reshape(ng * d, *rest), v.reshape(ng * d, *rest)

@@ -69,7 +69,8 @@ def ensure_installed(log=print) -> None:
                 ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
-            raise SlurmError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise SlurmError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
 
 
 class LocalSlurm:

@@ -159,8 +159,8 @@ def test_tensor_parallel_2_equals_single_rank(tp1, sp, post_ln):
     logit_err = max(max_err(logits, logits64), max_err(binary, binary64))
     metric_tol = {k: loss_f64_bound(v.item(), exact[k].item(), logit_err) for k, v in out.items()}
     grad_tol = {n: f64_bound(p.grad, grads64[n]) for n, p in model.named_parameters()}
-    case = dict(weights={k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")},
-                grads64=grads64, batch=batch, sp=sp, model=extra)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    case = dict(weights=weights, grads64=grads64, batch=batch, sp=sp, model=extra)
     for rank, res in enumerate(run_ranks(_tp2_rank, 2, case, timeout_s=600)):
         for name, value in res["metrics"].items():
             assert abs(value - exact[name].item()) <= metric_tol[name], f"rank {rank} {name}: {value} vs {exact[name]}"

@@ -191,7 +191,8 @@ def test_masking_statistics_labels_and_specials(bert_dir, tok):
         kept += int((ids[labelled] == orig[labelled]).sum())
         # segment ids and padding mask
         seps = np.flatnonzero(orig == tok.token_id("[SEP]"))
-        assert (out["token_type_ids"][: seps[0] + 1] == 0).all() and (out["token_type_ids"][seps[0] + 1 : seps[1] + 1] == 1).all()
+        types = out["token_type_ids"]
+        assert (types[: seps[0] + 1] == 0).all() and (types[seps[0] + 1 : seps[1] + 1] == 1).all()
         assert (out["attention_mask"] == (orig != 0)).all()
         assert out["pair_label"] == s["tokens"][SEQ]
     assert chosen > 5000

@@ -100,7 +100,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_overrides_are_typed_and_validated():
-    cfg = load_config("configs/gpt-tiny.yaml", ["train.steps=7", "optimizer.warmup_steps=0", "parallel.zero_stage=3", "model.tie_embeddings=false"])
+    cfg = load_config("configs/gpt-tiny.yaml", ["train.steps=7", "optimizer.warmup_steps=0", "parallel.zero_stage=3",
+                                                "model.tie_embeddings=false"])
     assert cfg.train.steps == 7 and cfg.parallel.zero_stage == 3 and cfg.model.tie_embeddings is False
     with pytest.raises(ConfigError, match="parallel.zero_stage"):
         load_config("configs/gpt-tiny.yaml", ["parallel.zero_stage=5"])

@@ -5,8 +5,9 @@ Logit checks compare two fp32 forwards of the same weights in different layouts 
 
 * a GPT-2-style model trained 3 steps at TP=2 with ZeRO-3 (fp32), a Llama-style GQA model trained 2 steps at
   DP=2 with ZeRO-1 (bf16: DeepSpeed's BF16_Optimizer), an untied GPT-2-style model at DP=2 with ZeRO-0 (bf16)
-  and a tied one at PP=2 with ZeRO-1 (DeepSpeed's pipeline engine): consolidation equals the live engines' fp32 master weights exactly, and the
-  consolidated model's logits (through the independent reference GPT) equal the live TP=2 model's;
+  and a tied one at PP=2 with ZeRO-1 (DeepSpeed's pipeline engine): consolidation equals the live engines' fp32
+  master weights exactly, and the consolidated model's logits (through the independent reference GPT) equal the
+  live TP=2 model's;
 * TP=2 step 2 -> resharded to TP=1 -> the real trainer resumes it and its step-3 loss equals the TP=2 run's
   step-3 loss (same weights, same data position; the optimizer state is fresh, which the forward loss of the
   next batch does not see);
@@ -115,7 +116,8 @@ def runs(tmp_path_factory, tokenizer_path, shard_dir, shard_seq_length):
                     # bf16 + ZeRO-1 is DeepSpeed's BF16_Optimizer, whose partitions have their own format
                     parallel={"zero_stage": 1}, train={"steps": 2, "precision": "bf16"}),
         tiny_config(zero0, tokenizer_path, shard_dir, shard_seq_length, logging=LOGGING, data=DATA,
-                    model={"tie_embeddings": False}, parallel={"zero_stage": 0}, train={"steps": 2, "precision": "bf16"}),
+                    model={"tie_embeddings": False}, parallel={"zero_stage": 0},
+                    train={"steps": 2, "precision": "bf16"}),
         tiny_config(pipe, tokenizer_path, shard_dir, shard_seq_length, logging=LOGGING, data=DATA,
                     parallel={"pipeline_parallel": 2, "zero_stage": 1}, train={"steps": 2}),
     ]

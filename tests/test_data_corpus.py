@@ -45,7 +45,8 @@ def test_gutenberg_boilerplate_is_stripped():
     )
     assert clean_text(raw) == "ACT I.\nWho's there?\n"
     assert strip_gutenberg_boilerplate("no markers at all") == "no markers at all"
-    assert clean_text("### START: x.tif.txt ###\np.772:0\nShakespeare, William\n", scan_markers=True) == "Shakespeare, William\n"
+    marked = "### START: x.tif.txt ###\np.772:0\nShakespeare, William\n"
+    assert clean_text(marked, scan_markers=True) == "Shakespeare, William\n"
 
 
 def test_sdist_checksum_mismatch_is_refused(tmp_path):

@@ -82,7 +82,8 @@ def test_checksum_mismatch_names_the_shard(split):
 def test_wrong_length_sample_names_shard_and_key(split, caplog):
     short = encode_tokens(np.arange(1, 9, dtype=np.uint16))  # 8 tokens instead of seq_length + 1 = 9
     _rewrite_shard(split, 1, {sample_key(13): short})
-    with pytest.raises(DataError, match=r"train-000001\.tar sample 's0000000013': expected uint16\[9\].*got uint16\[8\]"):
+    expected = r"train-000001\.tar sample 's0000000013': expected uint16\[9\].*got uint16\[8\]"
+    with pytest.raises(DataError, match=expected):
         _all_keys(build_loader([split], 8, 4, num_workers=0, infinite=False))
     loader = build_loader([split], 8, 4, num_workers=0, infinite=False, skip_bad_samples=True)
     with caplog.at_level(logging.WARNING):

@@ -83,7 +83,8 @@ def test_output_is_reproducible(small_corpus, tokenizer_path, tmp_path):
 
 
 def test_text_files_and_empty_documents(tmp_path, tokenizer_path):
-    (tmp_path / "a.txt").write_text("Now is the winter of our discontent\nMade glorious summer by this sun of York.\n" * 3)
+    verse = "Now is the winter of our discontent\nMade glorious summer by this sun of York.\n"
+    (tmp_path / "a.txt").write_text(verse * 3)
     (tmp_path / "b.jsonl").write_text('{"body": "Friends, Romans, countrymen, lend me your ears."}\n\n{"body": "  "}\n')
     manifests = prepare_data(
         [tmp_path / "a.txt", tmp_path / "b.jsonl"], tmp_path / "out", tokenizer_path, 8,

@@ -70,7 +70,8 @@ def test_training_epochs_cover_every_sample_once(synth):
     epochs = {0: collections.Counter(), 1: collections.Counter()}
     orders = {}
     for rank in range(2):
-        loader = build_loader([(synth[0], 1.0)], 8, 4, rank=rank, world_size=2, num_workers=2, shuffle_buffer=10, seed=3)
+        loader = build_loader([(synth[0], 1.0)], 8, 4, rank=rank, world_size=2, num_workers=2, shuffle_buffer=10,
+                              seed=3)
         keys, batches = take(loader, 24)
         for b in batches:
             assert b["tokens"].dtype == torch.long and b["tokens"].shape == (4, 9)
@@ -102,7 +103,8 @@ def test_same_seed_same_order_different_seed_different(shard_dir):
 @pytest.mark.parametrize("workers,stop", [(2, 7), (2, 12), (0, 5), (3, 16)])
 def test_resume_mid_epoch_yields_the_same_remaining_batches(synth, workers, stop):
     def make():
-        return build_loader([(synth[0], 1.0)], 8, 4, rank=1, world_size=2, num_workers=workers, shuffle_buffer=10, seed=11)
+        return build_loader([(synth[0], 1.0)], 8, 4, rank=1, world_size=2, num_workers=workers, shuffle_buffer=10,
+                            seed=11)
 
     reference, _ = take(make(), stop + 20)  # crosses epoch boundaries
     loader = make()

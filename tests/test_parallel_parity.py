@@ -196,7 +196,8 @@ def runs():
                  for key in ("losses", "norms")}
         print(f"  {name:18s} build {max(r['build_s'] for r in per_rank):5.2f}s  step {sum(steps) / len(steps):.3f}s  "
               f"worst rel diff: loss {worst['losses']:.1e} norm {worst['norms']:.1e}")
-    print(f"  bf16 - fp32 loss (TP=2xPP=2): {[round(a - b, 4) for a, b in zip(results['tp2xpp2-bf16'][0]['losses'], results['tp2xpp2'][0]['losses'])]}")
+    bf16_losses, fp32_losses = results["tp2xpp2-bf16"][0]["losses"], results["tp2xpp2"][0]["losses"]
+    print(f"  bf16 - fp32 loss (TP=2xPP=2): {[round(a - b, 4) for a, b in zip(bf16_losses, fp32_losses)]}")
     return results
 
 
@@ -305,7 +306,8 @@ MISCONFIGURED = {
                         "train.grad_accum_steps=1"),
     "layers vs pp x vpp": ({"model": {"num_layers": 2}, "parallel": {"pipeline_parallel": 2, "virtual_pipeline": 2,
                                                                      "zero_stage": 1}},
-                           "model.num_layers=2 is not divisible by parallel.pipeline_parallel x parallel.virtual_pipeline"),
+                           "model.num_layers=2 is not divisible by "
+                           "parallel.pipeline_parallel x parallel.virtual_pipeline"),
     "vpp": ({"model": {"num_layers": 4}, "parallel": {"pipeline_parallel": 2, "virtual_pipeline": 2, "zero_stage": 1}},
             "parallel.virtual_pipeline"),
     "sp without tp": ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel"),
@@ -343,7 +345,8 @@ def test_pipeline_layer_index_covers_every_gptmodel_key(style):
         L, tied = MODEL["num_layers"], model_cfg.tie_embeddings
         where = {name: pipeline_layer_index(name, L, tied) for name in full}
         assert where["embedding.word_embeddings.weight"] == (0, "embedding.word_embeddings.weight")
-        assert where["decoder.layers.3.self_attention.linear_qkv.weight"] == (4, "layer.self_attention.linear_qkv.weight")
+        qkv = "self_attention.linear_qkv.weight"
+        assert where[f"decoder.layers.3.{qkv}"] == (4, f"layer.{qkv}")
         assert where["decoder.final_layernorm.weight"] == (L + 1, "norm.weight")
         assert {i for i, _ in where.values()} == set(range(L + 2 if tied else L + 3))
         if tied:

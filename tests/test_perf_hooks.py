@@ -202,7 +202,8 @@ def test_one_replica_fast_engine_trains_like_the_configured_stage(one_rank, monk
     assert ref_curve[0][1] > 0.05  # clipping was active
     assert weights.keys() == ref_weights.keys()
     for name, value in weights.items():
-        torch.testing.assert_close(value, ref_weights[name], rtol=w_rtol, atol=w_atol, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(value, ref_weights[name], rtol=w_rtol, atol=w_atol,
+                                   msg=lambda m, n=name: f"{n}: {m}")
     assert ref_curve[-1] != ref_curve[0]
 
 

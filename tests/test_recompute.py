@@ -98,7 +98,8 @@ def test_recompute_trains_exactly_like_no_recompute():
             assert base["layer_forwards"] > 0
             for mode in ("selective", "full"):
                 got = res[(name, mode)]
-                assert got["losses"] == base["losses"], f"rank {rank} {name} {mode}: {got['losses']} vs {base['losses']}"
+                where = f"rank {rank} {name} {mode}"
+                assert got["losses"] == base["losses"], f"{where}: {got['losses']} vs {base['losses']}"
                 assert got["norms"] == base["norms"], f"rank {rank} {name} {mode}: {got['norms']} vs {base['norms']}"
             # full recompute runs every layer's forward a second time in backward; selective only core attention
             assert res[(name, "full")]["layer_forwards"] == 2 * base["layer_forwards"], (rank, name)

@@ -7,9 +7,10 @@ None is fitted to one machine's rounding: CPUs differ in vector width, FMA use, 
 * **Reduction chains** (``sum_rtol``, ``chain_length``): an fp32 result that passes through reductions of total
   length n (dot products, norms, softmax sums, means over tokens) has relative error about sqrt(n) * u in the
   probabilistic rounding model (Higham & Mary 2019; rounding errors independent, mean zero; the deterministic
-  worst case n * u needs every rounding to align), u = 2^-24 the fp32 unit roundoff. Two evaluations that differ only in summation order, blocking,
-  FMA use or tensor-parallel splits each lie within LAMBDA * sqrt(n) * u of the exact value, so they differ by at
-  most ``2 * LAMBDA * sqrt(n) * u`` relative to the result's magnitude (logits: max |logit|; losses: |loss|).
+  worst case n * u needs every rounding to align), u = 2^-24 the fp32 unit roundoff. Two evaluations that differ
+  only in summation order, blocking, FMA use or tensor-parallel splits each lie within LAMBDA * sqrt(n) * u of the
+  exact value, so they differ by at most ``2 * LAMBDA * sqrt(n) * u`` relative to the result's magnitude (logits:
+  max |logit|; losses: |loss|).
   LAMBDA = 3: a few times the typical sqrt(n) * u error, far below the O(1e-3 .. 1) relative error of a real bug
   (a wrong weight mapping, a missing all-reduce, a gradient averaged over the wrong group).
 * **Comparison to a float64 reference** (``f64_bound``): an fp32 implementation that differs from a trusted one only

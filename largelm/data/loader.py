@@ -279,7 +279,8 @@ def build_loader(
     sources = open_sources(datasets, seq_length, tokenizer_sha256)
     for src in sources:
         if src.manifest.kind != kind:
-            raise DataError(f"dataset {src.path} holds samples of kind {src.manifest.kind!r}, this loader reads {kind!r}")
+            raise DataError(f"dataset {src.path} holds samples of kind {src.manifest.kind!r}, "
+                            f"this loader reads {kind!r}")
     settings = StreamSettings(
         rank=rank, world_size=world_size, num_slots=max(num_workers, 1), seed=seed, shuffle_buffer=shuffle_buffer,
         infinite=infinite, skip_bad_samples=skip_bad_samples, verify_checksums=verify_checksums,

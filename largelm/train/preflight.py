@@ -19,7 +19,41 @@ from largelm.train.teacher import preflight_teacher
 
 
 def preflight(cfg: Config, world_size: int) -> Config:
+    """Every check that needs no process group; returns the *resolved* config the run uses.
+
+    Resolved: ``model.vocab_size`` from the tokenizer when unset, ``train.precision`` from ``auto`` to what this
+    device computes in (a resume under ``auto`` keeps its checkpoint's precision), with the reason kept for rank 0's
+    log (``precision_choice``). ``cfg`` itself is not changed.
+    """
     cfg.check_world_size(world_size)
+    _check_pipeline_schedule(cfg)
+    tokenizer_path = Path(cfg.tokenizer.model)
+    tok = _load_tokenizer(tokenizer_path)
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
+                          f"tokenizer {tokenizer_path} ({tok.vocab_size})")
+    if cfg.model.arch == "bert":
+        _check_bert_tokenizer(tok)
+    for section, specs in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
+        for i, spec in enumerate(specs):
+            _check_dataset(f"{section}[{i}]", Path(spec.path), cfg, tok)
+    found = _saved_checkpoint(cfg)
+    resolved = _resolved(cfg, vocab_size=cfg.model.vocab_size or tok.vocab_size,
+                         precision=_choose_precision(cfg, found[1] if found else None))
+    _check_checkpoint(resolved, world_size, found)
+    if resolved.distill is not None:  # the teacher checkpoint exists and fits the student
+        preflight_teacher(resolved)
+    return resolved
+
+
+def _resolved(cfg: Config, vocab_size: int, precision: PrecisionChoice) -> Config:
+    """A copy of ``cfg`` with the values preflight resolved (the sections it changes are copies too)."""
+    train = cfg.train.model_copy(update={"precision": precision.precision})
+    train._precision_choice = precision  # private: not dumped; the checkpoint records the precision itself
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": vocab_size}), "train": train})
+
+
+def _check_pipeline_schedule(cfg: Config) -> None:
     p = cfg.parallel
     if p.virtual_pipeline not in (None, 1):
         raise ConfigError("parallel.virtual_pipeline: the interleaved schedule is not supported by DeepSpeed's "
@@ -32,25 +66,6 @@ def preflight(cfg: Config, world_size: int) -> Config:
         raise ConfigError(f"parallel.zero_stage=0 with parallel.pipeline_parallel={p.pipeline_parallel}: "
                           "pipeline parallelism runs with zero_stage 1 here (DeepSpeed's pipeline engine allows "
                           "only 0 or 1, and its stage-0 gradient norm is wrong across pipeline stages)")
-    tokenizer_path = Path(cfg.tokenizer.model)
-    tok = _load_tokenizer(tokenizer_path)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tok.vocab_size
-    elif cfg.model.vocab_size < tok.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
-                          f"tokenizer {tokenizer_path} ({tok.vocab_size})")
-    if cfg.model.arch == "bert":
-        _check_bert_tokenizer(tok)
-    for section, specs in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
-        for i, spec in enumerate(specs):
-            _check_dataset(f"{section}[{i}]", Path(spec.path), cfg, tok)
-    found = _saved_checkpoint(cfg)
-    _resolve_precision(cfg, found[1] if found else None)
-    _check_checkpoint(cfg, world_size, found)
-    if getattr(cfg, "distill", None) is not None:  # the teacher checkpoint exists and fits the student
-
-        preflight_teacher(cfg)
-    return cfg
 
 
 def _load_tokenizer(path: Path):
@@ -84,7 +99,6 @@ def _check_dataset(field: str, path: Path, cfg: Config, tok) -> None:
     if sha and sha != tok.sha256:
         raise ConfigError(f"{field}: shards in {path} were tokenized with another tokenizer than "
                           f"tokenizer.model={cfg.tokenizer.model} (sha256 {sha[:12]} vs {tok.sha256[:12]})")
-
     try:  # a missing or truncated shard fails here, not hours into the run (sha256 is checked when read)
         check_shard_files(manifest, path)
     except DataError as err:
@@ -107,14 +121,11 @@ def _saved_checkpoint(cfg: Config):
     return latest, _read_saved_config(latest.path / "config.yaml")
 
 
-def _resolve_precision(cfg: Config, saved: Optional[dict]) -> None:
-    """Set ``train.precision`` to what the run computes in (``auto`` resolved; a resume keeps its checkpoint's
-    precision under ``auto``) and keep the one-line reason for rank 0's log (``precision_choice``)."""
+def _choose_precision(cfg: Config, saved: Optional[dict]) -> PrecisionChoice:
+    """What ``train.precision`` resolves to on this device (``auto``: a resume keeps its checkpoint's precision)."""
     train = (saved or {}).get("train")
     was = train.get("precision") if isinstance(train, dict) else None
-    choice = choose_precision(cfg.train.precision, detect_device(), was if was in PRECISIONS else None)
-    cfg.train.precision = choice.precision
-    cfg.train._precision_choice = choice  # private: not dumped; the checkpoint records the precision itself
+    return choose_precision(cfg.train.precision, detect_device(), was if was in PRECISIONS else None)
 
 
 def precision_choice(cfg: Config) -> Optional[PrecisionChoice]:
