@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from largelm.fileio import YAMLError, parse_yaml, read_yaml
+
 
 class ConfigError(ValueError):
     """A config file or field is wrong; the message names the file and the field."""
@@ -322,8 +324,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
+        got = repr(e.get("input"))  # at most 200 characters of it: an error names a value, it does not reprint it
+        got = got if len(got) <= 200 else f"{got[:200]}... ({len(got):,} characters)"
         show_input = e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict)
-        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if show_input else ""))
+        lines.append(f"  {loc}: {msg}" + (f" (got {got})" if show_input else ""))
     return "\n".join(lines)
 
 
@@ -365,9 +369,9 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Conf
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())  # safe loader: no arbitrary Python objects
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        data = read_yaml(path)  # safe loader (no Python objects), alias bombs refused
+    except YAMLError as err:
+        raise ConfigError(f"config file {err}") from None
     for item in overrides or []:
         apply_override(data, item, source=str(path))
     return config_from_dict(data, source=str(path))
@@ -387,9 +391,9 @@ def apply_override(data: dict, item: str, source: str = "<override>") -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section in {source}")
     try:
-        node[parts[-1]] = yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML: {err}") from None
+        node[parts[-1]] = parse_yaml(raw, f"the value {raw!r}")
+    except YAMLError as err:
+        raise ConfigError(f"override {item!r}: {err}") from None
 
 
 def dump_config(cfg: Config) -> str:

@@ -1,4 +1,4 @@
-"""File helpers shared by the data and checkpoint code: content hashes and atomic writes."""
+"""File helpers shared by the data and checkpoint code: content hashes, atomic writes, bounded YAML."""
 
 from __future__ import annotations
 
@@ -7,6 +7,56 @@ import os
 import shutil
 from pathlib import Path
 
+import yaml
+
+# A config is a few hundred values. YAML anchors/aliases let a few hundred bytes describe 10^9 of them (each
+# alias is a reference, so loading is cheap, but validating or printing the tree walks every expansion: a
+# 396-byte "billion laughs" config took 10 s and a 312 MB error message). Trees larger than this are refused.
+MAX_YAML_VALUES = 100_000
+
+
+class YAMLError(ValueError):
+    """Text that is not valid YAML, or whose aliases expand beyond ``MAX_YAML_VALUES`` values."""
+
+
+def _expanded_size(value, limit: int) -> int:
+    """How many values ``value`` holds once every alias is expanded (memoised per shared node; stops past limit)."""
+    memo: dict[int, int] = {}
+
+    def size(v) -> int:
+        if not isinstance(v, (dict, list)):
+            return 1
+        if id(v) in memo:
+            return memo[id(v)]
+        memo[id(v)] = limit + 1  # a node that reaches itself (recursive alias) expands without end
+        items = list(v.keys()) + list(v.values()) if isinstance(v, dict) else v
+        total = 1
+        for item in items:
+            total += size(item)
+            if total > limit:
+                break
+        memo[id(v)] = total
+        return total
+
+    return size(value)
+
+
+def parse_yaml(text: str, source: str):
+    """``yaml.safe_load`` (plain data only, no Python objects) that refuses alias bombs; errors name ``source``."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise YAMLError(f"{source} is not valid YAML: {err}") from None
+    if _expanded_size(value, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise YAMLError(f"{source}: its anchors/aliases expand to more than {MAX_YAML_VALUES:,} values (a YAML alias "
+                        "bomb?); a config holds a few hundred")
+    return value
+
+
+def read_yaml(path: str | Path):
+    """``parse_yaml`` of a file's text."""
+    return parse_yaml(Path(path).read_text(), str(path))
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
@@ -14,6 +64,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def confined_path(root: str | Path, name: str, where: str, error: type[Exception] = ValueError) -> Path:
+    """``root / name`` for a ``name`` read from a file the user did not write (a manifest, ``largelm.json``, an HF
+    index): a relative path that stays inside ``root`` (no absolute path, no ``..``, no symlink leading out), else
+    ``error`` naming ``where`` - a crafted file must not make a tool read, hash or copy any file on the machine."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise error(f"{where}: {name!r} is not a relative path inside {root}")
+    root = Path(root)
+    path = root / name
+    if path.exists() and not path.resolve().is_relative_to(root.resolve()):
+        raise error(f"{where}: {name!r} leads outside {root} (a symlink to {path.resolve()})")
+    return path
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -115,7 +115,8 @@ def test_teacher_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, co
     # checkpoints record the tokenizer's sha256 (Trainer): that decides, wherever the file is now
     teacher_path.mkdir(parents=True)
     for recorded, same in ((other.sha256, False), (Tokenizer.load(tokenizer_path).sha256, True)):
-        (teacher_path / "manifest.json").write_text(json.dumps({"files": {}, "tokenizer_sha256": recorded}))
+        files = {"config.yaml": {"sha256": "0" * 64, "bytes": 0}}
+        (teacher_path / "manifest.json").write_text(json.dumps({"files": files, "tokenizer_sha256": recorded}))
         if same:
             check_teacher(student, teacher(tmp_path / "gone.model"), teacher_path)  # no warning: verified
         else:

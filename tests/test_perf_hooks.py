@@ -365,28 +365,31 @@ def test_one_replica_fp32_without_clipping_still_reports_the_grad_norm(one_rank,
 def test_resume_refuses_a_checkpoint_whose_engine_ran_another_zero_stage(tmp_path):
     """Same layout and configured stage, but the engine differs (``parallel.single_replica_zero`` changed, or a
     one-replica checkpoint from before the setting existed): refused before launch, naming the setting."""
-    import json
-
     import yaml
 
+    from largelm.checkpoint.manager import write_manifest
     from largelm.config import ConfigError
     from largelm.train.preflight import _check_checkpoint
 
     step = tmp_path / "step_00000002"
     step.mkdir()
     (tmp_path / "latest").write_text(step.name)
-    (step / "manifest.json").write_text(json.dumps({"world_size": 1, "files": {}}))
+
+    def saved_config(values: dict) -> None:  # config.yaml, and a manifest that vouches for it
+        (step / "config.yaml").write_text(yaml.safe_dump(values))
+        write_manifest(step, {"world_size": 1})
+
     fast = _cfg(parallel={"zero_stage": 2}, checkpoint={"dir": str(tmp_path)})
     configured = _cfg(parallel={"zero_stage": 2, "single_replica_zero": "as_configured"},
                       checkpoint={"dir": str(tmp_path)})
-    (step / "config.yaml").write_text(yaml.safe_dump(fast.model_dump(mode="json")))
+    saved_config(fast.model_dump(mode="json"))
     _check_checkpoint(fast, 1)
     with pytest.raises(ConfigError, match=r"single_replica_zero: the checkpoint's engine ran ZeRO-0, this config's "
                                           r"runs ZeRO-2 \(set it to 'fastest'\)"):
         _check_checkpoint(configured, 1)
     before = configured.model_dump(mode="json")
     del before["parallel"]["single_replica_zero"]  # written before the setting existed: the configured stage ran
-    (step / "config.yaml").write_text(yaml.safe_dump(before))
+    saved_config(before)
     _check_checkpoint(configured, 1)
     with pytest.raises(ConfigError, match=r"ran ZeRO-2, this config's runs ZeRO-0 \(set it to 'as_configured'\)"):
         _check_checkpoint(fast, 1)
@@ -395,10 +398,9 @@ def test_resume_refuses_a_checkpoint_whose_engine_ran_another_zero_stage(tmp_pat
 def test_a_checkpoint_from_before_single_replica_zero_consolidates_with_its_own_stage(tmp_path):
     """A one-replica checkpoint written before ``parallel.single_replica_zero`` existed ran the configured ZeRO-2:
     the converter must look for ZeRO-2 partitions, not the ZeRO-0 files today's default would imply."""
-    import json
-
     import yaml
 
+    from largelm.checkpoint.manager import write_manifest
     from largelm.checkpoint.reader import inspect_checkpoint
     from largelm.errors import ConversionError
 
@@ -407,6 +409,6 @@ def test_a_checkpoint_from_before_single_replica_zero_consolidates_with_its_own_
     raw = _cfg(parallel={"zero_stage": 2}).model_dump(mode="json")
     del raw["parallel"]["single_replica_zero"]
     (step / "config.yaml").write_text(yaml.safe_dump(raw))
-    (step / "manifest.json").write_text(json.dumps({"step": 2, "world_size": 1, "files": {}}))
+    write_manifest(step, {"step": 2, "world_size": 1})
     with pytest.raises(ConversionError, match=r"ZeRO-2\): missing .*zero_pp_rank_0_mp_rank_00_optim_states\.pt"):
         inspect_checkpoint(step, checksums=False)

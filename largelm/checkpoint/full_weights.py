@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from largelm.checkpoint.manager import CheckpointError, find_latest
 from largelm.checkpoint.reader import consolidate_checkpoint, inspect_checkpoint
 from largelm.config import Config, checkpoint_config_from_dict
 from largelm.errors import ConversionError
+from largelm.fileio import YAMLError, read_yaml
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -38,7 +38,10 @@ def checkpoint_config(ckpt_dir: Path) -> Config:
     cfg_file = ckpt_dir / "config.yaml"
     if not cfg_file.is_file():
         raise CheckpointError(f"checkpoint {ckpt_dir} has no config.yaml")
-    return checkpoint_config_from_dict(yaml.safe_load(cfg_file.read_text()), source=str(cfg_file))
+    try:
+        return checkpoint_config_from_dict(read_yaml(cfg_file), source=str(cfg_file))
+    except YAMLError as err:
+        raise CheckpointError(f"checkpoint config {err}") from None
 
 
 def load_full_weights(path: str | Path, dtype: Optional[torch.dtype] = torch.float32) -> tuple[Config, dict, Path]:

@@ -41,7 +41,7 @@ from largelm.checkpoint.safe_load import (
     safe_torch_load,
     take_write_error,
 )
-from largelm.fileio import publish_dir, sha256_file, torch_save_durable, write_text_atomic
+from largelm.fileio import confined_path, publish_dir, sha256_file, torch_save_durable, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +99,30 @@ def read_manifest(ckpt_dir: Path) -> dict:
         raise CheckpointError(f"checkpoint manifest {path} is corrupt: {err}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"checkpoint manifest {path} is corrupt: not an object with a 'files' mapping")
+    if not manifest["files"]:  # a save always writes files; an empty map would vouch for nothing
+        raise CheckpointError(f"checkpoint manifest {path} lists no files")
     for rel, info in manifest["files"].items():
         if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
             raise CheckpointError(f"checkpoint manifest {path} is corrupt: files[{rel!r}] lacks an integer 'bytes' "
                                   "and a string 'sha256'")
+        confined_path(ckpt_dir, rel, f"checkpoint manifest {path}: files[{rel!r}]", CheckpointError)
     return manifest
 
 
+# Files the loaders read (DeepSpeed finds its .pt files by name pattern): each must be one the manifest vouches for.
+_LOADED_SUFFIXES = (".pt", ".yaml", ".json", ".safetensors")
+
+
 def verify_checkpoint(ckpt_dir: Path, checksums: bool = True) -> dict:
-    """Check every file named in the manifest exists with the recorded size (and sha256)."""
+    """Check every file named in the manifest exists with the recorded size (and sha256), and that every file a
+    loader may read is named there."""
     manifest = read_manifest(ckpt_dir)
+    unlisted = sorted(str(f.relative_to(ckpt_dir)) for f in ckpt_dir.rglob("*")
+                      if f.suffix in _LOADED_SUFFIXES and f.name != MANIFEST
+                      and str(f.relative_to(ckpt_dir)) not in manifest["files"])
+    if unlisted:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {', '.join(unlisted[:5])} not listed in its manifest (added "
+                              "after the save; the loader would read unverified files)")
     for rel, info in manifest["files"].items():
         f = ckpt_dir / rel
         if not f.is_file():

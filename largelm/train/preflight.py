@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from largelm.checkpoint.manager import CheckpointError, find_latest
 from largelm.checkpoint.manager import read_manifest as read_checkpoint_manifest
 from largelm.config import Config, ConfigError, ModelConfig, checkpoint_config_from_dict
 from largelm.data import DataError, read_manifest
 from largelm.data.shards import check_shard_files
+from largelm.fileio import YAMLError, read_yaml
 from largelm.hardware import PRECISIONS, PrecisionChoice, choose_precision, detect_device
 from largelm.parallel.deepspeed_config import engine_zero_stage
 from largelm.tokenizer import BERT_SPECIAL_PIECES, Tokenizer, TokenizerError
@@ -184,10 +183,9 @@ def _check_checkpoint(cfg: Config, world_size: int, found=_LOOK_UP) -> None:
 def _read_saved_config(path: Path) -> dict:
     """A checkpoint's config.yaml as a dict with ``model`` and ``parallel`` sections, else a ConfigError."""
     try:
-        saved = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"checkpoint config {path} is not valid YAML, so it cannot be checked against this "
-                          f"config: {err}") from None
+        saved = read_yaml(path)
+    except YAMLError as err:
+        raise ConfigError(f"checkpoint config {err}; so it cannot be checked against this config") from None
     if not isinstance(saved, dict) or not all(isinstance(saved.get(key), dict) for key in ("model", "parallel")):
         raise ConfigError(f"checkpoint config {path} has no model and parallel sections, so it cannot be checked "
                           "against this config")
