@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -41,7 +43,7 @@ from largelm.checkpoint.safe_load import (
     safe_torch_load,
     take_write_error,
 )
-from largelm.fileio import confined_path, publish_dir, sha256_file, torch_save_durable, write_text_atomic
+from largelm.fileio import confined_path, fsync_dir, publish_dir, sha256_file, torch_save_durable, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,9 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 PARTIAL_PREFIX = ".partial-"
 REPLACED_PREFIX = ".replaced-"  # a complete checkpoint of the same step being replaced (removed after the swap)
+ABANDONED_PREFIX = "abandoned-"  # checkpoints newer than the one a run resumed from, set aside (never resumed)
 _TAG_RE = re.compile(r"^step_(\d{8})$")
+_LEFTOVER_RE = re.compile(rf"^({re.escape(PARTIAL_PREFIX)}|{re.escape(REPLACED_PREFIX)})step_\d{{8}}$")
 
 
 class CheckpointError(RuntimeError):
@@ -136,6 +140,23 @@ def verify_checkpoint(ckpt_dir: Path, checksums: bool = True) -> dict:
     return manifest
 
 
+def set_aside_newer(root: Path, resumed: Checkpoint) -> Optional[Path]:
+    """Resuming from a checkpoint older than the newest (``latest`` pointed back, or the newer ones are damaged):
+    move the complete checkpoints of later steps into ``abandoned-<time>/``, so that neither rotation nor a later
+    resume ever reaches that other timeline. Returns the directory they went to (None: nothing newer)."""
+    newer = [c for c in list_checkpoints(root) if c.step > resumed.step]
+    if not newer:
+        return None
+    aside = Path(root) / f"{ABANDONED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-from-{resumed.path.name}"
+    aside.mkdir()
+    for c in newer:
+        os.rename(c.path, aside / c.path.name)
+    fsync_dir(root)
+    log.warning("resuming from %s: the later checkpoints %s were moved to %s (not deleted; not resumed)",
+                resumed.path.name, [c.path.name for c in newer], aside)
+    return aside
+
+
 def list_checkpoints(root: Path) -> list[Checkpoint]:
     """Complete checkpoints (those with a manifest), oldest first. Partial directories are ignored."""
     if not root.is_dir():
@@ -157,6 +178,9 @@ def find_latest(root: Path, checksums: bool = True) -> Optional[Checkpoint]:
         tag = pointer.read_text().strip()
         preferred = [c for c in candidates if c.path.name == tag]
         candidates = preferred + [c for c in reversed(candidates) if c.path.name != tag]
+        if not preferred and candidates:  # a rollback gone wrong, a deleted directory: never silently
+            log.warning("%s names %s, which is not a complete checkpoint in %s; resuming from the newest complete "
+                        "one instead (%s)", pointer, tag, root, candidates[0].path.name)
     else:
         candidates = list(reversed(candidates))
     errors = []
@@ -192,10 +216,9 @@ class CheckpointManager:
         if _rank() == 0:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
-                for stale in self.root.glob(f"{PARTIAL_PREFIX}*"):  # left by crashed saves: never loadable
-                    shutil.rmtree(stale)
-                for stale in self.root.glob(f"{REPLACED_PREFIX}*"):
-                    shutil.rmtree(stale)
+                for stale in self.root.iterdir():  # left by crashed saves (never loadable); other names: not ours
+                    if _LEFTOVER_RE.match(stale.name) and stale.is_dir() and not stale.is_symlink():
+                        shutil.rmtree(stale)
             except OSError as err:
                 error = err
         self._check_all_ranks(error, step, partial)
@@ -216,7 +239,7 @@ class CheckpointManager:
                 write_manifest(partial, {"step": step, "tag": tag, **self.meta})
                 publish_dir(partial, final, replaced)  # a same-step checkpoint is swapped out only now
                 write_text_atomic(self.root / LATEST, tag)
-                self._rotate()
+                self._rotate(step)
             except OSError as err:
                 error = err
         self._check_all_ranks(error, step, partial)
@@ -235,8 +258,16 @@ class CheckpointManager:
         cause = f"rank {_rank()}: {error}" if error is not None else "failed on another rank (see its error)"
         raise CheckpointError(f"saving the checkpoint of step {step} to {self.root} failed ({cause}); {kept}")
 
-    def _rotate(self) -> None:
-        for old in list_checkpoints(self.root)[: -self.keep_last]:
+    def _rotate(self, saved_step: int) -> None:
+        """Keep the checkpoint just saved and the ``keep_last - 1`` newest before it. Checkpoints of later steps
+        (another timeline: ``set_aside_newer`` moves them away on resume) are never deleted here, only named."""
+        complete = list_checkpoints(self.root)
+        older = [c for c in complete if c.step < saved_step]
+        newer = [c.path.name for c in complete if c.step > saved_step]
+        if newer:
+            log.warning("%s holds checkpoints of later steps than the one just saved (step %d): %s; kept, not "
+                        "rotated (move them aside if that timeline is abandoned)", self.root, saved_step, newer)
+        for old in older[: max(0, len(older) - (self.keep_last - 1))]:
             shutil.rmtree(old.path, ignore_errors=True)
 
     def load(self, engine, checkpoint: Checkpoint) -> dict:
@@ -246,7 +277,6 @@ class CheckpointManager:
         ``CheckpointError`` before any of its code runs.
         """
         import pickle
-
 
         install_safe_checkpoint_engine(engine)
         try:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from largelm import faults
-from largelm.checkpoint.manager import LATEST, CheckpointManager, find_latest
+from largelm.checkpoint.manager import LATEST, CheckpointManager, find_latest, set_aside_newer
 from largelm.config import Config, ConfigError, dump_config
 from largelm.data import DataError, build_loader
 from largelm.data.bert_masking import BertMasker
@@ -132,6 +132,8 @@ class Trainer:
         if not self.cfg.checkpoint.resume:
             return
         latest = find_latest(Path(self.cfg.checkpoint.dir)) if self.rank == 0 else None
+        if latest is not None:  # a later timeline is set aside before this run's first save could rotate into it
+            set_aside_newer(Path(self.cfg.checkpoint.dir), latest)
         obj = [latest]
         dist.broadcast_object_list(obj, src=0)  # every rank loads the checkpoint rank 0 verified
         latest = obj[0]

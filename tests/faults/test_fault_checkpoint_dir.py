@@ -1,0 +1,86 @@
+"""A checkpoint directory is not always what the run left there: a user rolled ``latest`` back, a stray file sits
+next to the checkpoints, another timeline's checkpoints are newer than the one resumed. Nothing the run just wrote
+is deleted, nothing is silently resumed from another timeline, and a stray name does not fail a save."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from faultkit import single_rank_step
+
+from largelm.checkpoint.manager import ABANDONED_PREFIX, LATEST, CheckpointManager, find_latest, set_aside_newer
+
+
+@pytest.fixture(scope="module")
+def engine_step(run_config, tmp_path_factory):
+    """One real DeepSpeed engine (1 rank, in process) shared by the cases: saving is what they exercise."""
+    with single_rank_step(run_config, tmp_path_factory.mktemp("run")) as (_, step):
+        yield step
+
+
+def _save(manager: CheckpointManager, step, n: int):
+    return manager.save(step.engine, n, {"step": n, "rng": torch.get_rng_state()})
+
+
+def _steps(root) -> list[int]:
+    return [int(p.name.split("_")[1]) for p in sorted(root.glob("step_*"))]
+
+
+def test_rollback_then_save_keeps_the_new_checkpoint_and_sets_the_other_timeline_aside(engine_step, tmp_path, ledger,
+                                                                                      caplog):
+    root = tmp_path / "ckpt"
+    first_run = CheckpointManager(root, keep_last=3)
+    for n in (100, 300, 400):  # 300 and 400 belong to a timeline the user abandons
+        _save(first_run, engine_step, n)
+    manager = CheckpointManager(root, keep_last=2)
+    with ledger.scenario("rollback: latest pointed at an older step, then a save with keep_last=2"):
+        (root / LATEST).write_text("step_00000100")
+        resumed = find_latest(root)
+        assert resumed.step == 100
+        with caplog.at_level(logging.WARNING, logger="largelm.checkpoint.manager"):
+            aside = set_aside_newer(root, resumed)  # what the trainer does on resume, before its first save
+        assert aside.name.startswith(ABANDONED_PREFIX) and sorted(p.name for p in aside.iterdir()) == [
+            "step_00000300", "step_00000400"]
+        assert "moved to" in caplog.text and "step_00000400" in caplog.text
+        saved = _save(manager, engine_step, 200)
+        assert saved.is_dir() and _steps(root) == [100, 200]  # the save survives its own rotation
+        assert find_latest(root).step == 200  # the next resume continues this timeline, not step 400
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(engine_step, tmp_path, ledger, caplog):
+    """Without a resume (``checkpoint.resume: false`` in a used directory) later steps exist: they are named, kept."""
+    root = tmp_path / "ckpt"
+    manager = CheckpointManager(root, keep_last=1)
+    for n in (300, 400):
+        _save(manager, engine_step, n)
+    with ledger.scenario("save below existing later steps with keep_last=1"):
+        with caplog.at_level(logging.WARNING, logger="largelm.checkpoint.manager"):
+            saved = _save(CheckpointManager(root, keep_last=1), engine_step, 2)
+        assert saved.is_dir() and 2 in _steps(root)
+        assert "later steps than the one just saved (step 2)" in caplog.text
+
+
+def test_latest_naming_a_missing_checkpoint_is_a_warning_naming_both(engine_step, tmp_path, ledger, caplog):
+    root = tmp_path / "ckpt"
+    manager = CheckpointManager(root, keep_last=3)
+    for n in (2, 4):
+        _save(manager, engine_step, n)
+    with ledger.scenario("latest names a checkpoint that does not exist"):
+        (root / LATEST).write_text("step_00000006")
+        with caplog.at_level(logging.WARNING, logger="largelm.checkpoint.manager"):
+            assert find_latest(root).step == 4
+        assert "names step_00000006, which is not a complete checkpoint" in caplog.text
+        assert "(step_00000004)" in caplog.text
+
+
+def test_stray_partial_named_file_does_not_fail_a_save(engine_step, tmp_path, ledger):
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    notes = root / ".partial-notes.txt"
+    notes.write_text("my notes")
+    (root / ".partial-scratch").mkdir()
+    with ledger.scenario("stray .partial-notes.txt and .partial-scratch/ in the checkpoint directory"):
+        saved = _save(CheckpointManager(root, keep_last=2), engine_step, 2)
+        assert saved.is_dir() and notes.read_text() == "my notes" and (root / ".partial-scratch").is_dir()
