@@ -21,6 +21,7 @@ import subprocess
 import sys
 from typing import Optional
 
+from largelm.checkpoint.lock import CheckpointLocked, check_unlocked
 from largelm.cli import positive_int
 from largelm.config import ConfigError, load_config
 from largelm.train.preflight import preflight
@@ -103,8 +104,9 @@ def main(argv=None, *, replace_process: Optional[bool] = None) -> int:
     args = build_parser().parse_args(argv)
     world_size = args.nproc * args.num_nodes
     try:  # validate before any process starts: config, layout, tokenizer, data, checkpoint compatibility
-        preflight(load_config(args.config, args.overrides), world_size)
-    except ConfigError as err:
+        cfg = preflight(load_config(args.config, args.overrides), world_size)
+        check_unlocked(cfg.checkpoint.dir)  # another live run writes there: refuse now (rank 0 takes the lock)
+    except (ConfigError, CheckpointLocked) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     cmd = build_command(args)

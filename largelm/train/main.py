@@ -57,6 +57,7 @@ def main(argv=None) -> int:
         return 2
 
     # lazy: heavy imports (torch, deepspeed, megatron) only after the config is known to be good.
+    from largelm.checkpoint.lock import CheckpointDirLock, CheckpointLocked  # lazy (see above)
     from largelm.checkpoint.manager import CheckpointError  # lazy (see above)
     from largelm.data import DataError  # lazy (see above)
     from largelm.train.trainer import Trainer, TrainingAborted  # lazy (see above)
@@ -64,6 +65,13 @@ def main(argv=None) -> int:
     stop = StopFlag()
     rank = int(os.environ.get("RANK", "0"))
     trainer = None
+    lock = CheckpointDirLock(cfg.checkpoint.dir)
+    try:  # rank 0 holds checkpoint.dir for the run's life, taken before any process group (largelm.checkpoint.lock)
+        if rank == 0:
+            lock.acquire()
+    except CheckpointLocked as err:  # the other ranks stop with the launcher, which ends them when rank 0 exits
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     try:
         trainer = Trainer(cfg, stop_requested=_all_ranks(stop))
         trainer.fit()
@@ -87,6 +95,7 @@ def main(argv=None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        lock.release()
     # Done (checkpoint written): a late stop signal - e.g. the job script re-sending it - must not kill the process
     # while the interpreter shuts down, when Python has already put back the default (fatal) handlers.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
