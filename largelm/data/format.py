@@ -49,8 +49,6 @@ def sample_key(index: int) -> str:
     return f"s{index:010d}"
 
 
-
-
 class ShardInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -150,10 +148,13 @@ def decode_sample(files: dict, manifest: Manifest, where: str) -> np.ndarray:
     if payload is None:
         found = sorted(k for k in files if not k.startswith("__"))
         raise DataError(f"{where}: no {TOKENS_FIELD} member (found {found})")
+    buffer = io.BytesIO(payload)
     try:
-        tokens = np.load(io.BytesIO(payload), allow_pickle=False)
+        tokens = np.load(buffer, allow_pickle=False)
     except Exception as err:  # numpy raises ValueError/EOFError/etc. for a damaged header
         raise DataError(f"{where}: {TOKENS_FIELD} is not a readable .npy array: {err}") from None
+    if buffer.tell() != len(payload):  # np.load stops after the array; bytes after it were not written by us
+        raise DataError(f"{where}: {TOKENS_FIELD} has {len(payload) - buffer.tell()} bytes after its array")
     if tokens.dtype != np.dtype(manifest.dtype) or tokens.shape != (manifest.sample_length,):
         raise DataError(
             f"{where}: expected {manifest.dtype}[{manifest.sample_length}] "

@@ -17,15 +17,17 @@ process group.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
-from largelm.data.format import DataError, Manifest, ShardInfo, decode_sample
+from largelm.data.format import TOKENS_FIELD, DataError, Manifest, ShardInfo, decode_sample
 from largelm.fileio import sha256_file
 
 log = logging.getLogger(__name__)
@@ -100,8 +102,34 @@ def check_shard_files(manifest: Manifest, split_dir: Path) -> None:
             )
 
 
-# (shard, expected sha256) pairs this process has already hashed; each DataLoader worker hashes a shard once.
-_hashed: set[tuple[str, str]] = set()
+# The only member a shard holds per sample (largelm.prepare writes nothing else), and the most bytes one may take:
+# the sample's array plus room for its .npy header (128 bytes in practice).
+_MEMBER_RE = re.compile(rf"^s\d{{10}}\.{re.escape(TOKENS_FIELD)}$")
+_NPY_HEADER_ROOM = 4096
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A sample member that was not read (see ``ShardReader._members``), and why."""
+
+    cause: str
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.issparse():
+        return "sparse file"
+    return {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.DIRTYPE: "directory"}.get(
+        member.type, "special file")
+
+
+# (shard, expected sha256) -> the file's identity (size, mtime, inode) when this process hashed it; each DataLoader
+# worker hashes a shard once and checks the identity at every later open (a shard rewritten under a running job,
+# e.g. data preparation re-run into the same directory, must stop the run, not be served).
+_hashed: dict[tuple[str, str], tuple[int, int, int]] = {}
+
+
+def _identity(stat) -> tuple[int, int, int]:
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 class ShardReader:
@@ -133,33 +161,67 @@ class ShardReader:
             raise DataError(message)
         self.on_bad(message, count)
 
-    def _verify(self, path: str) -> None:
+    def _verify(self, path: str, stream) -> None:
+        """sha256 against the manifest at the first open; afterwards the file must still be the one hashed."""
         expected = self._info[path].sha256
-        if not self.verify_checksums or (path, expected) in _hashed:
+        now = _identity(os.fstat(stream.fileno()))
+        seen = _hashed.get((path, expected))
+        if seen is not None and seen != now:
+            raise DataError(f"shard {path} changed while this run reads it (size, mtime or inode differ from when "
+                            "its sha256 was checked): was the data prepared again into the same directory? Stop, "
+                            "and point the run at a directory that stays as it is")
+        if seen is not None:
+            return
+        if not self.verify_checksums:
+            _hashed[(path, expected)] = now
             return
         actual = sha256_file(Path(path))
         if actual == expected:
-            _hashed.add((path, expected))
+            _hashed[(path, expected)] = now
             return
         message = f"shard {path}: sha256 {actual} does not match the manifest's {expected}"
         if self.on_bad is None:
             raise DataError(message)
         # Skip mode: read it anyway (warned once per process); samples failing the per-sample checks are
         # counted as bad, but damage that still decodes to in-vocabulary ids cannot be detected.
-        _hashed.add((path, expected))
+        _hashed[(path, expected)] = now
         log.warning("%s; reading it anyway and skipping samples that fail checks", message)
 
+    def _members(self, stream, path: str) -> Iterator[dict]:
+        """The shard's members as webdataset's ``{"fname", "data"}`` records, each checked from its tar header
+        *before* its data is read: a regular file named ``<key>.tokens.npy`` of at most one sample's size.
+        A member with another name is not a sample: reported (skip mode: counted) and left out. A sample member
+        that is sparse, special or too large is not read: its record carries a ``_Refused`` with the cause, so the
+        sample still counts in the shard's order and is reported under that cause."""
+        cap = self.manifest.sample_length * np.dtype(self.manifest.dtype).itemsize + _NPY_HEADER_ROOM
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                where = f"shard {path} member {member.name!r}"
+                if not _MEMBER_RE.match(member.name):
+                    self._bad(f"{where}: unexpected name (samples are <key>.{TOKENS_FIELD}, key s + 10 digits)")
+                    continue
+                if not member.isreg() or member.issparse():
+                    data = _Refused(f"{where}: a {_member_kind(member)}, not a sample file")
+                elif member.size > cap:
+                    data = _Refused(f"{where}: {member.size} bytes, more than one sample of this dataset takes "
+                                    f"({cap})")
+                else:
+                    data = tar.extractfile(member).read()
+                yield {"fname": member.name, "data": data, "__url__": path}
+
     def read(self, r: ShardRange) -> Iterator[dict]:
-        self._verify(r.path)
         index, last_key = 0, None
         try:
             with open(r.path, "rb") as stream:
-                files = ({**f, "__url__": r.path} for f in tar_file_iterator(stream))
-                for files_of_sample in group_by_keys(files):
+                self._verify(r.path, stream)
+                for files_of_sample in group_by_keys(self._members(stream, r.path)):
                     if index >= r.stop:
                         break
                     key = files_of_sample["__key__"]
-                    if index >= r.start:  # samples before the range belong to another reader: not decoded
+                    refused = files_of_sample.get(TOKENS_FIELD)
+                    if index >= r.start and isinstance(refused, _Refused):
+                        self._bad(refused.cause)
+                    elif index >= r.start:  # samples before the range belong to another reader: not decoded
                         try:
                             tokens = decode_sample(files_of_sample, self.manifest, f"shard {r.path} sample {key!r}")
                         except DataError as err:
