@@ -14,9 +14,9 @@ changes it, the runs it applies to and the test that pins it. ``python -m largel
 * Launcher (``scope="launcher"``): ``local_launch_in_process()`` and ``fast_launch_poll()`` (module ``launcher``,
   used by ``largelm/ds_launcher.py``; not imported here, so a training rank does not load DeepSpeed's runner).
 
-Every entry point that patches first calls ``check_deepspeed_version()``: the patches replace private DeepSpeed
-internals, so another DeepSpeed version is refused with a RuntimeError naming both versions rather than patched
-blindly.
+``install_deepspeed_compat`` and the launcher contexts first call ``check_deepspeed_version()``: the patches replace
+private DeepSpeed internals, so another DeepSpeed version is refused with a RuntimeError naming both versions rather
+than patched blindly (a run always builds its engine, and so checks, before it saves or loads a checkpoint).
 """
 
 from __future__ import annotations
