@@ -228,7 +228,7 @@ def test_tp2_checkpoint_resharded_to_tp1_resumes_in_the_trainer(runs, tmp_path):
     assert manifest["world_size"] == 1 and manifest["tensor_parallel"] == 1 and manifest["zero_stage"] == 3
     record = json.loads((out / "conversion.json").read_text())
     assert record["data_state_kept"] and record["weights"]["weight_diff"] == 0.0
-    from largelm.checkpoint.safe_load import safe_torch_load
+    from largelm.parallel.deepspeed_compat import safe_torch_load
 
     before = safe_torch_load(ckpt / "step_00000002" / "trainer_state_rank00000.pt")
     after = safe_torch_load(step_dir / "trainer_state_rank00000.pt")

@@ -10,6 +10,7 @@ import pytest
 
 from largelm import ds_launcher
 from largelm.launch import DEEPSPEED_MODULE, build_command, build_parser, cpu_environment
+from largelm.parallel.deepspeed_compat import launcher as launcher_compat
 
 
 def cmd(*argv):
@@ -80,11 +81,11 @@ def test_ds_launcher_runs_the_local_launch_in_process(monkeypatch):
 
 
 def test_ds_launcher_spawner_passes_other_commands_through():
-    spawner = ds_launcher._Spawner(subprocess)
+    spawner = launcher_compat.Spawner(subprocess)
     assert spawner.DEVNULL is subprocess.DEVNULL
     proc = spawner.Popen([sys.executable, "-c", "pass"])  # e.g. the pdsh command of a multi-node launch
     assert proc.wait() == 0
-    with pytest.raises(ds_launcher._LocalLaunch):
+    with pytest.raises(launcher_compat.LocalLaunch):
         spawner.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.launch", "--world_info=x", "s.py"], env={})
 
 

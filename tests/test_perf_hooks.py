@@ -13,6 +13,7 @@ from tolerances import U32, UBF16, adamw_step_tol, bf16_adam_drift, chain_length
 
 from largelm.config import config_from_dict, load_config
 from largelm.launch import CPU_MALLOC_ENV, cpu_environment
+from largelm.parallel.deepspeed_compat import use_fused_adamw
 from largelm.parallel.deepspeed_config import (
     DEEPSPEED_DEFAULT_BUCKET,
     deepspeed_config,
@@ -20,7 +21,6 @@ from largelm.parallel.deepspeed_config import (
     reduce_bucket_elements,
     skips_data_parallel_reduction,
 )
-from largelm.train.optim import use_fused_adamw
 
 # reduction chain of _cfg's model over one step (2 micro-batches of 2 x 16 tokens), forward and backward
 STEP_CHAIN = chain_length(layers=2, hidden=64, ffn=256, seq=16, heads=4, vocab=256, tokens=2 * 2 * 16, backward=True)
@@ -212,7 +212,7 @@ def test_bf16_gradients_accumulate_in_place_with_the_same_result(one_rank, monke
     the second added) train bit-identically to DeepSpeed's own BF16_Optimizer, with no zeroing pass over the fp32
     gradient buffers at all; and whatever a buffer slice holds without a gradient since the last clear is zeroed
     before anything reads the whole buffer."""
-    import largelm.train.engine as engine_module
+    import largelm.parallel.deepspeed_compat as compat_module
 
     monkeypatch.setenv("LOCAL_RANK", "0")
     zeroed = []
@@ -224,7 +224,7 @@ def test_bf16_gradients_accumulate_in_place_with_the_same_result(one_rank, monke
     flat = fast.optimizer.fp32_groups_gradients_flat
     assert max(zeroed, default=0) < min(b.numel() for b in flat)  # never a whole buffer
     stock_zeroed = len(zeroed)
-    monkeypatch.setattr(engine_module, "accumulate_bf16_gradients_in_place", lambda optimizer: False)
+    monkeypatch.setattr(compat_module, "accumulate_bf16_gradients_in_place", lambda optimizer: False)
     _, ref_curve, ref_weights = _train_one_rank(cfg, steps=3)
     assert len(zeroed) > stock_zeroed and curve == ref_curve and ref_curve[0] != ref_curve[-1]
     for name, value in weights.items():
@@ -294,8 +294,8 @@ def test_bf16_clipping_inside_fused_adamw_clips_as_deepspeed_does(one_rank, monk
     one fp32 ulp diverges just as far (5.2e-5 natively, 1.3e-4 under AVX2), while every step of both runs stays within
     0.45 x ``adamw_step_tol`` of the float64 reference (an unclipped step would be >1e6 x off). So after step 1 the
     runs are held to the bf16 error model (``bf16_adam_drift``) and each step to the float64 reference; nothing in
-    largelm/train/optim.py needed fixing."""
-    import largelm.train.engine as engine_module
+    largelm/parallel/deepspeed_compat/optimizer.py needed fixing."""
+    import largelm.parallel.deepspeed_compat as compat_module
 
     monkeypatch.setenv("LOCAL_RANK", "0")
     max_norm, lr = 0.05, 1e-2
@@ -311,7 +311,7 @@ def test_bf16_clipping_inside_fused_adamw_clips_as_deepspeed_does(one_rank, monk
     assert fused.optimizer.clip_grad == max_norm and inner.grad_scale is None and inner._optimizer_step_pre_hooks
     assert all(norm > max_norm for _, norm in curve)  # clipped at every step
     with monkeypatch.context() as m:
-        m.setattr(engine_module, "clip_inside_fused_adamw", lambda optimizer: False)
+        m.setattr(compat_module, "clip_inside_fused_adamw", lambda optimizer: False)
         stock, ref_curve, _ = _train_one_rank(cfg, steps=3, setup=lambda engine: _record_adamw_steps(engine, stock_log))
     assert len(fused_log) == len(stock_log) == 3
 

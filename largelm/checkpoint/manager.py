@@ -17,7 +17,8 @@ all-reduced where the barriers were, so no rank hangs waiting for another): the 
 ``CheckpointError`` names the error and the previous checkpoint. Stale ``.partial-*`` directories of crashed saves
 are removed by the next save.
 
-Loading never unpickles code: DeepSpeed's files and ours are read with ``weights_only=True`` (``safe_load.py``).
+Loading never unpickles code: DeepSpeed's files and ours are read with ``weights_only=True``
+(``largelm.parallel.deepspeed_compat``: ``safe_torch_load``, ``forced_weights_only``, the safe checkpoint engine).
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ import torch
 import torch.distributed as dist
 
 from largelm import faults
-from largelm.checkpoint.safe_load import (
+from largelm.fileio import confined_path, fsync_dir, publish_dir, sha256_file, torch_save_durable, write_text_atomic
+from largelm.parallel.deepspeed_compat import (
     UnsafeCheckpointError,
     forced_weights_only,
     install_safe_checkpoint_engine,
     safe_torch_load,
     take_write_error,
 )
-from largelm.fileio import confined_path, fsync_dir, publish_dir, sha256_file, torch_save_durable, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,8 @@ class CheckpointManager:
             except OSError as err:
                 error = err
         self._check_all_ranks(error, step, partial)
-        install_safe_checkpoint_engine(engine)  # DeepSpeed's write errors are kept, not raised mid-collective
+        install_safe_checkpoint_engine(engine)  # no-op after install_deepspeed_compat; engines built elsewhere
+        # get it here: DeepSpeed's write errors are kept, not raised mid-collective
         engine.save_checkpoint(str(self.root), tag=partial.name, client_state={"step": step}, save_latest=False)
         error = take_write_error(engine)
         if error is None:
@@ -273,8 +275,8 @@ class CheckpointManager:
     def load(self, engine, checkpoint: Checkpoint) -> dict:
         """Collective: restore engine (model, optimizer, scheduler) and return this rank's trainer state.
 
-        Nothing is unpickled beyond tensors and plain data (``safe_load``): a crafted file is refused with
-        ``CheckpointError`` before any of its code runs.
+        Nothing is unpickled beyond tensors and plain data (``deepspeed_compat.safe_torch_load``): a crafted file is
+        refused with ``CheckpointError`` before any of its code runs.
         """
         import pickle
 

@@ -4,8 +4,8 @@ Per model-parallel rank (DeepSpeed's ``mp_rank_XX``: one TP shard of one pipelin
 weights are reassembled from the data-parallel ZeRO partitions by DeepSpeed's own zero_to_fp32 merge
 (``_get_fp32_state_dict_from_zero2_checkpoint`` / ``..._zero3_checkpoint``, which know ZeRO's flattening,
 alignment padding and partition order). We only replace its file loading: DeepSpeed unpickles with
-``weights_only=False``; here every ``.pt`` file is read through ``largelm.checkpoint.safe_load`` (weights_only
-with an explicit allowlist of DeepSpeed's plain data classes). zero_to_fp32 itself assumes one
+``weights_only=False``; here every ``.pt`` file is read through ``largelm.parallel.deepspeed_compat``
+(weights_only with an explicit allowlist of DeepSpeed's plain data classes). zero_to_fp32 itself assumes one
 model-parallel rank, so we run it once per ``mp_rank``, then rename pipeline names to ``GPTModel`` names,
 unshard tensor-parallel tensors (layout rules in ``layout.py``) and cut the vocabulary padding.
 
@@ -27,7 +27,6 @@ import yaml
 
 from largelm.checkpoint.consolidated import Consolidated, strip_vocab_padding
 from largelm.checkpoint.manager import LATEST, MANIFEST, PARTIAL_PREFIX, CheckpointError, verify_checkpoint
-from largelm.checkpoint.safe_load import UnsafeCheckpointError, safe_torch_load
 from largelm.config import Config, ConfigError, checkpoint_config_from_dict
 from largelm.errors import ConversionError
 from largelm.model.layout import (
@@ -37,6 +36,7 @@ from largelm.model.layout import (
     to_model_names,
     tp_partition,
 )
+from largelm.parallel.deepspeed_compat import UnsafeCheckpointError, safe_torch_load
 from largelm.parallel.deepspeed_config import engine_zero_stage
 from largelm.parallel.sharding import unshard_tensors
 
@@ -163,8 +163,9 @@ def _check_files_present(info: CheckpointInfo) -> None:
 
 # --- safe loading --------------------------------------------------------------------------------------------
 def load_pt(path: Path) -> dict:
-    """A DeepSpeed/largelm ``.pt`` file through the shared security boundary (largelm.checkpoint.safe_load:
-    ``torch.load(weights_only=True)`` with DeepSpeed's plain data classes allowlisted); clear errors otherwise."""
+    """A DeepSpeed/largelm ``.pt`` file through the shared security boundary
+    (largelm.parallel.deepspeed_compat.safe_torch_load: ``torch.load(weights_only=True)`` with DeepSpeed's plain
+    data classes allowlisted); clear errors otherwise."""
     try:
         return safe_torch_load(path)
     except UnsafeCheckpointError as err:

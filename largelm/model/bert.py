@@ -30,12 +30,13 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.bert.bert_model import BertModel
 
 from largelm.config import BertConfig, ConfigError, ModelConfig, ParallelConfig
-from largelm.model.bert_layers import bert_layer_spec, bert_norms
+from largelm.model.bert_layers import bert_layer_spec
 from largelm.model.gpt import resolve_vocab_size
-from largelm.model.sequence_parallel import reduce_sequence_parallel_grads_in_backward
 from largelm.model.specs import build_transformer_config
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat
+from largelm.parallel.megatron_compat import bert_norms
+from largelm.parallel.sequence_parallel import reduce_sequence_parallel_grads_in_backward
 
 IGNORE_INDEX = -100  # = largelm.data.bert_masking.IGNORE_INDEX
 

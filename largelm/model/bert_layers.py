@@ -13,12 +13,11 @@
   final LayerNorm) is BERT layer i's output LayerNorm. Only the placement of dropout differs (it runs before the
   embedding LayerNorm here, after it in BERT), so eval-mode forwards are identical.
 
-Sequence parallelism (``bert_layer_spec(..., sequence_parallel=True)`` and ``bert_norms``): every norm that runs on
-sequence-split activations must mark its weights ``sequence_parallel`` so their partial gradients are summed over the
-TP group (largelm/model/sequence_parallel.py); megatron's torch fallback norm refuses SP instead. The layer's two
-norms are spec slots; the encoder's final LayerNorm (``transformer_block.LayerNormImpl``) and the MLM head's
-(``bert_lm_head.LNImpl``) are module globals megatron reads while building ``BertModel``, so ``bert_norms`` points
-them at ``SequenceParallelNorm`` for the duration of the build (and only with SP).
+Sequence parallelism (``bert_layer_spec(..., sequence_parallel=True)``): every norm that runs on sequence-split
+activations must mark its weights ``sequence_parallel`` so their partial gradients are summed over the TP group
+(largelm/parallel/sequence_parallel.py); megatron's torch fallback norm refuses SP instead. The layer's two norms are
+spec slots, set here; the encoder's final LayerNorm and the MLM head's are megatron module globals, which
+``largelm.parallel.megatron_compat.bert_norms`` swaps for the duration of the build (a listed library patch).
 
 ``ResidualFromNormLayer`` keeps megatron's ``TransformerLayer`` for everything (attention, MLP, bias-dropout-add,
 recompute, tensor parallelism) and only feeds it normalised inputs: its own two norms are ``input_norm`` and
@@ -28,18 +27,14 @@ megatron's layer keeps is the norm's output.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Iterator
 
-from megatron.core.models.bert import bert_lm_head
 from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
-from megatron.core.transformer import transformer_block
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from largelm.model.sequence_parallel import SequenceParallelNorm
+from largelm.parallel.sequence_parallel import SequenceParallelNorm
 
 
 class ResidualFromNormLayer(TransformerLayer):
@@ -71,18 +66,3 @@ def bert_layer_spec(residual_post_layernorm: bool = False, sequence_parallel: bo
                                          pre_mlp_layernorm=SequenceParallelNorm)
     return ModuleSpec(module=ResidualFromNormLayer if residual_post_layernorm else bert_layer_local_spec.module,
                       params=dict(bert_layer_local_spec.params or {}), submodules=submodules)
-
-
-@contextlib.contextmanager
-def bert_norms(sequence_parallel: bool) -> Iterator[None]:
-    """While building a BERT (``BertModel`` or pipeline stages) with sequence parallelism, megatron's final-norm and
-    MLM-head-norm classes are ``SequenceParallelNorm`` (module docstring); without SP nothing changes."""
-    if not sequence_parallel:
-        yield
-        return
-    saved = transformer_block.LayerNormImpl, bert_lm_head.LNImpl
-    transformer_block.LayerNormImpl = bert_lm_head.LNImpl = SequenceParallelNorm
-    try:
-        yield
-    finally:
-        transformer_block.LayerNormImpl, bert_lm_head.LNImpl = saved

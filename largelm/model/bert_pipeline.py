@@ -46,7 +46,7 @@ from megatron.core.transformer.utils import get_linear_layer
 
 from largelm.config import BertConfig, ConfigError, ModelConfig, ParallelConfig
 from largelm.model.bert import bert_metrics_from_logits
-from largelm.model.bert_layers import bert_layer_spec, bert_norms
+from largelm.model.bert_layers import bert_layer_spec
 from largelm.model.pipeline import (
     TIED_ATTR,
     TIED_KEY,
@@ -60,6 +60,7 @@ from largelm.model.pipeline import (
 from largelm.model.pipeline_names import BERT_HEADS, pipeline_name_to_dense
 from largelm.model.specs import checkpointed_layer_call
 from largelm.parallel.cpu_compat import enable_cpu_compat
+from largelm.parallel.megatron_compat import bert_norms
 
 HEAD_PREFIXES = BERT_HEADS[0]
 

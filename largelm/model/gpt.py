@@ -17,10 +17,10 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from largelm.config import ConfigError, ModelConfig, ParallelConfig
-from largelm.model.sequence_parallel import reduce_sequence_parallel_grads_in_backward
 from largelm.model.specs import build_transformer_config, gpt_block_spec, position_embedding_type
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat
+from largelm.parallel.sequence_parallel import reduce_sequence_parallel_grads_in_backward
 
 
 def resolve_vocab_size(model_cfg: ModelConfig, tokenizer_vocab_size: Optional[int]) -> ModelConfig:

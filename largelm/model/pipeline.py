@@ -34,7 +34,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from largelm.config import ConfigError, ModelConfig, ParallelConfig
 from largelm.model.gpt import resolve_vocab_size
 from largelm.model.pipeline_names import TIED_KEY
-from largelm.model.sequence_parallel import reduce_sequence_parallel_grads_in_backward
 from largelm.model.specs import (
     attention_choice,
     build_transformer_config,
@@ -46,6 +45,7 @@ from largelm.model.specs import (
 )
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat
+from largelm.parallel.sequence_parallel import reduce_sequence_parallel_grads_in_backward
 
 TIED_ATTR = "word_embeddings_weight"
 

@@ -8,7 +8,7 @@ Two halves, kept apart the way megatron-core keeps them apart:
   *local* spec (``get_gpt_layer_local_spec``: ColumnParallelLinear/RowParallelLinear,
   DotProductAttention, torch norms) because Transformer Engine is not installed and the same spec
   must run on CPU. For sequence parallelism the norms are swapped for ``SequenceParallelNorm``
-  (largelm/model/sequence_parallel.py), the one piece megatron-core's local spec lacks.
+  (largelm/parallel/sequence_parallel.py), the one piece megatron-core's local spec lacks.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from largelm.config import ModelConfig, ParallelConfig
 from largelm.model.attention import KINDS, core_attention_kind
-from largelm.model.sequence_parallel import SequenceParallelNorm
+from largelm.parallel.sequence_parallel import SequenceParallelNorm
 
 STYLES = ("gpt2", "llama")
 

@@ -29,12 +29,40 @@ import torch
 from megatron.core.fusions import fused_softmax
 from megatron.core.tensor_parallel import random as mcore_random
 
+from largelm.parallel.patches import Patch
+
+_MC = "megatron-core 0.16.1"
+_WHEN = "no CUDA (torch.cuda.is_available() is False): every CPU run; never on a GPU"
+_TEST = "tests/test_cpu_compat.py"
+
 PATCHES = (
-    "torch.cuda.current_device",
-    "megatron.core.fusions.fused_softmax.get_default_causal_mask",
-    "megatron.core.tensor_parallel.random._CUDA_RNG_STATE_TRACKER",
-    "megatron.core.tensor_parallel.random._get_cuda_rng_state",
-    "megatron.core.tensor_parallel.random._set_cuda_rng_state",
+    Patch(
+        name="cpu_current_device", library=_MC, scope="process", target="torch.cuda.current_device",
+        replaces="the CUDA device index megatron allocates on (memory buffer, TP collectives' outputs, embeddings)",
+        why="raises without CUDA; returns torch.device('cpu') instead", when=_WHEN,
+        test=f"{_TEST}::test_enable_installs_patches_once_and_disable_restores",
+    ),
+    Patch(
+        name="cpu_causal_mask", library=_MC, scope="process",
+        target="megatron.core.fusions.fused_softmax.get_default_causal_mask",
+        replaces="the unfused softmax's causal mask, built with device='cuda'",
+        why="fails without CUDA; the same mask (True = masked) on the CPU", when=_WHEN,
+        test=f"{_TEST}::test_causal_mask_masks_future_positions",
+    ),
+    Patch(
+        name="cpu_rng_tracker", library=_MC, scope="process",
+        target="megatron.core.tensor_parallel.random._CUDA_RNG_STATE_TRACKER (a CpuRNGStatesTracker)",
+        replaces="CudaRNGStatesTracker, whose named states and fork() use the CUDA generator",
+        why="tensor-parallel dropout streams need the CPU generator on CPU", when=_WHEN,
+        test=f"{_TEST}::test_fork_gives_each_tp_rank_its_megatron_stream",
+    ),
+    Patch(
+        name="cpu_rng_state", library=_MC, scope="process",
+        target="megatron.core.tensor_parallel.random._get_cuda_rng_state, _set_cuda_rng_state",
+        replaces="read/write the CUDA generator state for activation recompute",
+        why="recompute must replay dropout from the CPU generator", when=_WHEN,
+        test=f"{_TEST}::test_activation_recompute_replays_dropout_on_cpu",
+    ),
 )
 
 # Originals, kept so disable_cpu_compat() can undo the install (tests use this; training never does).

@@ -10,7 +10,8 @@ How a step is skipped (nothing is special-cased per rank; every decision is the 
 * A non-finite loss gives non-finite gradients (the loss is the root of the backward graph), so a NaN loss on
   any rank is caught the same way: the reduce-scatter carries it to every rank's norm.
 * Optimizers without that check (ZeRO-0 fp32: DeepSpeed hands the plain torch optimizer through, e.g. under the
-  pipeline engine) get the same semantics from ``install_overflow_guard``.
+  pipeline engine) get the same semantics from the ``overflow_guard`` patch
+  (``largelm.parallel.deepspeed_compat.install_overflow_guard``, installed with every engine).
 
 ``StepGuard.check`` then classifies the step from the all-reduced loss and ``engine.was_step_applied()``.
 
@@ -24,9 +25,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Optional
-
-import torch
-import torch.distributed as dist
 
 
 @dataclass
@@ -98,36 +96,3 @@ class StepGuard:
         self.spikes = int(state.get("spikes", 0))
         self._ema = state.get("ema")
         self._good = int(state.get("good", 0))
-
-
-def install_overflow_guard(engine) -> bool:
-    """Give ``engine.optimizer`` DeepSpeed's ``overflow`` semantics if it lacks them (ZeRO-0 fp32).
-
-    Before the wrapped optimizer steps, a flag "some gradient is non-finite" is all-reduced (MAX) over all
-    ranks; if set, gradients are dropped and the update is skipped, and ``optimizer.overflow`` tells DeepSpeed's
-    engine not to step the LR scheduler and to count the step in ``engine.skipped_steps``. Returns True if a
-    guard was installed.
-    """
-    optimizer = getattr(engine, "optimizer", None)
-    if optimizer is None or hasattr(optimizer, "overflow"):
-        return False
-    original_step = optimizer.step
-
-    def guarded_step(*args, **kwargs):
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        device = params[0].grad.device if params else torch.device("cpu")
-        bad = torch.zeros(1, device=device)
-        for p in params:
-            bad += (~torch.isfinite(p.grad)).any().float()
-        if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        optimizer.overflow = bool(bad.item())
-        if optimizer.overflow:
-            for p in params:
-                p.grad = None
-            return None
-        return original_step(*args, **kwargs)
-
-    optimizer.step = guarded_step
-    optimizer.overflow = False
-    return True

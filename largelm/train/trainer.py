@@ -30,7 +30,7 @@ from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat, model_parallel_manual_seed
 from largelm.tokenizer import Tokenizer
 from largelm.train.engine import build_step
-from largelm.train.guards import StepGuard, install_overflow_guard
+from largelm.train.guards import StepGuard
 from largelm.train.logger import RunLogger
 from largelm.train.metrics import Throughput, matmul_flops, memory_stats, products_seconds
 from largelm.train.preflight import precision_choice
@@ -76,7 +76,6 @@ class Trainer:
         check_ranks_agree_on_precision(cfg.train.precision)
         self.stepper = build_step(cfg, self.world_size)
         self.engine = self.stepper.engine
-        install_overflow_guard(self.engine)  # NaN/inf gradients skip the update on every optimizer (guards.py)
         self.guard = StepGuard(cfg.train.max_bad_steps, cfg.train.loss_spike_factor)
         self.faults = faults.ModelFaults(self.engine.module)  # test hook: inert unless LARGELM_FAULTS is set
         self.ckpt = CheckpointManager(

@@ -153,7 +153,7 @@ def checkpoint_state(step_dir: Path) -> dict[str, object]:
     """Every tensor and plain value in a checkpoint directory, flattened to ``file/key/key...`` (safe loads)."""
     import torch
 
-    from largelm.checkpoint.safe_load import safe_torch_load
+    from largelm.parallel.deepspeed_compat import safe_torch_load
 
     flat: dict[str, object] = {}
 

@@ -12,7 +12,7 @@ import torch
 from faultkit import run, single_rank_step, tb_scalars
 
 from largelm.checkpoint.manager import list_checkpoints
-from largelm.checkpoint.safe_load import safe_torch_load
+from largelm.parallel.deepspeed_compat import safe_torch_load
 
 
 @pytest.mark.slow
@@ -82,7 +82,7 @@ def test_every_optimizer_skips_nan_steps(run_config, tmp_path, ledger, zero_stag
     NaN gradients: parameters untouched, LR held, counted; the next clean step updates normally. Its checkpoint
     then round-trips through the weights-only loader (the allowlist covers what it stores)."""
     from largelm.checkpoint.manager import Checkpoint, CheckpointManager
-    from largelm.train.guards import install_overflow_guard
+    from largelm.parallel.deepspeed_compat import install_overflow_guard
 
     # as_configured: one rank would otherwise run the cheapest engine (deepspeed_config.engine_zero_stage)
     sections = dict(parallel={"zero_stage": zero_stage, "single_replica_zero": "as_configured"},

@@ -16,10 +16,10 @@ import torch
 from faultkit import CodeExecutionPayload, rewrite_sample, single_rank_step
 
 from largelm.checkpoint.manager import Checkpoint, CheckpointError, CheckpointManager, find_latest, verify_checkpoint
-from largelm.checkpoint.safe_load import forced_weights_only
 from largelm.config import ConfigError, load_config
 from largelm.data import DataError, build_loader
 from largelm.fileio import sha256_file
+from largelm.parallel.deepspeed_compat import forced_weights_only
 
 
 def _poison(path, marker) -> None:

@@ -1,4 +1,6 @@
-"""Load checkpoints without running code from them: ``weights_only`` unpickling with an explicit allowlist.
+"""DeepSpeed 0.19.8 checkpoint files without running code from them: ``weights_only`` unpickling with an explicit
+allowlist (entries ``safe_checkpoint_engine`` and ``forced_weights_only`` of
+``largelm.parallel.deepspeed_compat.PATCHES``).
 
 ``torch.load(weights_only=False)`` - what DeepSpeed's ``TorchCheckpointEngine`` does - executes whatever a pickle
 tells it to (``__reduce__`` -> ``os.system``). A checkpoint downloaded from somewhere, or a checkpoint directory
@@ -26,6 +28,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from largelm.fileio import torch_save_durable
 
@@ -34,21 +40,8 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file holds Python objects outside the allowlist (refused, nothing was executed)."""
 
 
-def _safe_globals() -> list:
-    """Classes DeepSpeed pickles into checkpoints besides tensors and plain containers (checked for 0.19.8)."""
-    found = []
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        found += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-    except ImportError:  # tools that read checkpoints without DeepSpeed installed
-        pass
-    return found
-
-
-SAFE_GLOBALS = _safe_globals()
+# Classes DeepSpeed pickles into checkpoints besides tensors and plain containers (checked for 0.19.8).
+SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
@@ -60,7 +53,7 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
         raise UnsafeCheckpointError(
             f"refused to load {path}: it references Python objects that are not plain data "
             f"({_unsafe_reason(err)}); unpickling it could execute code. Checkpoints are read with "
-            "weights_only=True (largelm.checkpoint.safe_load.SAFE_GLOBALS lists the classes allowed)"
+            "weights_only=True (largelm.parallel.deepspeed_compat.SAFE_GLOBALS lists the classes allowed)"
         ) from None
 
 
@@ -69,12 +62,6 @@ def _unsafe_reason(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     named = [line for line in lines if "GLOBAL" in line or "global" in line.split(" ", 3)[:3]]
     return (named or lines[-1:] or ["unknown"])[0].rstrip(".")
-
-
-try:
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-except ImportError:  # pragma: no cover - DeepSpeed is a dependency; tools may run without it
-    TorchCheckpointEngine = object
 
 
 class SafeTorchCheckpointEngine(TorchCheckpointEngine):
@@ -117,15 +104,18 @@ def take_write_error(engine):
     return error
 
 
-def install_safe_checkpoint_engine(engine) -> None:
-    """Make ``engine`` (a DeepSpeedEngine) read checkpoints through ``safe_torch_load``.
+def install_safe_checkpoint_engine(engine) -> bool:
+    """Make ``engine`` (a DeepSpeedEngine) read checkpoints through ``safe_torch_load``; True if it now does.
 
     Only DeepSpeed's default torch engine is replaced (class swap, state kept); another configured engine
-    (decoupled / fast writer) is left alone, and ``forced_weights_only`` still covers its loads.
+    (decoupled / fast writer) is left alone (False), and ``forced_weights_only`` still covers its loads. Idempotent:
+    ``install_deepspeed_compat`` installs it on every new engine, the checkpoint manager again before each save and
+    load (for engines built elsewhere).
     """
     current = getattr(engine, "checkpoint_engine", None)
     if current is not None and type(current) is TorchCheckpointEngine:
         current.__class__ = SafeTorchCheckpointEngine
+    return isinstance(current, SafeTorchCheckpointEngine)
 
 
 @contextlib.contextmanager

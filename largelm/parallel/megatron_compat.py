@@ -1,0 +1,49 @@
+"""megatron-core 0.16.1 patches applied while a model is *built* (``cpu_compat`` holds the process-wide CPU ones).
+
+``bert_norms(sequence_parallel)``: with sequence parallelism every norm that runs on sequence-split activations must
+mark its weights ``sequence_parallel`` so their partial gradients are summed over the TP group
+(``largelm.parallel.sequence_parallel``); megatron's torch fallback norm (``WrappedTorchNorm``) refuses SP instead.
+A BERT layer's two norms are spec slots (``largelm.model.bert_layers.bert_layer_spec``), but the encoder's final
+LayerNorm (``transformer_block.LayerNormImpl``) and the MLM head's (``bert_lm_head.LNImpl``) are module globals
+megatron reads while building ``BertModel``; ``bert_norms`` points them at ``SequenceParallelNorm`` for the duration
+of the build, and only with SP. Listed in ``PATCHES`` (and ``largelm.parallel.ALL_PATCHES``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from megatron.core.models.bert import bert_lm_head
+from megatron.core.transformer import transformer_block
+
+from largelm.parallel.patches import Patch
+from largelm.parallel.sequence_parallel import SequenceParallelNorm
+
+PATCHES = (
+    Patch(
+        name="bert_sp_norms", library="megatron-core 0.16.1", scope="model build",
+        target="megatron.core.transformer.transformer_block.LayerNormImpl, "
+               "megatron.core.models.bert.bert_lm_head.LNImpl -> SequenceParallelNorm",
+        replaces="WrappedTorchNorm (no apex/Transformer Engine), which asserts sequence parallelism is off",
+        why="BertModel builds its final and MLM-head LayerNorms from these globals, not from the layer spec; under "
+            "SP their weights must be marked sequence_parallel so their gradients are summed over TP",
+        when="while building a BERT (BertModel or pipeline stages) with parallel.sequence_parallel",
+        test="tests/test_bert.py::test_tensor_parallel_2_equals_single_rank",
+    ),
+)
+
+
+@contextlib.contextmanager
+def bert_norms(sequence_parallel: bool) -> Iterator[None]:
+    """While building a BERT (``BertModel`` or pipeline stages) with sequence parallelism, megatron's final-norm and
+    MLM-head-norm classes are ``SequenceParallelNorm`` (module docstring); without SP nothing changes."""
+    if not sequence_parallel:
+        yield
+        return
+    saved = transformer_block.LayerNormImpl, bert_lm_head.LNImpl
+    transformer_block.LayerNormImpl = bert_lm_head.LNImpl = SequenceParallelNorm
+    try:
+        yield
+    finally:
+        transformer_block.LayerNormImpl, bert_lm_head.LNImpl = saved
