@@ -74,7 +74,8 @@ def locate_checkpoint(path: Path, tag: Optional[str] = None) -> Path:
     if not path.exists():
         raise ConversionError(f"checkpoint {path} does not exist")
     if path.name.startswith(PARTIAL_PREFIX):
-        raise ConversionError(f"{path} is a partial checkpoint (its save was interrupted); use a complete step_* directory")
+        raise ConversionError(f"{path} is a partial checkpoint (its save was interrupted); use a complete step_* "
+                              "directory")
     if tag is not None:
         step_dir = path / tag
         if not step_dir.is_dir():
@@ -128,7 +129,8 @@ def inspect_checkpoint(path: Path, tag: Optional[str] = None, checksums: bool = 
 
 def model_state_files(info: CheckpointInfo, mp_rank: int) -> list[Path]:
     if info.zero_stage == 3:
-        return [info.path / f"zero_pp_rank_{d}_mp_rank_{mp_rank:02d}_model_states.pt" for d in range(info.data_parallel)]
+        return [info.path / f"zero_pp_rank_{d}_mp_rank_{mp_rank:02d}_model_states.pt"
+                for d in range(info.data_parallel)]
     return [info.path / f"mp_rank_{mp_rank:02d}_model_states.pt"]
 
 

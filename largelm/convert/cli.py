@@ -2,7 +2,7 @@
 
     largelm-convert consolidate runs/x/checkpoints out/x-consolidated            # ZeRO 0-3, any TP/PP -> one file
     largelm-convert reshard runs/x/checkpoints out/x-tp4 --tp 4 --drop-optimizer # -> training checkpoint, TP=4
-    largelm-convert export-hf runs/x/checkpoints out/x-hf                        # -> GPT2LMHeadModel / LlamaForCausalLM / Bert*
+    largelm-convert export-hf runs/x/checkpoints out/x-hf                        # -> GPT2/Llama/Bert HF classes
     largelm-convert import-hf path/to/hf-model out/m --config configs/my.yaml    # -> consolidated (+ training config)
     largelm-convert reshard out/m out/m-tp2pp2 --tp 2 --pp 2                     # consolidated/HF -> any layout
     largelm-convert info runs/x/checkpoints

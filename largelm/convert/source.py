@@ -40,7 +40,8 @@ class Source:
     def short(self) -> str:
         if self.kind == "checkpoint":
             i = self.info
-            return f"checkpoint (TP={i.tensor_parallel} PP={i.pipeline_parallel} DP={i.data_parallel} ZeRO-{i.zero_stage})"
+            return (f"checkpoint (TP={i.tensor_parallel} PP={i.pipeline_parallel} DP={i.data_parallel} "
+                    f"ZeRO-{i.zero_stage})")
         return {"consolidated": "consolidated", "hf": "Hugging Face"}[self.kind]
 
     @property
