@@ -29,7 +29,7 @@ import torch
 
 from largelm.config import BertConfig, Config, ConfigError, ModelConfig, config_from_dict
 from largelm.errors import ConversionError
-from largelm.fileio import fsync_file, sha256_file, write_text_atomic
+from largelm.fileio import confined_path, fsync_file, sha256_file, write_text_atomic
 from largelm.model.layout import VOCAB_PARALLEL, param_shapes
 
 FORMAT = "largelm-consolidated"
@@ -229,10 +229,14 @@ def load_consolidated(path: Path) -> Consolidated:
         raise ConversionError(f"{weights} cannot be read (truncated or corrupt?): {err}") from None
     tok = meta.get("tokenizer")
     tokenizer = None
-    if tok:
-        tokenizer = path / tok["file"]
+    if tok:  # largelm.json may come with a download: its file name stays inside the directory, its hash is checked
+        where = f"{meta_path}: tokenizer.file"
+        tokenizer = confined_path(path, tok.get("file") if isinstance(tok, dict) else None, where, ConversionError)
         if not tokenizer.is_file():
             raise ConversionError(f"consolidated model {path}: tokenizer file {tok['file']} is missing")
+        if sha256_file(tokenizer) != tok.get("sha256"):
+            raise ConversionError(f"consolidated model {path}: tokenizer file {tok['file']} does not match the sha256 "
+                                  f"{meta_path} records ({str(tok.get('sha256'))[:12]}...): replaced or damaged")
     c = Consolidated(tensors, model, config, padding, meta.get("step"), meta.get("source") or {}, tokenizer,
                      meta.get("verification") or [], bert)
     c.validate()

@@ -9,13 +9,17 @@ import os
 import time
 
 import pytest
+import torch
 import yaml
 
 from largelm import launch
+from largelm.checkpoint.consolidated import Consolidated, load_consolidated, save_consolidated
 from largelm.checkpoint.full_weights import checkpoint_config
 from largelm.checkpoint.manager import CheckpointError, find_latest, verify_checkpoint, write_manifest
-from largelm.config import ConfigError, load_config
+from largelm.config import ConfigError, ModelConfig, load_config
+from largelm.errors import ConversionError
 from largelm.fileio import MAX_YAML_VALUES
+from largelm.model.layout import param_shapes
 
 # "Billion laughs": 9 levels of 9 aliases each = 9^9 (387 million) strings in a few hundred bytes.
 ALIAS_BOMB = "\n".join(["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
@@ -121,3 +125,40 @@ def test_manifest_that_vouches_for_nothing_or_not_for_everything_is_refused(tmp_
         # resume passes over it to the previous good checkpoint, saying why
         good = _checkpoint(tmp_path / "b", step=1)
         assert find_latest(tmp_path / "b").path == good
+
+
+def _consolidated_with_tokenizer(tmp_path, tokenizer_path):
+    """A small consolidated model directory (random weights) that carries its tokenizer, as a download would."""
+    model = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=8, vocab_size=1000,
+                        make_vocab_size_divisible_by=8)
+    g = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(shape, generator=g) for n, shape in param_shapes(model).items()}
+    out = tmp_path / "downloaded"
+    save_consolidated(out, Consolidated(tensors, model, None, {}, 1, {"kind": "test"}, tokenizer_path))
+    return out
+
+
+def _edit_meta(model_dir, change) -> None:
+    meta = json.loads((model_dir / "largelm.json").read_text())
+    change(meta["tokenizer"])
+    (model_dir / "largelm.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("name", ["../../secret.txt", "/etc/hostname"])
+def test_consolidated_tokenizer_path_out_of_the_model_is_refused(tmp_path, tokenizer_path, ledger, name):
+    (tmp_path / "secret.txt").write_text("ssh key")
+    with ledger.scenario(f"consolidated largelm.json naming tokenizer file {name} (copied into outputs before)"):
+        model_dir = _consolidated_with_tokenizer(tmp_path, tokenizer_path)
+        assert load_consolidated(model_dir).tokenizer == model_dir / "tokenizer.model"  # as written: fine
+        _edit_meta(model_dir, lambda tok: tok.update(file=name))
+        with pytest.raises(ConversionError, match=rf"largelm\.json: tokenizer\.file: {name!r} is not a relative "
+                                                  "path inside"):
+            load_consolidated(model_dir)
+
+
+def test_consolidated_tokenizer_replaced_is_refused_by_its_hash(tmp_path, tokenizer_path, ledger):
+    with ledger.scenario("consolidated model whose tokenizer.model was replaced (sha256 never compared before)"):
+        model_dir = _consolidated_with_tokenizer(tmp_path, tokenizer_path)
+        (model_dir / "tokenizer.model").write_bytes(b"another tokenizer")
+        with pytest.raises(ConversionError, match=r"tokenizer file tokenizer\.model does not match the sha256"):
+            load_consolidated(model_dir)
