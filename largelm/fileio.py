@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -77,6 +78,22 @@ def confined_path(root: str | Path, name: str, where: str, error: type[Exception
     if path.exists() and not path.resolve().is_relative_to(root.resolve()):
         raise error(f"{where}: {name!r} leads outside {root} (a symlink to {path.resolve()})")
     return path
+
+
+def ordinary_mode(mode: int = 0o666) -> int:
+    """``mode`` as this process's umask lets ordinary new files have it (0o644 under the usual umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: Optional[dict] = None) -> None:
+    """``safetensors.torch.save_file`` with the permissions of an ordinary file: safetensors creates its files
+    with mode 0600, so a team sharing an export directory could read every file but the weights."""
+    from safetensors.torch import save_file  # lazy (heavy: torch) - fileio is imported by light tools too
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, ordinary_mode())
 
 
 def fsync_dir(path: str | Path) -> None:

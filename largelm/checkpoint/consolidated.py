@@ -29,7 +29,7 @@ import torch
 
 from largelm.config import BertConfig, Config, ConfigError, ModelConfig, config_from_dict
 from largelm.errors import ConversionError
-from largelm.fileio import confined_path, fsync_file, sha256_file, write_text_atomic
+from largelm.fileio import confined_path, fsync_file, save_safetensors, sha256_file, write_text_atomic
 from largelm.model.layout import VOCAB_PARALLEL, param_shapes
 
 FORMAT = "largelm-consolidated"
@@ -146,8 +146,6 @@ def is_consolidated(path: Path) -> bool:
 
 def save_consolidated(out_dir: Path, c: Consolidated) -> Path:
     """Write ``c`` to ``out_dir`` (created; existing hub files are replaced). Returns ``out_dir``."""
-    from safetensors.torch import save_file
-
     c.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +155,7 @@ def save_consolidated(out_dir: Path, c: Consolidated) -> Path:
     tensors = {k: v.contiguous() for k, v in c.tensors.items()}
     tensors.update({PADDING_PREFIX + k: v.contiguous() for k, v in c.padding.items()})
     tmp = out_dir / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    save_safetensors(tensors, tmp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     fsync_file(tmp)  # durable before META vouches for it (a power cut must not leave META over a torn file)
     tmp.replace(out_dir / WEIGHTS)
     tokenizer = None

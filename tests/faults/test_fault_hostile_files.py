@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 
 import pytest
@@ -18,7 +19,7 @@ from largelm.checkpoint.full_weights import checkpoint_config
 from largelm.checkpoint.manager import CheckpointError, find_latest, verify_checkpoint, write_manifest
 from largelm.config import ConfigError, ModelConfig, load_config
 from largelm.errors import ConversionError
-from largelm.fileio import MAX_YAML_VALUES
+from largelm.fileio import MAX_YAML_VALUES, ordinary_mode
 from largelm.model.layout import param_shapes
 
 # "Billion laughs": 9 levels of 9 aliases each = 9^9 (387 million) strings in a few hundred bytes.
@@ -162,3 +163,11 @@ def test_consolidated_tokenizer_replaced_is_refused_by_its_hash(tmp_path, tokeni
         (model_dir / "tokenizer.model").write_bytes(b"another tokenizer")
         with pytest.raises(ConversionError, match=r"tokenizer file tokenizer\.model does not match the sha256"):
             load_consolidated(model_dir)
+
+
+def test_written_weights_get_ordinary_file_permissions(tmp_path, tokenizer_path, ledger):
+    """safetensors creates files with mode 0600: a team sharing the output directory could not read the weights."""
+    with ledger.scenario("weights written by safetensors with mode 0600 (consolidated model)"):
+        model_dir = _consolidated_with_tokenizer(tmp_path, tokenizer_path)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in model_dir.iterdir()}
+        assert modes["model.safetensors"] == ordinary_mode() == modes["largelm.json"], modes
