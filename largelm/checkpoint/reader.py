@@ -29,6 +29,7 @@ from largelm.checkpoint.consolidated import Consolidated, strip_vocab_padding
 from largelm.checkpoint.manager import LATEST, MANIFEST, PARTIAL_PREFIX, CheckpointError, verify_checkpoint
 from largelm.config import Config, ConfigError, checkpoint_config_from_dict
 from largelm.errors import ConversionError
+from largelm.fileio import sha256_file
 from largelm.model.layout import (
     is_gated,
     mp_rank_coordinates,
@@ -367,18 +368,33 @@ def consolidate_checkpoint(info: CheckpointInfo, log=print) -> Consolidated:
     if missing:
         raise ConversionError(f"{info.path}: the checkpoint lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}")
     tensors, padding = strip_vocab_padding(full, model.vocab_size)
-    tokenizer = Path(cfg.tokenizer.model)
-    if not tokenizer.is_file():
-        log(f"note: the checkpoint's tokenizer.model {tokenizer} is not found from here (a relative path?); the result "
-            "has no tokenizer (pass --tokenizer)")
+    tokenizer = _recorded_tokenizer(info, log)
     source = {"kind": "largelm-checkpoint", "path": str(info.path), "step": info.step,
               "tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": info.data_parallel,
               "zero_stage": cfg.parallel.zero_stage, "engine_zero_stage": info.zero_stage,
               "precision": cfg.train.precision, "weights": sorted(sources)}
     if any(s.startswith("module bfloat16") for s in sources):
         log(f"warning: {info.path} has no ZeRO fp32 master weights (ZeRO-0); using the bf16 module weights")
-    return Consolidated(tensors, model, cfg, padding, info.step, source, tokenizer if tokenizer.is_file() else None,
+    return Consolidated(tensors, model, cfg, padding, info.step, source, tokenizer,
                         bert=cfg.bert)
+
+
+def _recorded_tokenizer(info: CheckpointInfo, log) -> Optional[Path]:
+    """The tokenizer file the checkpoint's config names, if it is the one the run trained with: its sha256 must be
+    the one the manifest records. A checkpoint may come from elsewhere, and its config.yaml may name any file on
+    this machine (``~/.ssh/id_rsa``): only a verified tokenizer is copied into the converter's output."""
+    tokenizer = Path(info.config.tokenizer.model)
+    recorded = info.manifest.get("tokenizer_sha256")
+    if not tokenizer.is_file():
+        log(f"note: the checkpoint's tokenizer.model {tokenizer} is not found from here (a relative path?); the result "
+            "has no tokenizer (pass --tokenizer)")
+        return None
+    if recorded != sha256_file(tokenizer):
+        why = "records no tokenizer sha256" if not recorded else f"records tokenizer sha256 {str(recorded)[:12]}..."
+        log(f"note: the checkpoint's manifest {why}, and {tokenizer} does not match it; the result has no tokenizer "
+            "(pass --tokenizer)")
+        return None
+    return tokenizer
 
 
 def _check_replica(name: str, a: torch.Tensor, b: torch.Tensor, where: str, log) -> None:

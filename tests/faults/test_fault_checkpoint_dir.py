@@ -5,19 +5,28 @@ is deleted, nothing is silently resumed from another timeline, and a stray name 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 from faultkit import single_rank_step
 
 from largelm.checkpoint.manager import ABANDONED_PREFIX, LATEST, CheckpointManager, find_latest, set_aside_newer
+from largelm.checkpoint.reader import consolidate_checkpoint, inspect_checkpoint
+from largelm.config import dump_config
+from largelm.fileio import sha256_file
 
 
 @pytest.fixture(scope="module")
-def engine_step(run_config, tmp_path_factory):
+def engine_run(run_config, tmp_path_factory):
     """One real DeepSpeed engine (1 rank, in process) shared by the cases: saving is what they exercise."""
-    with single_rank_step(run_config, tmp_path_factory.mktemp("run")) as (_, step):
-        yield step
+    with single_rank_step(run_config, tmp_path_factory.mktemp("run")) as (cfg, step):
+        yield cfg, step
+
+
+@pytest.fixture
+def engine_step(engine_run):
+    return engine_run[1]
 
 
 def _save(manager: CheckpointManager, step, n: int):
@@ -84,3 +93,23 @@ def test_stray_partial_named_file_does_not_fail_a_save(engine_step, tmp_path, le
     with ledger.scenario("stray .partial-notes.txt and .partial-scratch/ in the checkpoint directory"):
         saved = _save(CheckpointManager(root, keep_last=2), engine_step, 2)
         assert saved.is_dir() and notes.read_text() == "my notes" and (root / ".partial-scratch").is_dir()
+
+
+def test_checkpoint_config_naming_another_file_as_tokenizer_is_not_copied(engine_run, tmp_path, ledger):
+    """A checkpoint from elsewhere: its config.yaml names ~/.ssh/id_rsa as tokenizer.model. The converter used to
+    copy that file into its output as tokenizer.model; it is used only when it matches the manifest's sha256."""
+    cfg, step = engine_run
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    notes: list[str] = []
+    with ledger.scenario("checkpoint config naming a private file as its tokenizer (converter output)"):
+        for name, tokenizer in (("honest", cfg.tokenizer.model), ("hostile", str(secret))):
+            hostile = cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"model": tokenizer})})
+            manager = CheckpointManager(tmp_path / name, keep_last=1, config_yaml=dump_config(hostile),
+                                        meta={"world_size": 1, "tensor_parallel": 1, "pipeline_parallel": 1,
+                                              "zero_stage": cfg.parallel.zero_stage, "precision": "fp32",
+                                              "tokenizer_sha256": sha256_file(cfg.tokenizer.model)})
+            saved = _save(manager, step, 2)
+            result = consolidate_checkpoint(inspect_checkpoint(saved), log=notes.append)
+            assert result.tokenizer == (Path(cfg.tokenizer.model) if name == "honest" else None)
+        assert f"and {secret} does not match it; the result has no tokenizer" in notes[-1]
