@@ -21,9 +21,13 @@ import subprocess
 import sys
 from typing import Optional
 
+import torch
+
 from largelm.checkpoint.lock import CheckpointLocked, check_unlocked
 from largelm.cli import positive_int
 from largelm.config import ConfigError, load_config
+from largelm.launch_plan import LaunchError, plan_launch
+from largelm.parallel.network import choose_socket_interface
 from largelm.train.preflight import preflight
 
 ENTRY_MODULE = "largelm.train.main"
@@ -41,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", help="deepspeed --exclude")
     p.add_argument("--master-addr", default=None)
     p.add_argument("--master-port", type=int, default=None)
-    p.add_argument("--node-rank", type=int, default=None, help="torchrun: this node's rank (multi-node)")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="this node's rank in a per-node launch (--no-ssh, or torchrun multi-node): 0 .. num-nodes - 1")
     p.add_argument("--no-ssh", action="store_true",
                    help="deepspeed: start only this node's ranks (run once per node, e.g. via srun)")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
@@ -72,7 +77,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
     if args.launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={args.num_nodes}",
                f"--nproc-per-node={args.nproc}"]
-        if args.num_nodes > 1:
+        if args.num_nodes > 1:  # plan_launch also requires an in-range --node-rank here
             if not args.master_addr:
                 raise SystemExit("error: --master-addr is required for multi-node torchrun")
             cmd += [f"--node-rank={args.node_rank or 0}", f"--master-addr={args.master_addr}",
@@ -86,7 +91,8 @@ def build_command(args: argparse.Namespace) -> list[str]:
     elif args.num_nodes > 1 and not args.no_ssh:
         raise SystemExit("error: --num-nodes > 1 needs --hostfile (or --no-ssh with one launch per node)")
     if args.no_ssh:
-        cmd += ["--no_ssh", f"--num_nodes={args.num_nodes}", f"--node_rank={args.node_rank or 0}"]
+        cmd += ["--no_ssh", f"--node_rank={args.node_rank or 0}"]
+        cmd += [] if args.hostfile else [f"--num_nodes={args.num_nodes}"]
     for flag in ("include", "exclude", "master_addr", "master_port"):
         value = getattr(args, flag)
         if value is not None:
@@ -109,12 +115,21 @@ def main(argv=None, *, replace_process: Optional[bool] = None) -> int:
     except (ConfigError, CheckpointLocked) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cmd = build_command(args)
     env = dict(os.environ)
-    import torch
-
     if not torch.cuda.is_available():
         env = cpu_environment(env, args.nproc)
+    try:  # hosts x slots x nodes = the world size checked above; addresses, port; the ranks' environment
+        plan = plan_launch(args, world_size, env)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.hostfile = plan.hostfile
+    env.update(plan.env)
+    if args.num_nodes > 1 and args.master_addr:  # what this node's ranks will use (each rank decides for itself)
+        plan.notes.append(choose_socket_interface(args.master_addr, dict(env)))
+    for note in filter(None, plan.notes):
+        print(note, flush=True)
+    cmd = build_command(args)
     print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     if args.dry_run:
         return 0

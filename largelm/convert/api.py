@@ -141,7 +141,8 @@ def reshard(source, out_root, *, tensor_parallel: int, pipeline_parallel: int = 
                                                   "data_parallel": data_parallel,
                                                   "zero_stage": cfg.parallel.zero_stage},
                                        "optimizer_state": meta["optimizer_state"],
-                                       "data_state_kept": states is not None, "weights": diffs, "verification": [ch.record() for ch in checks], "ok": ok})
+                                       "data_state_kept": states is not None, "weights": diffs,
+                                       "verification": [ch.record() for ch in checks], "ok": ok})
     if not ok:  # leave nothing the trainer could resume from (the source is untouched; conversion.json explains)
         import shutil
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from largelm.parallel.cpu_compat import enable_cpu_compat
+from largelm.parallel.network import choose_socket_interface
 
 # megatron's rank order string, fastest-varying first: consecutive global ranks form a TP group, so
 # with ranks packed per node TP stays inside a node (NVLink); pipeline stages are furthest apart.
@@ -60,6 +61,10 @@ def init_distributed(
     import deepspeed  # deferred: importing deepspeed probes accelerators and logs
 
     backend = backend or default_backend()
+    if init_method is None and os.environ.get("MASTER_ADDR"):  # launched: talk over the route to the master
+        line = choose_socket_interface(os.environ["MASTER_ADDR"])
+        if line and local_rank() == 0:
+            print(line, flush=True)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())  # before NCCL init, so each rank owns its own GPU
     deepspeed.init_distributed(

@@ -1,0 +1,107 @@
+"""A multi-node launch that would go wrong silently or late is refused by ``largelm-launch`` before anything starts,
+naming the option and the numbers (largelm/launch_plan.py, largelm/parallel/network.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+
+import pytest
+
+from largelm import launch
+
+
+def _launch(capsys, config, *options) -> tuple[int, str, str]:
+    code = launch.main(["--config", str(config), "--dry-run", *options])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _refused(capsys, config, *options) -> str:
+    code, out, err = _launch(capsys, config, *options)
+    assert code == 2, out + err
+    assert "+ " not in out  # no launcher command was printed or run
+    return err
+
+
+def test_hostfile_with_fewer_hosts_than_nodes_is_refused(run_config, tmp_path, capsys, ledger):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# one host only\nnode-a slots=1\n")
+    with ledger.scenario("short hostfile: 1 host for --num-nodes 2"):
+        err = _refused(capsys, run_config(tmp_path), "--hostfile", str(hostfile), "--num-nodes", "2", "--nproc", "1")
+        assert "gives 1 host(s) (node-a) but --num-nodes is 2: the run would start 1 ranks, not the 2" in err
+
+
+@pytest.mark.parametrize("text,message", [
+    ("node-a slots=1\nnode-b slots=two\n", r"hostfile:2: 'node-b slots=two' is not 'HOST slots=N'"),
+    ("node-a slots=0\nnode-b slots=1\n", r"hostfile:1: 'node-a slots=0' is not 'HOST slots=N' with N >= 1"),
+    ("node-a slots=1\nnode-a slots=1\n", r"multiple entries for node-a"),
+])
+def test_malformed_hostfile_is_refused_naming_the_line(run_config, tmp_path, capsys, ledger, text, message):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(text)
+    with ledger.scenario(f"malformed hostfile ({message.split(':')[-1].strip()[:40]})"):
+        err = _refused(capsys, run_config(tmp_path), "--hostfile", str(hostfile), "--num-nodes", "2", "--nproc", "1")
+        assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("rank", [None, "2", "-1"])
+def test_per_node_launch_needs_an_in_range_node_rank(run_config, tmp_path, capsys, ledger, rank):
+    options = ["--no-ssh", "--num-nodes", "2", "--nproc", "1", "--master-addr", "192.0.2.2"]
+    options += [] if rank is None else ["--node-rank", rank]
+    with ledger.scenario(f"per-node launch with node rank {rank or 'missing'}"):
+        err = _refused(capsys, run_config(tmp_path), *options)
+        assert f"--node-rank is {rank or 'missing'}: each node of a per-node launch needs its own, 0 .. 1" in err
+
+
+def test_per_node_launch_needs_the_master_address_and_never_ssh(run_config, tmp_path, capsys, ledger):
+    with ledger.scenario("per-node launch without --master-addr (DeepSpeed would ssh for it)"):
+        err = _refused(capsys, run_config(tmp_path), "--no-ssh", "--num-nodes", "2", "--nproc", "1",
+                       "--node-rank", "1")
+        assert "needs --master-addr" in err
+
+
+def test_per_node_launch_as_the_readme_shows_it_gets_a_hostfile(run_config, tmp_path, capsys):
+    code, out, _ = _launch(capsys, run_config(tmp_path), "--no-ssh", "--num-nodes", "2", "--nproc", "1",
+                           "--node-rank", "1", "--master-addr", "192.0.2.2", "--master-port", "29999")
+    assert code == 0
+    command = next(line for line in out.splitlines() if line.startswith("+ "))
+    hostfile = command.split("--hostfile=")[1].split()[0]
+    assert open(hostfile).read() == "node0 slots=1\nnode1 slots=1\n"
+    assert "--no_ssh --node_rank=1" in command and "--master_addr=192.0.2.2" in command
+
+
+def test_loopback_master_address_on_a_multi_node_run_is_refused(run_config, tmp_path, capsys, ledger):
+    with ledger.scenario("multi-node master address that resolves to loopback"):
+        err = _refused(capsys, run_config(tmp_path), "--no-ssh", "--num-nodes", "2", "--nproc", "1",
+                       "--node-rank", "0", "--master-addr", "localhost")
+        assert "--master-addr localhost resolves to 127.0.0.1, a loopback address: the other 1 node(s)" in err
+
+
+def test_busy_master_port_is_refused_naming_its_holder(run_config, tmp_path, capsys, ledger):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with ledger.scenario("master port already in use"):
+            err = _refused(capsys, run_config(tmp_path), "--nproc", "2", "--master-port", str(port))
+            assert f"master port {port} on 127.0.0.1 is already in use by pid {os.getpid()}" in err
+
+
+def test_environment_for_remote_ranks_is_written_for_deepspeed(run_config, tmp_path, capsys, ledger, monkeypatch):
+    """Ranks started over pdsh/ssh got only MASTER_*, RANK, WORLD_SIZE, PYTHONPATH: not what largelm-launch sets
+    for CPU runs nor GLOO_SOCKET_IFNAME exported by the user."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")
+    monkeypatch.setenv("SECRET_TOKEN", "not for the ranks")
+    with ledger.scenario("environment lost over ssh (DS_ENV_FILE written)"):
+        code, out, err = _launch(capsys, run_config(tmp_path), "--hostfile", str(hostfile), "--num-nodes", "2",
+                                 "--nproc", "1", "--master-addr", "192.0.2.2", "--master-port", "29999")
+        assert code == 0, err
+        env_file = out.split("environment for the ranks on other hosts: ")[1].split()[0]
+        lines = dict(line.split("=", 1) for line in open(env_file).read().splitlines())
+        assert lines["GLOO_SOCKET_IFNAME"] == "ib0" and lines["DS_ACCELERATOR"] == "cpu"
+        assert "OMP_NUM_THREADS" in lines and "MALLOC_MMAP_MAX_" in lines and "SECRET_TOKEN" not in lines
+        assert os.stat(env_file).st_mode & 0o077 == 0  # values may be secrets: only the user reads it
