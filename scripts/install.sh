@@ -17,11 +17,7 @@ fi
 # Without CUDA, DeepSpeed JIT-compiles its shared-memory comm op at the first init_distributed (~30 s, cached in
 # ~/.cache/torch_extensions). Build it here, once, instead of inside the first training run.
 DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} "$VENV/bin/python" - <<'PY' 2>&1 | grep -v "WARNING\|warn" || true
-import torch
-if not torch.cuda.is_available():
-    from deepspeed.accelerator import get_accelerator
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None:
-        builder.load(verbose=False)
+from largelm.parallel.deepspeed_compat.ops import prepare_cpu_comm_op
+prepare_cpu_comm_op()  # the build directory the ranks use (keyed by the build configuration), under the same lock
 PY
 "$VENV/bin/python" -c "import torch, deepspeed, megatron.core, webdataset, sentencepiece, largelm; print('largelm installed: torch', torch.__version__, '| deepspeed', deepspeed.__version__)"

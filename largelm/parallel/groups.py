@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from largelm.parallel.cpu_compat import enable_cpu_compat
+from largelm.parallel.deepspeed_compat.ops import prepare_cpu_comm_op
 from largelm.parallel.network import choose_socket_interface
 
 # megatron's rank order string, fastest-varying first: consecutive global ranks form a TP group, so
@@ -67,6 +68,7 @@ def init_distributed(
             print(line, flush=True)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())  # before NCCL init, so each rank owns its own GPU
+    prepare_cpu_comm_op()  # CPU: build/load DeepSpeed's shm op before any rendezvous, never on a stale lock
     deepspeed.init_distributed(
         dist_backend=backend,
         timeout=timedelta(seconds=timeout_s),

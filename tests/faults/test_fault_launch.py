@@ -3,9 +3,14 @@ naming the option and the numbers (largelm/launch_plan.py, largelm/parallel/netw
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +110,43 @@ def test_environment_for_remote_ranks_is_written_for_deepspeed(run_config, tmp_p
         assert lines["GLOO_SOCKET_IFNAME"] == "ib0" and lines["DS_ACCELERATOR"] == "cpu"
         assert "OMP_NUM_THREADS" in lines and "MALLOC_MMAP_MAX_" in lines and "SECRET_TOKEN" not in lines
         assert os.stat(env_file).st_mode & 0o077 == 0  # values may be secrets: only the user reads it
+
+
+_PREPARE = ("from largelm.parallel.deepspeed_compat.ops import prepare_cpu_comm_op; "
+            "print('built in', prepare_cpu_comm_op())")
+
+
+def _build_dir() -> Path:
+    """The op's build directory as the ranks use it (built by scripts/install.sh or an earlier run)."""
+    out = subprocess.run([sys.executable, "-c", _PREPARE], capture_output=True, text=True, timeout=600, check=True)
+    return Path(out.stdout.split("built in ")[1].split()[0])
+
+
+def test_stale_build_lock_is_cleared_with_a_warning(ledger):
+    """A launch killed while DeepSpeed built its CPU comm op left torch's lock file: every later launch waited
+    forever, silently. Now the dead build's locks are removed with a warning and the op loads."""
+    build = _build_dir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with ledger.scenario("stale build lock of DeepSpeed's CPU comm op (killed build)"):
+        (build / "lock").write_text("")  # torch's FileBaton, as a killed build leaves it
+        (build / "largelm-build.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-c", _PREPARE], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert time.monotonic() - started < 120
+        assert f"removing a stale build lock {build / 'largelm-build.lock'} of pid {int(dead.stdout)}" in out.stdout
+        assert f"removing {build / 'lock'}, left by a build that was killed" in out.stdout
+        assert not (build / "lock").exists() and not (build / "largelm-build.lock").exists()
+
+
+def test_a_live_build_is_waited_for_with_a_message(ledger):
+    build = _build_dir()
+    with ledger.scenario("build lock held by a live process: the wait says what it waits for"):
+        (build / "largelm-build.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        waiting = subprocess.Popen([sys.executable, "-c", _PREPARE], stdout=subprocess.PIPE, text=True)
+        try:
+            line = waiting.stdout.readline()  # the first line it prints: the wait, named
+            assert f"for pid {os.getpid()} on {socket.gethostname()} building deepspeed_shm_comm" in line, line
+        finally:
+            (build / "largelm-build.lock").unlink(missing_ok=True)
+        assert waiting.wait(timeout=300) == 0

@@ -11,6 +11,8 @@ changes it, the runs it applies to and the test that pins it. ``python -m largel
   clipping); the others at the ZeRO stage DeepSpeed runs (``deepspeed_config.engine_zero_stage``).
 * Checkpoint loading (``scope="checkpoint"``): ``forced_weights_only()`` around ``engine.load_checkpoint``, and
   ``safe_torch_load`` for every checkpoint file largelm reads itself (module ``checkpoint``).
+* Process (``scope="process"``): ``ops.prepare_cpu_comm_op()`` builds and loads DeepSpeed's CPU comm op before
+  ``init_distributed`` (per-configuration build directory, no wait on a dead build's lock).
 * Launcher (``scope="launcher"``): ``local_launch_in_process()`` and ``fast_launch_poll()`` (module ``launcher``,
   used by ``largelm/ds_launcher.py``; not imported here, so a training rank does not load DeepSpeed's runner).
 
@@ -130,6 +132,16 @@ PATCHES = (
         why="those loads bypass the checkpoint engine; forced, they are weights-only with the same allowlist",
         when="every checkpoint load (CheckpointManager.load)",
         test="tests/faults/test_fault_security.py::test_crafted_checkpoint_files_are_refused",
+    ),
+    Patch(
+        name="cpu_comm_op_build", library=_DS, scope="process",
+        target="TORCH_EXTENSIONS_DIR (keyed per build configuration) and ShareMemCommBuilder.load before "
+               "deepspeed.init_distributed, under a lock of ours",
+        replaces="init_distributed JIT-builds the op in one directory per Python version behind torch's file baton",
+        why="a build killed mid-way left the baton and every later launch waited forever without a word; two "
+            "configurations rebuilt the op in turn (35-78 s each)",
+        when="every CPU run (groups.init_distributed)",
+        test="tests/faults/test_fault_launch.py::test_stale_build_lock_is_cleared_with_a_warning",
     ),
     Patch(
         name="local_launch_in_process", library=_DS, scope="launcher",
