@@ -122,6 +122,9 @@ class ParallelConfig(_Section):
         description="one data-parallel replica (no PP): run the cheapest ZeRO engine with the same math instead of "
                     "zero_stage (ZeRO-0 in fp32, ZeRO-1 in bf16); see deepspeed_config.engine_zero_stage")
     backend: Optional[Literal["nccl", "gloo"]] = Field(default=None, description="default: nccl if CUDA else gloo")
+    # Rendezvous and collective timeout (seconds). A dead peer is noticed within seconds anyway (broken connection);
+    # a frozen or cut-off one only by this and by train.hang_timeout_s. torch's default is 30 minutes.
+    timeout_s: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "ParallelConfig":
@@ -181,6 +184,10 @@ class TrainConfig(_Section):
     # Activation recompute (megatron-core's): "selective" recomputes core attention in backward, "full" every
     # transformer layer's forward (one layer per checkpoint) - less activation memory for more compute.
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    # A rank that makes no progress (no finished step or validation batch; checkpoint saves count as progress) for
+    # this long dumps its stacks and exits 43 so the job ends on every host and is requeued (largelm/train/watchdog.py).
+    # 0 turns hang detection off. Set it above your slowest step.
+    hang_timeout_s: float = Field(default=900.0, ge=0)
 
 
 class CheckpointConfig(_Section):

@@ -32,15 +32,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM; the trainer finishes its step, checkpoints and exits."""
+    """Set by SIGUSR1/SIGTERM; the trainer finishes its step, checkpoints and exits. The watchdog (if given) ends a
+    rank that cannot get there (blocked in a collective, still starting). A second SIGTERM takes its default action
+    at once; SIGUSR1 may repeat (the job script re-sends it until the ranks exit) and is then ignored."""
 
-    def __init__(self):
+    def __init__(self, watchdog=None):
         self.signal = None
+        self.watchdog = watchdog
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, _frame):
+        if signum == signal.SIGTERM and self.signal == signal.SIGTERM:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.signal = signum
+        if self.watchdog is not None:
+            self.watchdog.stop_requested()
 
     def __call__(self) -> bool:
         return self.signal is not None
@@ -61,9 +70,11 @@ def main(argv=None) -> int:
     from largelm.checkpoint.manager import CheckpointError  # lazy (see above)
     from largelm.data import DataError  # lazy (see above)
     from largelm.train.trainer import Trainer, TrainingAborted  # lazy (see above)
+    from largelm.train.watchdog import EXIT_LOST_PEER, Watchdog, is_lost_peer  # lazy (see above)
 
-    stop = StopFlag()
     rank = int(os.environ.get("RANK", "0"))
+    watchdog = Watchdog(rank, cfg.train.hang_timeout_s).start()
+    stop = StopFlag(watchdog)
     trainer = None
     lock = CheckpointDirLock(cfg.checkpoint.dir)
     try:  # rank 0 holds checkpoint.dir for the run's life, taken before any process group (largelm.checkpoint.lock)
@@ -73,7 +84,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     try:
-        trainer = Trainer(cfg, stop_requested=_all_ranks(stop))
+        with watchdog.busy("starting up (process groups, model, engine, checkpoint)", finish_on_stop=False):
+            trainer = Trainer(cfg, stop_requested=_all_ranks(stop), watchdog=watchdog)
         trainer.fit()
     except TrainingAborted as err:  # decided on every rank together: say it once
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # failing now: the launcher's SIGTERM must not wait
@@ -89,10 +101,15 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         print(f"error (rank {rank}): {_message(err)}", file=sys.stderr, flush=True)
         return EXIT_FAILED
-    except BaseException:  # e.g. a peer rank died mid-collective: fail fast, no checkpoint-on-SIGTERM
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except BaseException as err:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # failing now: no checkpoint-on-SIGTERM
+        if is_lost_peer(err):  # a peer rank died mid-collective: resumable, the job script requeues
+            print(f"error (rank {rank}): lost a peer rank ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                  f"exit {EXIT_LOST_PEER} (resume from the last checkpoint)", file=sys.stderr, flush=True)
+            return EXIT_LOST_PEER
         raise
     finally:
+        watchdog.close()
         if trainer is not None:
             trainer.close()
         lock.release()

@@ -35,6 +35,7 @@ from largelm.train.logger import RunLogger
 from largelm.train.metrics import Throughput, matmul_flops, memory_stats, products_seconds
 from largelm.train.preflight import precision_choice
 from largelm.train.rng import capture_rng_state, restore_rng_state
+from largelm.train.watchdog import Watchdog
 
 
 def check_ranks_agree_on_precision(precision: str) -> None:
@@ -54,11 +55,13 @@ class TrainingAborted(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, stop_requested=None):
+    def __init__(self, cfg: Config, stop_requested=None, watchdog: Optional[Watchdog] = None):
         self.cfg = cfg
         # ``stop_requested()`` is polled after each step (preemption signals); True -> checkpoint and stop.
         self.stop_requested = stop_requested or (lambda: False)
-        groups.init_distributed(cfg.parallel.backend)
+        # Told about every finished step, validation batch and checkpoint save (largelm/train/watchdog.py).
+        self.watchdog = watchdog or Watchdog(0, hang_timeout_s=None)
+        groups.init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
         enable_cpu_compat()
         groups.init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                                    cfg.parallel.virtual_pipeline)
@@ -149,7 +152,8 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "data": self.loader.state_dict(), "rng": capture_rng_state(),
                  "guard": self.guard.state_dict()}
-        path = self.ckpt.save(self.engine, self.step, state)
+        with self.watchdog.busy(f"saving the checkpoint of step {self.step}"):
+            path = self.ckpt.save(self.engine, self.step, state)
         self.log.line(f"saved checkpoint {path}")
         return path
 
@@ -187,6 +191,7 @@ class Trainer:
             if not self._on_every_dp_rank(batch is not None):
                 break
             total += self.stepper.eval_loss(batch)
+            self.watchdog.beat(f"validating (batch {count + 1})")
             for name, value in (getattr(self.stepper, "last_eval_metrics", None) or {}).items():
                 extra[name] = extra.get(name, 0.0) + float(value)
             count += 1
@@ -214,8 +219,10 @@ class Trainer:
         try:
             while self.step < last_step:
                 self.faults.before_step(self.step + 1)
+                began = time.perf_counter()
                 loss = self.train_step(batches)
                 self.step += 1
+                self.watchdog.beat(f"after step {self.step}", step_seconds=time.perf_counter() - began)
                 self.throughput.step()
                 # Non-finite loss/gradients on any rank: DeepSpeed did not apply the update (guards.py).
                 verdict = self.guard.check(self.step, loss, self.engine.was_step_applied(),

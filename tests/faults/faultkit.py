@@ -82,9 +82,10 @@ class Result:
 
 
 def run(config: Path, overrides: tuple = (), faults: str = "", kill_when: Optional[Callable[[str], bool]] = None,
-        timeout: float = 300, nproc: int = 2) -> Result:
+        timeout: float = 300, nproc: int = 2, on_line: Optional[Callable[[str, int], None]] = None) -> Result:
     """Run ``largelm-launch`` in its own process group. ``faults`` sets ``LARGELM_FAULTS``; ``kill_when(line)``
-    returning True SIGKILLs the whole process group (launcher, ranks, data workers) at that output line."""
+    returning True SIGKILLs the whole process group (launcher, ranks, data workers) at that output line;
+    ``on_line(line, launcher_pid)`` sees every line (e.g. to signal one rank: ``descendant_ranks``)."""
     cmd = [sys.executable, "-m", "largelm.launch", "--config", str(config), "--nproc", str(nproc),
            "--master-port", str(free_port())]
     cmd += ["--", *overrides] if overrides else []
@@ -113,6 +114,8 @@ def run(config: Path, overrides: tuple = (), faults: str = "", kill_when: Option
             lines.append(line)
             if error_at is None and line.startswith("error"):
                 error_at = time.monotonic()
+            if on_line is not None:
+                on_line(line, proc.pid)
             if kill_when is not None and not killed and kill_when(line):
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed, killed_after = True, line.rstrip()
@@ -124,6 +127,28 @@ def run(config: Path, overrides: tuple = (), faults: str = "", kill_when: Option
     log.write_text("".join(lines))
     return Result(proc.returncode, "".join(lines), end - start, killed, killed_after,
                   None if error_at is None else end - error_at)
+
+
+def descendant_ranks(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the training ranks below the launcher process ``launcher_pid`` (ours: started by this test),
+    read from /proc (each rank's RANK environment variable)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(proc.name))
+    ranks, todo = {}, [launcher_pid]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        with contextlib.suppress(OSError):
+            env = dict(item.split("=", 1) for item in (Path(f"/proc/{pid}/environ").read_bytes().decode(
+                errors="replace").split("\0")) if "=" in item)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"largelm.train.main" in cmdline and "RANK" in env:
+                ranks.setdefault(int(env["RANK"]), pid)  # a rank is met before its data workers (its children)
+    return ranks
 
 
 def _reap_group(proc: subprocess.Popen) -> None:

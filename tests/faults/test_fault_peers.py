@@ -1,0 +1,45 @@
+"""Dead and hung peers end the job within a bounded time, with a message and a resumable exit code
+(largelm/train/watchdog.py): a killed rank (SIGKILL) is noticed through the broken connection, a frozen one
+(SIGSTOP) by the survivor's progress watchdog; the relaunch resumes from the last checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from faultkit import RESUMED, descendant_ranks, run
+
+from largelm.train.watchdog import EXIT_LOST_PEER
+
+
+def _signal_rank_at_step(step: int, rank: int, sig: int, record: dict):
+    def on_line(line: str, launcher_pid: int) -> None:
+        if line.startswith(f"step {step}/") and "signalled" not in record:
+            pid = descendant_ranks(launcher_pid)[rank]
+            os.kill(pid, sig)  # a rank of the run this test started
+            record.update(signalled=time.monotonic(), pid=pid)
+    return on_line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_lost_peer_ends_the_job_and_the_relaunch_resumes(run_config, tmp_path, ledger, how):
+    config = run_config(tmp_path, train={"steps": 40, "hang_timeout_s": 20},
+                        checkpoint={"save_interval": 2, "keep_last": 2})
+    record: dict = {}
+    sig = signal.SIGKILL if how == "killed" else signal.SIGSTOP
+    with ledger.scenario(f"peer rank {how} (SIG{'KILL' if how == 'killed' else 'STOP'}) mid-run"):
+        first = run(config, on_line=_signal_rank_at_step(5, 1, sig, record), timeout=240)
+        ended_after = time.monotonic() - record["signalled"]
+        assert first.returncode != 0 and ended_after < 120, (ended_after, first.output[-3000:])
+        if how == "killed":  # the survivor sees the broken connection (or, blocked, its watchdog fires)
+            assert "lost a peer rank" in first.output or "no progress for" in first.output, first.output[-3000:]
+        else:  # a frozen peer keeps its connections: only the survivor's watchdog can tell, and it names it
+            assert "error (rank 0): no progress for" in first.output and "train.hang_timeout_s=20" in first.output
+            assert "Thread " in first.output and "(most recent call first)" in first.output  # the stacks
+        assert f"exit {EXIT_LOST_PEER}" in first.output
+        resumed = run(config, timeout=240)
+        resumed.check_ok()
+        assert int(RESUMED.search(resumed.output).group(2)) >= 2 and resumed.steps[-1] == 40
