@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import torch
 
-from largelm.convert.hf_common import Taker, finish_import
-from largelm.convert.qkv import fuse_qkv, split_qkv
 from largelm.errors import UnsupportedArchitecture
+from largelm.model.hf.common import Taker, finish_import
+from largelm.model.hf.qkv import fuse_qkv, split_qkv
 
 ARCHITECTURE = "LlamaForCausalLM"
 MODEL_TYPE = "llama"
 IGNORED_KEYS = (".rotary_emb.inv_freq",)  # a buffer in old Llama checkpoints
+
+
+def architecture() -> str:
+    """The transformers class an export is written as."""
+    return ARCHITECTURE
 
 
 def check_exportable(model) -> None:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from largelm.config import BertConfig
-from largelm.convert.qkv import fuse_qkv, split_qkv
 from largelm.errors import UnsupportedArchitecture
+from largelm.model.hf.qkv import fuse_qkv, split_qkv
 
 MODEL_TYPES = {True: "bert", False: "megatron-bert"}  # keyed by residual_post_layernorm
 CLASS_PREFIX = {True: "Bert", False: "MegatronBert"}
@@ -132,7 +132,7 @@ def model_fields(cfg) -> dict:
                 attention_dropout=cfg.attention_probs_dropout_prob, init_method_std=cfg.initializer_range)
 
 
-def bert_fields(cfg, hf: dict[str, torch.Tensor]) -> BertConfig:
+def config_section(cfg, hf: dict[str, torch.Tensor]) -> BertConfig:
     """The BertConfig fields the weights decide: the norm placement (model_type) and the binary head."""
     post = cfg.model_type == "bert"
     binary = "cls.seq_relationship.weight" in hf
