@@ -5,7 +5,7 @@ its own ``Cycle`` over the *same* list of batches (so all arms see the same toke
 mean next-token cross-entropy, gradient clipping at ``optimizer.grad_clip``, AdamW with largelm's betas/eps/
 weight-decay groups, largelm's LR schedule.
 
-* ``LargelmStep``: ``largelm.train.engine.DenseStep`` - the megatron-core GPTModel inside the DeepSpeed engine,
+* ``LargelmStep``: ``largelm.train.step.DenseStep`` - the megatron-core GPTModel inside the DeepSpeed engine,
   exactly what ``Trainer.train_step`` runs per rank (ZeRO stage and precision from the config).
 * ``MegatronPlainStep`` (diagnostic): the same megatron-core GPTModel in a bare loop with torch AdamW, no
   DeepSpeed; splits P1's overhead into "model implementation" and "engine".
@@ -84,7 +84,7 @@ class LargelmStep:
     name = "largelm"
 
     def __init__(self, cfg, batches: Cycle):
-        from largelm.train.engine import DenseStep
+        from largelm.train.step import DenseStep
 
         self.step = DenseStep(cfg, world_size=1)
         self.engine = self.step.engine

@@ -57,8 +57,8 @@ def worker(args) -> None:
 
     from largelm.model.gpt import gpt_forward_loss
     from largelm.parallel import groups
-    from largelm.train.engine import DenseStep
     from largelm.train.state_bytes import training_state_bytes
+    from largelm.train.step import DenseStep
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     groups.init_distributed()  # gloo on CPU, nccl on GPU

@@ -103,7 +103,7 @@ def _run_layouts(rank: int, world_size: int, names: list[str], weights: dict, ba
     from largelm.config import config_from_dict
     from largelm.parallel import groups
     from largelm.parallel.cpu_compat import model_parallel_manual_seed
-    from largelm.train.engine import build_step
+    from largelm.train.step import build_step
 
     groups.init_distributed()
     out = {}
@@ -126,7 +126,7 @@ def _run_layouts(rank: int, world_size: int, names: list[str], weights: dict, ba
             model_parallel_manual_seed(5)
             start = time.perf_counter()
             step = build_step(cfg, world_size, init_state_dict=weights[opts.get("tie_embeddings", True)])
-            type_name = type(step).__name__
+            type_name = f"{type(step).__name__}/{step.arch.name}"
             losses, norms, metrics = [], [], []
             for s in range(STEPS):
                 loss = step.train_step(iter(batches[s * GRAD_ACCUM:(s + 1) * GRAD_ACCUM]))
@@ -153,11 +153,11 @@ def _compare(results: dict, name: str, ref_name: str) -> None:
              for key in ("losses", "norms")}
     print(f"{name}: worst rel diff loss {worst['losses']:.1e} norm {worst['norms']:.1e}, "
           f"{max(r['seconds'] for r in results[name]):.1f}s")
-    assert ref["step"] == "BertStep"
+    assert ref["step"] == "DenseStep/bert"
     assert ref["norms"][0] > 1.0  # clipping active: a wrong norm would change the next losses
     assert_steps_match(name, results[name], ref, STEPS, LOSS_RTOL, NORM_RTOL)
     for rank, res in enumerate(results[name]):
-        assert res["step"] == "BertPipelineStep"
+        assert res["step"] == "PipelineStep/bert"
         for s in range(STEPS):
             what = f"{name} rank {rank} step {s + 1}"
             assert set(res["metrics"][s]) == set(ref["metrics"][s]) == {

@@ -20,9 +20,9 @@ from tolerances import logit_tol, max_err
 from largelm.checkpoint.consolidated import Consolidated, load_consolidated, save_consolidated
 from largelm.config import ModelConfig, ParallelConfig
 from largelm.convert import api, hf_tokenizer, verify
-from largelm.convert.qkv import fuse_qkv, split_qkv
 from largelm.errors import ConversionError, UnsupportedArchitecture, VerificationError
 from largelm.model import layout
+from largelm.model.hf.qkv import fuse_qkv, split_qkv
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -232,7 +232,7 @@ def test_export_to_transformers_computes_the_same_logits(rank, tmp_path, tokeniz
 
 def test_export_verification_fails_on_a_wrong_mapping(rank, tmp_path, monkeypatch):
     """The self-check is real: a QKV layout mistake in the exporter is caught."""
-    from largelm.convert import hf_gpt2
+    from largelm.model.hf import gpt2 as hf_gpt2
 
     c = consolidated_from(megatron_model("gpt2"), "gpt2")
     save_consolidated(tmp_path / "hub", c)
@@ -316,7 +316,7 @@ def test_unrepresentable_architectures_are_refused(rank, tmp_path):
 
     gqa_gpt2 = ModelConfig(**dict(MODELS["gpt2"], num_query_groups=2))
     with pytest.raises(UnsupportedArchitecture, match="cannot represent grouped-query attention"):
-        from largelm.convert import hf_gpt2
+        from largelm.model.hf import gpt2 as hf_gpt2
 
         hf_gpt2.check_exportable(gqa_gpt2)
     from transformers import RobertaConfig

@@ -17,9 +17,10 @@ from tolerances import logit_tol, max_err
 
 from largelm.checkpoint.consolidated import Consolidated, load_consolidated, save_consolidated, strip_vocab_padding
 from largelm.config import BertConfig, ModelConfig, ParallelConfig
-from largelm.convert import api, hf_bert, verify
+from largelm.convert import api, verify
 from largelm.errors import UnsupportedArchitecture, VerificationError
 from largelm.model import layout
+from largelm.model.hf import bert as hf_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

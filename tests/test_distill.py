@@ -1,7 +1,7 @@
 """Knowledge distillation (largelm/train/distill.py, tools/distill.py).
 
-Fast: the loss, the every-k-th-layer mapping, config refusals, and a real ``DistillStep`` (DeepSpeed engine, teacher
-consolidated from a real DeepSpeed checkpoint written by ``CheckpointManager``) in a one-rank process. Slow: the
+Fast: the loss, the every-k-th-layer mapping, config refusals, and a real distillation step (DeepSpeed engine,
+teacher consolidated from a real DeepSpeed checkpoint written by ``CheckpointManager``) in a one-rank process. Slow: the
 launcher path through tools/distill.py (2 ranks) with the loss parts in the step lines and tensorboard.
 The "student beats the no-teacher baseline" experiment is bench/distill_vs_baseline.py (too slow for tests).
 """
@@ -127,7 +127,7 @@ def test_teacher_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, co
 def _save_teacher(cfg, root):
     from largelm.checkpoint.manager import CheckpointManager
     from largelm.config import dump_config
-    from largelm.train.engine import DenseStep
+    from largelm.train.step import DenseStep
 
     step = DenseStep(cfg, 1)
     from largelm.data import build_loader
@@ -144,12 +144,13 @@ def _save_teacher(cfg, root):
 
 
 def test_distill_step_in_process(tmp_path, tokenizer_path, shard_dir, shard_seq_length, monkeypatch):
-    """A real DistillStep: teacher consolidated from a DeepSpeed ZeRO-2 checkpoint, frozen; student initialised
-    from teacher layers 0 and 2, built with train.activation_checkpointing (full recompute here; the teacher runs
-    without grad and gets none); a step trains the student only and reports both loss parts."""
+    """A real distillation step (DenseStep + DistillLoss): teacher consolidated from a DeepSpeed ZeRO-2
+    checkpoint, frozen; student initialised from teacher layers 0 and 2, built with train.activation_checkpointing
+    (full recompute here; the teacher runs without grad and gets none); a step trains the student only and reports
+    both loss parts."""
     from largelm.parallel.cpu_compat import model_parallel_manual_seed
     from largelm.tokenizer import Tokenizer
-    from largelm.train.distill import DistillStep
+    from largelm.train.step import build_step
 
     monkeypatch.setenv("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it (normally set by the launcher)
     vocab = Tokenizer.load(tokenizer_path).vocab_size
@@ -165,17 +166,18 @@ def test_distill_step_in_process(tmp_path, tokenizer_path, shard_dir, shard_seq_
     with single_rank_parallel_state():
         model_parallel_manual_seed(1)
         teacher_state = _save_teacher(teacher_cfg, tmp_path / "teacher")
-        step = DistillStep(cfg, 1)
+        step = build_step(cfg, 1)  # a DenseStep with the distillation loss
+        teacher = step.loss.teacher
         assert step.engine.module.config.recompute_granularity == "full"
         assert step.engine.module.config.recompute_method == "uniform"
-        assert step.teacher.config.recompute_granularity is None
+        assert teacher.config.recompute_granularity is None
         student = step.engine.module.state_dict()
         torch.testing.assert_close(student["decoder.layers.1.self_attention.linear_qkv.weight"],
                                    teacher_state["decoder.layers.2.self_attention.linear_qkv.weight"])
-        torch.testing.assert_close(step.teacher.state_dict()["decoder.layers.3.mlp.linear_fc2.weight"],
+        torch.testing.assert_close(teacher.state_dict()["decoder.layers.3.mlp.linear_fc2.weight"],
                                    teacher_state["decoder.layers.3.mlp.linear_fc2.weight"])
-        assert not step.teacher.training and not any(p.requires_grad for p in step.teacher.parameters())
-        before_t = {k: v.clone() for k, v in step.teacher.state_dict().items() if isinstance(v, torch.Tensor)}
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        before_t = {k: v.clone() for k, v in teacher.state_dict().items() if isinstance(v, torch.Tensor)}
         before_s = student["decoder.layers.0.mlp.linear_fc1.weight"].clone()
 
         from largelm.data import build_loader
@@ -190,7 +192,7 @@ def test_distill_step_in_process(tmp_path, tokenizer_path, shard_dir, shard_seq_
         assert math.isclose(total, 0.6 * m["distill/kl"] + 0.4 * m["distill/lm_loss"], rel_tol=1e-5)
         step.train_step(batches)
         assert not torch.equal(step.engine.module.state_dict()["decoder.layers.0.mlp.linear_fc1.weight"], before_s)
-        for k, v in step.teacher.state_dict().items():
+        for k, v in teacher.state_dict().items():
             if isinstance(v, torch.Tensor):
                 assert torch.equal(v, before_t[k]), f"teacher weight {k} changed"
         assert math.isfinite(step.eval_loss(next(batches)).item())

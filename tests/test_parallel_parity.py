@@ -1,6 +1,6 @@
 """3D parallelism parity on CPU/gloo: every layout trains exactly like one rank.
 
-Each layout runs the real step driver (``largelm.train.engine.build_step``: ``DenseStep`` for PP=1,
+Each layout runs the real step driver (``largelm.train.step.build_step``: ``DenseStep`` for PP=1,
 ``PipelineStep`` = DeepSpeed's PipelineEngine over megatron-core layers for PP>1) in spawned gloo ranks, from
 the same full initial weights (``load_full_state_dict`` cuts each rank's shard) and the same global batches
 (explicit tensors: with DP=2 each data-parallel rank gets half of every reference micro-batch, so a reference
@@ -107,7 +107,7 @@ def _run_layouts(rank: int, world_size: int, names: list[str], weights: dict, to
 
     from largelm.parallel import groups
     from largelm.parallel.cpu_compat import model_parallel_manual_seed
-    from largelm.train.engine import build_step
+    from largelm.train.step import build_step
 
     groups.init_distributed()  # launcher-style environment from run_ranks
     out = {}

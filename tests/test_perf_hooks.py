@@ -109,8 +109,8 @@ def test_unlink_deepspeed_shm_removes_this_ranks_segment_name(one_rank, monkeypa
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "bf16"), (3, "bf16")])
 def test_training_state_bytes_reads_the_engine(one_rank, stage, precision, monkeypatch):
     from largelm.parallel.cpu_compat import model_parallel_manual_seed
-    from largelm.train.engine import DenseStep
     from largelm.train.state_bytes import training_state_bytes
+    from largelm.train.step import DenseStep
 
     monkeypatch.setenv("LOCAL_RANK", "0")  # deepspeed.initialize insists (the launcher sets it)
     # as_configured: the census must see ZeRO-2/3's own buffers, which one replica would otherwise not run
@@ -160,7 +160,7 @@ def test_one_replica_runs_the_cheapest_zero_engine_with_the_same_math():
 
 def _train_one_rank(cfg, steps: int = 3, setup=None) -> tuple:
     from largelm.parallel.cpu_compat import model_parallel_manual_seed
-    from largelm.train.engine import DenseStep
+    from largelm.train.step import DenseStep
 
     torch.manual_seed(0)
     model_parallel_manual_seed(1)

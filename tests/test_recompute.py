@@ -51,7 +51,7 @@ def _run(rank: int, world_size: int, names: list) -> dict:
 
     from largelm.parallel import groups
     from largelm.parallel.cpu_compat import model_parallel_manual_seed
-    from largelm.train.engine import build_step
+    from largelm.train.step import build_step
 
     calls = {"n": 0}
     original = TransformerLayer.forward

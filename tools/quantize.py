@@ -116,7 +116,8 @@ def report_markdown(r: dict) -> str:
         "| | size on disk (bytes) | valid loss | valid ppl | forward tokens/s |", "| --- | ---: | ---: | ---: | ---: |",
         f"| before (size: bf16 export; run: original weights) | {r['bytes']['bf16']:,} | {r['before']['loss']:.4f} | "
         f"{r['before']['ppl']:.3f} | {r['before']['tokens_per_s']:,.0f} |",
-        f"| after (int{r['bits']}) | {r['bytes']['quantized']:,} | {r['after']['loss']:.4f} | {r['after']['ppl']:.3f} | "
+        f"| after (int{r['bits']}) | {r['bytes']['quantized']:,} | {r['after']['loss']:.4f} | "
+        f"{r['after']['ppl']:.3f} | "
         f"{r['after']['tokens_per_s']:,.0f} |", "",
         f"perplexity change: {r['ppl_increase_pct']:+.2f}%; size: "
         f"{r['bytes']['quantized'] / r['bytes']['bf16']:.1%} of bf16",

@@ -26,7 +26,9 @@ class ModelConfig(_Section):
         "arch", "style", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
         "vocab_size", "make_vocab_size_divisible_by", "tie_embeddings", "max_position_embeddings")
 
-    arch: Literal["gpt", "bert"] = "gpt"
+    # A registered architecture (largelm/model/registry.py: gpt, bert); looked up there when the model is built,
+    # so an architecture added to the registry needs no change here.
+    arch: str = Field(default="gpt", min_length=1)
     # gpt2: LayerNorm, GeLU MLP, learned absolute positions, biases.
     # llama: RMSNorm, SwiGLU MLP, rotary positions, no biases, optional GQA.
     style: Literal["gpt2", "llama"] = "gpt2"

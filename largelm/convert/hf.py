@@ -5,8 +5,8 @@ Export writes ``config.json`` (the ``transformers`` config class's own serialisa
 (hf_tokenizer.py), so ``AutoModelForCausalLM.from_pretrained(dir)`` and ``AutoTokenizer.from_pretrained(dir)``
 load it with no network access. The model class follows the largelm style: gpt2 -> ``GPT2LMHeadModel``,
 llama -> ``LlamaForCausalLM``; ``model.arch: bert`` -> ``BertForPreTraining``/``BertForMaskedLM`` (post-LN) or
-``MegatronBertForPreTraining``/``MegatronBertForMaskedLM`` (pre-LN), see hf_bert.py; BERT directories load with
-``AutoModelForMaskedLM`` and their tokenizer adds ``[CLS] A [SEP] B [SEP]``.
+``MegatronBertForPreTraining``/``MegatronBertForMaskedLM`` (pre-LN), see largelm/model/hf/bert.py; BERT directories
+load with ``AutoModelForMaskedLM`` and their tokenizer adds ``[CLS] A [SEP] B [SEP]``.
 
 Import reads ``config.json`` through ``transformers.AutoConfig`` (so legacy spellings are normalised the way
 transformers itself reads them) and the weights from safetensors (or ``pytorch_model*.bin`` with
@@ -24,10 +24,9 @@ import torch
 
 from largelm.checkpoint.consolidated import Consolidated, dtype_name
 from largelm.config import Config, ConfigError, ModelConfig, config_from_dict
-from largelm.convert import hf_bert, hf_gpt2, hf_llama
 from largelm.convert.hf_tokenizer import export_tokenizer, special_ids
-from largelm.convert.verify import bert_inputs, drop_padded
 from largelm.errors import ConversionError, UnsupportedArchitecture
+from largelm.model.registry import arch_for_hf_model_type, get_arch
 from largelm.tokenizer import Tokenizer
 
 DEFAULT_MAX_SHARD = 5 * 1024**3
@@ -42,23 +41,21 @@ def offline() -> None:
     try:
         import transformers
     except ImportError:
-        raise ConversionError("Hugging Face conversion needs the transformers package (pip install 'transformers>=5')") \
-            from None
+        raise ConversionError("Hugging Face conversion needs the transformers package "
+                              "(pip install 'transformers>=5')") from None
     if int(transformers.__version__.split(".")[0]) < 5:
         raise ConversionError(f"Hugging Face conversion needs transformers>=5, found {transformers.__version__}")
 
 
 def architecture_of(c: Consolidated) -> str:
     """The transformers class an export of ``c`` is written as."""
-    if c.model.arch == "bert":
-        return hf_bert.architecture(c.bert)
-    return mapping_for(c.model).ARCHITECTURE
+    arch = get_arch(c.model.arch)
+    return arch.hf_export(c.model).architecture(*arch.section_args(c))
 
 
 def mapping_for(model: ModelConfig):
-    if model.arch == "bert":
-        return hf_bert
-    return hf_llama if model.style == "llama" else hf_gpt2
+    """The Hugging Face adapter (largelm/model/hf/) an export of ``model`` uses: its architecture's choice."""
+    return get_arch(model.arch).hf_export(model)
 
 
 # --- export --------------------------------------------------------------------------------------------------
@@ -75,19 +72,21 @@ def export_hf(c: Consolidated, out_dir: Path, *, dtype: Optional[torch.dtype] = 
     ids = {}
     if tokenizer is not None:
         ids = special_ids(tokenizer)
-    bert = (c.bert,) if c.model.arch == "bert" else ()
-    tensors = {k: v.to(dtype) for k, v in mapping.to_hf(c.model, c.tensors, *bert).items()}
-    fields = mapping.hf_config(c.model, ids, dtype_name(dtype), *bert)
+    arch = get_arch(c.model.arch)
+    section = arch.section_args(c)  # BERT's adapter takes the bert section too
+    tensors = {k: v.to(dtype) for k, v in mapping.to_hf(c.model, c.tensors, *section).items()}
+    fields = mapping.hf_config(c.model, ids, dtype_name(dtype), *section)
     config = AutoConfig.for_model(**fields)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out_dir))
-    if not bert:  # an encoder has no generation settings
+    if arch.causal_lm:  # an encoder has no generation settings
         GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
     save_hf_weights(tensors, out_dir, max_shard_size)
     record = None
     if tokenizer is not None:
-        record = export_tokenizer(tokenizer, out_dir, bert=bool(bert))
+        # an encoder's tokenizer frames pairs as [CLS] A [SEP] B [SEP]
+        record = export_tokenizer(tokenizer, out_dir, bert=not arch.causal_lm)
         log(f"tokenizer: {tokenizer} -> {out_dir}/tokenizer.json ({record['tokenizer_class']}, "
             f"{record['texts_checked']} texts encode identically)")
     else:
@@ -164,10 +163,11 @@ def import_hf(path: Path, base_config: Optional[Config] = None, log=print) -> Co
     path = Path(path)
     hf_cfg = read_hf_config(path)
     model_type = getattr(hf_cfg, "model_type", None)
-    mapping = {"gpt2": hf_gpt2, "llama": hf_llama, "bert": hf_bert, "megatron-bert": hf_bert}.get(model_type)
-    if mapping is None:
+    found = arch_for_hf_model_type(model_type)
+    if found is None:
         raise UnsupportedArchitecture(f"{path}: model_type {model_type!r} has no largelm equivalent (supported: "
                                       "gpt2 -> style gpt2, llama -> style llama, bert / megatron-bert -> arch bert)")
+    arch, mapping = found
     fields = mapping.model_fields(hf_cfg)
     positions = fields["max_position_embeddings"]
     base_model = base_config.model if base_config is not None else None
@@ -175,7 +175,7 @@ def import_hf(path: Path, base_config: Optional[Config] = None, log=print) -> Co
     if seq > positions:
         raise ConversionError(f"the training config's model.seq_length={seq} exceeds the imported model's "
                               f"max_position_embeddings={positions}")
-    fields.setdefault("arch", "gpt")
+    fields.setdefault("arch", arch.name)
     fields.update(seq_length=seq,
                   make_vocab_size_divisible_by=base_model.make_vocab_size_divisible_by if base_model else 128)
     try:
@@ -186,16 +186,17 @@ def import_hf(path: Path, base_config: Optional[Config] = None, log=print) -> Co
     dtypes = {t.dtype for t in hf.values() if t.is_floating_point()}
     if len(dtypes) != 1:
         raise ConversionError(f"{path}: tensors of mixed dtypes {sorted(map(str, dtypes))}")
-    bert = mapping.bert_fields(hf_cfg, hf) if model.arch == "bert" else None
-    tensors = mapping.from_hf(model, hf, bert) if bert is not None else mapping.from_hf(model, hf)
+    section = mapping.config_section(hf_cfg, hf) if arch.config_section else None  # BERT's bert: fields
+    tensors = mapping.from_hf(model, hf, section) if section is not None else mapping.from_hf(model, hf)
     tokenizer = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None
     config = None
     if base_config is not None:
         data = base_config.model_dump(mode="json")
         data["model"] = model.model_dump(mode="json")
-        if bert is not None:
-            data["bert"] = {**(data.get("bert") or {}), "binary_head": bert.binary_head,
-                            "residual_post_layernorm": bert.residual_post_layernorm}
+        if section is not None:
+            name = arch.config_section
+            data[name] = {**(data.get(name) or {}),
+                          **{k: getattr(section, k) for k in arch.section_weight_fields}}
         if tokenizer is not None:
             data["tokenizer"]["model"] = str(tokenizer.resolve())
         try:
@@ -213,7 +214,8 @@ def import_hf(path: Path, base_config: Optional[Config] = None, log=print) -> Co
         log(f"note: {path} has no sentencepiece tokenizer.model; largelm training needs one (tokenizer.model in "
             "the training config)")
     c = Consolidated(tensors, model, config, {}, 0, {"kind": "huggingface", "path": str(path),
-                                                     "model_type": model_type}, tokenizer, bert=bert)
+                                                     "model_type": model_type}, tokenizer,
+                     **({arch.config_section: section} if section is not None else {}))
     c.validate()
     return c
 
@@ -227,20 +229,12 @@ def hf_logits(path: Path, tokens: torch.Tensor):
     import transformers
 
     cfg = read_hf_config(path)
-    bert = getattr(cfg, "model_type", None) in ("bert", "megatron-bert")
-    pretraining = bert and any(a.endswith("ForPreTraining") for a in cfg.architectures or [])
-    auto = (transformers.AutoModelForPreTraining if pretraining else transformers.AutoModelForMaskedLM) if bert \
-        else transformers.AutoModelForCausalLM
+    found = arch_for_hf_model_type(getattr(cfg, "model_type", None))
+    probe = found[0].probe if found is not None else get_arch("gpt").probe  # unknown types: as a causal LM
+    auto = getattr(transformers, probe.hf_auto_class(cfg))
     try:
         model = auto.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     except Exception as err:
         raise ConversionError(f"transformers cannot load {path}: {err}") from None
     model.eval()
-    if not bert:
-        return model(input_ids=tokens.long()).logits.float()
-
-    types, mask = bert_inputs(tokens)
-    out = model(input_ids=tokens.long(), token_type_ids=types, attention_mask=mask)
-    if pretraining:
-        return drop_padded(out.prediction_logits.float(), mask), out.seq_relationship_logits.float()
-    return drop_padded(out.logits.float(), mask), None
+    return probe.hf_forward(model, tokens)

@@ -1,7 +1,7 @@
 """Write a model as a largelm *training checkpoint* in any TP x PP x DP layout, resumable by the trainer.
 
 How: the checkpoint is written by the real thing. ``tp * pp * dp`` ranks are spawned (gloo, CPU); each builds
-the training step driver for the target config exactly as the trainer does (``largelm.train.engine.build_step``,
+the training step driver for the target config exactly as the trainer does (``largelm.train.step.build_step``,
 which loads this rank's shard of the full weights with ``load_full_state_dict`` before DeepSpeed wraps the
 model), sets DeepSpeed's fp32 master copy to the exact fp32 weights (``safe_set_full_fp32_param``: with bf16
 training the master would otherwise be the bf16-rounded weights), positions the LR schedule and step counters
@@ -44,22 +44,18 @@ from largelm.config import Config, ConfigError, ModelConfig, apply_override, con
 from largelm.convert import verify
 from largelm.convert.spawn import run_ranks
 from largelm.errors import ConversionError
-from largelm.model.layout import (
-    check_pipeline_parallel,
-    check_tensor_parallel,
-    model_name,
-)
+from largelm.model.layout import check_pipeline_parallel, check_tensor_parallel
+from largelm.model.registry import get_arch
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import model_parallel_manual_seed
 from largelm.parallel.sharding import shard_tensor
-from largelm.train.engine import build_step
 from largelm.train.rng import capture_rng_state
+from largelm.train.step import build_step
 from largelm.train.trainer import build_run_loader
 
 # Model fields the converted weights fix (make_vocab_size_divisible_by is free: we re-pad).
 FIXED_MODEL_FIELDS = tuple(f for f in ModelConfig.SHAPE_FIELDS if f != "make_vocab_size_divisible_by") + (
     "rotary_base", "norm_epsilon")
-BERT_WEIGHT_FIELDS = ("binary_head", "residual_post_layernorm")
 
 
 def target_config(c: Consolidated, *, tensor_parallel: int, pipeline_parallel: int, out_root: Path,
@@ -75,8 +71,11 @@ def target_config(c: Consolidated, *, tensor_parallel: int, pipeline_parallel: i
     model = c.model.model_dump(mode="json")
     for key in FIXED_MODEL_FIELDS:
         data["model"][key] = model[key]
-    if c.bert is not None:  # the BERT fields that decide the parameter set come with the weights
-        data["bert"] = {**(data.get("bert") or {}), **{k: getattr(c.bert, k) for k in BERT_WEIGHT_FIELDS}}
+    arch = get_arch(c.model.arch)
+    section = arch.section(c)
+    if section is not None:  # the section fields that decide the parameter set (BERT's) come with the weights
+        name = arch.config_section
+        data[name] = {**(data.get(name) or {}), **{k: getattr(section, k) for k in arch.section_weight_fields}}
     if not Path(data["tokenizer"]["model"]).is_file() and c.tokenizer is not None and Path(c.tokenizer).is_file():
         data["tokenizer"]["model"] = str(Path(c.tokenizer).resolve())  # the copy kept with the consolidated model
     parallel = data["parallel"]
@@ -103,9 +102,10 @@ def target_config(c: Consolidated, *, tensor_parallel: int, pipeline_parallel: i
     if c.model.style == "gpt2" and cfg.model.positions != c.model.positions:
         changed.append(f"learned position table: the weights have {c.model.positions} rows, the config gives "
                        f"{cfg.model.positions} (model.max_position_embeddings / model.seq_length)")
-    if c.bert is not None:
-        changed += [f"bert.{k}: {getattr(cfg.bert, k)!r} (weights have {getattr(c.bert, k)!r})"
-                    for k in BERT_WEIGHT_FIELDS if getattr(cfg.bert, k) != getattr(c.bert, k)]
+    if section is not None:
+        target = arch.section(cfg)
+        changed += [f"{arch.config_section}.{k}: {getattr(target, k)!r} (weights have {getattr(section, k)!r})"
+                    for k in arch.section_weight_fields if getattr(target, k) != getattr(section, k)]
     if changed:
         raise ConversionError("the target config does not fit the converted weights (check --config/--set): "
                               + "; ".join(changed))
@@ -149,7 +149,7 @@ def source_extra_state(info) -> dict:
 def _local_full_value(name: str, param: torch.nn.Parameter, full: dict, model, tp_rank: int, tp: int):
     """The exact fp32 value this rank's parameter ``name`` should hold, cut from the full weights with the
     partition attributes megatron put on the parameter."""
-    value = full[model_name(name, model)]
+    value = full[get_arch(model.arch).dense_name(name, model)]
     if getattr(param, "tensor_model_parallel", False) and tp > 1:
         value = shard_tensor(value, tp_rank, tp, param.partition_dim, getattr(param, "partition_stride", 1))
     return value.float()
@@ -217,9 +217,9 @@ def _write_rank(rank: int, world_size: int, hub_dir: str, cfg_dict: dict, step: 
                           for n, p in fresh.engine.module.named_parameters() if p.numel())
         del fresh
         gc.collect()
-        model = verify.build_model(cfg.model, cfg.parallel, bert=cfg.bert)
+        model = verify.build_model(cfg.model, cfg.parallel, owner=cfg)
         verify.load_native(model, masters, f"converted checkpoint rank {rank}")
-        logits = verify.layout_forward(model, torch.from_numpy(tokens), cfg.model.hidden_size)
+        logits = verify.layout_forward(model, torch.from_numpy(tokens), cfg.model)
         return {"path": str(path), "loaded_step": int(state["step"]), "weight_diff": weight_diff,
                 "module_diff": module_diff, "logits": None if dp_rank else verify.to_numpy(logits)}
     finally:

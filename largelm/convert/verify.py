@@ -35,10 +35,8 @@ from largelm.checkpoint.reader import inspect_checkpoint, read_mp_rank
 from largelm.config import ModelConfig, ParallelConfig
 from largelm.convert.spawn import free_port, run_ranks
 from largelm.errors import ConversionError, VerificationError
-from largelm.model.bert import build_bert_model
-from largelm.model.bert_pipeline import BertPipelineModule, build_bert_pipeline
-from largelm.model.gpt import build_gpt_model
-from largelm.model.pipeline import build_gpt_pipeline
+from largelm.model.bert import bert_inputs, drop_padded  # noqa: F401 - part of this module's API (tests, docs)
+from largelm.model.registry import get_arch
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import model_parallel_manual_seed
 
@@ -51,22 +49,6 @@ def fixed_tokens(model: ModelConfig, batch: int = BATCH, seed: int = SEED) -> to
     """The verification batch: LongTensor [batch, min(positions, 64)] of ids in [0, vocab_size)."""
     length = min(model.positions, MAX_TOKENS)
     return torch.randint(0, model.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def bert_inputs(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token_type_ids, attention_mask) of the BERT verification batch (see the module docstring); 1 = attend."""
-    b, s = tokens.shape
-    types = torch.zeros(b, s, dtype=torch.long)
-    types[:, s // 2:] = 1
-    mask = torch.ones(b, s, dtype=torch.long)
-    if b > 1:
-        mask[1, s - s // 4:] = 0
-    return types, mask
-
-
-def drop_padded(mlm_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """MLM logits [b, s, V] with padded positions (mask 0) zeroed (see the module docstring)."""
-    return mlm_logits * attention_mask.to(mlm_logits.dtype).unsqueeze(-1)
 
 
 def _parts(logits, vocab_size: int) -> list[torch.Tensor]:
@@ -135,7 +117,9 @@ def single_rank_group() -> Iterator[None]:
 
 
     if dist.is_initialized():
-        tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else None
+        tp = None
+        if parallel_state.model_parallel_is_initialized():
+            tp = parallel_state.get_tensor_model_parallel_world_size()
         if dist.get_world_size() != 1 or tp != 1:
             raise ConversionError("a process group with another layout is active; cannot run a TP=1 forward here")
         yield
@@ -159,21 +143,19 @@ def _preserved_rng() -> Iterator[None]:
         torch.set_rng_state(state)
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32, bert=None):
-    """This rank's module in the layout ``parallel`` (dense ``GPTModel``/``BertModel`` or a pipeline stage), for
-    inference. Sequence parallelism is left off: it changes how activations are split, not the weights.
+def build_model(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32, owner=None):
+    """This rank's module in the layout ``parallel`` (the architecture's dense module or a pipeline stage), for
+    inference. ``owner``: the Config or Consolidated model holding the architecture's own config section (BERT's
+    ``bert``), if it has one. Sequence parallelism is left off: it changes how activations are split, not the
+    weights.
     """
     parallel = parallel.model_copy(update={"sequence_parallel": False, "virtual_pipeline": None})
     model_parallel_manual_seed(0)
-    if model.arch == "bert":
-        if parallel.pipeline_parallel > 1:
-            return build_bert_pipeline(model, parallel, bert, vocab_size=model.vocab_size, dtype=dtype).eval()
-
-        return build_bert_model(model, parallel, bert, vocab_size=model.vocab_size, dtype=dtype).eval()
+    arch = get_arch(model.arch)
+    section = arch.section_args(owner) if owner is not None else ()
     if parallel.pipeline_parallel > 1:
-        return build_gpt_pipeline(model, parallel, vocab_size=model.vocab_size, dtype=dtype).eval()
-
-    return build_gpt_model(model, parallel, vocab_size=model.vocab_size, dtype=dtype).eval()
+        return arch.build_pipeline(model, parallel, *section, dtype=dtype).eval()
+    return arch.build_model(model, parallel, *section, dtype=dtype).eval()
 
 
 def load_native(module: torch.nn.Module, state: dict, what: str) -> None:
@@ -186,36 +168,33 @@ def load_native(module: torch.nn.Module, state: dict, what: str) -> None:
 
 
 @torch.no_grad()
-def layout_forward(module: torch.nn.Module, tokens: torch.Tensor, hidden_size: int):
-    """Full-vocabulary logits [b, s, V_padded] of ``tokens`` [b, s] through this rank's module; collective over
-    the model-parallel group. Returned on the rank that holds the last pipeline stage (None elsewhere). A
-    ``BertModel`` returns (logits, binary logits or None) on ``bert_inputs(tokens)``."""
+def layout_forward(module: torch.nn.Module, tokens: torch.Tensor, model: ModelConfig):
+    """Full-vocabulary logits [b, s, V_padded] of ``tokens`` [b, s] through this rank's module of a ``model``
+    (its architecture's ``probe`` says how to run it); collective over the model-parallel group. Returned on the
+    rank that holds the last pipeline stage (None elsewhere). BERT gives (logits, binary logits or None) on
+    ``bert_inputs(tokens)``."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    probe = get_arch(model.arch).probe
     tokens = tokens.long()
-    bert, binary = _is_bert(module), None
-    types, mask = bert_inputs(tokens) if bert else (None, None)
-    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if bert and pp == 1:
-        logits, binary = module(tokens, mask, tokentype_ids=types)  # [b, s, V/tp], [b, 2] or None
-    elif pp == 1:
-        logits = module(tokens, position_ids, None)  # [b, s, V/tp]
-    else:  # a pipeline stage: GPT passes hidden [s, b, h]; BERT (hidden, attention mask), then (logits, binary)
+    if pp == 1:
+        logits, extra = probe.dense(module, tokens)  # [b, s, V/tp], (BERT: binary logits)
+    else:  # a pipeline stage: hidden [s, b, h] passes between stages
         stage = parallel_state.get_pipeline_model_parallel_rank()
         if stage == 0:
-            x = (tokens, mask, types) if bert else (tokens,)
+            x = probe.first_stage_input(tokens)
         else:
-            x = torch.empty(tokens.shape[1], tokens.shape[0], hidden_size, dtype=torch.float32)
+            x = torch.empty(tokens.shape[1], tokens.shape[0], model.hidden_size, dtype=torch.float32)
             dist.recv(x, src=parallel_state.get_pipeline_model_parallel_prev_rank())
-            x = (x, mask) if bert else x
+            x = probe.stage_input(x, tokens)
         out = module(x)
         if stage < pp - 1:
-            dist.send((out[0] if bert else out).float().contiguous(),
+            dist.send(probe.stage_hidden(out).float().contiguous(),
                       dst=parallel_state.get_pipeline_model_parallel_next_rank())
             return None
-        logits, binary = out if bert else (out, None)
+        logits, extra = probe.last_stage_outputs(out)
         logits = logits.transpose(0, 1)  # [s, b, V/tp] -> [b, s, V/tp]
     tp = parallel_state.get_tensor_model_parallel_world_size()
     logits = logits.float().contiguous()
@@ -223,16 +202,7 @@ def layout_forward(module: torch.nn.Module, tokens: torch.Tensor, hidden_size: i
         parts = [torch.empty_like(logits) for _ in range(tp)]
         dist.all_gather(parts, logits, group=parallel_state.get_tensor_model_parallel_group())
         logits = torch.cat(parts, dim=-1)
-    if bert:
-        return drop_padded(logits, mask), None if binary is None else binary.float()
-    return logits
-
-
-def _is_bert(module: torch.nn.Module) -> bool:
-    from megatron.core.models.bert.bert_model import BertModel
-
-
-    return isinstance(module, (BertModel, BertPipelineModule))
+    return probe.finish(logits, extra, tokens)
 
 
 def cut_vocab(logits, vocab_size: int):
@@ -252,10 +222,10 @@ def to_numpy(logits):
 def consolidated_logits(c, tokens: torch.Tensor):
     """Logits of a consolidated model: megatron ``GPTModel``/``BertModel`` at TP=1 on one (in-process) gloo rank."""
     with _preserved_rng(), single_rank_group():
-        model = build_model(c.model, ParallelConfig(), bert=c.bert)
+        model = build_model(c.model, ParallelConfig(), owner=c)
         padded = c.model.padded_vocab_size(1)
         load_native(model, {k: v.float() for k, v in c.padded_tensors(padded).items()}, "consolidated model")
-        logits = layout_forward(model, tokens, c.model.hidden_size)
+        logits = layout_forward(model, tokens, c.model)
     return cut_vocab(logits, c.model.vocab_size)
 
 
@@ -264,10 +234,10 @@ def _checkpoint_rank(rank: int, world_size: int, step_dir: str, tokens: np.ndarr
     groups.init_distributed("gloo")
     try:
         groups.init_model_parallel(info.tensor_parallel, info.pipeline_parallel)
-        model = build_model(info.config.model, info.config.parallel, bert=info.config.bert)
+        model = build_model(info.config.model, info.config.parallel, owner=info.config)
         native, _ = read_mp_rank(info, rank)  # one data-parallel replica: rank == model-parallel rank
         load_native(model, native, f"{info.path} model-parallel rank {rank}")
-        return to_numpy(layout_forward(model, torch.from_numpy(tokens), info.config.model.hidden_size))
+        return to_numpy(layout_forward(model, torch.from_numpy(tokens), info.config.model))
     finally:
         groups.destroy()
 
@@ -281,9 +251,9 @@ def checkpoint_logits(info, tokens: torch.Tensor, timeout_s: Optional[float] = N
     vocab = info.config.model.vocab_size
     if info.model_parallel == 1 and not dist.is_initialized():  # one rank: no need for a process
         with _preserved_rng(), single_rank_group():
-            model = build_model(info.config.model, info.config.parallel, bert=info.config.bert)
+            model = build_model(info.config.model, info.config.parallel, owner=info.config)
             load_native(model, read_mp_rank(info, 0)[0], f"{info.path}")
-            logits = layout_forward(model, tokens, info.config.model.hidden_size)
+            logits = layout_forward(model, tokens, info.config.model)
         return cut_vocab(logits, vocab)
     results = run_ranks(_checkpoint_rank, info.model_parallel, str(info.path), tokens.numpy(), timeout_s=timeout_s)
     logits = next(r for r in results if r is not None)

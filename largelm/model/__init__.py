@@ -8,4 +8,5 @@
     layout.py            parameter names, shapes and TP/PP rules (used by the checkpoint reader and converters)
     weights.py           load full (TP=1) weights into any layout
     flops.py             FLOPs per token, matmul shapes
+    hf/                  Hugging Face state-dict adapters (pure tensor mappings; conversion picks one by registry)
 """

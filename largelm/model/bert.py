@@ -1,9 +1,10 @@
 """BERT on megatron-core: its own ``BertModel`` with the local (no Transformer Engine) layer spec.
 
 ``build_bert_model`` builds megatron-core 0.16.1's ``megatron.core.models.bert.bert_model.BertModel`` from
-``bert_layer_spec`` (largelm/model/bert_layers.py: megatron's ``bert_layer_local_spec``, pre-LN layers with ``AttnMaskType.padding``: ``ColumnParallelLinear`` /
-``RowParallelLinear``, ``DotProductAttention``, torch LayerNorm; or with ``bert.residual_post_layernorm`` the original post-LN BERT), two token types, learned absolute positions, the
-MLM head (``lm_head``: dense + GeLU + LayerNorm, then ``output_layer`` with the word embedding as its weight when
+``bert_layer_spec`` (largelm/model/bert_layers.py: megatron's ``bert_layer_local_spec``, pre-LN layers with
+``AttnMaskType.padding``: ``ColumnParallelLinear`` / ``RowParallelLinear``, ``DotProductAttention``, torch
+LayerNorm; or with ``bert.residual_post_layernorm`` the original post-LN BERT), two token types, learned absolute
+positions, the MLM head (``lm_head``: dense + GeLU + LayerNorm, then ``output_layer`` with the word embedding as its weight when
 tied, plus a vocab-parallel bias) and the binary (SOP/NSP) head on the pooled [CLS] state. It runs on CPU
 under ``largelm.parallel.cpu_compat`` with no further patch (the padding mask is built by BertModel on the input's
 device). Parameter names are megatron's (``embedding.{word,position,tokentype}_embeddings``,
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.bert.bert_model import BertModel
 
-from largelm.config import BertConfig, ConfigError, ModelConfig, ParallelConfig
+from largelm.config import BertConfig, Config, ConfigError, ModelConfig, ParallelConfig
+from largelm.data.bert_masking import BertMasker
 from largelm.model.bert_layers import bert_layer_spec
 from largelm.model.gpt import resolve_vocab_size
 from largelm.model.specs import build_transformer_config
@@ -37,6 +39,7 @@ from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat
 from largelm.parallel.megatron_compat import bert_norms
 from largelm.parallel.sequence_parallel import reduce_sequence_parallel_grads_in_backward
+from largelm.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # = largelm.data.bert_masking.IGNORE_INDEX
 
@@ -136,3 +139,80 @@ def bert_metrics_from_logits(logits: torch.Tensor, binary_logits: Optional[torch
         out[f"{pair_name}_loss"] = pair_loss.detach()
         out[f"{pair_name}_acc"] = (binary_logits.argmax(dim=-1) == pair_label).float().mean()
     return out
+
+
+# --- what the step drivers, the loader and the registry call (largelm/model/registry.py) -----------------------
+def bert_step_metrics(model: torch.nn.Module, batch: dict, cfg: Config) -> dict[str, torch.Tensor]:
+    """``bert_forward_metrics`` with the config's pair objective (``sop_*`` / ``nsp_*`` names)."""
+    return bert_forward_metrics(model, batch, cfg.bert.objective)
+
+
+def bert_pipeline_micro_batch(batch: dict) -> tuple[tuple, tuple]:
+    """A masked batch as DeepSpeed's pipeline takes it: inputs to the first stage, labels to the last."""
+    return ((batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]),
+            (batch["mlm_labels"], batch["pair_label"]))
+
+
+def bert_loader_kwargs(cfg: Config) -> dict:
+    """Loader arguments for BERT's samples: sentence pairs, masked in the loader's workers."""
+    b = cfg.bert
+    masker = BertMasker.from_tokenizer(
+        Tokenizer.load(cfg.tokenizer.model), cfg.model.seq_length, seed=cfg.data.seed,
+        mask_prob=b.mask_prob, mask_token_prob=b.mask_token_prob, random_token_prob=b.random_token_prob,
+        whole_word_masking=b.whole_word_masking)
+    return {"kind": "bert_pairs", "sample_transform": masker}
+
+
+def bert_inputs(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_type_ids, attention_mask) of the BERT verification batch (largelm.convert.verify): token type 1 on
+    the second half of each sequence, padding (mask 0) on the last quarter of the second sequence; 1 = attend."""
+    b, s = tokens.shape
+    types = torch.zeros(b, s, dtype=torch.long)
+    types[:, s // 2:] = 1
+    mask = torch.ones(b, s, dtype=torch.long)
+    if b > 1:
+        mask[1, s - s // 4:] = 0
+    return types, mask
+
+
+def drop_padded(mlm_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """MLM logits [b, s, V] with padded positions (mask 0) zeroed: megatron masks padded *queries* too,
+    transformers only padded keys, and no loss or prediction reads those positions."""
+    return mlm_logits * attention_mask.to(mlm_logits.dtype).unsqueeze(-1)
+
+
+class BertProbe:
+    """How a conversion's verification runs BERT on a token batch [b, s] (see ``CausalLMProbe``, largelm/model/
+    gpt.py): on ``bert_inputs(tokens)``; the outputs are (MLM logits with padded positions zeroed, binary-head
+    logits or None). Pipeline stages pass (hidden, attention mask) and end with (logits, binary logits)."""
+
+    def dense(self, module: torch.nn.Module, tokens: torch.Tensor):
+        types, mask = bert_inputs(tokens)
+        return module(tokens, mask, tokentype_ids=types)  # [b, s, V/tp], [b, 2] or None
+
+    def first_stage_input(self, tokens: torch.Tensor):
+        types, mask = bert_inputs(tokens)
+        return tokens, mask, types
+
+    def stage_input(self, hidden: torch.Tensor, tokens: torch.Tensor):
+        return hidden, bert_inputs(tokens)[1]
+
+    def stage_hidden(self, out) -> torch.Tensor:
+        return out[0]
+
+    def last_stage_outputs(self, out):
+        return out
+
+    def finish(self, logits: torch.Tensor, binary, tokens: torch.Tensor):
+        return drop_padded(logits, bert_inputs(tokens)[1]), None if binary is None else binary.float()
+
+    def hf_auto_class(self, hf_cfg) -> str:
+        pretraining = any(a.endswith("ForPreTraining") for a in hf_cfg.architectures or [])
+        return "AutoModelForPreTraining" if pretraining else "AutoModelForMaskedLM"
+
+    def hf_forward(self, model, tokens: torch.Tensor):
+        types, mask = bert_inputs(tokens)
+        out = model(input_ids=tokens.long(), token_type_ids=types, attention_mask=mask)
+        if hasattr(out, "prediction_logits"):  # a ...ForPreTraining class
+            return drop_padded(out.prediction_logits.float(), mask), out.seq_relationship_logits.float()
+        return drop_padded(out.logits.float(), mask), None

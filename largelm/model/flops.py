@@ -70,6 +70,12 @@ def flops_per_token(model_cfg: ModelConfig, vocab_size: Optional[int] = None, se
     """
     if model_cfg.arch == "bert":
         return bert_flops_per_token(model_cfg, vocab_size, seq_length, binary_head=binary_head)
+    return gpt_flops_per_token(model_cfg, vocab_size, seq_length)
+
+
+def gpt_flops_per_token(model_cfg: ModelConfig, vocab_size: Optional[int] = None,
+                        seq_length: Optional[int] = None) -> float:
+    """GPT training FLOPs per token: ``6 * N + 12 * L * h * s`` (see ``flops_per_token``)."""
     s = seq_length or model_cfg.seq_length
     n = matmul_parameter_count(model_cfg, vocab_size)
     return 6 * n + 12 * model_cfg.num_layers * model_cfg.hidden_size * s

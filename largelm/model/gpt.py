@@ -119,3 +119,46 @@ def gpt_forward_loss(
         return per_token, per_token.mean()
     loss_mask = loss_mask.to(per_token.device, torch.float32)
     return per_token, (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+
+# --- what the step drivers and the registry call (largelm/model/registry.py) ----------------------------------
+def gpt_forward_metrics(model: torch.nn.Module, batch: dict, cfg=None) -> dict[str, torch.Tensor]:
+    """``{"loss": mean next-token loss}`` of a ``tokens`` batch (``gpt_forward_loss``); ``cfg`` is unused."""
+    return {"loss": gpt_forward_loss(model, batch["tokens"])[1]}
+
+
+def gpt_pipeline_micro_batch(batch: dict) -> tuple[tuple[torch.Tensor], torch.Tensor]:
+    """A ``tokens`` batch as DeepSpeed's pipeline takes it: ``((input_ids,), labels)``."""
+    input_ids, labels, _ = split_tokens(batch["tokens"])
+    return (input_ids,), labels
+
+
+class CausalLMProbe:
+    """How a conversion's verification (largelm.convert.verify) runs a GPT on a token batch [b, s] (no shift: the
+    ids are the inputs): the dense model, each pipeline stage (hidden [s, b, h] between stages), and a
+    ``transformers`` causal LM. Outputs are logits; ``finish`` turns them into what is compared."""
+
+    def dense(self, module: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
+        position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        return module(tokens, position_ids, None), None  # [b, s, V/tp]
+
+    def first_stage_input(self, tokens: torch.Tensor):
+        return (tokens,)
+
+    def stage_input(self, hidden: torch.Tensor, tokens: torch.Tensor):
+        return hidden
+
+    def stage_hidden(self, out) -> torch.Tensor:
+        return out
+
+    def last_stage_outputs(self, out) -> tuple[torch.Tensor, None]:
+        return out, None  # [s, b, V/tp]
+
+    def finish(self, logits: torch.Tensor, extra, tokens: torch.Tensor):
+        return logits
+
+    def hf_auto_class(self, hf_cfg) -> str:
+        return "AutoModelForCausalLM"
+
+    def hf_forward(self, model, tokens: torch.Tensor):
+        return model(input_ids=tokens.long()).logits.float()

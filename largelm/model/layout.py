@@ -176,16 +176,26 @@ def pipeline_name_to_gpt(name: str, num_layers: int) -> str:
         raise ConversionError(str(err.args[0])) from None
 
 
-def model_name(name: str, model: ModelConfig) -> str:
-    """A module-native parameter name (dense model or pipeline stage) -> the dense model's name of that tensor."""
-    if is_model_name(name, model):
+def gpt_model_name(name: str, model: ModelConfig) -> str:
+    """A ``GPTModel`` or ``GPTPipelineModule`` parameter name -> the ``GPTModel`` name of that tensor."""
+    return name if _is_gpt_name(name) else pipeline_name_to_gpt(name, model.num_layers)
+
+
+def bert_model_name(name: str, model: ModelConfig) -> str:
+    """A ``BertModel`` or ``BertPipelineModule`` parameter name -> the ``BertModel`` name of that tensor."""
+    if _is_bert_name(name):
         return name
-    if model.arch == "bert":
-        try:
-            return pipeline_name_to_dense(name, model.num_layers, "encoder", BERT_HEADS)
-        except KeyError as err:
-            raise ConversionError(str(err.args[0])) from None
-    return pipeline_name_to_gpt(name, model.num_layers)
+    try:
+        return pipeline_name_to_dense(name, model.num_layers, "encoder", BERT_HEADS)
+    except KeyError as err:
+        raise ConversionError(str(err.args[0])) from None
+
+
+def model_name(name: str, model: ModelConfig) -> str:
+    """A module-native parameter name (dense model or pipeline stage) -> the dense model's name of that tensor.
+    (The checkpoint reader's name-only dispatch; model code looks the architecture's ``dense_name`` up in
+    largelm/model/registry.py.)"""
+    return bert_model_name(name, model) if model.arch == "bert" else gpt_model_name(name, model)
 
 
 def to_model_names(state: dict, model: ModelConfig) -> dict:

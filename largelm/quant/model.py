@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save_file
 from largelm.config import Config, ConfigError, ParallelConfig, config_from_dict, dump_config
 from largelm.data import build_loader
 from largelm.fileio import fsync_file, publish_dir
-from largelm.model.gpt import build_gpt_model, gpt_forward_loss, split_tokens
+from largelm.model.gpt import gpt_forward_loss, split_tokens
+from largelm.model.registry import get_arch
 from largelm.quant.core import (
     SCALE_DTYPE,
     QuantFormat,
@@ -141,7 +142,7 @@ def target_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def check_supported(cfg: Config) -> None:
-    if cfg.model.arch != "gpt":
+    if not get_arch(cfg.model.arch).causal_lm:  # the forwards here are next-token LM forwards on GPTModel's names
         raise QuantizationError(f"model.arch={cfg.model.arch!r}: only GPT checkpoints are supported")
     if cfg.parallel.tensor_parallel != 1 or cfg.parallel.pipeline_parallel != 1:
         raise QuantizationError("only TP=1/PP=1 weights are supported (consolidate/convert the checkpoint first)")
@@ -269,8 +270,10 @@ def read_meta(path: str | Path) -> dict:
 
 
 def build_model(cfg: Config, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """An (uninitialised-weights) TP=1 GPTModel of ``cfg``'s shape; megatron parallel_state must be set up."""
-    return build_gpt_model(cfg.model, ParallelConfig(), vocab_size=cfg.model.vocab_size, dtype=dtype)
+    """An (uninitialised-weights) TP=1 model of ``cfg``'s shape (its architecture's dense module, a GPTModel);
+    megatron parallel_state must be set up."""
+    arch = get_arch(cfg.model.arch)
+    return arch.build_model(cfg.model, ParallelConfig(), *arch.section_args(cfg), dtype=dtype)
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Config]:

@@ -22,19 +22,18 @@ from largelm import faults
 from largelm.checkpoint.manager import LATEST, CheckpointManager, find_latest, set_aside_newer
 from largelm.config import Config, ConfigError, dump_config
 from largelm.data import DataError, build_loader
-from largelm.data.bert_masking import BertMasker
 from largelm.fileio import sha256_file
 from largelm.hardware import choose_precision, detect_device, model_dtype, run_precision
-from largelm.model.flops import flops_per_token, matmul_shapes
+from largelm.model.flops import matmul_shapes
+from largelm.model.registry import get_arch
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat, model_parallel_manual_seed
-from largelm.tokenizer import Tokenizer
-from largelm.train.engine import build_step
 from largelm.train.guards import StepGuard
 from largelm.train.logger import RunLogger
 from largelm.train.metrics import Throughput, matmul_flops, memory_stats, products_seconds
 from largelm.train.preflight import precision_choice
 from largelm.train.rng import capture_rng_state, restore_rng_state
+from largelm.train.step import build_step
 from largelm.train.watchdog import Watchdog
 
 
@@ -75,7 +74,8 @@ class Trainer:
         np.random.seed(cfg.train.seed % 2**32)  # not reproduce another's RNG state (checkpointed in rng.py)
         model_parallel_manual_seed(cfg.train.seed)
 
-        cfg.train.precision = run_precision(cfg)  # ``auto`` left only without preflight (a test, a tool): fresh-run rule
+        # ``auto`` is left only without preflight (a test, a tool): resolve it by the fresh-run rule
+        cfg.train.precision = run_precision(cfg)
         check_ranks_agree_on_precision(cfg.train.precision)
         self.stepper = build_step(cfg, self.world_size)
         self.engine = self.stepper.engine
@@ -94,7 +94,8 @@ class Trainer:
         self._restore()
 
         peak_flops = self._peak_flops_and_precision_note()
-        flops = flops_per_token(cfg.model, binary_head=cfg.bert.binary_head if cfg.bert is not None else False)
+        arch = get_arch(cfg.model.arch)
+        flops = arch.flops_per_token(cfg.model, arch.section(cfg))
         self.throughput = Throughput(cfg.tokens_per_step(self.world_size), flops, peak_flops * self.world_size)
         self.log = RunLogger(self.rank == 0, cfg.train.steps, self.step, cfg.logging.tensorboard_dir,
                              cfg.logging.progress_bar)
@@ -171,7 +172,7 @@ class Trainer:
 
     def train_step(self, batches) -> float:
         loss = self._dp_mean(self.stepper.train_step(batches))
-        # Extra scalars a step driver exposes for its last step (e.g. DistillStep's loss parts), averaged over
+        # Extra scalars a step driver exposes for its last step (e.g. distillation's loss parts), averaged over
         # data-parallel ranks (every rank runs this, so the collectives match); logged by _log_step.
         extra = getattr(self.stepper, "last_metrics", None) or {}
         self.step_metrics = {k: self._dp_mean(torch.tensor(float(v))) for k, v in sorted(extra.items())}
@@ -205,7 +206,7 @@ class Trainer:
                           f"data-parallel share of {paths} has only {count}")
         loss = self._dp_mean(total / count)
         metrics = {"valid/loss": loss}
-        if self.cfg.model.arch == "gpt":  # perplexity of the LM loss; BERT's loss is MLM + SOP, not a perplexity
+        if get_arch(self.cfg.model.arch).causal_lm:  # perplexity of an LM loss (BERT's is MLM + SOP: not one)
             metrics["valid/ppl"] = math.exp(min(loss, 50.0))
         metrics.update({k: self._dp_mean(torch.tensor(v / count)) for k, v in sorted(extra.items())})
         return metrics
@@ -305,18 +306,6 @@ def build_run_loader(cfg, dp_rank: int, dp_size: int, train: bool = True):
         datasets=[(spec.path, spec.weight) for spec in (d.train if train else d.valid)],
         seq_length=cfg.model.seq_length, batch_size=cfg.train.micro_batch_size, rank=dp_rank, world_size=dp_size,
         num_workers=d.num_workers if train else 0, shuffle_buffer=d.shuffle_buffer if train else 0, seed=d.seed,
-        infinite=train, skip_bad_samples=d.skip_bad_samples, **_sample_kind(cfg),
+        infinite=train, skip_bad_samples=d.skip_bad_samples,
+        **get_arch(cfg.model.arch).loader_kwargs(cfg),  # the sample kind (BERT: masked sentence pairs)
     )
-
-
-def _sample_kind(cfg) -> dict:
-    """Loader arguments for the model's sample kind: BERT reads sentence pairs and masks them in the workers."""
-    if cfg.model.arch != "bert":
-        return {}
-
-    b = cfg.bert
-    masker = BertMasker.from_tokenizer(
-        Tokenizer.load(cfg.tokenizer.model), cfg.model.seq_length, seed=cfg.data.seed,
-        mask_prob=b.mask_prob, mask_token_prob=b.mask_token_prob, random_token_prob=b.random_token_prob,
-        whole_word_masking=b.whole_word_masking)
-    return {"kind": "bert_pairs", "sample_transform": masker}

@@ -316,7 +316,7 @@ def single_rank_step(run_config: "RunConfig", tmp: Path, **sections):
     try:
         with single_rank_parallel_state():
             from largelm.parallel.cpu_compat import model_parallel_manual_seed
-            from largelm.train.engine import build_step
+            from largelm.train.step import build_step
 
             model_parallel_manual_seed(cfg.train.seed)  # as the trainer does (dropout's RNG tracker)
             yield cfg, build_step(cfg, world_size=1)

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import torch
 
-from largelm.convert.hf_common import Taker, finish_import
-from largelm.convert.qkv import fuse_qkv, split_qkv
 from largelm.errors import UnsupportedArchitecture
+from largelm.model.hf.common import Taker, finish_import
+from largelm.model.hf.qkv import fuse_qkv, split_qkv
 
 ARCHITECTURE = "GPT2LMHeadModel"
 MODEL_TYPE = "gpt2"
 IGNORED_KEYS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old GPT-2 checkpoints
+
+
+def architecture() -> str:
+    """The transformers class an export is written as."""
+    return ARCHITECTURE
 
 
 def check_exportable(model) -> None:

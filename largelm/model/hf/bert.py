@@ -16,8 +16,8 @@ Either way ``AutoModelForMaskedLM`` loads the export (with a binary head it igno
 ``attention.self.{query,key,value}``; ``linear_proj`` <-> ``attention.output.dense``; ``linear_fc1/fc2`` <->
 ``intermediate.dense``/``output.dense``; ``lm_head.{dense,layer_norm}`` <-> ``cls.predictions.transform``;
 ``output_layer.bias`` <-> ``cls.predictions.bias`` (and ``cls.predictions.decoder.bias``, which transformers ties to
-it only with tied embeddings); an untied output weight <-> ``cls.predictions.decoder.weight``; ``pooler.dense`` <-> ``bert.pooler.dense``; ``binary_head`` <->
-``cls.seq_relationship`` (index 0 = "in order" for SOP, "is next" for NSP, as largelm's data writes them).
+it only with tied embeddings); an untied output weight <-> ``cls.predictions.decoder.weight``; ``pooler.dense``
+<-> ``bert.pooler.dense``; ``binary_head`` <-> ``cls.seq_relationship`` (index 0 = "in order" for SOP, "is next" for NSP, as largelm's data writes them).
 Activation ``gelu`` (exact erf GeLU) is what largelm computes; other activations are refused on import.
 """
 
@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from largelm.config import BertConfig
-from largelm.convert.qkv import fuse_qkv, split_qkv
 from largelm.errors import UnsupportedArchitecture
+from largelm.model.hf.qkv import fuse_qkv, split_qkv
 
 MODEL_TYPES = {True: "bert", False: "megatron-bert"}  # keyed by residual_post_layernorm
 CLASS_PREFIX = {True: "Bert", False: "MegatronBert"}
@@ -132,7 +132,7 @@ def model_fields(cfg) -> dict:
                 attention_dropout=cfg.attention_probs_dropout_prob, init_method_std=cfg.initializer_range)
 
 
-def bert_fields(cfg, hf: dict[str, torch.Tensor]) -> BertConfig:
+def config_section(cfg, hf: dict[str, torch.Tensor]) -> BertConfig:
     """The BertConfig fields the weights decide: the norm placement (model_type) and the binary head."""
     post = cfg.model_type == "bert"
     binary = "cls.seq_relationship.weight" in hf

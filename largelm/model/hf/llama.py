@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import torch
 
-from largelm.convert.hf_common import Taker, finish_import
-from largelm.convert.qkv import fuse_qkv, split_qkv
 from largelm.errors import UnsupportedArchitecture
+from largelm.model.hf.common import Taker, finish_import
+from largelm.model.hf.qkv import fuse_qkv, split_qkv
 
 ARCHITECTURE = "LlamaForCausalLM"
 MODEL_TYPE = "llama"
 IGNORED_KEYS = (".rotary_emb.inv_freq",)  # a buffer in old Llama checkpoints
+
+
+def architecture() -> str:
+    """The transformers class an export is written as."""
+    return ARCHITECTURE
 
 
 def check_exportable(model) -> None:
@@ -47,7 +52,7 @@ def to_hf(model, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         p, h = f"decoder.layers.{i}.", f"model.layers.{i}."
         out[h + "input_layernorm.weight"] = t[p + "input_layernorm.weight"]
         q, k, v = split_qkv(t[p + "self_attention.linear_qkv.weight"], nq, ng, d)
-        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"], out[h + "self_attn.v_proj.weight"] = q, k, v
+        out.update({h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k, h + "self_attn.v_proj.weight": v})
         out[h + "self_attn.o_proj.weight"] = t[p + "self_attention.linear_proj.weight"]
         out[h + "post_attention_layernorm.weight"] = t[p + "pre_mlp_layernorm.weight"]
         gate, up = t[p + "mlp.linear_fc1.weight"].chunk(2, dim=0)
