@@ -29,7 +29,7 @@ from largelm.parallel.deepspeed_compat import (
 from largelm.parallel.deepspeed_compat import launcher as launcher_compat
 from largelm.parallel.megatron_compat import bert_norms
 from largelm.parallel.sequence_parallel import SequenceParallelNorm
-from largelm.train.engine import DenseStep
+from largelm.train.step import DenseStep
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -400,8 +400,8 @@ def test_a_checkpoint_from_before_single_replica_zero_consolidates_with_its_own_
     the converter must look for ZeRO-2 partitions, not the ZeRO-0 files today's default would imply."""
     import yaml
 
+    from largelm.checkpoint.info import inspect_checkpoint
     from largelm.checkpoint.manager import write_manifest
-    from largelm.checkpoint.reader import inspect_checkpoint
     from largelm.errors import ConversionError
 
     step = tmp_path / "step_00000002"

@@ -14,8 +14,9 @@ from typing import Optional
 
 import torch
 
+from largelm.checkpoint.info import inspect_checkpoint
 from largelm.checkpoint.manager import CheckpointError, find_latest
-from largelm.checkpoint.reader import consolidate_checkpoint, inspect_checkpoint
+from largelm.checkpoint.reader import consolidate_checkpoint
 from largelm.config import Config, checkpoint_config_from_dict
 from largelm.errors import ConversionError
 from largelm.fileio import YAMLError, read_yaml

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from largelm.checkpoint.consolidated import META, load_consolidated, parse_dtype, save_consolidated
-from largelm.checkpoint.reader import checkpoint_summary
+from largelm.checkpoint.info import checkpoint_summary
 from largelm.config import Config, ConfigError, load_config
 from largelm.convert import hf, verify
 from largelm.convert.hf import read_hf_config

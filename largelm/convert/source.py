@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 
 from largelm.checkpoint.consolidated import META, Consolidated, is_consolidated, load_consolidated
+from largelm.checkpoint.info import inspect_checkpoint
 from largelm.checkpoint.manager import LATEST, MANIFEST
-from largelm.checkpoint.reader import consolidate_checkpoint, inspect_checkpoint
+from largelm.checkpoint.reader import consolidate_checkpoint
 from largelm.config import Config
 from largelm.convert import verify
 from largelm.convert.hf import hf_logits, import_hf

@@ -31,7 +31,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from largelm.checkpoint.reader import inspect_checkpoint, read_mp_rank
+from largelm.checkpoint.info import inspect_checkpoint
+from largelm.checkpoint.reader import read_mp_rank
 from largelm.config import ModelConfig, ParallelConfig
 from largelm.convert.spawn import free_port, run_ranks
 from largelm.errors import ConversionError, VerificationError

@@ -4,9 +4,9 @@
 ``bert_layer_spec`` (largelm/model/bert_layers.py: megatron's ``bert_layer_local_spec``, pre-LN layers with
 ``AttnMaskType.padding``: ``ColumnParallelLinear`` / ``RowParallelLinear``, ``DotProductAttention``, torch
 LayerNorm; or with ``bert.residual_post_layernorm`` the original post-LN BERT), two token types, learned absolute
-positions, the MLM head (``lm_head``: dense + GeLU + LayerNorm, then ``output_layer`` with the word embedding as its weight when
-tied, plus a vocab-parallel bias) and the binary (SOP/NSP) head on the pooled [CLS] state. It runs on CPU
-under ``largelm.parallel.cpu_compat`` with no further patch (the padding mask is built by BertModel on the input's
+positions, the MLM head (``lm_head``: dense + GeLU + LayerNorm, then ``output_layer`` with the word embedding as
+its weight when tied, plus a vocab-parallel bias) and the binary (SOP/NSP) head on the pooled [CLS] state. It runs on
+CPU under ``largelm.parallel.cpu_compat`` with no further patch (the padding mask is built by BertModel on the input's
 device). Parameter names are megatron's (``embedding.{word,position,tokentype}_embeddings``,
 ``encoder.layers.N.*``, ``encoder.final_layernorm``, ``lm_head.{dense,layer_norm}``, ``output_layer.bias``,
 ``pooler.dense``, ``binary_head``): the layout Megatron-LM's BERT checkpoint converters read.

@@ -11,8 +11,9 @@ import pytest
 import torch
 from faultkit import single_rank_step
 
+from largelm.checkpoint.info import inspect_checkpoint
 from largelm.checkpoint.manager import ABANDONED_PREFIX, LATEST, CheckpointManager, find_latest, set_aside_newer
-from largelm.checkpoint.reader import consolidate_checkpoint, inspect_checkpoint
+from largelm.checkpoint.reader import consolidate_checkpoint
 from largelm.config import dump_config
 from largelm.fileio import sha256_file
 

@@ -17,7 +17,8 @@ Either way ``AutoModelForMaskedLM`` loads the export (with a binary head it igno
 ``intermediate.dense``/``output.dense``; ``lm_head.{dense,layer_norm}`` <-> ``cls.predictions.transform``;
 ``output_layer.bias`` <-> ``cls.predictions.bias`` (and ``cls.predictions.decoder.bias``, which transformers ties to
 it only with tied embeddings); an untied output weight <-> ``cls.predictions.decoder.weight``; ``pooler.dense``
-<-> ``bert.pooler.dense``; ``binary_head`` <-> ``cls.seq_relationship`` (index 0 = "in order" for SOP, "is next" for NSP, as largelm's data writes them).
+<-> ``bert.pooler.dense``; ``binary_head`` <-> ``cls.seq_relationship`` (index 0 = "in order" for SOP, "is
+next" for NSP, as largelm's data writes them).
 Activation ``gelu`` (exact erf GeLU) is what largelm computes; other activations are refused on import.
 """
 

@@ -52,7 +52,7 @@ def to_hf(model, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         p, h = f"decoder.layers.{i}.", f"model.layers.{i}."
         out[h + "input_layernorm.weight"] = t[p + "input_layernorm.weight"]
         q, k, v = split_qkv(t[p + "self_attention.linear_qkv.weight"], nq, ng, d)
-        out.update({h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k, h + "self_attn.v_proj.weight": v})
+        out.update({f"{h}self_attn.{name}_proj.weight": w for name, w in (("q", q), ("k", k), ("v", v))})
         out[h + "self_attn.o_proj.weight"] = t[p + "self_attention.linear_proj.weight"]
         out[h + "post_attention_layernorm.weight"] = t[p + "pre_mlp_layernorm.weight"]
         gate, up = t[p + "mlp.linear_fc1.weight"].chunk(2, dim=0)
