@@ -26,6 +26,7 @@ from largelm.checkpoint.consolidated import Consolidated, dtype_name
 from largelm.config import Config, ConfigError, ModelConfig, config_from_dict
 from largelm.convert.hf_tokenizer import export_tokenizer, special_ids
 from largelm.errors import ConversionError, UnsupportedArchitecture
+from largelm.fileio import confined_path, save_safetensors
 from largelm.model.registry import arch_for_hf_model_type, get_arch
 from largelm.tokenizer import Tokenizer
 
@@ -96,12 +97,11 @@ def export_hf(c: Consolidated, out_dir: Path, *, dtype: Optional[torch.dtype] = 
 
 def save_hf_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int = DEFAULT_MAX_SHARD) -> None:
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
 
     split = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
-        save_file({n: tensors[n].contiguous() for n in names}, str(out_dir / filename), metadata={"format": "pt"})
+        save_safetensors({n: tensors[n].contiguous() for n in names}, out_dir / filename, metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": split.tensor_to_filename}
@@ -119,6 +119,19 @@ def read_hf_config(path: Path):
         raise ConversionError(f"{path}/config.json cannot be read by transformers: {err}") from None
 
 
+def _indexed_files(path: Path, index_name: str) -> list[Path]:
+    """The weight files an HF index names, each confined to the model directory (a downloaded index could name
+    ``../../secret`` or ``/etc/passwd``, read and reported back as tensors otherwise)."""
+    index_path = path / index_name
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConversionError(f"{index_path} is not a Hugging Face weight index ({type(err).__name__}: "
+                              f"{err})") from None
+    return [confined_path(path, name, f"{index_path}: weight_map", ConversionError) for name in names]
+
+
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face model directory (safetensors preferred; .bin via weights_only)."""
     from safetensors import safe_open
@@ -128,13 +141,11 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     if (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     elif (path / "model.safetensors.index.json").is_file():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
-        files = [path / f for f in sorted(set(index["weight_map"].values()))]
+        files = _indexed_files(path, "model.safetensors.index.json")
     elif (path / "pytorch_model.bin").is_file():
         files = [path / "pytorch_model.bin"]
     elif (path / "pytorch_model.bin.index.json").is_file():
-        index = json.loads((path / "pytorch_model.bin.index.json").read_text())
-        files = [path / f for f in sorted(set(index["weight_map"].values()))]
+        files = _indexed_files(path, "pytorch_model.bin.index.json")
     else:
         raise ConversionError(f"{path} has no model weights (model.safetensors[.index.json] or pytorch_model.bin)")
     missing = [f.name for f in files if not f.is_file()]

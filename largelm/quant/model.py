@@ -30,11 +30,11 @@ from typing import Iterable, Optional
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from largelm.config import Config, ConfigError, ParallelConfig, config_from_dict, dump_config
 from largelm.data import build_loader
-from largelm.fileio import fsync_file, publish_dir
+from largelm.fileio import fsync_file, publish_dir, save_safetensors
 from largelm.model.gpt import gpt_forward_loss, split_tokens
 from largelm.model.registry import get_arch
 from largelm.quant.core import (
@@ -245,7 +245,7 @@ def save_quantized(model: torch.nn.Module, cfg: Config, out: str | Path, *, meth
         shutil.rmtree(stale, ignore_errors=True)
     partial.mkdir()
     try:
-        save_file(tensors, str(partial / WEIGHTS), metadata={"format": FORMAT, "quant": json.dumps(meta)})
+        save_safetensors(tensors, partial / WEIGHTS, metadata={"format": FORMAT, "quant": json.dumps(meta)})
         (partial / META).write_text(json.dumps(meta, indent=1))
         (partial / "config.yaml").write_text(dump_config(cfg))
         for name in (WEIGHTS, META, "config.yaml"):

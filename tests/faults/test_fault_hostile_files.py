@@ -18,6 +18,7 @@ from largelm.checkpoint.consolidated import Consolidated, load_consolidated, sav
 from largelm.checkpoint.full_weights import checkpoint_config
 from largelm.checkpoint.manager import CheckpointError, find_latest, verify_checkpoint, write_manifest
 from largelm.config import ConfigError, ModelConfig, load_config
+from largelm.convert.hf import read_hf_weights, save_hf_weights
 from largelm.errors import ConversionError
 from largelm.fileio import MAX_YAML_VALUES, ordinary_mode
 from largelm.model.layout import param_shapes
@@ -171,3 +172,24 @@ def test_written_weights_get_ordinary_file_permissions(tmp_path, tokenizer_path,
         model_dir = _consolidated_with_tokenizer(tmp_path, tokenizer_path)
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in model_dir.iterdir()}
         assert modes["model.safetensors"] == ordinary_mode() == modes["largelm.json"], modes
+
+
+@pytest.mark.parametrize("name", ["../secret.safetensors", "/etc/hostname"])
+def test_hf_index_naming_files_outside_the_model_is_refused(tmp_path, ledger, name):
+    model = tmp_path / "hf-download"
+    model.mkdir()
+    (tmp_path / "secret.safetensors").write_bytes(b"not yours")
+    with ledger.scenario(f"Hugging Face weight index naming {name}"):
+        (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": name}}))
+        with pytest.raises(ConversionError, match=rf"index\.json: weight_map: {name!r} is not a relative path"):
+            read_hf_weights(model)
+
+
+def test_hf_export_weights_get_ordinary_file_permissions(tmp_path, ledger):
+    with ledger.scenario("export-hf weights written with mode 0600 (sharded and not)"):
+        tensors = {f"w{i}": torch.zeros(64) for i in range(4)}
+        save_hf_weights(tensors, tmp_path, max_shard_size=600)  # sharded: 4 files + index
+        (tmp_path / "one").mkdir()
+        save_hf_weights(tensors, tmp_path / "one", max_shard_size=1 << 20)
+        files = list(tmp_path.glob("*.safetensors")) + list((tmp_path / "one").glob("*.safetensors"))
+        assert len(files) >= 3 and {stat.S_IMODE(f.stat().st_mode) for f in files} == {ordinary_mode()}
