@@ -14,9 +14,9 @@ import torch
 from megatron.core.models.bert import bert_lm_head
 from megatron.core.transformer import transformer_block
 from mp_utils import single_rank_parallel_state
+from train_utils import config_object
 
 import largelm.train.engine as engine_module
-from largelm.config import config_from_dict
 from largelm.parallel import ALL_PATCHES, deepspeed_compat
 from largelm.parallel.__main__ import main as print_patches
 from largelm.parallel.cpu_compat import model_parallel_manual_seed
@@ -34,16 +34,6 @@ from largelm.train.step import DenseStep
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _cfg(**sections):
-    raw = {
-        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 200},
-        "tokenizer": {"model": "unused.model"},
-        "data": {"train": [{"path": "unused"}]},
-        "train": {"steps": 4, "micro_batch_size": 2, "grad_accum_steps": 2, "precision": "fp32"},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return config_from_dict(raw)
 
 
 def test_another_deepspeed_version_is_refused_before_anything_is_patched(monkeypatch):
@@ -54,7 +44,7 @@ def test_another_deepspeed_version_is_refused_before_anything_is_patched(monkeyp
     monkeypatch.setattr(deepspeed, "__version__", "0.18.0")
     with pytest.raises(RuntimeError, match=r"DeepSpeed 0\.19\.8, but DeepSpeed 0\.18\.0 is installed.*"
                                            r"deepspeed==0\.19\.8"):
-        install_deepspeed_compat(None, _cfg(), world_size=1)  # refused before it looks at the engine
+        install_deepspeed_compat(None, config_object(), world_size=1)  # refused before it looks at the engine
     from deepspeed.launcher import launch, runner
 
     real_subprocess, real_time = runner.subprocess, launch.time
@@ -95,7 +85,7 @@ def test_install_applies_exactly_the_patches_of_the_run(one_rank, monkeypatch, c
         return names
 
     monkeypatch.setattr(engine_module, "install_deepspeed_compat", recording)
-    cfg = _cfg(parallel={"zero_stage": stage, **parallel}, train={"precision": precision},
+    cfg = config_object(parallel={"zero_stage": stage, **parallel}, train={"precision": precision},
                optimizer={"grad_clip": clip})
     model_parallel_manual_seed(1)
     step = DenseStep(cfg, world_size=1)
@@ -116,7 +106,7 @@ def test_one_replica_substitution_is_logged_with_the_patches(one_rank, monkeypat
     ZeRO-0 patches, and rank 0 says so first."""
     monkeypatch.setenv("LOCAL_RANK", "0")
     model_parallel_manual_seed(1)
-    DenseStep(_cfg(parallel={"zero_stage": 2}, optimizer={"grad_clip": 0.0}), world_size=1)
+    DenseStep(config_object(parallel={"zero_stage": 2}, optimizer={"grad_clip": 0.0}), world_size=1)
     out = capsys.readouterr().out
     assert ("one data-parallel replica: DeepSpeed runs ZeRO-0 for parallel.zero_stage=2 (same math, nothing to "
             "partition; parallel.single_replica_zero)\ndeepspeed_compat (DeepSpeed 0.19.8): fused_adamw, "

@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 from mp_utils import single_rank_parallel_state
 from tolerances import U32, UBF16, adamw_step_tol, bf16_adam_drift, chain_length, fp32_adam_drift, sum_rtol
+from train_utils import config_object
 
-from largelm.config import config_from_dict, load_config
+from largelm.config import load_config
 from largelm.launch import CPU_MALLOC_ENV, cpu_environment
 from largelm.parallel.deepspeed_compat import use_fused_adamw
 from largelm.parallel.deepspeed_config import (
@@ -26,16 +27,6 @@ from largelm.parallel.deepspeed_config import (
 STEP_CHAIN = chain_length(layers=2, hidden=64, ffn=256, seq=16, heads=4, vocab=256, tokens=2 * 2 * 16, backward=True)
 
 
-def _cfg(**sections) -> "object":
-    raw = {
-        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 200},
-        "tokenizer": {"model": "unused.model"},
-        "data": {"train": [{"path": "unused"}]},
-        "train": {"steps": 4, "micro_batch_size": 2, "grad_accum_steps": 2, "precision": "fp32"},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return config_from_dict(raw)
 
 
 def test_reduce_bucket_is_a_sixteenth_of_the_parameters_within_bounds():
@@ -43,7 +34,7 @@ def test_reduce_bucket_is_a_sixteenth_of_the_parameters_within_bounds():
     assert reduce_bucket_elements(tiny) == 2**22  # floor: small models keep one reduction per pass
     big = load_config("configs/gpt-1.3b.yaml")
     assert 2**22 < reduce_bucket_elements(big) < DEEPSPEED_DEFAULT_BUCKET
-    huge = _cfg(model={"num_layers": 200, "hidden_size": 16384, "num_attention_heads": 128})
+    huge = config_object(model={"num_layers": 200, "hidden_size": 16384, "num_attention_heads": 128})
     assert reduce_bucket_elements(huge) == DEEPSPEED_DEFAULT_BUCKET
     for stage in (1, 2, 3):
         ds = deepspeed_config(load_config("configs/gpt-tiny.yaml", [f"parallel.zero_stage={stage}"]), world_size=2)
@@ -114,7 +105,7 @@ def test_training_state_bytes_reads_the_engine(one_rank, stage, precision, monke
 
     monkeypatch.setenv("LOCAL_RANK", "0")  # deepspeed.initialize insists (the launcher sets it)
     # as_configured: the census must see ZeRO-2/3's own buffers, which one replica would otherwise not run
-    cfg = _cfg(parallel={"zero_stage": stage, "single_replica_zero": "as_configured"}, train={"precision": precision})
+    cfg = config_object(parallel={"zero_stage": stage, "single_replica_zero": "as_configured"}, train={"precision": precision})
     model_parallel_manual_seed(1)
     step = DenseStep(cfg, world_size=1)
     tokens = torch.randint(0, 200, (2, 17))
@@ -139,22 +130,22 @@ def test_one_replica_runs_the_cheapest_zero_engine_with_the_same_math():
     one = {"fp32": 0, "bf16": 1}  # bf16 keeps ZeRO-1: BF16_Optimizer accumulates gradients in fp32, ZeRO-0 would not
     for precision, expected in one.items():
         for stage in (1, 2, 3):
-            cfg = _cfg(parallel={"zero_stage": stage}, train={"precision": precision})
+            cfg = config_object(parallel={"zero_stage": stage}, train={"precision": precision})
             assert engine_zero_stage(cfg, world_size=1) == expected
             assert deepspeed_config(cfg, world_size=1)["zero_optimization"]["stage"] == expected
             assert skips_data_parallel_reduction(cfg, world_size=1)
             assert engine_zero_stage(cfg, world_size=2) == stage  # two replicas: partitioning is real
             assert not skips_data_parallel_reduction(cfg, world_size=2)
-    bf16 = deepspeed_config(_cfg(parallel={"zero_stage": 3}, train={"precision": "bf16"}), world_size=1)
+    bf16 = deepspeed_config(config_object(parallel={"zero_stage": 3}, train={"precision": "bf16"}), world_size=1)
     assert bf16["data_types"] == {"grad_accum_dtype": "fp32"} and bf16["bf16"]["immediate_grad_update"]
     # kept as configured: explicitly, ZeRO-0, tensor parallelism leaving one replica, and pipelines
-    assert engine_zero_stage(_cfg(parallel={"zero_stage": 3, "single_replica_zero": "as_configured"}), 1) == 3
-    assert engine_zero_stage(_cfg(parallel={"zero_stage": 0}, train={"precision": "bf16"}), 1) == 0
-    assert engine_zero_stage(_cfg(parallel={"zero_stage": 2, "tensor_parallel": 2}), 2) == 0
-    assert engine_zero_stage(_cfg(parallel={"zero_stage": 2, "tensor_parallel": 2}), 4) == 2
-    pipe = _cfg(parallel={"zero_stage": 1, "pipeline_parallel": 2})
+    assert engine_zero_stage(config_object(parallel={"zero_stage": 3, "single_replica_zero": "as_configured"}), 1) == 3
+    assert engine_zero_stage(config_object(parallel={"zero_stage": 0}, train={"precision": "bf16"}), 1) == 0
+    assert engine_zero_stage(config_object(parallel={"zero_stage": 2, "tensor_parallel": 2}), 2) == 0
+    assert engine_zero_stage(config_object(parallel={"zero_stage": 2, "tensor_parallel": 2}), 4) == 2
+    pipe = config_object(parallel={"zero_stage": 1, "pipeline_parallel": 2})
     assert engine_zero_stage(pipe, 2) == 1 and not skips_data_parallel_reduction(pipe, 2)
-    pipe_bf16 = _cfg(parallel={"zero_stage": 1, "pipeline_parallel": 2}, train={"precision": "bf16"})
+    pipe_bf16 = config_object(parallel={"zero_stage": 1, "pipeline_parallel": 2}, train={"precision": "bf16"})
     assert skips_data_parallel_reduction(pipe_bf16, 2) and not skips_data_parallel_reduction(pipe_bf16, 4)
 
 
@@ -185,9 +176,9 @@ def test_one_replica_fast_engine_trains_like_the_configured_stage(one_rank, monk
     monkeypatch.setenv("LOCAL_RANK", "0")
     sections = {"train": {"precision": precision}, "optimizer": {"grad_clip": 0.05, "lr": 1e-2, "warmup_steps": 0}}
     configured, ref_curve, ref_weights = _train_one_rank(
-        _cfg(parallel={"zero_stage": stage, "single_replica_zero": "as_configured"}, **sections))
+        config_object(parallel={"zero_stage": stage, "single_replica_zero": "as_configured"}, **sections))
     assert type(configured.optimizer).__name__ == optimizer and configured.enable_backward_allreduce
-    fast, curve, weights = _train_one_rank(_cfg(parallel={"zero_stage": stage}, **sections))
+    fast, curve, weights = _train_one_rank(config_object(parallel={"zero_stage": stage}, **sections))
     expected = {"fp32": "AdamW", "bf16": "BF16_Optimizer"}[precision]  # ZeRO-0 steps torch's AdamW itself
     assert type(fast.optimizer).__name__ == expected and not fast.enable_backward_allreduce
     # fp32: the same arithmetic up to summation order: losses and norms within sum_rtol of the step's reduction
@@ -218,7 +209,7 @@ def test_bf16_gradients_accumulate_in_place_with_the_same_result(one_rank, monke
     zeroed = []
     monkeypatch.setattr(torch.Tensor, "zero_", lambda t: (zeroed.append(t.numel()), torch.fill_(t, 0))[1])
     sections = {"train": {"precision": "bf16"}, "optimizer": {"grad_clip": 0.05, "lr": 1e-2, "warmup_steps": 0}}
-    cfg = _cfg(parallel={"zero_stage": 1}, **sections)
+    cfg = config_object(parallel={"zero_stage": 1}, **sections)
     fast, curve, weights = _train_one_rank(cfg, steps=3)
     assert type(fast.optimizer).__name__ == "BF16_Optimizer"
     flat = fast.optimizer.fp32_groups_gradients_flat
@@ -304,7 +295,7 @@ def test_bf16_clipping_inside_fused_adamw_clips_as_deepspeed_does(one_rank, monk
         return torch.cat([p.detach().clone() for p in engine.optimizer.fp32_groups_flat_partition])
 
     sections = {"train": {"precision": "bf16"}, "optimizer": {"grad_clip": max_norm, "lr": lr, "warmup_steps": 0}}
-    cfg = _cfg(parallel={"zero_stage": 1}, **sections)
+    cfg = config_object(parallel={"zero_stage": 1}, **sections)
     fused_log, stock_log = [], []
     fused, curve, _ = _train_one_rank(cfg, steps=3, setup=lambda engine: _record_adamw_steps(engine, fused_log))
     inner = fused.optimizer.optimizer
@@ -353,9 +344,9 @@ def test_one_replica_fp32_without_clipping_still_reports_the_grad_norm(one_rank,
     norm the configured ZeRO-2 engine reports, step by step."""
     monkeypatch.setenv("LOCAL_RANK", "0")
     sections = {"optimizer": {"grad_clip": 0.0, "lr": 1e-2, "warmup_steps": 0}}
-    _, ref_curve, _ = _train_one_rank(_cfg(parallel={"zero_stage": 2, "single_replica_zero": "as_configured"},
+    _, ref_curve, _ = _train_one_rank(config_object(parallel={"zero_stage": 2, "single_replica_zero": "as_configured"},
                                            **sections), steps=2)
-    fast, curve, _ = _train_one_rank(_cfg(parallel={"zero_stage": 2}, **sections), steps=2)
+    fast, curve, _ = _train_one_rank(config_object(parallel={"zero_stage": 2}, **sections), steps=2)
     assert type(fast.optimizer).__name__ == "AdamW"
     tol = sum_rtol(STEP_CHAIN)  # fp32, the same arithmetic up to summation order
     for (loss, norm), (ref_loss, ref_norm) in zip(curve, ref_curve):
@@ -379,8 +370,8 @@ def test_resume_refuses_a_checkpoint_whose_engine_ran_another_zero_stage(tmp_pat
         (step / "config.yaml").write_text(yaml.safe_dump(values))
         write_manifest(step, {"world_size": 1})
 
-    fast = _cfg(parallel={"zero_stage": 2}, checkpoint={"dir": str(tmp_path)})
-    configured = _cfg(parallel={"zero_stage": 2, "single_replica_zero": "as_configured"},
+    fast = config_object(parallel={"zero_stage": 2}, checkpoint={"dir": str(tmp_path)})
+    configured = config_object(parallel={"zero_stage": 2, "single_replica_zero": "as_configured"},
                       checkpoint={"dir": str(tmp_path)})
     saved_config(fast.model_dump(mode="json"))
     _check_checkpoint(fast, 1)
@@ -406,7 +397,7 @@ def test_a_checkpoint_from_before_single_replica_zero_consolidates_with_its_own_
 
     step = tmp_path / "step_00000002"
     step.mkdir()
-    raw = _cfg(parallel={"zero_stage": 2}).model_dump(mode="json")
+    raw = config_object(parallel={"zero_stage": 2}).model_dump(mode="json")
     del raw["parallel"]["single_replica_zero"]
     (step / "config.yaml").write_text(yaml.safe_dump(raw))
     write_manifest(step, {"step": 2, "world_size": 1})

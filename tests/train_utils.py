@@ -12,6 +12,8 @@ from typing import Optional
 
 import yaml
 
+from largelm.config import config_from_dict
+
 REPO = Path(__file__).resolve().parent.parent
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss ([0-9.naninf+-]+)", re.MULTILINE)
 
@@ -69,3 +71,17 @@ def losses(output: str) -> dict[int, float]:
 def check_ok(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 0, f"training failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
     return proc.stdout
+
+
+def config_object(**sections):
+    """A validated tiny GPT ``Config`` (no files behind it: for code that only reads the config). ``sections``
+    update sections."""
+    raw = {
+        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 200},
+        "tokenizer": {"model": "unused.model"},
+        "data": {"train": [{"path": "unused"}]},
+        "train": {"steps": 4, "micro_batch_size": 2, "grad_accum_steps": 2, "precision": "fp32"},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return config_from_dict(raw)
