@@ -105,7 +105,8 @@ def test_training_state_bytes_reads_the_engine(one_rank, stage, precision, monke
 
     monkeypatch.setenv("LOCAL_RANK", "0")  # deepspeed.initialize insists (the launcher sets it)
     # as_configured: the census must see ZeRO-2/3's own buffers, which one replica would otherwise not run
-    cfg = config_object(parallel={"zero_stage": stage, "single_replica_zero": "as_configured"}, train={"precision": precision})
+    cfg = config_object(parallel={"zero_stage": stage, "single_replica_zero": "as_configured"},
+                        train={"precision": precision})
     model_parallel_manual_seed(1)
     step = DenseStep(cfg, world_size=1)
     tokens = torch.randint(0, 200, (2, 17))
