@@ -96,3 +96,14 @@ def test_a_registered_toy_architecture_trains_through_build_step(monkeypatch):
             assert math.isfinite(valid) and step.last_eval_metrics == {"valid/loss_x2": pytest.approx(2 * valid)}
     finally:
         ARCHS.pop("toy_gpt", None)
+
+
+def test_an_unknown_architecture_is_refused_before_any_process_group(tmp_path, tokenizer_path, shard_dir,
+                                                                     shard_seq_length, capsys):
+    from train_utils import tiny_config
+
+    from largelm.train import main as rank_main
+
+    config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length, model={"arch": "t5"})
+    assert rank_main.main(["--config", str(config)]) == 2
+    assert "model.arch='t5' is not a registered architecture (known: bert, gpt" in capsys.readouterr().err

@@ -69,10 +69,17 @@ def main(argv=None) -> int:
     from largelm.checkpoint.lock import CheckpointDirLock, CheckpointLocked  # lazy (see above)
     from largelm.checkpoint.manager import CheckpointError  # lazy (see above)
     from largelm.data import DataError  # lazy (see above)
+    from largelm.model.registry import get_arch  # lazy (see above)
     from largelm.train.trainer import Trainer, TrainingAborted  # lazy (see above)
     from largelm.train.watchdog import EXIT_LOST_PEER, Watchdog, is_lost_peer  # lazy (see above)
 
     rank = int(os.environ.get("RANK", "0"))
+    try:  # the registered architectures are known once the model code is imported: still before any process group
+        get_arch(cfg.model.arch)
+    except ConfigError as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     watchdog = Watchdog(rank, cfg.train.hang_timeout_s).start()
     stop = StopFlag(watchdog)
     trainer = None

@@ -26,7 +26,7 @@ def _signal_rank_at_step(step: int, rank: int, sig: int, record: dict):
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["killed", "frozen"])
 def test_lost_peer_ends_the_job_and_the_relaunch_resumes(run_config, tmp_path, ledger, how):
-    config = run_config(tmp_path, train={"steps": 40, "hang_timeout_s": 20},
+    config = run_config(tmp_path, train={"steps": 12, "hang_timeout_s": 20},
                         checkpoint={"save_interval": 2, "keep_last": 2})
     record: dict = {}
     sig = signal.SIGKILL if how == "killed" else signal.SIGSTOP
@@ -42,4 +42,4 @@ def test_lost_peer_ends_the_job_and_the_relaunch_resumes(run_config, tmp_path, l
         assert f"exit {EXIT_LOST_PEER}" in first.output
         resumed = run(config, timeout=240)
         resumed.check_ok()
-        assert int(RESUMED.search(resumed.output).group(2)) >= 2 and resumed.steps[-1] == 40
+        assert int(RESUMED.search(resumed.output).group(2)) >= 2 and resumed.steps[-1] == 12
