@@ -44,9 +44,14 @@ signal_ranks_among() {  # signal pids ... : the ranks among these pids
   return 0
 }
 
-if [ "${1:-}" = --signal ]; then  # pdsh launcher: this node's ranks, whoever started them
-  # shellcheck disable=SC2046
-  signal_ranks_among "$2" $(pgrep -f -- "largelm[.]train[.]main")
+this_job() {  # pid carries this job's LARGELM_JOB_TAG (set by the batch script, forwarded to every rank)
+  tr '\0' '\n' 2>/dev/null < "/proc/$1/environ" | grep -qx "LARGELM_JOB_TAG=${LARGELM_JOB_TAG:?}"
+}
+
+if [ "${1:-}" = --signal ]; then  # pdsh launcher: this node's ranks of this job (not another job's, same config)
+  for pid in $(pgrep -f -- "largelm[.]train[.]main"); do
+    this_job "$pid" && signal_ranks_among "$2" "$pid"
+  done
   exit 0
 fi
 

@@ -150,3 +150,31 @@ def test_a_live_build_is_waited_for_with_a_message(ledger):
         finally:
             (build / "largelm-build.lock").unlink(missing_ok=True)
         assert waiting.wait(timeout=300) == 0
+
+
+def test_node_signal_reaches_only_this_jobs_ranks(tmp_path, ledger):
+    """`node.sh --signal` (pdsh launcher) found ranks with pgrep over the whole node: another job's ranks of the same
+    user and config got the stop signal too. Now only processes carrying this job's LARGELM_JOB_TAG are signalled."""
+    config = str(tmp_path / "config.yaml")
+    fake_rank = 'trap "echo USR1 >> $0.got" USR1; echo ready; while :; do sleep 0.05; done'
+    ranks = {}
+    for job in ("this", "other"):  # shaped like ranks: bash -c ... -m largelm.train.main --config <config>
+        marker = tmp_path / job
+        ranks[job] = subprocess.Popen(["bash", "-c", fake_rank, str(marker), "-m", "largelm.train.main",
+                                       "--config", config], env=dict(os.environ, LARGELM_JOB_TAG=f"job-{job}"),
+                                      stdout=subprocess.PIPE, text=True)
+        assert ranks[job].stdout.readline().strip() == "ready"
+    try:
+        with ledger.scenario("node.sh --signal with another job's ranks on the node (same user, same config)"):
+            env = dict(os.environ, LARGELM_JOB_TAG="job-this", LARGELM_JOB_CONFIG=config,
+                       LARGELM_JOB_LAUNCHER="deepspeed", LARGELM_JOB_NNODES="2")
+            subprocess.run(["bash", str(Path(__file__).parents[2] / "slurm" / "node.sh"), "--signal", "USR1"],
+                           env=env, check=True, timeout=30)
+            deadline = time.monotonic() + 10
+            while not (tmp_path / "this.got").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert (tmp_path / "this.got").exists() and not (tmp_path / "other.got").exists()
+    finally:
+        for proc in ranks.values():  # the processes this test started
+            proc.kill()
+            proc.wait()
