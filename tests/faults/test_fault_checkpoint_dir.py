@@ -34,6 +34,14 @@ def _save(manager: CheckpointManager, step, n: int):
     return manager.save(step.engine, n, {"step": n, "rng": torch.get_rng_state()})
 
 
+def _saved(step, root, keep_last: int, steps) -> CheckpointManager:
+    """A manager of ``root`` that has saved ``steps`` in order."""
+    manager = CheckpointManager(root, keep_last=keep_last)
+    for n in steps:
+        _save(manager, step, n)
+    return manager
+
+
 def _steps(root) -> list[int]:
     return [int(p.name.split("_")[1]) for p in sorted(root.glob("step_*"))]
 
@@ -41,9 +49,7 @@ def _steps(root) -> list[int]:
 def test_rollback_then_save_keeps_the_new_checkpoint_and_sets_the_other_timeline_aside(engine_step, tmp_path, ledger,
                                                                                       caplog):
     root = tmp_path / "ckpt"
-    first_run = CheckpointManager(root, keep_last=3)
-    for n in (100, 300, 400):  # 300 and 400 belong to a timeline the user abandons
-        _save(first_run, engine_step, n)
+    _saved(engine_step, root, 3, (100, 300, 400))  # 300 and 400 belong to a timeline the user abandons
     manager = CheckpointManager(root, keep_last=2)
     with ledger.scenario("rollback: latest pointed at an older step, then a save with keep_last=2"):
         (root / LATEST).write_text("step_00000100")
@@ -62,9 +68,7 @@ def test_rollback_then_save_keeps_the_new_checkpoint_and_sets_the_other_timeline
 def test_rotation_never_deletes_the_checkpoint_just_written(engine_step, tmp_path, ledger, caplog):
     """Without a resume (``checkpoint.resume: false`` in a used directory) later steps exist: they are named, kept."""
     root = tmp_path / "ckpt"
-    manager = CheckpointManager(root, keep_last=1)
-    for n in (300, 400):
-        _save(manager, engine_step, n)
+    _saved(engine_step, root, 1, (300, 400))
     with ledger.scenario("save below existing later steps with keep_last=1"):
         with caplog.at_level(logging.WARNING, logger="largelm.checkpoint.manager"):
             saved = _save(CheckpointManager(root, keep_last=1), engine_step, 2)
@@ -74,9 +78,7 @@ def test_rotation_never_deletes_the_checkpoint_just_written(engine_step, tmp_pat
 
 def test_latest_naming_a_missing_checkpoint_is_a_warning_naming_both(engine_step, tmp_path, ledger, caplog):
     root = tmp_path / "ckpt"
-    manager = CheckpointManager(root, keep_last=3)
-    for n in (2, 4):
-        _save(manager, engine_step, n)
+    _saved(engine_step, root, 3, (2, 4))
     with ledger.scenario("latest names a checkpoint that does not exist"):
         (root / LATEST).write_text("step_00000006")
         with caplog.at_level(logging.WARNING, logger="largelm.checkpoint.manager"):

@@ -26,7 +26,7 @@ def _signal_rank_at_step(step: int, rank: int, sig: int, record: dict):
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["killed", "frozen"])
 def test_lost_peer_ends_the_job_and_the_relaunch_resumes(run_config, tmp_path, ledger, how):
-    config = run_config(tmp_path, train={"steps": 12, "hang_timeout_s": 20},
+    config = run_config(tmp_path, train={"steps": 12, "hang_timeout_s": 10},
                         checkpoint={"save_interval": 2, "keep_last": 2})
     record: dict = {}
     sig = signal.SIGKILL if how == "killed" else signal.SIGSTOP
@@ -37,7 +37,7 @@ def test_lost_peer_ends_the_job_and_the_relaunch_resumes(run_config, tmp_path, l
         if how == "killed":  # the survivor sees the broken connection (or, blocked, its watchdog fires)
             assert "lost a peer rank" in first.output or "no progress for" in first.output, first.output[-3000:]
         else:  # a frozen peer keeps its connections: only the survivor's watchdog can tell, and it names it
-            assert "error (rank 0): no progress for" in first.output and "train.hang_timeout_s=20" in first.output
+            assert "error (rank 0): no progress for" in first.output and "train.hang_timeout_s=10" in first.output
             assert "Thread " in first.output and "(most recent call first)" in first.output  # the stacks
         assert f"exit {EXIT_LOST_PEER}" in first.output
         resumed = run(config, timeout=240)

@@ -17,10 +17,8 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from faultkit import tb_scalars
 from train_utils import REPO, check_ok, free_port, launch, tiny_config
-
-sys.path.insert(0, str(REPO / "tests" / "faults"))
-from faultkit import tb_scalars  # noqa: E402 - the fault suite's tensorboard reader
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +90,7 @@ def _per_node_launch(hosts: list[Host], config, timeout: float = 400) -> list[st
 
 
 def test_per_node_launch_on_two_hosts_trains_like_one_host(two_hosts, tmp_path, tokenizer_path, shard_dir,
-                                                          shard_seq_length):
+                                                          shard_seq_length, ledger):
     def config(name):
         (tmp_path / name).mkdir()
         return tiny_config(tmp_path / name, tokenizer_path, shard_dir, shard_seq_length, train={"steps": 6},
@@ -100,7 +98,8 @@ def test_per_node_launch_on_two_hosts_trains_like_one_host(two_hosts, tmp_path, 
 
     one_host = check_ok(launch(config("one-host"), nproc=2))
     before = [h.tx_bytes() for h in two_hosts]
-    outputs = _per_node_launch(two_hosts, config("two-hosts"))
+    with ledger.scenario("two hosts whose host name resolves to loopback (gloo interface from the route)"):
+        outputs = _per_node_launch(two_hosts, config("two-hosts"))
     sent = [h.tx_bytes() - b for h, b in zip(two_hosts, before)]
     assert min(sent) > 1_000_000, sent  # gradients and parameters crossed the veth both ways
     node0 = outputs[0]
@@ -114,41 +113,48 @@ def test_per_node_launch_on_two_hosts_trains_like_one_host(two_hosts, tmp_path, 
     assert "step 6/6" in one_host
 
 
-def test_network_partition_ends_the_job_on_both_hosts_and_the_relaunch_resumes(two_hosts, tmp_path, tokenizer_path,
-                                                                               shard_dir, shard_seq_length):
-    """A partition keeps TCP connections "established" and no bytes flow: each rank's watchdog must notice (no
-    progress for train.hang_timeout_s), dump its stacks and exit 43 on both hosts; back together, the per-node
-    relaunch resumes from the last checkpoint."""
-    config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length,
-                         train={"steps": 30, "hang_timeout_s": 20},
-                         checkpoint={"dir": str(tmp_path / "ckpt"), "save_interval": 2, "keep_last": 2})
+def _partitioned_run(hosts: list[Host], config) -> tuple[list[int], list[str], float]:
+    """Start a per-node run, cut host 1 off (veth down) at step 5, reconnect when both launches have ended:
+    (exit codes, outputs, seconds from the cut to the end)."""
     port = str(free_port())
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     procs = [subprocess.Popen(["ip", "netns", "exec", h.netns, sys.executable, "-m", "largelm.launch",
                                "--config", str(config), "--nproc", "1", "--num-nodes", "2", "--no-ssh",
-                               "--node-rank", str(rank), "--master-addr", two_hosts[0].address, "--master-port", port],
+                               "--node-rank", str(rank), "--master-addr", hosts[0].address, "--master-port", port],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
-             for rank, h in enumerate(two_hosts)]
+             for rank, h in enumerate(hosts)]
     try:
         lines = []
         for line in procs[0].stdout:  # node 0 prints the step lines
             lines.append(line)
             if line.startswith("step 5/"):
                 break
-        two_hosts[1].run("ip", "link", "set", two_hosts[1].veth, "down")  # the partition
+        hosts[1].run("ip", "link", "set", hosts[1].veth, "down")  # the partition
         cut = time.monotonic()
         outputs = [("".join(lines) if i == 0 else "") + p.communicate(timeout=180)[0] for i, p in enumerate(procs)]
-        ended = time.monotonic() - cut
+        return [p.returncode for p in procs], outputs, time.monotonic() - cut
     finally:
-        two_hosts[1].run("ip", "link", "set", two_hosts[1].veth, "up")
-        for proc in procs:
+        hosts[1].run("ip", "link", "set", hosts[1].veth, "up")
+        for proc in procs:  # only the process groups this test started
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    assert ended < 120, ended
-    for rank, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 43, (rank, proc.returncode, out[-3000:])
-        assert f"error (rank {rank}): no progress for" in out and "(most recent call first)" in out
-    resumed = _per_node_launch(two_hosts, config)
-    assert "resumed from" in resumed[0] and "step 30/30" in resumed[0], resumed[0][-3000:]
+
+
+def test_network_partition_ends_the_job_on_both_hosts_and_the_relaunch_resumes(two_hosts, tmp_path, tokenizer_path,
+                                                                               shard_dir, shard_seq_length, ledger):
+    """A partition keeps TCP connections "established" and no bytes flow: each rank's watchdog must notice (no
+    progress for train.hang_timeout_s), dump its stacks and exit 43 on both hosts; back together, the per-node
+    relaunch resumes from the last checkpoint."""
+    config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length,
+                         train={"steps": 30, "hang_timeout_s": 15},
+                         checkpoint={"dir": str(tmp_path / "ckpt"), "save_interval": 2, "keep_last": 2})
+    with ledger.scenario("network partition between two hosts (veth down) mid-run"):
+        codes, outputs, ended = _partitioned_run(two_hosts, config)
+        assert ended < 120, ended
+        for rank, (code, out) in enumerate(zip(codes, outputs)):
+            assert code == 43, (rank, code, out[-3000:])
+            assert f"error (rank {rank}): no progress for" in out and "(most recent call first)" in out
+        resumed = _per_node_launch(two_hosts, config)
+        assert "resumed from" in resumed[0] and "step 30/30" in resumed[0], resumed[0][-3000:]
