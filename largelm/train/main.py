@@ -13,6 +13,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 
 from largelm.config import ConfigError, load_config
 from largelm.train.preflight import preflight
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     from largelm.data import DataError  # lazy (see above)
     from largelm.model.registry import get_arch  # lazy (see above)
     from largelm.train.trainer import Trainer, TrainingAborted  # lazy (see above)
-    from largelm.train.watchdog import EXIT_LOST_PEER, Watchdog, is_lost_peer  # lazy (see above)
+    from largelm.train.watchdog import EXIT_LOST_PEER, LOST_PEER_GRACE_S, Watchdog, is_lost_peer  # lazy (see above)
 
     rank = int(os.environ.get("RANK", "0"))
     try:  # the registered architectures are known once the model code is imported: still before any process group
@@ -113,6 +114,9 @@ def main(argv=None) -> int:
         if is_lost_peer(err):  # a peer rank died mid-collective: resumable, the job script requeues
             print(f"error (rank {rank}): lost a peer rank ({type(err).__name__}: {str(err).splitlines()[0]}); "
                   f"exit {EXIT_LOST_PEER} (resume from the last checkpoint)", file=sys.stderr, flush=True)
+            # A peer that stopped on an error of its own (bad data: exit 1) closes its connections just before it
+            # exits: give the launcher time to see that code first, so the job ends with the cause, not with 43.
+            time.sleep(LOST_PEER_GRACE_S)
             return EXIT_LOST_PEER
         raise
     finally:

@@ -31,6 +31,7 @@ from typing import Iterator, Optional
 # requeues it like a preemption (42, checkpointed on request), counted against the same requeue limit.
 EXIT_LOST_PEER = 43
 STOP_GRACE_S = 10.0
+LOST_PEER_GRACE_S = 5.0  # a rank that lost a peer waits this long before exiting 43 (largelm/train/main.py)
 _POLL_S = 0.5
 
 

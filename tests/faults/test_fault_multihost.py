@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from faultkit import tb_scalars
@@ -158,3 +160,116 @@ def test_network_partition_ends_the_job_on_both_hosts_and_the_relaunch_resumes(t
             assert f"error (rank {rank}): no progress for" in out and "(most recent call first)" in out
         resumed = _per_node_launch(two_hosts, config)
         assert "resumed from" in resumed[0] and "step 30/30" in resumed[0], resumed[0][-3000:]
+
+
+SSH_PACKAGES = {"sshd": "openssh-server", "pdsh": "pdsh"}
+
+
+def _ensure_ssh_tools() -> None:
+    """sshd and pdsh from Debian's apt (installed here when missing, as the Slurm tests install Slurm)."""
+    missing = [pkg for tool, pkg in SSH_PACKAGES.items() if not shutil.which(tool, path="/usr/sbin:/usr/bin")]
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip(f"{', '.join(missing)} missing and cannot be installed here (needs root and apt-get)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]):
+        subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def ssh_hosts(two_hosts, tmp_path_factory):
+    """An sshd inside each namespace (its own host key, key auth for this test's key only), and a bin directory
+    whose ``ssh`` uses this test's client config: DeepSpeed's runner and pdsh call ``ssh`` from PATH."""
+    _ensure_ssh_tools()
+    d = tmp_path_factory.mktemp("ssh")
+    for key in ("host_key", "id"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    (d / "authorized_keys").write_text((d / "id.pub").read_text())
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    daemons = []
+    for i, h in enumerate(two_hosts):
+        config = d / f"sshd_config.{i}"
+        config.write_text(f"ListenAddress {h.address}\nPort 22\nHostKey {d / 'host_key'}\nPidFile {d}/sshd.{i}.pid\n"
+                          f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+                          "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n")
+        daemons.append(subprocess.Popen(["ip", "netns", "exec", h.netns, "/usr/sbin/sshd", "-D", "-e", "-f",
+                                         str(config)], stderr=subprocess.DEVNULL))
+    (d / "ssh_config").write_text(f"Host *\n  IdentityFile {d / 'id'}\n  StrictHostKeyChecking no\n"
+                                  "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n")
+    bindir = d / "bin"
+    bindir.mkdir()
+    (bindir / "ssh").write_text(f"#!/bin/sh\nexec /usr/bin/ssh -F {d / 'ssh_config'} \"$@\"\n")
+    (bindir / "ssh").chmod(0o755)
+    try:
+        deadline = time.monotonic() + 30
+        for h in two_hosts:  # each sshd answers, from the other namespace
+            while subprocess.run(["ip", "netns", "exec", two_hosts[0].netns, str(bindir / "ssh"), h.address, "true"],
+                                 capture_output=True).returncode != 0:
+                assert time.monotonic() < deadline, f"sshd on {h.address} did not come up"
+                time.sleep(0.3)
+        yield two_hosts, bindir
+    finally:
+        for daemon in daemons:  # the daemons this fixture started
+            daemon.terminate()
+            daemon.wait(timeout=10)
+
+
+def _marked_ranks(mark: str) -> dict[int, dict]:
+    """{RANK: environment} of the training ranks carrying ``LARGELM_TEST_MARK=mark`` (this test's, wherever ssh
+    started them: both "hosts" share the process table)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"largelm.train.main" not in (proc / "cmdline").read_bytes():
+                continue
+            env = dict(item.split("=", 1) for item in (proc / "environ").read_bytes().decode(errors="replace")
+                       .split("\0") if "=" in item)
+        except OSError:
+            continue
+        if env.get("LARGELM_TEST_MARK") == mark and "RANK" in env:
+            found.setdefault(int(env["RANK"]), {**env, "pid": proc.name})
+    return found
+
+
+def test_deepspeed_launcher_over_ssh_reaches_the_other_host_with_the_environment(ssh_hosts, tmp_path, tokenizer_path,
+                                                                               shard_dir, shard_seq_length, ledger):
+    """The deepspeed launcher with a hostfile, reaching both hosts over ssh/pdsh: the ranks there must get what
+    largelm-launch sets for CPU runs and what the user exported (DS_ENV_FILE), not only MASTER_*/RANK/PYTHONPATH."""
+    hosts, bindir = ssh_hosts
+    config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length, train={"steps": 6},
+                         checkpoint={"dir": str(tmp_path / "ckpt"), "save_interval": 6})
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{h.address} slots=1\n" for h in hosts))
+    mark = f"multihost-{os.getpid()}"
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
+               LARGELM_TEST_MARK=mark)
+    seen: dict[int, dict] = {}
+    before = [h.tx_bytes() for h in hosts]
+    proc = subprocess.Popen(["ip", "netns", "exec", hosts[0].netns, sys.executable, "-m", "largelm.launch",
+                             "--config", str(config), "--hostfile", str(hostfile), "--num-nodes", "2", "--nproc", "1",
+                             "--master-addr", hosts[0].address, "--master-port", str(free_port())],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        with ledger.scenario("environment of ranks started over ssh/pdsh on another host"):
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if "step 2/" in line and not seen:
+                    seen.update(_marked_ranks(mark))
+            assert proc.wait(timeout=60) == 0, "".join(lines)[-5000:]
+            assert sorted(seen) == [0, 1], (seen.keys(), "".join(lines)[-3000:])
+            remote = seen[1]
+            assert remote["DS_ACCELERATOR"] == "cpu" and remote["OMP_NUM_THREADS"] == "2"
+            assert remote["MALLOC_MMAP_MAX_"] == "0"
+            assert f"network: gloo/NCCL on interface {hosts[1].veth} ({hosts[1].address}" in "".join(lines)
+            assert min(h.tx_bytes() - b for h, b in zip(hosts, before)) > 1_000_000
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for rank in _marked_ranks(mark).values():  # ranks this test started through sshd, if any are left
+            os.kill(int(rank["pid"]), signal.SIGKILL)
