@@ -81,9 +81,6 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-    watchdog = Watchdog(rank, cfg.train.hang_timeout_s).start()
-    stop = StopFlag(watchdog)
-    trainer = None
     lock = CheckpointDirLock(cfg.checkpoint.dir)
     try:  # rank 0 holds checkpoint.dir for the run's life, taken before any process group (largelm.checkpoint.lock)
         if rank == 0:
@@ -91,6 +88,10 @@ def main(argv=None) -> int:
     except CheckpointLocked as err:  # the other ranks stop with the launcher, which ends them when rank 0 exits
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    # From here on every way out passes the finally below, which stops the watchdog (it ends the process on a hang).
+    watchdog = Watchdog(rank, cfg.train.hang_timeout_s).start()
+    stop = StopFlag(watchdog)
+    trainer = None
     try:
         with watchdog.busy("starting up (process groups, model, engine, checkpoint)", finish_on_stop=False):
             trainer = Trainer(cfg, stop_requested=_all_ranks(stop), watchdog=watchdog)

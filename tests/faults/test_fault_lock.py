@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -48,6 +49,8 @@ def test_a_second_run_on_a_held_directory_is_refused_naming_the_holder(run_confi
             assert f"is in use by another run (host {socket.gethostname()} pid {os.getpid()}" in err
             assert f"remove {tmp_path / 'ckpt' / LOCK_NAME}" in err
             assert (tmp_path / "ckpt" / LOCK_NAME).is_file()  # run A's lock is untouched
+            # nothing of the refused run is left in this process (a watchdog would end it after hang_timeout_s)
+            assert not [t.name for t in threading.enumerate() if t.name.startswith("largelm-")]
         assert not (tmp_path / "ckpt" / LOCK_NAME).exists()  # and released when A ends
 
 
