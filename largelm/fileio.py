@@ -81,9 +81,16 @@ def confined_path(root: str | Path, name: str, where: str, error: type[Exception
 
 
 def ordinary_mode(mode: int = 0o666) -> int:
-    """``mode`` as this process's umask lets ordinary new files have it (0o644 under the usual umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """``mode`` as this process's umask lets ordinary new files have it (0o644 under the usual umask 022).
+
+    Read from /proc (Linux 4.7+): setting the umask to read it would, for a moment, apply to files other threads
+    create (DataLoader, checkpoint writers)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return mode & ~mask
 
 

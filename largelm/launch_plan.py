@@ -24,6 +24,7 @@ from typing import Optional
 
 from deepspeed.launcher import runner
 
+from largelm.fileio import write_text_atomic
 from largelm.parallel.network import NetworkError, check_master_address, check_port_free, is_local_address
 
 DEEPSPEED_DEFAULT_PORT = 29500
@@ -85,11 +86,11 @@ def _check_hosts(args: argparse.Namespace, world_size: int) -> dict[str, int]:
 
 def _per_node_hostfile(num_nodes: int, nproc: int) -> str:
     """DeepSpeed's runner needs a hostfile for ``--num_nodes > 1`` even with ``--no_ssh`` (it only counts and
-    orders the entries then): one line per node."""
-    fd, path = tempfile.mkstemp(prefix="largelm-nodes-", suffix=".hostfile")
-    with os.fdopen(fd, "w") as fh:
-        fh.writelines(f"node{i} slots={nproc}\n" for i in range(num_nodes))
-    return path
+    orders the entries then): one line per node. Its content depends on the layout only, so one file per layout
+    (and user) serves every launch."""
+    path = Path(tempfile.gettempdir()) / f"largelm-{os.getuid()}-nodes-{num_nodes}x{nproc}.hostfile"
+    write_text_atomic(path, "".join(f"node{i} slots={nproc}\n" for i in range(num_nodes)))
+    return str(path)
 
 
 def _env_file(env: dict) -> str:
