@@ -67,16 +67,28 @@ def two_hosts():
         subprocess.run(["ip", "netns", "del", h.netns], capture_output=True)
 
 
-def _per_node_launch(hosts: list[Host], config, timeout: float = 400) -> list[str]:
-    """One largelm-launch per host (node rank = index), all started together; returns each one's output."""
+def _start_per_node(hosts: list[Host], config) -> list[subprocess.Popen]:
+    """One largelm-launch per host (node rank = index), all started together, each in its own process group."""
     port = str(free_port())
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    procs = [subprocess.Popen(["ip", "netns", "exec", h.netns, sys.executable, "-m", "largelm.launch",
-                               "--config", str(config), "--nproc", "1", "--num-nodes", str(len(hosts)), "--no-ssh",
-                               "--node-rank", str(rank), "--master-addr", hosts[0].address, "--master-port", port],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-             for rank, h in enumerate(hosts)]
+    return [subprocess.Popen(["ip", "netns", "exec", h.netns, sys.executable, "-m", "largelm.launch",
+                              "--config", str(config), "--nproc", "1", "--num-nodes", str(len(hosts)), "--no-ssh",
+                              "--node-rank", str(rank), "--master-addr", hosts[0].address, "--master-port", port],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+            for rank, h in enumerate(hosts)]
+
+
+def _end(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:  # only the process groups this test started
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _per_node_launch(hosts: list[Host], config, timeout: float = 400) -> list[str]:
+    """Run a per-node launch to the end (each node must exit 0); returns each node's output."""
+    procs = _start_per_node(hosts, config)
     outputs = []
     try:
         for proc in procs:
@@ -84,10 +96,7 @@ def _per_node_launch(hosts: list[Host], config, timeout: float = 400) -> list[st
             outputs.append(out)
             assert proc.returncode == 0, f"node exited {proc.returncode}:\n{out[-5000:]}"
     finally:
-        for proc in procs:  # only the process groups this test started
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _end(procs)
     return outputs
 
 
@@ -118,14 +127,7 @@ def test_per_node_launch_on_two_hosts_trains_like_one_host(two_hosts, tmp_path, 
 def _partitioned_run(hosts: list[Host], config) -> tuple[list[int], list[str], float]:
     """Start a per-node run, cut host 1 off (veth down) at step 5, reconnect when both launches have ended:
     (exit codes, outputs, seconds from the cut to the end)."""
-    port = str(free_port())
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    procs = [subprocess.Popen(["ip", "netns", "exec", h.netns, sys.executable, "-m", "largelm.launch",
-                               "--config", str(config), "--nproc", "1", "--num-nodes", "2", "--no-ssh",
-                               "--node-rank", str(rank), "--master-addr", hosts[0].address, "--master-port", port],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-             for rank, h in enumerate(hosts)]
+    procs = _start_per_node(hosts, config)
     try:
         lines = []
         for line in procs[0].stdout:  # node 0 prints the step lines
@@ -138,10 +140,7 @@ def _partitioned_run(hosts: list[Host], config) -> tuple[list[int], list[str], f
         return [p.returncode for p in procs], outputs, time.monotonic() - cut
     finally:
         hosts[1].run("ip", "link", "set", hosts[1].veth, "up")
-        for proc in procs:  # only the process groups this test started
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _end(procs)
 
 
 def test_network_partition_ends_the_job_on_both_hosts_and_the_relaunch_resumes(two_hosts, tmp_path, tokenizer_path,
