@@ -152,4 +152,9 @@ if [ -n "$STOP" ] && [ "$RC" -ne 0 ] && [ "$RC" -ne 42 ] && [ -n "$CKPT_DIR" ] &
   RC=42
 fi
 rm -f "$MARKER"
+# What this task ended with, and when, for the batch script: once one task fails, srun ends the others and neither
+# their codes nor srun's say why the step ended; the first task to fail does (slurm/job.sbatch.in, step_outcome).
+if [ -n "${LARGELM_JOB_RESULTS:-}" ]; then
+  echo "$RC $(date +%s.%N)" > "$LARGELM_JOB_RESULTS/task-${SLURM_PROCID:-$NODE_RANK}"
+fi
 exit "$RC"

@@ -1,6 +1,6 @@
-"""A real one-node Slurm cluster on localhost (munged + slurmctld + slurmd), for tests and for trying ``slurm/``.
+"""A real Slurm cluster on this machine (munged + slurmctld + slurmd), for tests and for trying ``slurm/``.
 
-    cluster = LocalSlurm()          # state in /tmp/largelm-slurm (LARGELM_SLURM_DIR overrides)
+    cluster = LocalSlurm()          # one node on localhost; state in /tmp/largelm-slurm (LARGELM_SLURM_DIR overrides)
     cluster.start()                 # installs slurm-wlm + munge with apt if missing; idempotent
     job = cluster.sbatch("job.sbatch")
     cluster.wait(job)               # -> final JobState
@@ -15,6 +15,12 @@ is left alone.
 ``start()`` first runs ``stop()`` on what a previous (maybe crashed) run left in the same directory: every
 process whose environment names this cluster's slurm.conf (daemons, slurmstepd, job processes) is killed by pid.
 If anything fails, ``SlurmError`` carries the daemon logs: callers must let it fail the test, never skip.
+
+Several nodes: ``LocalSlurm(root, nodes=[SlurmNode(name, address, netns), ...])`` with network namespaces the
+caller built (tests/netns_hosts.py). Each node's slurmd runs inside its namespace and its own UTS namespace (its
+host name is the node name, so slurmd finds itself in slurm.conf and job processes see it), listening on the node's
+address; slurmctld runs the same way on the first node. Clients run inside the first node's namespace. The one
+munged (a Unix socket in this directory) serves every namespace.
 
 Run ``python tests/slurm_cluster.py start|stop|status`` to keep a cluster up by hand (see slurm/README.md).
 """
@@ -31,7 +37,9 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 APT_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -73,11 +81,33 @@ def ensure_installed(log=print) -> None:
                              f"{proc.stderr[-3000:]}")
 
 
+@dataclass(frozen=True)
+class SlurmNode:
+    name: str  # NodeName, and the node's host name inside its namespaces
+    address: str  # NodeAddr: where slurmctld and the other nodes reach it
+    netns: Optional[str] = None  # network namespace its daemons (and so its jobs) run in; None: this host
+    hosts_file: Optional[str] = None  # the node's /etc/hosts (names of all nodes), bind-mounted inside it
+
+    def wrap(self, cmd: list[str], own_hostname: bool = True) -> list[str]:
+        """``cmd`` run inside this node: its network namespace and (``own_hostname``) its own UTS and mount
+        namespaces (host name = node name, /etc/hosts = ``hosts_file``). Entered with nsenter, not `ip netns exec`,
+        which mounts a fresh sysfs and so hides /sys/fs/cgroup, without which slurmd does not start."""
+        if self.netns is None:
+            return cmd
+        if not own_hostname:
+            return ["ip", "netns", "exec", self.netns, *cmd]
+        bind = f'mount --bind {shlex.quote(self.hosts_file)} /etc/hosts && ' if self.hosts_file else ""
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--uts", "sh", "-c",
+                f'{bind}hostname "$0" && exec "$@"', self.name, *cmd]
+
+
 class LocalSlurm:
-    def __init__(self, root: str | os.PathLike | None = None, cpus: int | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, cpus: int | None = None,
+                 nodes: Optional[list[SlurmNode]] = None):
         self.root = Path(root or os.environ.get("LARGELM_SLURM_DIR", f"/tmp/largelm-slurm-{os.getuid()}")).absolute()
         self.conf = self.root / "slurm.conf"
-        self.hostname = socket.gethostname().split(".")[0]
+        self.nodes = nodes or [SlurmNode(socket.gethostname().split(".")[0], "127.0.0.1")]
+        self.hostname = self.nodes[0].name  # the first node: the batch script runs there
         self.cpus = cpus
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         for var in [v for v in self.env if v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
@@ -93,8 +123,8 @@ class LocalSlurm:
         return self.root / "munge" / "munge.socket"
 
     def _pidfiles(self) -> list[Path]:
-        return [self.root / "run" / "slurmctld.pid", self.root / "run" / f"slurmd-{self.hostname}.pid",
-                self.root / "munge" / "munged.pid"]
+        return [self.root / "run" / "slurmctld.pid", self.root / "munge" / "munged.pid",
+                *(self.root / "run" / f"slurmd-{node.name}.pid" for node in self.nodes)]
 
     def logs(self, lines: int = 40) -> str:
         out = []
@@ -105,8 +135,12 @@ class LocalSlurm:
         return "\n".join(out)
 
     # ---------------------------------------------------------------- commands
+    def client(self, cmd: list[str]) -> list[str]:
+        """A client command (sbatch, scontrol, ...) run where slurmctld is reachable: the first node's network."""
+        return self.nodes[0].wrap(cmd, own_hostname=False)
+
     def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(self.client(list(cmd)), env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode:
             raise SlurmError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
         return proc
@@ -114,7 +148,7 @@ class LocalSlurm:
     def sbatch(self, *args: str | os.PathLike, cwd: str | os.PathLike | None = None) -> int:
         """``sbatch --parsable ARGS`` (options, then the script and its arguments); returns the job id."""
         cmd = ["sbatch", "--parsable", *map(str, args)]
-        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, cwd=cwd, timeout=60)
+        proc = subprocess.run(self.client(cmd), env=self.env, capture_output=True, text=True, cwd=cwd, timeout=60)
         if proc.returncode:
             raise SlurmError(f"{shlex.join(cmd)} failed ({proc.returncode}): {proc.stdout}{proc.stderr}\n{self.logs()}")
         return int(proc.stdout.strip().split(";")[0])
@@ -140,14 +174,17 @@ class LocalSlurm:
     # ---------------------------------------------------------------- lifecycle
     def write_config(self) -> None:
         ctld_port, slurmd_port = _free_ports(2)
-        node = self.run("slurmd", "-C").stdout.splitlines()[0]  # "NodeName=vm CPUs=2 ... RealMemory=24105"
-        fields = dict(re.findall(r"(\w+)=(\S+)", node))
+        probe = subprocess.run(["slurmd", "-C"], env=self.env, capture_output=True, text=True, check=True)
+        fields = dict(re.findall(r"(\w+)=(\S+)", probe.stdout.splitlines()[0]))  # "NodeName=vm CPUs=2 ... "
         cpus = self.cpus or int(fields["CPUs"])
         memory = int(fields.get("RealMemory", "1000"))
         r = self.root
-        conf = f"""# Generated by tests/slurm_cluster.py: a one-node CPU-only cluster on localhost.
+        head = self.nodes[0]
+        node_lines = "\n".join(f"NodeName={n.name} NodeAddr={n.address} CPUs={cpus} RealMemory={memory} State=UNKNOWN"
+                               for n in self.nodes)
+        conf = f"""# Generated by tests/slurm_cluster.py: a CPU-only cluster of {len(self.nodes)} node(s), this machine.
 ClusterName=largelm-local
-SlurmctldHost={self.hostname}(127.0.0.1)
+SlurmctldHost={head.name}({head.address})
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -181,8 +218,8 @@ ReturnToService=2
 JobRequeue=1
 KillWait=30
 MinJobAge=3600
-NodeName={self.hostname} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
-PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={",".join(n.name for n in self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """
         self.conf.write_text(conf)
 
@@ -245,9 +282,15 @@ PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
                  f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed")
         self.run("munge", "-S", str(self.munge_socket), "-n")  # the daemon answers
         self.write_config()
-        self.run("slurmctld", "-i")
-        self.run("slurmd")
+        self._daemon(self.nodes[0], "slurmctld", "-i")
+        for node in self.nodes:
+            self._daemon(node, "slurmd")
         self._wait_idle(timeout)
+
+    def _daemon(self, node: SlurmNode, *cmd: str) -> None:
+        proc = subprocess.run(node.wrap(list(cmd)), env=self.env, capture_output=True, text=True, timeout=60)
+        if proc.returncode:
+            raise SlurmError(f"{' '.join(cmd)} on {node.name} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
 
     def _wait_idle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -255,10 +298,11 @@ PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
         while time.monotonic() < deadline:
             proc = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False)
             out = proc.stdout.strip() + proc.stderr.strip()
-            if proc.returncode == 0 and out.split()[-1:] == ["idle"]:
+            states = dict(line.split() for line in proc.stdout.splitlines() if len(line.split()) == 2)
+            if proc.returncode == 0 and all(states.get(n.name) == "idle" for n in self.nodes):
                 return
             time.sleep(0.5)
-        raise SlurmError(f"node not idle after {timeout:.0f}s (sinfo: {out!r})")
+        raise SlurmError(f"nodes not all idle after {timeout:.0f}s (sinfo: {out!r})")
 
     def _our_processes(self) -> list[int]:
         """Pids whose environment names this cluster's slurm.conf: daemons, slurmstepd, job processes."""

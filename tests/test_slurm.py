@@ -77,6 +77,24 @@ def test_committed_examples_are_what_the_generator_writes(example, monkeypatch):
     subprocess.run(["bash", "-n", str(example)], check=True)
 
 
+@pytest.mark.parametrize("reports, expected", [
+    ({0: "42 10.0", 1: "42 10.1"}, 42),  # both checkpointed on request
+    ({0: "42 10.0"}, 42),  # the other task was ended by srun before it could report
+    ({0: "43 15.0", 1: "1 20.0"}, 43),  # a lost peer first; the frozen node's launcher then ended with 1
+    ({0: "43 16.0", 1: "1 11.0"}, 1),  # bad data on node 1 first: its peer's 43 is a consequence, no requeue
+    ({0: "43 9.0", 1: "247 4.0"}, 43),  # a rank SIGKILLed on node 1 (DeepSpeed reports -9 = 247)
+    ({0: "0 5.0", 1: "0 5.1"}, 0),
+], ids=["checkpointed", "one-reported", "lost-peer", "error-first", "killed-rank", "done"])
+def test_step_outcome_is_decided_by_the_first_task_to_fail(tmp_path, reports, expected):
+    """slurm/job.sbatch.in's step_outcome: srun ends the other tasks when one fails; the first failure decides."""
+    body = re.search(r"^step_outcome\(\) \{.*?^\}$", (ROOT / "slurm" / "job.sbatch.in").read_text(), re.M | re.S)
+    for task, line in reports.items():
+        (tmp_path / f"task-{task}").write_text(line + "\n")
+    out = subprocess.run(["bash", "-c", body.group(0) + '\nstep_outcome "$1"', "-", "0"], capture_output=True,
+                         text=True, env={"LARGELM_JOB_RESULTS": str(tmp_path), "PATH": "/usr/bin:/bin"}, check=True)
+    assert out.stdout.strip() == str(expected), out
+
+
 def test_node_script_syntax():
     subprocess.run(["bash", "-n", str(ROOT / "slurm" / "node.sh")], check=True)
 

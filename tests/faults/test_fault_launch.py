@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from largelm import launch
+from largelm.parallel.deepspeed_compat import ops
 
 
 def _launch(capsys, config, *options) -> tuple[int, str, str]:
@@ -150,6 +151,29 @@ def test_a_live_build_is_waited_for_with_a_message(ledger):
         finally:
             (build / "largelm-build.lock").unlink(missing_ok=True)
         assert waiting.wait(timeout=300) == 0
+
+
+def test_two_ninja_versions_build_in_separate_directories(tmp_path, monkeypatch, ledger):
+    """Debian's ninja 1.11 and the venv's ninja 1.13 (first on PATH only in an activated venv) discard each other's
+    build log: sharing one build directory, they rebuilt the op (30-80 s) at every switch. Each gets its own."""
+    builder = ops._builder()
+    assert builder is not None
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ninja").write_text("#!/bin/sh\necho 1.99.0-test\n")
+    (fake / "ninja").chmod(0o755)
+    with ledger.scenario("CPU comm op rebuilt in turn by two ninja versions sharing a build directory"):
+        usual = ops.extensions_dir(builder)
+        monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+        assert ops.build_tools()[:2] == [str(fake / "ninja"), "1.99.0-test"]
+        other = ops.extensions_dir(builder)
+        assert other != usual and other.parent == usual.parent
+        monkeypatch.setenv("CXX", "clang++-nonexistent")
+        assert ops.extensions_dir(builder) not in (usual, other)
+        with ops.interpreter_tools_first():  # how the op is built: the venv's ninja, whatever PATH says
+            venv_ninja = Path(sys.prefix) / "bin" / "ninja"
+            assert ops.build_tools()[0] == str(venv_ninja if venv_ninja.exists() else fake / "ninja")
+        assert os.environ["PATH"].startswith(f"{fake}:")
 
 
 def test_node_signal_reaches_only_this_jobs_ranks(tmp_path, ledger):

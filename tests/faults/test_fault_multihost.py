@@ -15,56 +15,24 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from faultkit import tb_scalars
+from netns_hosts import Host, NetnsRefused, netns_hosts
 from train_utils import REPO, check_ok, free_port, launch, tiny_config
 
 pytestmark = pytest.mark.slow
 
 
-@dataclass
-class Host:
-    netns: str
-    veth: str
-    address: str
-
-    def run(self, *cmd: str, **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.netns, *cmd], capture_output=True, text=True, check=True,
-                              **kwargs)
-
-    def tx_bytes(self) -> int:
-        return int(self.run("cat", f"/sys/class/net/{self.veth}/statistics/tx_bytes").stdout)
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
 def two_hosts():
-    tag = f"{os.getpid() % 100000}"
-    hosts = [Host(f"llm{tag}h{i}", f"llm{tag}v{i}", f"10.231.{os.getpid() % 250}.{i + 1}") for i in range(2)]
-    if os.geteuid() != 0:
-        pytest.skip(f"network namespaces need root (uid {os.geteuid()})")
+    """Two hosts; their host name (this machine's) resolves to loopback, as Debian's 127.0.1.1 entry makes it."""
     try:
-        for h in hosts:
-            _ip("netns", "add", h.netns)
-        _ip("link", "add", hosts[0].veth, "type", "veth", "peer", "name", hosts[1].veth)
-        for h in hosts:
-            _ip("link", "set", h.veth, "netns", h.netns)
-            h.run("ip", "addr", "add", f"{h.address}/24", "dev", h.veth)
-            h.run("ip", "link", "set", h.veth, "up")
-            h.run("ip", "link", "set", "lo", "up")
-    except subprocess.CalledProcessError as err:
-        for h in hosts:
-            subprocess.run(["ip", "netns", "del", h.netns], capture_output=True)
-        pytest.skip(f"cannot build network namespaces here: {err.stderr.strip()}")
-    yield hosts
-    for h in hosts:  # deleting a namespace deletes its end of the veth pair too
-        subprocess.run(["ip", "netns", "del", h.netns], capture_output=True)
+        with netns_hosts("mh", subnet=231) as hosts:
+            yield hosts
+    except NetnsRefused as why:
+        pytest.skip(str(why))
 
 
 def _start_per_node(hosts: list[Host], config) -> list[subprocess.Popen]:
@@ -107,7 +75,8 @@ def test_per_node_launch_on_two_hosts_trains_like_one_host(two_hosts, tmp_path, 
         return tiny_config(tmp_path / name, tokenizer_path, shard_dir, shard_seq_length, train={"steps": 6},
                            checkpoint={"dir": str(tmp_path / name / "ckpt"), "save_interval": 6})
 
-    one_host = check_ok(launch(config("one-host"), nproc=2))
+    # 2 threads per rank, as each per-node launch gives its one rank (the thread count changes reduction order)
+    one_host = check_ok(launch(config("one-host"), nproc=2, env={"OMP_NUM_THREADS": "2"}))
     before = [h.tx_bytes() for h in two_hosts]
     with ledger.scenario("two hosts whose host name resolves to loopback (gloo interface from the route)"):
         outputs = _per_node_launch(two_hosts, config("two-hosts"))

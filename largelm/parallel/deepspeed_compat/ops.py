@@ -11,8 +11,8 @@ emulation, another environment on a shared ``~/.cache``) rebuilt the op in turn,
 ``prepare_cpu_comm_op()`` (called by ``groups.init_distributed`` before DeepSpeed's, on CPU only):
 
 * points ``TORCH_EXTENSIONS_DIR`` (unless the user set it) at a directory keyed by everything the build depends on
-  - interpreter prefix, torch and DeepSpeed versions, the compiler flags DeepSpeed derives from this CPU - so each
-  configuration keeps its own build and reuses it;
+  - interpreter prefix, torch and DeepSpeed versions, the compiler flags DeepSpeed derives from this CPU, the ninja
+  and compiler found on PATH (``build_tools``) - so each configuration keeps its own build and reuses it;
 * loads the op under a lock of our own (``O_EXCL`` file recording host and pid) *before* any rendezvous, so the
   process holding it never waits on another rank. Holding our lock, a torch baton in the build directory can only be
   a dead process's: it is removed with a warning. A holder of our lock that is dead on this host is taken over; a
@@ -23,10 +23,13 @@ DeepSpeed keeps the loaded module (``OpBuilder._loaded_ops``), so its own ``init
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,10 +51,25 @@ def _builder():
     return builder
 
 
+def build_tools() -> list[str]:
+    """The ninja and C++ compiler torch's cpp_extension will run (from PATH, ``CXX``), with ninja's version. Two ninja
+    versions write build logs the other one discards (ninja 1.11's v5 and 1.13's v7 hash commands differently), so
+    sharing one directory rebuilt the op at every switch: seen with Debian's ninja and the venv's pip ninja, which
+    is first on PATH only while the venv is activated (Slurm jobs) and not otherwise (tests, a plain launch); now
+    ``interpreter_tools_first`` puts it first either way."""
+    ninja = shutil.which("ninja") or "ninja"
+    try:
+        version = subprocess.run([ninja, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        version = "?"
+    cxx = os.environ.get("CXX", "c++")
+    return [ninja, version, shutil.which(cxx) or cxx]
+
+
 def extensions_dir(builder) -> Path:
     """A build directory per build configuration (the op's name is a subdirectory below it, as torch makes it)."""
     key = json.dumps([sys.prefix, torch.__version__, deepspeed.__version__, builder.cxx_args(),
-                      builder.strip_empty_entries(builder.extra_ldflags())])
+                      builder.strip_empty_entries(builder.extra_ldflags()), *build_tools()])
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "largelm" / "torch_extensions" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -105,6 +123,26 @@ def prepare_cpu_comm_op() -> Optional[str]:
     builder = _builder()
     if builder is None:
         return None
+    with interpreter_tools_first():
+        return _prepare(builder)
+
+
+@contextlib.contextmanager
+def interpreter_tools_first():
+    """This interpreter's bin directory (a venv's pip ninja) first on PATH while the op is keyed and built: the same
+    ninja whether the venv is activated or not, so one build serves both (``build_tools``)."""
+    saved = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), *([saved] if saved else [])])
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = saved
+
+
+def _prepare(builder) -> str:
     root = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir(builder))))
     build_dir = root / builder.name
     build_dir.mkdir(parents=True, exist_ok=True)
