@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from largelm.data import DataError, build_loader, merge_loader_states
 from largelm.data.format import sample_key
@@ -145,6 +146,25 @@ def test_range_helpers():
     assert [take_positions([(0, 4), (10, 13)], part, 3) for part in range(3)] == [[(0, 2)], [(2, 4)], [(10, 13)]]
 
 
+def test_state_written_before_positions_resumes_exactly_but_moves_only_after_its_epochs(blend):
+    """A version-1 state (no position record) still resumes bit-identically on its layout; what its readers consumed
+    of their current epochs is unknown, so merging refuses until every reader has passed them."""
+    loader = make(blend, 0, 1, 2)
+    consume(loader, 4)
+    state = loader.state_dict()
+    old = {k: v for k, v in state.items() if k not in ("kind", "position")} | {"version": 1}
+    reference = make(blend, 0, 1, 2)
+    reference.load_state_dict(state)
+    resumed = make(blend, 0, 1, 2)
+    resumed.load_state_dict(old)
+    for a, b in zip(consume(reference, 6)[1], consume(resumed, 6)[1], strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["tokens"], b["tokens"])
+    with pytest.raises(DataError, match="before data positions were recorded.*dataset 0"):
+        merge_loader_states([resumed.state_dict()])
+    consume(resumed, 60)  # every reader past the epochs it was in at the resume
+    assert merge_loader_states([resumed.state_dict()])["kind"] == "global"
+
+
 # --- bad input ------------------------------------------------------------------------------------------------
 def _tamper(state, path, value):
     state = copy.deepcopy(state)
@@ -200,3 +220,59 @@ def test_merge_needs_every_rank_of_one_run(blend, saved):
         merge_loader_states([saved[0], _tamper(saved[1], ("seed",), 3)])
     with pytest.raises(DataError, match="per-rank state"):
         merge_loader_states([merge_loader_states(saved)])
+
+
+# --- the trainer's wiring (real Trainer, gloo ranks) ---------------------------------------------------------------
+def _train_rank(rank, world_size, config):
+    from largelm.config import load_config
+    from largelm.train.trainer import Trainer
+
+    trainer = Trainer(load_config(config))
+    try:
+        start = trainer.step
+        restored = trainer.loader.state_dict()
+        trainer.fit()
+        return {"start": start, "restored": restored, "after": trainer.loader.state_dict()}
+    finally:
+        trainer.close()
+
+
+@pytest.mark.slow
+def test_trainer_checkpoint_resumes_on_another_data_parallel_size(tmp_path, tokenizer_path, shard_dir,
+                                                                  shard_seq_length):
+    """DP=2 saves every rank's loader state and, with rank 0's, the merged layout-independent position; a DP=1
+    run of the real Trainer resumes from it (ZeRO-0 fp32: the engine state does not depend on the DP size) and
+    reads only samples of the epoch that the DP=2 run had not consumed. Preflight's refusal of another world size
+    is bypassed here on purpose (the Trainer is built directly): this tests the loader wiring alone."""
+    from mp_utils import run_ranks
+    from train_utils import tiny_config
+
+    from largelm.parallel.deepspeed_compat import safe_torch_load
+
+    config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length, model={"vocab_size": 1000},
+                         data={"num_workers": 0, "valid": []},  # daemonic ranks: no DataLoader workers
+                         parallel={"zero_stage": 0}, train={"steps": 2, "grad_accum_steps": 1},
+                         checkpoint={"save_interval": 2}, logging={"tensorboard_dir": None, "progress_bar": False,
+                                                                   "peak_tflops_per_rank": 1.0})
+    run_ranks(_train_rank, 2, str(config), timeout_s=300)
+    step_dir = tmp_path / "ckpt" / "step_00000002"
+    data = [safe_torch_load(step_dir / f"trainer_state_rank{r:05d}.pt")["data"] for r in range(2)]
+    assert "global" not in data[1]
+    merged = data[0].pop("global")
+    assert merged == merge_loader_states(data)
+
+    raw = yaml.safe_load(config.read_text())
+    raw["train"]["steps"] = 3
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    (resumed,) = run_ranks(_train_rank, 1, str(config), timeout_s=300)
+    assert resumed["start"] == 2
+    assert [p["base"] for p in resumed["restored"]["position"]] == merged["position"]
+
+    def remaining(position, epoch=0):
+        size = position["num_samples"]
+        return {i for a, b in dict(position["remaining"]).get(epoch, [[0, size]]) for i in range(a, b)}
+
+    before = remaining(merged["position"][0])
+    after = remaining(merge_loader_states([resumed["after"]])["position"][0])
+    # the DP=1 step read 4 samples (micro-batch 4), all from what the DP=2 run left of epoch 0
+    assert after < before and len(before - after) == 4
