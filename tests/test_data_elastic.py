@@ -4,14 +4,18 @@ progress is still consumed exactly once per dataset (largelm/data/position.py, d
 import collections
 import copy
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
+import webdataset as wds
 import yaml
 
 from largelm.data import DataError, build_loader, merge_loader_states
-from largelm.data.format import sample_key
+from largelm.data.format import encode_tokens, sample_key
 from largelm.data.position import ConsumedSet, subtract, take_positions, union
+from largelm.fileio import sha256_file
 
 SIZES = (96, 30)  # samples of the two blended datasets
 
@@ -24,8 +28,9 @@ def blend(make_token_shards, tmp_path_factory):
             (make_token_shards(root / "b", SIZES[1], samples_per_shard=7), 1.0)]
 
 
-def make(blend, rank, world, workers):
-    return build_loader(blend, 8, 4, rank=rank, world_size=world, num_workers=workers, shuffle_buffer=6, seed=17)
+def make(blend, rank, world, workers, **kwargs):
+    return build_loader(blend, 8, 4, rank=rank, world_size=world, num_workers=workers, shuffle_buffer=6, seed=17,
+                        **kwargs)
 
 
 def consume(loader, n):
@@ -39,12 +44,12 @@ def consume(loader, n):
     return samples, batches
 
 
-def run_layout(blend, world, workers, batches, state=None):
+def run_layout(blend, world, workers, batches, state=None, **kwargs):
     """Every rank of a layout (optionally resumed from a global state) consumes ``batches`` batches; returns the
     samples of all ranks and each rank's state (through JSON, as a checkpoint would keep it)."""
     samples, states = [], []
     for rank in range(world):
-        loader = make(blend, rank, world, workers)
+        loader = make(blend, rank, world, workers, **kwargs)
         if state is not None:
             loader.load_state_dict(copy.deepcopy(state))
         samples += consume(loader, batches)[0]
@@ -52,15 +57,16 @@ def run_layout(blend, world, workers, batches, state=None):
     return samples, states
 
 
-def assert_exactly_one_pass(samples, epochs):
-    """Per dataset and epoch: every sample exactly once."""
+def assert_exactly_one_pass(samples, epochs, bad=()):
+    """Per dataset and epoch: every sample exactly once (``bad``: (dataset, key) never)."""
     for d, size in enumerate(SIZES):
+        expected = {sample_key(i) for i in range(size)} - {key for dd, key in bad if dd == d}
         for e in epochs:
             seen = collections.Counter(key for dd, ee, key in samples if (dd, ee) == (d, e))
             repeated = sorted(k for k, n in seen.items() if n > 1)
-            missing = sorted({sample_key(i) for i in range(size)} - set(seen))
+            missing = sorted(expected - set(seen))
             assert not repeated and not missing, f"dataset {d} epoch {e}: repeated {repeated}, missing {missing}"
-            assert set(seen) == {sample_key(i) for i in range(size)}
+            assert set(seen) == expected
 
 
 def batches_after(world):
@@ -91,6 +97,28 @@ def test_slots_in_different_epochs_are_accounted(blend):
     assert epochs == {0, 1}, "the scenario needs readers of dataset b in two epochs"
     after, _ = run_layout(blend, 3, 2, batches_after(3), merge_loader_states(states))
     assert_exactly_one_pass(before + after, epochs=(0, 1))
+
+
+def test_skipped_bad_sample_leaves_the_good_ones_exact(blend, tmp_path):
+    """skip_bad_samples: a damaged sample of dataset b is never served, before or after the change, and the good
+    ones stay exact (the bad one is met and counted again after the change: docs, "Elastic data position")."""
+    damaged = tmp_path / "b"
+    shutil.copytree(blend[1][0], damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    shard = damaged / manifest["shards"][1]["file"]  # samples 7..13
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    with wds.TarWriter(str(shard), mtime=0) as writer:
+        for s in samples:
+            short = s["__key__"] == sample_key(9)  # 8 tokens instead of seq_length + 1
+            writer.write({"__key__": s["__key__"],
+                          "tokens.npy": encode_tokens(np.arange(1, 9, dtype=np.uint16)) if short else s["tokens.npy"]})
+    manifest["shards"][1].update(sha256=sha256_file(shard), num_bytes=shard.stat().st_size)
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    datasets = [blend[0], (damaged, 1.0)]
+    before, states = run_layout(datasets, 2, 2, 11, skip_bad_samples=True)
+    after, _ = run_layout(datasets, 3, 2, batches_after(3), merge_loader_states(states), skip_bad_samples=True)
+    assert sum(s["bad_samples"] for s in states) >= 1
+    assert_exactly_one_pass(before + after, epochs=(0, 1), bad=[(1, sample_key(9))])
 
 
 def test_dp_2_to_1_to_2(blend):

@@ -72,7 +72,6 @@ class DatasetStream:
                  base: Optional[DatasetPosition] = None):
         self.source, self.index, self.slot, self.cfg = source, index, slot, cfg
         self.base = base  # what remains of each epoch when this layout started (None: every epoch whole)
-        self.assigned = 0  # samples of the current epoch this slot is given (0: its share is empty)
         self.position = tuple(start)
         self.counting = True  # False while replaying outputs consumed before a resume (already counted)
         self._on_bad = on_bad
@@ -91,7 +90,6 @@ class DatasetStream:
         if self.base is not None and cfg.infinite:
             shards = restrict(shards, self.base.remaining_in(epoch))
         mine = split_by_worker(split_by_rank(shards, cfg.rank, cfg.world_size), self.slot, cfg.num_slots)
-        self.assigned = sum(r.size for r in mine)
         stages = [lambda: iter(mine), self._reader]
         if cfg.infinite and cfg.shuffle_buffer > 1:
             entropy = seed_words(cfg.seed, SEED_SHUFFLE, self.index, cfg.rank, self.slot, epoch)
@@ -116,8 +114,10 @@ class DatasetStream:
                 current, j = following, j + 1
             if not self.cfg.infinite:
                 return
-            if j == 0 and self.assigned == 0 and self.base is not None and epoch in self.base.remaining:
-                epoch, skip = epoch + 1, 0  # after a layout change: nothing of this epoch is left for this slot
+            if j == 0 and self.base is not None and epoch in self.base.remaining:
+                # After a layout change this slot's piece of what remained of the epoch may be empty or only bad
+                # samples; later epochs are whole again, so the check below still catches a dataset with none.
+                epoch, skip = epoch + 1, 0
                 continue
             if j == 0:  # endless mode would spin forever on an empty epoch
                 raise DataError(
