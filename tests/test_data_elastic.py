@@ -11,11 +11,14 @@ import pytest
 import torch
 import webdataset as wds
 import yaml
+from mp_utils import run_ranks
+from train_utils import tiny_config
 
 from largelm.data import DataError, build_loader, merge_loader_states
 from largelm.data.format import encode_tokens, sample_key
 from largelm.data.position import ConsumedSet, subtract, take_positions, union
 from largelm.fileio import sha256_file
+from largelm.parallel.deepspeed_compat import safe_torch_load
 
 SIZES = (96, 30)  # samples of the two blended datasets
 
@@ -233,6 +236,7 @@ def test_tampered_rank_state_is_refused_naming_the_field(blend, saved, path, val
     (("position", 1, "remaining"), [[0, [[3, 9], [8, 10]]]], r"position\[1\]\.remaining\[0\] \(epoch 0\) range 1"),
     (("position", 1, "remaining"), [[0, []], [0, []]], "epoch 0 listed twice"),
     (("position", 0), "all", r"position\[0\]: expected a mapping"),
+    (("position", 1, "complete_before"), 2, r"position\[1\]\.remaining: lists epochs \[0.*before complete_before"),
     (("seed",), 18, "seed: state has 18, loader has 17"),
 ])
 def test_tampered_global_state_is_refused_naming_the_field(blend, saved, path, value, field):
@@ -272,11 +276,6 @@ def test_trainer_checkpoint_resumes_on_another_data_parallel_size(tmp_path, toke
     run of the real Trainer resumes from it (ZeRO-0 fp32: the engine state does not depend on the DP size) and
     reads only samples of the epoch that the DP=2 run had not consumed. Preflight's refusal of another world size
     is bypassed here on purpose (the Trainer is built directly): this tests the loader wiring alone."""
-    from mp_utils import run_ranks
-    from train_utils import tiny_config
-
-    from largelm.parallel.deepspeed_compat import safe_torch_load
-
     config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length, model={"vocab_size": 1000},
                          data={"num_workers": 0, "valid": []},  # daemonic ranks: no DataLoader workers
                          parallel={"zero_stage": 0}, train={"steps": 2, "grad_accum_steps": 1},

@@ -145,7 +145,12 @@ class DatasetPosition:
             raise DataError(f"loader state field {where}.num_samples: state has {obj.get('num_samples')!r}, the "
                             f"dataset has {num_samples}")
         start = non_negative_int(obj.get("complete_before"), f"{where}.complete_before")
-        return cls(num_samples, start, parse_epoch_ranges(obj.get("remaining"), f"{where}.remaining", num_samples))
+        remaining = parse_epoch_ranges(obj.get("remaining"), f"{where}.remaining", num_samples)
+        early = sorted(e for e in remaining if e < start)
+        if early:
+            raise DataError(f"loader state field {where}.remaining: lists epochs {early}, before complete_before "
+                            f"({start})")
+        return cls(num_samples, start, remaining)
 
 
 def parse_epoch_ranges(obj, where: str, num_samples: int) -> dict[int, list[Range]]:
