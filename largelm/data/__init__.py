@@ -5,6 +5,8 @@
     blend.py        weighted per-sample choice between datasets
     stream.py       the per-worker sample stream (IterableDataset)
     loader.py       build_loader / TokenLoader: batches, state_dict / load_state_dict
+    loader_state.py the resume state: checks, and merging every rank's into a layout-independent one
+    position.py     the layout-independent data position (which samples of each epoch are consumed)
     bert_masking.py BERT's dynamic masking, applied in the stream
 
 Offline preparation (corpus, tokenizer training, tokenize + pack) lives in ``largelm.prepare``.
@@ -12,5 +14,6 @@ Offline preparation (corpus, tokenizer training, tokenize + pack) lives in ``lar
 
 from largelm.data.format import DataError, Manifest, read_manifest
 from largelm.data.loader import TokenLoader, build_loader
+from largelm.data.loader_state import merge_loader_states
 
-__all__ = ["DataError", "Manifest", "TokenLoader", "build_loader", "read_manifest"]
+__all__ = ["DataError", "Manifest", "TokenLoader", "build_loader", "merge_loader_states", "read_manifest"]

@@ -9,14 +9,21 @@ Validation (``infinite=False``): one ordered pass, no shuffling; datasets are re
 
 Batch ``k`` of a rank comes from DataLoader worker ``k % num_workers``; the loader records which reader slot
 produced each batch and where that slot stands, so the state is exact even with several workers.
-The state is **per rank** (each data-parallel rank reads different samples): save and restore one per rank.
-It records the loader's settings (rank, workers, seed, batch, datasets' fingerprints, and the sample transform's
-``identity()``, e.g. BERT's masking settings); a resume with different ones is refused, naming each field.
+``state_dict()`` is **per rank** (each data-parallel rank reads different samples): save and restore one per rank
+for a bit-identical resume on the same layout. It records the loader's settings (rank, workers, seed, batch,
+datasets' fingerprints, and the sample transform's ``identity()``, e.g. BERT's masking settings); a resume with
+different ones is refused, naming each field.
+
+Elastic resume (another data-parallel size or worker count): every sample has a position in its epoch's global
+order (independent of the layout), and each rank's state also records which positions it consumed.
+``merge_loader_states`` (``largelm.data.loader_state``) turns every rank's state of one moment into a
+layout-independent state; ``load_state_dict`` of that state makes each new reader take its share of what remains
+of every epoch in progress, so that epoch is still consumed exactly once (rule: ``largelm.data.position`` and
+docs/fault_tolerance.md, "Elastic data position").
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
@@ -24,10 +31,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from largelm.data.format import DataError, read_manifest
+from largelm.data.loader_state import (
+    LAYOUT_FIELDS,
+    STATE_VERSION,
+    check_version,
+    count,
+    differences,
+    parse_rank_records,
+    parse_slots,
+    slot_epochs,
+)
+from largelm.data.position import ConsumedSet, DatasetPosition
 from largelm.data.shards import check_shard_files
 from largelm.data.stream import Source, StreamSettings, TokenStream, batch_to_tensors, collate_samples
 
-STATE_VERSION = 1
 DatasetArg = Union[str, Path, tuple, object]  # path, (path, weight), or anything with .path and .weight
 
 
@@ -69,7 +86,8 @@ def open_sources(datasets: Iterable[DatasetArg], seq_length: int, tokenizer_sha2
 
 
 class TokenLoader:
-    """Iterate for batches ``{"tokens": LongTensor[batch, seq_length + 1], "key": [...], "dataset": LongTensor}``."""
+    """Iterate for batches ``{"tokens": LongTensor[batch, seq_length + 1], "key": [...], "dataset": LongTensor,
+    "epoch": LongTensor}`` (a sample is identified by its dataset, epoch and key)."""
 
     def __init__(
         self, sources: list[Source], settings: StreamSettings, batch_size: int, num_workers: int, seq_length: int,
@@ -85,6 +103,12 @@ class TokenLoader:
         self._next_slot = 0
         self._slots: list[Optional[dict]] = [None] * self.settings.num_slots
         self._bad = 0
+        # Per dataset: the global record this layout started from (fresh: every epoch whole), the positions this
+        # rank handed out per epoch, and the first epoch whose consumption is known (> 0 after a resume from a
+        # state written before positions were recorded).
+        self._bases = [DatasetPosition(src.manifest.num_samples) for src in self.sources]
+        self._seen: list[dict[int, ConsumedSet]] = [{} for _ in self.sources]
+        self._tracked_from = [0] * len(self.sources)
 
     @property
     def bad_samples(self) -> int:
@@ -101,7 +125,8 @@ class TokenLoader:
     def __iter__(self) -> Iterator[dict]:
         if not self.settings.infinite:
             self._reset()
-        dataset = TokenStream(self.sources, self.settings, self._next_slot, list(self._slots), self.sample_transform)
+        dataset = TokenStream(self.sources, self.settings, self._next_slot, list(self._slots), self.sample_transform,
+                              list(self._bases))
         loader = DataLoader(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_samples,
             drop_last=False,
@@ -118,6 +143,11 @@ class TokenLoader:
                 if "tokens" not in batch:  # end-of-pass marker carrying only a bad-sample count
                     continue
                 self._slots[state["slot"]] = {"samples": state["samples"], "positions": state["positions"]}
+                positions = batch.pop("_position")
+                if self.settings.infinite:
+                    for d, epoch, position in zip(batch["dataset"].tolist(), batch["epoch"].tolist(),
+                                                  positions.tolist()):
+                        self._seen[d].setdefault(epoch, ConsumedSet()).add(position)
                 self._next_slot = (state["slot"] + 1) % self.settings.num_slots
                 self._consumed += 1
                 yield batch_to_tensors(batch)
@@ -144,10 +174,26 @@ class TokenLoader:
             identity["sample_transform"] = transform
         return identity
 
+    def _position(self) -> list[dict]:
+        """Per dataset, this rank's part of the layout-independent record (``largelm.data.position``); epochs that
+        every reader has finished are dropped (the rank has consumed its whole piece of them)."""
+        out = []
+        for d, base in enumerate(self._bases):
+            first = min(slot_epochs(self._slots, d, base.complete_before))
+            self._seen[d] = {e: seen for e, seen in self._seen[d].items() if e >= first}
+            self._bases[d] = base = base.trimmed(first)
+            entry = {"base": base.to_json(),
+                     "consumed": [[e, [list(r) for r in self._seen[d][e].ranges()]] for e in sorted(self._seen[d])]}
+            if self._tracked_from[d] > first:
+                entry["tracked_from"] = self._tracked_from[d]
+            out.append(entry)
+        return out
+
     def state_dict(self) -> dict:
-        """JSON-serialisable position after the batches consumed so far."""
+        """JSON-serialisable position after the batches consumed so far (this rank's ``"rank"`` state)."""
         return {
             "version": STATE_VERSION,
+            "kind": "rank",
             **self._identity(),
             "consumed_batches": self._consumed,
             "bad_samples": self._bad,
@@ -156,34 +202,55 @@ class TokenLoader:
                 None if s is None else {"samples": s["samples"], "positions": [list(p) for p in s["positions"]]}
                 for s in self._slots
             ],
+            "position": self._position(),
         }
 
+    def same_layout(self, state: dict) -> bool:
+        """Can ``state`` resume this loader exactly (a ``"rank"`` state of this rank, world size and workers)?
+        Otherwise the layout-independent state (``merge_loader_states``) is what to load."""
+        mine = self._identity()
+        return (isinstance(state, dict) and state.get("kind", "rank") == "rank"
+                and all(state.get(k) == mine[k] for k in LAYOUT_FIELDS))
+
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly after the batches recorded in ``state``; call before iterating."""
+        """Continue after the batches recorded in ``state``; call before iterating.
+
+        A ``"rank"`` state (``state_dict()``) continues exactly, on the same layout only. A ``"global"`` state
+        (``merge_loader_states`` of every rank's) continues on any layout: this rank's readers take their shares
+        of what remains of each epoch in progress. The data-parallel rank 0 takes over the bad-sample count."""
         if not self.settings.infinite:
             raise DataError(
                 "a validation loader (infinite=False) starts a fresh pass on every iteration; it has no state to resume"
             )
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state has version {state.get('version')!r}, expected {STATE_VERSION}")
-        differences = _differences(state, self._identity())
-        if differences:
-            raise DataError("loader state does not match this loader: " + "; ".join(differences))
-        slots = state.get("slots") or []
-        if (
-            len(slots) != self.settings.num_slots
-            or any(s is not None and len(s["positions"]) != len(self.sources) for s in slots)
-            or not 0 <= state.get("next_slot", -1) < self.settings.num_slots
-        ):
-            raise DataError("loader state is malformed: slot/position counts do not match")
-        self._slots = [
-            None if s is None
-            else {"samples": int(s["samples"]), "positions": [[int(e), int(o)] for e, o in s["positions"]]}
-            for s in slots
-        ]
-        self._next_slot = int(state["next_slot"])
-        self._consumed = int(state["consumed_batches"])
-        self._bad = int(state["bad_samples"])
+        version = check_version(state)
+        found = differences(state, self._identity())
+        if found:
+            raise DataError("loader state does not match this loader: " + "; ".join(found))
+        sizes = [src.manifest.num_samples for src in self.sources]
+        self._reset()
+        if state.get("kind") == "global":
+            self._load_global(state, sizes)
+            return
+        slots = parse_slots(state, self.settings.num_slots, len(self.sources))
+        if version == 1:  # written before positions were recorded: known from the epochs after the current ones
+            self._tracked_from = [max(slot_epochs(slots, d, 0)) + 1 for d in range(len(sizes))]
+        else:
+            records = parse_rank_records(state, slots, sizes)
+            self._bases = [r.base for r in records]
+            self._seen = [{e: ConsumedSet(ranges) for e, ranges in r.consumed.items()} for r in records]
+            self._tracked_from = [r.tracked_from for r in records]
+        self._slots = slots
+        self._next_slot = count(state, "next_slot")
+        self._consumed = count(state, "consumed_batches")
+        self._bad = count(state, "bad_samples")
+
+    def _load_global(self, state: dict, sizes: list[int]) -> None:
+        position = state.get("position")
+        if not isinstance(position, list) or len(position) != len(sizes):
+            raise DataError(f"loader state field position: expected one entry per dataset ({len(sizes)}), got "
+                            f"{position!r:.80}")
+        self._bases = [DatasetPosition.from_json(p, f"position[{d}]", sizes[d]) for d, p in enumerate(position)]
+        self._bad = count(state, "bad_samples") if self.settings.rank == 0 else 0
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -200,49 +267,6 @@ def _transform_identity(transform) -> Optional[dict]:
     transform or one that does not describe itself."""
     identity = getattr(transform, "identity", None)
     return None if identity is None else identity()
-
-
-def _differences(state: dict, mine: dict) -> list[str]:
-    out = []
-    for key in ("rank", "world_size", "num_workers", "seed", "batch_size", "seq_length", "shuffle_buffer", "infinite"):
-        if state.get(key) != mine[key]:
-            out.append(f"{key}: state has {state.get(key)!r}, loader has {mine[key]!r}")
-    out += _transform_differences(state, mine)
-    theirs = state.get("datasets") or []
-    if len(theirs) != len(mine["datasets"]):
-        out.append(f"datasets: state has {len(theirs)}, loader has {len(mine['datasets'])}")
-        return out
-    for i, (a, b) in enumerate(zip(theirs, mine["datasets"])):
-        if a.get("fingerprint") != b["fingerprint"]:
-            out.append(
-                f"datasets[{i}] ({b['path']}): contents differ from the state's {a.get('path')!r} "
-                f"(fingerprint {str(a.get('fingerprint'))[:12]} vs {b['fingerprint'][:12]})"
-            )
-        if a.get("weight") != b["weight"]:
-            out.append(f"datasets[{i}] ({b['path']}): weight {a.get('weight')!r} in state, {b['weight']!r} now")
-    return out
-
-
-def _transform_differences(state: dict, mine: dict) -> list[str]:
-    """The sample transform's settings (e.g. BERT masking) in the state vs this loader, field by field."""
-    if "sample_transform" not in mine:
-        theirs = state.get("sample_transform")
-        return [] if theirs is None else [f"sample_transform: state has {theirs!r}, loader has None"]
-    ours = mine["sample_transform"]
-    if "sample_transform" not in state:
-        # Written before the loader recorded its sample transform: there is nothing to compare against.
-        warnings.warn("loader state has no sample_transform settings (written by an older largelm): resuming "
-                      "without checking that they match this loader's", stacklevel=4)
-        return []
-    theirs = state["sample_transform"]
-    if not isinstance(theirs, dict):
-        return [f"sample_transform: state has {theirs!r}, loader has {ours!r}"]
-    keys = list(ours) + [k for k in theirs if k not in ours]
-    return [
-        f"sample_transform.{key}: state has {theirs.get(key)!r}, loader has {ours.get(key)!r}"
-        for key in keys
-        if theirs.get(key) != ours.get(key)
-    ]
 
 
 def build_loader(

@@ -46,6 +46,7 @@ class ShardRange:
     path: str  # tar file
     start: int  # first sample index inside the shard
     stop: int  # one past the last
+    position: int = 0  # position of ``start`` in the epoch's global order (largelm.data.position)
 
     @property
     def size(self) -> int:
@@ -60,8 +61,11 @@ def epoch_shards(
     if shuffle:
         rng = np.random.default_rng(seed_words(seed, SEED_SHARD_ORDER, dataset_index, epoch))
         order = rng.permutation(len(manifest.shards))
+    sizes = [manifest.shards[i].num_samples for i in order]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist() if sizes else []
     return [
-        ShardRange(str(split_dir / manifest.shards[i].file), 0, manifest.shards[i].num_samples) for i in order
+        ShardRange(str(split_dir / manifest.shards[i].file), 0, size, start)
+        for i, size, start in zip(order, sizes, starts)
     ]
 
 
@@ -76,7 +80,8 @@ def take_part(ranges: Iterable[ShardRange], part: int, num_parts: int) -> list[S
     for r in ranges:
         begin, end = max(lo, offset), min(hi, offset + r.size)
         if begin < end:
-            out.append(ShardRange(r.path, r.start + begin - offset, r.start + end - offset))
+            out.append(ShardRange(r.path, r.start + begin - offset, r.start + end - offset,
+                                  r.position + begin - offset))
         offset += r.size
     return out
 
@@ -133,7 +138,8 @@ def _identity(stat) -> tuple[int, int, int]:
 
 
 class ShardReader:
-    """Pipeline stage: ShardRanges in, checked samples ``{"key", "tokens"}`` out.
+    """Pipeline stage: ShardRanges in, checked samples ``{"key", "tokens", "position"}`` out (``position``: the
+    sample's index in the epoch's global order, from ``ShardRange.position``).
 
     A bad sample (wrong dtype/length, out-of-vocabulary id, damaged member) or a corrupt tar raises DataError
     naming shard and sample key, unless ``on_bad`` is given: then ``on_bad(message, count)`` is called and
@@ -227,7 +233,7 @@ class ShardReader:
                         except DataError as err:
                             self._bad(str(err))
                         else:
-                            yield {"key": key, "tokens": tokens}
+                            yield {"key": key, "tokens": tokens, "position": r.position + index - r.start}
                     index, last_key = index + 1, key
         except DataError:
             raise

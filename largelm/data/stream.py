@@ -9,13 +9,17 @@ Positions: per dataset ``(epoch, offset)`` = the next output of that epoch's shu
 number of samples it has produced (the blend schedule index). Resuming rebuilds the epoch's pipeline and
 discards the first ``offset`` outputs before any tensor is made; checks that decide whether a sample is bad
 run in the same place on the replay, so bad samples never shift positions.
+
+What a slot reads of an epoch is its share of what the run's starting record (``largelm.data.position``) says
+remains of that epoch: the whole epoch for a fresh run (so the split is the plain rank/worker split), the
+unconsumed rest after a resume on another layout. Every sample carries its epoch and its position in the
+epoch's global order, from which the loader keeps the layout-independent record.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -26,6 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from largelm.data.blend import BlendSchedule
 from largelm.data.format import DataError, Manifest
+from largelm.data.position import DatasetPosition, restrict
 from largelm.data.shards import (
     SEED_SHUFFLE,
     ShardReader,
@@ -63,8 +68,10 @@ class StreamSettings:
 class DatasetStream:
     """One dataset's samples for one reader slot, epoch after epoch, tracking the position to resume from."""
 
-    def __init__(self, source: Source, index: int, slot: int, cfg: StreamSettings, start: tuple[int, int], on_bad):
+    def __init__(self, source: Source, index: int, slot: int, cfg: StreamSettings, start: tuple[int, int], on_bad,
+                 base: Optional[DatasetPosition] = None):
         self.source, self.index, self.slot, self.cfg = source, index, slot, cfg
+        self.base = base  # what remains of each epoch when this layout started (None: every epoch whole)
         self.position = tuple(start)
         self.counting = True  # False while replaying outputs consumed before a resume (already counted)
         self._on_bad = on_bad
@@ -80,12 +87,10 @@ class DatasetStream:
             self.source.manifest, self.source.path, epoch=epoch, seed=cfg.seed, dataset_index=self.index,
             shuffle=cfg.infinite,
         )
-        stages = [
-            lambda: iter(shards),
-            partial(split_by_rank, rank=cfg.rank, world_size=cfg.world_size),
-            partial(split_by_worker, worker=self.slot, num_workers=cfg.num_slots),
-            self._reader,
-        ]
+        if self.base is not None and cfg.infinite:
+            shards = restrict(shards, self.base.remaining_in(epoch))
+        mine = split_by_worker(split_by_rank(shards, cfg.rank, cfg.world_size), self.slot, cfg.num_slots)
+        stages = [lambda: iter(mine), self._reader]
         if cfg.infinite and cfg.shuffle_buffer > 1:
             entropy = seed_words(cfg.seed, SEED_SHUFFLE, self.index, cfg.rank, self.slot, epoch)
             seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
@@ -109,6 +114,11 @@ class DatasetStream:
                 current, j = following, j + 1
             if not self.cfg.infinite:
                 return
+            if j == 0 and self.base is not None and epoch in self.base.remaining:
+                # After a layout change this slot's piece of what remained of the epoch may be empty or only bad
+                # samples; later epochs are whole again, so the check below still catches a dataset with none.
+                epoch, skip = epoch + 1, 0
+                continue
             if j == 0:  # endless mode would spin forever on an empty epoch
                 raise DataError(
                     f"dataset {self.source.path}: reader (rank {self.cfg.rank}, worker {self.slot}) got no usable "
@@ -122,7 +132,7 @@ class TokenStream(IterableDataset):
 
     def __init__(
         self, sources: list[Source], cfg: StreamSettings, slot_offset: int, start_states: list[Optional[dict]],
-        sample_transform: Optional[Callable[[dict], dict]] = None,
+        sample_transform: Optional[Callable[[dict], dict]] = None, bases: Optional[list[DatasetPosition]] = None,
     ):
         super().__init__()
         # Per-sample function run in the worker, e.g. BERT's dynamic masking (largelm.data.bert_masking). It gets
@@ -132,6 +142,7 @@ class TokenStream(IterableDataset):
         self.sources, self.cfg = sources, cfg
         self.slot_offset = slot_offset  # a resumed loader's worker 0 continues the slot that was due next
         self.start_states = start_states
+        self.bases = bases or [None] * len(sources)  # per dataset: the record this layout started from
         self._pending_bad = 0
 
     def _on_bad(self, stream: DatasetStream, message: str, count: int) -> None:
@@ -142,18 +153,20 @@ class TokenStream(IterableDataset):
     def _item(self, sample: dict, dataset: int, slot: int, produced: int, streams: list[DatasetStream]) -> dict:
         bad, self._pending_bad = self._pending_bad, 0
         state = {"slot": slot, "samples": produced, "positions": [list(s.position) for s in streams]}
+        where = {"epoch": sample["epoch"], "position": sample.pop("position")}
         sample = {**sample, "dataset": dataset}
         if self.sample_transform is not None:
             sample = self.sample_transform(sample)
-        return {**sample, "state": state, "bad": bad}
+        return {**sample, **where, "state": state, "bad": bad}
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         slot = ((worker.id if worker else 0) + self.slot_offset) % self.cfg.num_slots
-        start = self.start_states[slot] or {"samples": 0, "positions": [[0, 0]] * len(self.sources)}
+        first_epochs = [0 if base is None else base.complete_before for base in self.bases]
+        start = self.start_states[slot] or {"samples": 0, "positions": [[e, 0] for e in first_epochs]}
         self._pending_bad = 0
         streams = [
-            DatasetStream(src, d, slot, self.cfg, tuple(start["positions"][d]), self._on_bad)
+            DatasetStream(src, d, slot, self.cfg, tuple(start["positions"][d]), self._on_bad, self.bases[d])
             for d, src in enumerate(self.sources)
         ]
         produced = start["samples"]
@@ -189,8 +202,10 @@ def collate_samples(items: list[dict]) -> dict:
         batch["tokens"] = np.stack([s["tokens"] for s in samples]).astype(np.int64)
         batch["key"] = [s["key"] for s in samples]
         batch["dataset"] = np.array([s["dataset"] for s in samples], dtype=np.int64)
+        batch["epoch"] = np.array([s["epoch"] for s in samples], dtype=np.int64)
+        batch["_position"] = np.array([s["position"] for s in samples], dtype=np.int64)
         for name, value in samples[0].items():  # extra per-sample arrays, e.g. from a sample_transform
-            if name != "tokens" and isinstance(value, (np.ndarray, np.integer)):
+            if name not in batch and isinstance(value, (np.ndarray, np.integer)):
                 batch[name] = np.stack([s[name] for s in samples]).astype(np.int64)
     return batch
 

@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from largelm import faults
 from largelm.checkpoint.manager import LATEST, CheckpointManager, find_latest, set_aside_newer
 from largelm.config import Config, ConfigError, dump_config
-from largelm.data import DataError, build_loader
+from largelm.data import DataError, build_loader, merge_loader_states
 from largelm.fileio import sha256_file
 from largelm.hardware import choose_precision, detect_device, model_dtype, run_precision
 from largelm.model.flops import matmul_shapes
@@ -144,14 +144,43 @@ class Trainer:
             return
         state = self.ckpt.load(self.engine, latest)
         self.step = state["step"]
-        self.loader.load_state_dict(state["data"])
+        self.loader.load_state_dict(self._loader_state(state["data"]))
         restore_rng_state(state["rng"])
         self.guard.load_state_dict(state.get("guard", {}))
         if self.rank == 0:
             print(f"resumed from {latest.path} at step {self.step}", flush=True)
 
+    def _loader_state(self, data: dict) -> dict:
+        """What this rank's loader resumes from: its own state when the checkpoint's data layout (data-parallel size,
+        loader workers) is this run's - the exact path; otherwise the layout-independent position that rank 0's
+        state carries (``_data_state``), from which every rank takes its share of what remains. Collective."""
+        elastic = [None]
+        if self.rank == 0 and not self.loader.same_layout(data):
+            elastic = [data.get("global") or {"missing": (data.get("world_size"), data.get("num_workers"))}]
+        dist.broadcast_object_list(elastic, src=0)  # rank 0 decides, so no rank takes another path
+        if elastic[0] is None:
+            return data
+        if "missing" in elastic[0]:
+            world, workers = elastic[0]["missing"]
+            raise DataError(f"the checkpoint's loader state was written by {world} data-parallel ranks x {workers} "
+                            f"workers without a layout-independent data position (an older largelm, or a converted "
+                            f"checkpoint): it resumes only with that layout, this run has {self.dp_size} x "
+                            f"{self.loader.num_workers}")
+        return elastic[0]
+
+    def _data_state(self) -> dict:
+        """This rank's loader state; the first data-parallel replica's also carries the layout-independent position
+        merged from every data-parallel rank's (``merge_loader_states``), what a resume on another data-parallel
+        size or worker count starts from. Collective over the data-parallel group."""
+        data = self.loader.state_dict()
+        every = [None] * self.dp_size
+        dist.all_gather_object(every, data, group=parallel_state.get_data_parallel_group())
+        if self.dp_rank == 0:
+            data["global"] = merge_loader_states(every)
+        return data
+
     def save(self) -> Path:
-        state = {"step": self.step, "data": self.loader.state_dict(), "rng": capture_rng_state(),
+        state = {"step": self.step, "data": self._data_state(), "rng": capture_rng_state(),
                  "guard": self.guard.state_dict()}
         with self.watchdog.busy(f"saving the checkpoint of step {self.step}"):
             path = self.ckpt.save(self.engine, self.step, state)

@@ -5,6 +5,7 @@ and counted, never dropped silently: every sample is either delivered or counted
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import re
@@ -15,7 +16,7 @@ import pytest
 from faultkit import first_shards_read, rewrite_sample, run
 
 from largelm import launch
-from largelm.data import DataError, build_loader
+from largelm.data import DataError, build_loader, merge_loader_states
 from largelm.data.format import encode_tokens
 from largelm.fileio import sha256_file
 
@@ -128,3 +129,37 @@ def test_bad_sample_during_training_fails_the_job_promptly(run_config, shard_dir
                          r"expected uint16\[33\]", result.output, re.DOTALL), result.output[-4000:]
         # Without the fail-fast path the launcher waits 30 s for the healthy rank (or a collective times out).
         assert result.seconds_after_error < 28, f"the job took {result.seconds_after_error:.0f}s to end"
+
+
+def test_loader_position_moved_to_another_data_parallel_size(make_token_shards, tmp_path, ledger):
+    """Resume on another data-parallel size (2 -> 3 ranks) from the merged loader position: the epoch in progress
+    is read exactly once (nothing lost, nothing repeated); a tampered position is refused naming the field."""
+    split = make_token_shards(tmp_path / "split", TOTAL)
+
+    def loader(rank, world):
+        return build_loader([split], 8, 4, rank=rank, world_size=world, num_workers=0, shuffle_buffer=4, seed=2)
+
+    def epoch0_keys(it, batches):
+        keys = []
+        for _, batch in zip(range(batches), it):
+            keys += [k for k, e in zip(batch["key"], batch["epoch"].tolist()) if e == 0]
+        return keys
+
+    with ledger.scenario("data-parallel size changed on resume (2 -> 3 ranks): data position moved") as sc:
+        seen, states = [], []
+        for rank in range(2):
+            old = loader(rank, 2)
+            seen += epoch0_keys(old, 2)  # 16 of the epoch's 40 samples
+            states.append(old.state_dict())
+        merged = merge_loader_states(states)
+        for rank in range(3):
+            new = loader(rank, 3)
+            new.load_state_dict(merged)
+            seen += epoch0_keys(new, 10)  # 120 samples: every reader finishes epoch 0
+        counts = collections.Counter(seen)
+        sc["data_lost"] = TOTAL - len(counts)
+        assert sc["data_lost"] == 0 and set(counts.values()) == {1}, counts
+    with ledger.scenario("tampered loader position in a checkpoint: refused naming the field"):
+        states[0]["position"][0]["consumed"] = [[0, [[9, 2]]]]
+        with pytest.raises(DataError, match=r"position\[0\]\.consumed\[0\] \(epoch 0\) range 0"):
+            loader(0, 2).load_state_dict(states[0])
