@@ -35,16 +35,38 @@ def two_hosts():
         pytest.skip(str(why))
 
 
-def _start_per_node(hosts: list[Host], config) -> list[subprocess.Popen]:
-    """One largelm-launch per host (node rank = index), all started together, each in its own process group."""
+def _start_per_node(hosts: list[Host], config: Path) -> list[subprocess.Popen]:
+    """One largelm-launch per host (node rank = index), all started together, each in its own process group, each
+    writing to ``<config dir>/node<rank>.log`` (files, not pipes: a node whose output nobody reads must not block)."""
     port = str(free_port())
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    return [subprocess.Popen(["ip", "netns", "exec", h.netns, sys.executable, "-m", "largelm.launch",
-                              "--config", str(config), "--nproc", "1", "--num-nodes", str(len(hosts)), "--no-ssh",
-                              "--node-rank", str(rank), "--master-addr", hosts[0].address, "--master-port", port],
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-            for rank, h in enumerate(hosts)]
+    procs = []
+    for rank, h in enumerate(hosts):
+        with open(config.parent / f"node{rank}.log", "w") as log:
+            proc = subprocess.Popen(["ip", "netns", "exec", h.netns, sys.executable, "-m", "largelm.launch",
+                                     "--config", str(config), "--nproc", "1", "--num-nodes", str(len(hosts)),
+                                     "--no-ssh", "--node-rank", str(rank), "--master-addr", hosts[0].address,
+                                     "--master-port", port],
+                                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc.log = Path(log.name)
+        procs.append(proc)
+    return procs
+
+
+def _outputs(procs: list[subprocess.Popen]) -> list[str]:
+    return [proc.log.read_text(errors="replace") for proc in procs]
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Wait for every node to end; on a timeout, fail with every node's output."""
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            tails = "\n".join(f"--- node {i} ---\n{out[-4000:]}" for i, out in enumerate(_outputs(procs)))
+            pytest.fail(f"the per-node launch did not end within {timeout:.0f} s:\n{tails}")
+    return _outputs(procs)
 
 
 def _end(procs: list[subprocess.Popen]) -> None:
@@ -54,14 +76,12 @@ def _end(procs: list[subprocess.Popen]) -> None:
             proc.wait()
 
 
-def _per_node_launch(hosts: list[Host], config, timeout: float = 400) -> list[str]:
+def _per_node_launch(hosts: list[Host], config: Path, timeout: float = 400) -> list[str]:
     """Run a per-node launch to the end (each node must exit 0); returns each node's output."""
     procs = _start_per_node(hosts, config)
-    outputs = []
     try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=timeout)
-            outputs.append(out)
+        outputs = _wait_all(procs, timeout)
+        for proc, out in zip(procs, outputs):
             assert proc.returncode == 0, f"node exited {proc.returncode}:\n{out[-5000:]}"
     finally:
         _end(procs)
@@ -72,7 +92,9 @@ def test_per_node_launch_on_two_hosts_trains_like_one_host(two_hosts, tmp_path, 
                                                           shard_seq_length, ledger):
     def config(name):
         (tmp_path / name).mkdir()
-        return tiny_config(tmp_path / name, tokenizer_path, shard_dir, shard_seq_length, train={"steps": 6},
+        # bounded waits: a hang fails with the stacks (watchdog) or a timeout error, well before the test's limit
+        return tiny_config(tmp_path / name, tokenizer_path, shard_dir, shard_seq_length,
+                           train={"steps": 6, "hang_timeout_s": 60}, parallel={"zero_stage": 2, "timeout_s": 120},
                            checkpoint={"dir": str(tmp_path / name / "ckpt"), "save_interval": 6})
 
     # 2 threads per rank, as each per-node launch gives its one rank (the thread count changes reduction order)
@@ -98,14 +120,13 @@ def _partitioned_run(hosts: list[Host], config) -> tuple[list[int], list[str], f
     (exit codes, outputs, seconds from the cut to the end)."""
     procs = _start_per_node(hosts, config)
     try:
-        lines = []
-        for line in procs[0].stdout:  # node 0 prints the step lines
-            lines.append(line)
-            if line.startswith("step 5/"):
-                break
+        deadline = time.monotonic() + 300
+        while "\nstep 5/" not in procs[0].log.read_text(errors="replace"):  # node 0 prints the step lines
+            assert time.monotonic() < deadline and procs[0].poll() is None, _outputs(procs)[0][-4000:]
+            time.sleep(0.1)
         hosts[1].run("ip", "link", "set", hosts[1].veth, "down")  # the partition
         cut = time.monotonic()
-        outputs = [("".join(lines) if i == 0 else "") + p.communicate(timeout=180)[0] for i, p in enumerate(procs)]
+        outputs = _wait_all(procs, 180)
         return [p.returncode for p in procs], outputs, time.monotonic() - cut
     finally:
         hosts[1].run("ip", "link", "set", hosts[1].veth, "up")
