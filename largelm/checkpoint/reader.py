@@ -54,12 +54,27 @@ def load_pt(path: Path) -> dict:
 def read_mp_rank(info: CheckpointInfo, mp_rank: int, log=None) -> tuple[dict[str, torch.Tensor], str]:
     """This model-parallel rank's weights under the module's own names (``GPTModel`` or pipeline names),
     TP-local shapes, and where they came from (``"zero fp32 master"`` or ``"module <dtype>"``)."""
+    states, origin = read_mp_rank_states(info, mp_rank, log=log, moments=False)
+    return states["fp32"], origin
+
+
+def read_mp_rank_states(info: CheckpointInfo, mp_rank: int, log=None,
+                        moments: bool = False) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
+    """Like ``read_mp_rank``, as ``{"fp32": weights}``; with ``moments`` also ``"exp_avg"`` and ``"exp_avg_sq"``
+    (Adam's moments, per parameter, merged from the ZeRO partitions by the same zero_to_fp32 merge as the master
+    weights: they live in flat partitions of the same layout) and ``"step"`` ({"step": tensor}: Adam's step count).
+    """
     model_files = model_state_files(info, mp_rank)
     model_states = [load_pt(f) for f in model_files]
     optim_files = optim_state_files(info, mp_rank)
     if not optim_files:
-        return _module_weights(info, mp_rank, model_states[0])
+        weights, origin = _module_weights(info, mp_rank, model_states[0])
+        states = {"fp32": weights}
+        if moments:
+            states.update(zero0_moments(info, model_states[0]))
+        return states, origin
     from deepspeed.checkpoint.constants import (
+        BASE_OPTIMIZER_STATE,
         BUFFER_NAMES,
         FP32_FLAT_GROUPS,
         FROZEN_PARAM_FRAGMENTS,
@@ -86,7 +101,8 @@ def read_mp_rank(info: CheckpointInfo, mp_rank: int, log=None) -> tuple[dict[str
     optim = []
     for f in optim_files:
         state = load_pt(f)[OPTIMIZER_STATE_DICT]
-        state.pop("base_optimizer_state", None)  # Adam moments: not needed for weights
+        if not moments:
+            state.pop(BASE_OPTIMIZER_STATE, None)  # Adam moments: not needed for weights
         optim.append(state)
     if ZERO_STAGE in optim[0]:
         stage = int(optim[0][ZERO_STAGE])
@@ -105,19 +121,96 @@ def read_mp_rank(info: CheckpointInfo, mp_rank: int, log=None) -> tuple[dict[str
         raise ConversionError(f"{info.path}: model-parallel rank {mp_rank} has {len(optim_files)} ZeRO partitions but "
                               f"they were written by {partitions} data-parallel ranks")
     key = FP32_FLAT_GROUPS if stage == 3 else SINGLE_PARTITION_OF_FP32_GROUPS
-    flat_groups = [o[key] for o in optim]
+    flat = {"fp32": [o[key] for o in optim]}
+    steps = set()
+    if moments:
+        for name in ADAM_MOMENTS:
+            flat[name] = []
+        for f, o in zip(optim_files, optim):
+            # ZeRO-3 keeps the torch optimizer's state dict under its own name
+            base = o.get(OPTIMIZER_STATE_DICT if stage == 3 else BASE_OPTIMIZER_STATE)
+            per_key, step = _flat_moments(f, o[key], base)
+            steps.add(float(step))
+            for name in ADAM_MOMENTS:
+                flat[name].append(per_key[name])
     out = io.StringIO()  # zero_to_fp32 prints progress; keep the CLI's output readable
+    states = {}
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        if stage == 3:
-            merged = z._get_fp32_state_dict_from_zero3_checkpoint(partitions, flat_groups, zero_model_states, False)
-        else:
-            merged = z._get_fp32_state_dict_from_zero2_checkpoint(partitions, flat_groups, zero_model_states, False,
-                                                                  optim[0].get(PARAM_ALIGNMENT_PADDINGS))
-        weights = z.to_torch_tensor(merged)
+        for name, flat_groups in flat.items():
+            if stage == 3:
+                merged = z._get_fp32_state_dict_from_zero3_checkpoint(partitions, flat_groups, zero_model_states,
+                                                                      False)
+            else:
+                merged = z._get_fp32_state_dict_from_zero2_checkpoint(partitions, flat_groups, zero_model_states,
+                                                                      False, optim[0].get(PARAM_ALIGNMENT_PADDINGS))
+            states[name] = {k: v.clone() for k, v in z.to_torch_tensor(merged).items()}
     if log:
         for line in out.getvalue().splitlines():
             log(f"  [zero_to_fp32 mp_rank {mp_rank:02d}] {line}")
-    return {k: v.clone() for k, v in weights.items()}, "zero fp32 master"
+    if moments:
+        states["step"] = {"step": _one_step(steps, f"{info.path} mp_rank {mp_rank:02d}")}
+    return states, "zero fp32 master"
+
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _flat_moments(path: Path, fp32_flat: list, base) -> tuple[dict[str, list], float]:
+    """One ZeRO partition's Adam moments as flat groups shaped like its fp32 master groups ``fp32_flat``, and its
+    Adam step. The torch optimizer under ZeRO / BF16_Optimizer steps one flat tensor per (sub-)group, in group
+    order: its state entry ``i`` belongs to ``fp32_flat[i]``. ZeRO-1/2 store the fp32 groups without their
+    alignment padding but the moments with it, at the end: cut to the fp32 group's length."""
+    if not isinstance(base, dict) or not isinstance(base.get("state"), dict):
+        raise ConversionError(f"{path} holds no Adam state (base_optimizer_state): the optimizer cannot be carried")
+    entries = [base["state"][k] for k in sorted(base["state"])]
+    if len(entries) != len(fp32_flat):
+        raise ConversionError(f"{path}: {len(entries)} optimizer state entries for {len(fp32_flat)} flat groups")
+    out = {name: [] for name in ADAM_MOMENTS}
+    steps = set()
+    for i, (entry, master) in enumerate(zip(entries, fp32_flat)):
+        for name in ADAM_MOMENTS:
+            if name not in entry or entry[name].numel() < master.numel():
+                raise ConversionError(f"{path}: group {i} lacks a full {name} ({master.numel()} elements)")
+            out[name].append(entry[name].flatten()[: master.numel()].float())
+        steps.add(float(entry["step"]))
+    return out, _one_step(steps, str(path))
+
+
+def _one_step(steps: set, where: str) -> torch.Tensor:
+    if len(steps) != 1:
+        raise ConversionError(f"{where}: the optimizer's parameter groups are at different Adam steps {sorted(steps)}")
+    return torch.tensor(steps.pop(), dtype=torch.float32)
+
+
+def zero0_moments(info: CheckpointInfo, model_state: dict) -> dict:
+    """Adam's moments of an engine without ZeRO: DeepSpeed stores the torch optimizer's state dict (under
+    ``optimizer_state_dict`` for FP16_Optimizer), one entry per parameter in parameter-group order, which
+    ``_dense_param_groups`` rebuilds from largelm's grouping rule (and checks against the tensors)."""
+    shapes = _dense_param_groups(model_state, info.config.model, info.config.bert)
+    if shapes is None:
+        raise ConversionError(f"{info.path}: the optimizer's parameter order cannot be rebuilt (ZeRO-0, not a dense "
+                              "model): the optimizer cannot be carried")
+    names = [name for group in shapes for name in group]
+    optimizer = model_state.get("optimizer")
+    inner = optimizer.get("optimizer_state_dict", optimizer) if isinstance(optimizer, dict) else None
+    if not isinstance(inner, dict) or not isinstance(inner.get("state"), dict):
+        raise ConversionError(f"{info.path}: no optimizer state in the model-states file (ZeRO-0): the optimizer "
+                              "cannot be carried")
+    count = sum(len(g["params"]) for g in inner.get("param_groups", []))
+    if count != len(names):
+        raise ConversionError(f"{info.path}: the optimizer has {count} parameters, the model {len(names)}")
+    out: dict = {name: {} for name in ADAM_MOMENTS}
+    steps = set()
+    index = [p for g in inner["param_groups"] for p in g["params"]]
+    for name, key in zip(names, index):
+        entry = inner["state"].get(key)
+        if entry is None:
+            raise ConversionError(f"{info.path}: no optimizer state for {name} (saved before the first step?)")
+        for moment in ADAM_MOMENTS:
+            out[moment][name] = entry[moment].float().clone()
+        steps.add(float(entry["step"]))
+    out["step"] = {"step": _one_step(steps, str(info.path))}
+    return out
 
 
 def _module_weights(info: CheckpointInfo, mp_rank: int, model_state: dict) -> tuple[dict, str]:
@@ -188,7 +281,8 @@ def _dense_param_groups(model_state: dict, model, bert=None) -> Optional[list]:
     for name in param_shapes(model, bert):
         tensor = module[name]
         (no_decay if tensor.ndim < 2 or name.endswith(".bias") else decay)[name] = tuple(tensor.shape)
-    groups = model_state.get("optimizer", {}).get("optimizer_state_dict", {}).get("param_groups", [])
+    optimizer = model_state.get("optimizer") or {}  # FP16_Optimizer nests the torch state dict; ZeRO-0 fp32 not
+    groups = optimizer.get("optimizer_state_dict", optimizer).get("param_groups", [])
     if [g.get("name") for g in groups] != ["decay", "no_decay"][: len(groups)]:
         return None
     return [decay, no_decay][: len(groups)]
@@ -201,20 +295,54 @@ def _tied_alias(key: str, names: set) -> bool:
 # --- whole checkpoint ------------------------------------------------------------------------------------------
 def consolidate_checkpoint(info: CheckpointInfo, log=print) -> Consolidated:
     """All ranks' weights -> one ``Consolidated`` (fp32, vocabulary padding recorded)."""
+    return consolidate_states(info, log, moments=False)[0]
+
+
+def consolidate_states(info: CheckpointInfo, log=print,
+                       moments: bool = True) -> tuple[Consolidated, dict[str, Consolidated], Optional[torch.Tensor]]:
+    """All ranks' fp32 master weights, and with ``moments`` Adam's ``exp_avg``/``exp_avg_sq`` (same names, shapes
+    and vocabulary-padding records as the weights) and Adam's step: ``(weights, {moment: Consolidated}, step)``."""
     cfg = info.config
     model, tp, pp = cfg.model, info.tensor_parallel, info.pipeline_parallel
     gated = is_gated(model)
-    per_tp: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
-    sources = set()
+    keys = ("fp32", *ADAM_MOMENTS) if moments else ("fp32",)
+    per_tp: dict[str, list[dict[str, torch.Tensor]]] = {k: [{} for _ in range(tp)] for k in keys}
+    sources, steps = set(), set()
     for m in range(info.model_parallel):
         stage, tp_rank = mp_rank_coordinates(m, tp)
-        native, origin = read_mp_rank(info, m, log=None)
+        native, origin = read_mp_rank_states(info, m, log=None, moments=moments)
         sources.add(origin)
-        for name, tensor in to_model_names(native, model).items():
-            if name in per_tp[tp_rank]:  # the tied embedding on the first and the last stage
-                _check_replica(name, per_tp[tp_rank][name], tensor, f"pipeline stages (TP rank {tp_rank})", log)
-                continue
-            per_tp[tp_rank][name] = tensor
+        if moments:
+            steps.add(float(native["step"]["step"]))
+        for key in keys:
+            for name, tensor in to_model_names(native[key], model).items():
+                if name in per_tp[key][tp_rank]:  # the tied embedding on the first and the last stage
+                    _check_replica(name, per_tp[key][tp_rank][name], tensor, f"pipeline stages (TP rank {tp_rank})",
+                                   log)
+                    continue
+                per_tp[key][tp_rank][name] = tensor
+    step = _one_step(steps, str(info.path)) if moments else None
+    full = {key: _unshard_tp(info, per_tp[key], gated, log) for key in keys}
+    weights, padding = strip_vocab_padding(full["fp32"], model.vocab_size)
+    tokenizer = _recorded_tokenizer(info, log)
+    source = {"kind": "largelm-checkpoint", "path": str(info.path), "step": info.step,
+              "tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": info.data_parallel,
+              "zero_stage": cfg.parallel.zero_stage, "engine_zero_stage": info.zero_stage,
+              "precision": cfg.train.precision, "weights": sorted(sources)}
+    if any(s.startswith("module bfloat16") for s in sources):
+        log(f"warning: {info.path} has no ZeRO fp32 master weights (ZeRO-0); using the bf16 module weights")
+    consolidated = Consolidated(weights, model, cfg, padding, info.step, source, tokenizer, bert=cfg.bert)
+    moment_states = {}
+    for key in keys[1:]:
+        tensors, pad = strip_vocab_padding(full[key], model.vocab_size)
+        moment_states[key] = Consolidated(tensors, model, cfg, pad, info.step, source, None, bert=cfg.bert)
+    return consolidated, moment_states, step
+
+
+def _unshard_tp(info: CheckpointInfo, per_tp: list[dict[str, torch.Tensor]], gated: bool, log) -> dict:
+    """The TP ranks' tensors of one kind (weights or a moment) -> full tensors at the padded vocabulary."""
+    cfg, tp = info.config, info.tensor_parallel
+    model = cfg.model
     names = list(per_tp[0])
     for r in range(1, tp):
         if set(per_tp[r]) != set(names):
@@ -240,16 +368,7 @@ def consolidate_checkpoint(info: CheckpointInfo, log=print) -> Consolidated:
     missing = [n for n in expected if n not in full]
     if missing:
         raise ConversionError(f"{info.path}: the checkpoint lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-    tensors, padding = strip_vocab_padding(full, model.vocab_size)
-    tokenizer = _recorded_tokenizer(info, log)
-    source = {"kind": "largelm-checkpoint", "path": str(info.path), "step": info.step,
-              "tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": info.data_parallel,
-              "zero_stage": cfg.parallel.zero_stage, "engine_zero_stage": info.zero_stage,
-              "precision": cfg.train.precision, "weights": sorted(sources)}
-    if any(s.startswith("module bfloat16") for s in sources):
-        log(f"warning: {info.path} has no ZeRO fp32 master weights (ZeRO-0); using the bf16 module weights")
-    return Consolidated(tensors, model, cfg, padding, info.step, source, tokenizer,
-                        bert=cfg.bert)
+    return full
 
 
 def _recorded_tokenizer(info: CheckpointInfo, log) -> Optional[Path]:
