@@ -10,11 +10,13 @@ unsharded again (reader.consolidate_states: DeepSpeed's zero_to_fp32 merge) and 
   counters equal the source's exactly (torch.equal) after each hop;
 * ZeRO-1 -> ZeRO-3 at DP=2: likewise;
 * bf16, DP=2 ZeRO-1 (DeepSpeed's BF16_Optimizer) -> DP=1: likewise (the fp32 masters are not rounded to bf16);
-* losses: the run resumed resharded from the DP=2 checkpoint continues steps 4-6 at DP=1 (ZeRO-3) with the same
-  losses as a reference run that already had that layout and the same state (the checkpoint the hop wrote,
-  resumed on DeepSpeed's plain same-layout path). Tolerance: exact. Both runs are the same engine in the same
-  layout on the same fp32 state and the same data (the data-parallel size changed, so both start a fresh pass:
-  trainer.resharded_data_position), so every reduction happens in the same order and nothing may differ; a
+* TP=1 -> TP=2, and PP=1 -> PP=2 (DeepSpeed's pipeline engine) -> PP=1: likewise;
+* losses: the run resumed resharded from the DP=2 checkpoint continues steps 4-6 at DP=1, at ZeRO-3 and at TP=2
+  with the same losses as a reference run that already had that layout and the same state (the checkpoint the
+  hop wrote, resumed on DeepSpeed's plain same-layout path). Tolerance: exact. Both runs are the same engine in
+  the same layout on the same fp32 state and the same data (where the data-parallel size changed both start a
+  fresh pass, trainer.resharded_data_position; at ZeRO-3 both continue the checkpoint's position), so every
+  reduction happens in the same order and nothing may differ; a
   difference would mean some state was not carried (a zero moment or an LR off by one step changes the loss).
 """
 
@@ -79,7 +81,8 @@ def _assert_same_state(a_root, b_root) -> None:
     """Unshard both checkpoints (weights, moments, step, schedule, counters) and compare exactly."""
     a, b = read_reshard_source(locate_checkpoint(a_root)), read_reshard_source(locate_checkpoint(b_root))
     assert b.info.step == a.info.step
-    for name, (x, y) in {"fp32": (a.weights, b.weights), **{k: (a.moments[k], b.moments[k]) for k in a.moments}}.items():
+    pairs = {"fp32": (a.weights, b.weights), **{k: (a.moments[k], b.moments[k]) for k in a.moments}}
+    for name, (x, y) in pairs.items():
         assert set(x.tensors) == set(y.tensors) and set(x.padding) == set(y.padding)
         unequal = [t for t in x.tensors if not torch.equal(x.tensors[t], y.tensors[t])]
         unequal += [f"padding {t}" for t in x.padding if not torch.equal(x.padding[t], y.padding[t])]
@@ -111,6 +114,11 @@ def zero3(source):
     return _hop(source["ckpt"], source["tmp"], "zero3", 2, ["parallel.zero_stage=3"], source["config"])
 
 
+@pytest.fixture(scope="module")
+def tp2(source):
+    return _hop(source["ckpt"], source["tmp"], "tp2", 2, ["parallel.tensor_parallel=2"], source["config"])
+
+
 def test_dp2_to_dp1_to_dp2_carries_the_optimizer_bit_exactly(source, dp1):
     dp1_root, _ = dp1
     _assert_same_state(source["ckpt"], dp1_root)
@@ -125,12 +133,13 @@ def test_zero1_to_zero3_carries_the_optimizer_bit_exactly(source, zero3):
     _assert_same_state(source["ckpt"], root)
 
 
-@pytest.mark.parametrize("layout", ["dp1", "zero3"])
-def test_resharded_resume_continues_like_a_run_in_that_layout(source, dp1, zero3, layout, tmp_path):
+@pytest.mark.parametrize("layout", ["dp1", "zero3", "tp2"])
+def test_resharded_resume_continues_like_a_run_in_that_layout(source, dp1, zero3, tp2, layout, tmp_path):
     """Steps 4-6 resumed resharded from the DP=2 ZeRO-1 checkpoint == steps 4-6 of the same layout resumed on the
     plain path from the same state (the hop's checkpoint): exactly (module docstring)."""
-    hop_root, hop_config = {"dp1": dp1, "zero3": zero3}[layout]
-    world, overrides = {"dp1": (1, []), "zero3": (2, ["parallel.zero_stage=3"])}[layout]
+    hop_root, hop_config = {"dp1": dp1, "zero3": zero3, "tp2": tp2}[layout]
+    world, overrides = {"dp1": (1, []), "zero3": (2, ["parallel.zero_stage=3"]),
+                        "tp2": (2, ["parallel.tensor_parallel=2"])}[layout]
     reference = _run(hop_config, world, overrides)  # same layout as its checkpoint: DeepSpeed's own load
     root = tmp_path / "ckpt"
     shutil.copytree(source["ckpt"], root)
@@ -150,3 +159,19 @@ def test_bf16_dp2_to_dp1_carries_the_fp32_optimizer_state(tmp_path, tokenizer_pa
     _run(config, 2)
     root, _ = _hop(tmp_path / "ckpt", tmp_path, "dp1", 1, [], config)
     _assert_same_state(tmp_path / "ckpt", root)
+
+
+def test_tp1_to_tp2_carries_the_optimizer_bit_exactly(source, tp2):
+    """DP=2 -> TP=2 (one replica: DeepSpeed runs ZeRO-0; the vocabulary is padded for TP=2): exact."""
+    root, _ = tp2
+    assert read_reshard_source(locate_checkpoint(root)).info.tensor_parallel == 2
+    _assert_same_state(source["ckpt"], root)
+
+
+def test_pp1_to_pp2_to_pp1_carries_the_optimizer_bit_exactly(source):
+    """DP=2 -> PP=2 (DeepSpeed's pipeline engine, ZeRO-1; the tied embedding on both stages) -> DP=2 again."""
+    pp2, _ = _hop(source["ckpt"], source["tmp"], "pp2", 2, ["parallel.pipeline_parallel=2"], source["config"])
+    assert read_reshard_source(locate_checkpoint(pp2)).info.pipeline_parallel == 2
+    _assert_same_state(source["ckpt"], pp2)
+    back, _ = _hop(pp2, source["tmp"], "pp1_again", 2, [], source["config"])
+    _assert_same_state(source["ckpt"], back)
