@@ -11,6 +11,9 @@ unshard tensor-parallel tensors (layout rules in ``layout.py``) and cut the voca
 
 ZeRO stage 0: the fp32 masters of DeepSpeed's FP16_Optimizer (bf16 training), else the module weights DeepSpeed
 stored (fp32 training; if neither fp32 copy exists the result says it came from bf16 module weights).
+
+``consolidate_states`` also gives Adam's moments (same names, unsharding and vocabulary padding as the weights) and
+step count (moments.py): what a resharded resume carries (elastic.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from largelm.checkpoint.consolidated import Consolidated, strip_vocab_padding
 from largelm.checkpoint.info import CheckpointInfo, model_state_files, optim_state_files
+from largelm.checkpoint.moments import ADAM_MOMENTS, flat_moments, one_step, zero0_moments
 from largelm.errors import ConversionError
 from largelm.fileio import sha256_file
 from largelm.model.layout import (
@@ -71,7 +75,7 @@ def read_mp_rank_states(info: CheckpointInfo, mp_rank: int, log=None,
         weights, origin = _module_weights(info, mp_rank, model_states[0])
         states = {"fp32": weights}
         if moments:
-            states.update(zero0_moments(info, model_states[0]))
+            states.update(zero0_moments(info, model_states[0], _dense_param_groups))
         return states, origin
     from deepspeed.checkpoint.constants import (
         BASE_OPTIMIZER_STATE,
@@ -129,7 +133,7 @@ def read_mp_rank_states(info: CheckpointInfo, mp_rank: int, log=None,
         for f, o in zip(optim_files, optim):
             # ZeRO-3 keeps the torch optimizer's state dict under its own name
             base = o.get(OPTIMIZER_STATE_DICT if stage == 3 else BASE_OPTIMIZER_STATE)
-            per_key, step = _flat_moments(f, o[key], base)
+            per_key, step = flat_moments(f, o[key], base)
             steps.add(float(step))
             for name in ADAM_MOMENTS:
                 flat[name].append(per_key[name])
@@ -148,69 +152,8 @@ def read_mp_rank_states(info: CheckpointInfo, mp_rank: int, log=None,
         for line in out.getvalue().splitlines():
             log(f"  [zero_to_fp32 mp_rank {mp_rank:02d}] {line}")
     if moments:
-        states["step"] = {"step": _one_step(steps, f"{info.path} mp_rank {mp_rank:02d}")}
+        states["step"] = {"step": one_step(steps, f"{info.path} mp_rank {mp_rank:02d}")}
     return states, "zero fp32 master"
-
-
-ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def _flat_moments(path: Path, fp32_flat: list, base) -> tuple[dict[str, list], float]:
-    """One ZeRO partition's Adam moments as flat groups shaped like its fp32 master groups ``fp32_flat``, and its
-    Adam step. The torch optimizer under ZeRO / BF16_Optimizer steps one flat tensor per (sub-)group, in group
-    order: its state entry ``i`` belongs to ``fp32_flat[i]``. ZeRO-1/2 store the fp32 groups without their
-    alignment padding but the moments with it, at the end: cut to the fp32 group's length."""
-    if not isinstance(base, dict) or not isinstance(base.get("state"), dict):
-        raise ConversionError(f"{path} holds no Adam state (base_optimizer_state): the optimizer cannot be carried")
-    entries = [base["state"][k] for k in sorted(base["state"])]
-    if len(entries) != len(fp32_flat):
-        raise ConversionError(f"{path}: {len(entries)} optimizer state entries for {len(fp32_flat)} flat groups")
-    out = {name: [] for name in ADAM_MOMENTS}
-    steps = set()
-    for i, (entry, master) in enumerate(zip(entries, fp32_flat)):
-        for name in ADAM_MOMENTS:
-            if name not in entry or entry[name].numel() < master.numel():
-                raise ConversionError(f"{path}: group {i} lacks a full {name} ({master.numel()} elements)")
-            out[name].append(entry[name].flatten()[: master.numel()].float())
-        steps.add(float(entry["step"]))
-    return out, _one_step(steps, str(path))
-
-
-def _one_step(steps: set, where: str) -> torch.Tensor:
-    if len(steps) != 1:
-        raise ConversionError(f"{where}: the optimizer's parameter groups are at different Adam steps {sorted(steps)}")
-    return torch.tensor(steps.pop(), dtype=torch.float32)
-
-
-def zero0_moments(info: CheckpointInfo, model_state: dict) -> dict:
-    """Adam's moments of an engine without ZeRO: DeepSpeed stores the torch optimizer's state dict (under
-    ``optimizer_state_dict`` for FP16_Optimizer), one entry per parameter in parameter-group order, which
-    ``_dense_param_groups`` rebuilds from largelm's grouping rule (and checks against the tensors)."""
-    shapes = _dense_param_groups(model_state, info.config.model, info.config.bert)
-    if shapes is None:
-        raise ConversionError(f"{info.path}: the optimizer's parameter order cannot be rebuilt (ZeRO-0, not a dense "
-                              "model): the optimizer cannot be carried")
-    names = [name for group in shapes for name in group]
-    optimizer = model_state.get("optimizer")
-    inner = optimizer.get("optimizer_state_dict", optimizer) if isinstance(optimizer, dict) else None
-    if not isinstance(inner, dict) or not isinstance(inner.get("state"), dict):
-        raise ConversionError(f"{info.path}: no optimizer state in the model-states file (ZeRO-0): the optimizer "
-                              "cannot be carried")
-    count = sum(len(g["params"]) for g in inner.get("param_groups", []))
-    if count != len(names):
-        raise ConversionError(f"{info.path}: the optimizer has {count} parameters, the model {len(names)}")
-    out: dict = {name: {} for name in ADAM_MOMENTS}
-    steps = set()
-    index = [p for g in inner["param_groups"] for p in g["params"]]
-    for name, key in zip(names, index):
-        entry = inner["state"].get(key)
-        if entry is None:
-            raise ConversionError(f"{info.path}: no optimizer state for {name} (saved before the first step?)")
-        for moment in ADAM_MOMENTS:
-            out[moment][name] = entry[moment].float().clone()
-        steps.add(float(entry["step"]))
-    out["step"] = {"step": _one_step(steps, str(info.path))}
-    return out
 
 
 def _module_weights(info: CheckpointInfo, mp_rank: int, model_state: dict) -> tuple[dict, str]:
@@ -321,7 +264,7 @@ def consolidate_states(info: CheckpointInfo, log=print,
                                    log)
                     continue
                 per_tp[key][tp_rank][name] = tensor
-    step = _one_step(steps, str(info.path)) if moments else None
+    step = one_step(steps, str(info.path)) if moments else None
     full = {key: _unshard_tp(info, per_tp[key], gated, log) for key in keys}
     weights, padding = strip_vocab_padding(full["fp32"], model.vocab_size)
     tokenizer = _recorded_tokenizer(info, log)
