@@ -140,7 +140,11 @@ def test_resharded_resume_continues_like_a_run_in_that_layout(source, dp1, zero3
     hop_root, hop_config = {"dp1": dp1, "zero3": zero3, "tp2": tp2}[layout]
     world, overrides = {"dp1": (1, []), "zero3": (2, ["parallel.zero_stage=3"]),
                         "tp2": (2, ["parallel.tensor_parallel=2"])}[layout]
-    reference = _run(hop_config, world, overrides)  # same layout as its checkpoint: DeepSpeed's own load
+    ref_root = tmp_path / "reference"  # a copy: the hop's checkpoint stays at step 3 for the other tests
+    shutil.copytree(hop_root, ref_root)
+    ref_config = tmp_path / "reference.yaml"
+    ref_config.write_text(hop_config.read_text().replace(str(hop_root), str(ref_root)))
+    reference = _run(ref_config, world, overrides)  # same layout as its checkpoint: DeepSpeed's own load
     root = tmp_path / "ckpt"
     shutil.copytree(source["ckpt"], root)
     config = tmp_path / "resharded.yaml"
