@@ -8,9 +8,9 @@ Logit checks compare two fp32 forwards of the same weights in different layouts 
   and a tied one at PP=2 with ZeRO-1 (DeepSpeed's pipeline engine): consolidation equals the live engines' fp32
   master weights exactly, and the consolidated model's logits (through the independent reference GPT) equal the
   live TP=2 model's;
-* TP=2 step 2 -> resharded to TP=1 -> the real trainer resumes it and its step-3 loss equals the TP=2 run's
-  step-3 loss (same weights, same data position; the optimizer state is fresh, which the forward loss of the
-  next batch does not see);
+* TP=2 step 2 -> resharded to TP=1 with the optimizer carried (masters and Adam moments unshard to the source's
+  bit for bit) -> the real trainer resumes it and its step-3 loss equals the TP=2 run's step-3 loss (same
+  weights, same data position);
 * the consolidated model -> a PP=2 checkpoint (written by DeepSpeed's pipeline engine) -> consolidated again
   gives bit-identical tensors (TP=2 x PP=2 too: 4 ranks, ~25 s on 2 cores);
 * the DP=2 bf16 checkpoint -> Hugging Face LlamaForCausalLM: transformers' logits match, AutoTokenizer works;
@@ -31,6 +31,7 @@ from tolerances import fp32_rounding_tol, logit_tol, max_err, model_chain
 from train_utils import tiny_config
 
 from largelm.checkpoint.consolidated import load_consolidated
+from largelm.checkpoint.elastic import read_reshard_source
 from largelm.convert import api, verify
 from largelm.model.layout import VOCAB_PARALLEL
 
@@ -217,17 +218,25 @@ def test_pp2_tied_consolidation_equals_live_model(runs, tmp_path):
 def test_tp2_checkpoint_resharded_to_tp1_resumes_in_the_trainer(runs, tmp_path):
     ckpt, results = runs["gpt"]
     out = tmp_path / "tp1"
-    with pytest.raises(Exception, match="--drop-optimizer"):
-        api.reshard(ckpt, out, tensor_parallel=1, tag="step_00000002", log=print)
     # verify_logits=False: the TP=2 source forward is the one test_zero3_tp2_... checks; the trainer's step-3
-    # loss below is the stronger check here (the fp32 masters are still compared exactly on reload).
-    api.reshard(ckpt, out, tensor_parallel=1, tag="step_00000002", drop_optimizer=True,
-                overrides=("train.steps=3",), verify_logits=False, log=print)
+    # loss below is the stronger check here (the fp32 masters are still compared exactly on reload). The optimizer
+    # is carried (the default): unsharded again, masters and Adam moments equal the TP=2 ZeRO-3 source's exactly.
+    api.reshard(ckpt, out, tensor_parallel=1, tag="step_00000002", overrides=("train.steps=3",),
+                verify_logits=False, log=print)
     step_dir = out / "step_00000002"
+    source, carried = read_reshard_source(ckpt / "step_00000002"), read_reshard_source(step_dir)
+    for kind, a, b in [("fp32", source.weights, carried.weights),
+                       *[(k, source.moments[k], carried.moments[k]) for k in source.moments]]:
+        assert set(a.tensors) == set(b.tensors)
+        assert all(torch.equal(a.tensors[n], b.tensors[n]) for n in a.tensors), kind
+        assert float(a.tensors["decoder.final_layernorm.weight"].abs().max()) > 0, kind
+    assert float(carried.adam_step) == float(source.adam_step) == 2.0
+    assert carried.engine_state["lr_scheduler"]["_last_lr"] == source.engine_state["lr_scheduler"]["_last_lr"]
     manifest = json.loads((step_dir / "manifest.json").read_text())
     assert manifest["world_size"] == 1 and manifest["tensor_parallel"] == 1 and manifest["zero_stage"] == 3
     record = json.loads((out / "conversion.json").read_text())
     assert record["data_state_kept"] and record["weights"]["weight_diff"] == 0.0
+    assert record["optimizer_state"] == "carried (resharded from the source)"
     from largelm.parallel.deepspeed_compat import safe_torch_load
 
     before = safe_torch_load(ckpt / "step_00000002" / "trainer_state_rank00000.pt")

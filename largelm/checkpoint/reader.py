@@ -11,6 +11,9 @@ unshard tensor-parallel tensors (layout rules in ``layout.py``) and cut the voca
 
 ZeRO stage 0: the fp32 masters of DeepSpeed's FP16_Optimizer (bf16 training), else the module weights DeepSpeed
 stored (fp32 training; if neither fp32 copy exists the result says it came from bf16 module weights).
+
+``consolidate_states`` also gives Adam's moments (same names, unsharding and vocabulary padding as the weights) and
+step count (moments.py): what a resharded resume carries (elastic.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from largelm.checkpoint.consolidated import Consolidated, strip_vocab_padding
 from largelm.checkpoint.info import CheckpointInfo, model_state_files, optim_state_files
+from largelm.checkpoint.moments import ADAM_MOMENTS, flat_moments, one_step, zero0_moments
 from largelm.errors import ConversionError
 from largelm.fileio import sha256_file
 from largelm.model.layout import (
@@ -54,12 +58,27 @@ def load_pt(path: Path) -> dict:
 def read_mp_rank(info: CheckpointInfo, mp_rank: int, log=None) -> tuple[dict[str, torch.Tensor], str]:
     """This model-parallel rank's weights under the module's own names (``GPTModel`` or pipeline names),
     TP-local shapes, and where they came from (``"zero fp32 master"`` or ``"module <dtype>"``)."""
+    states, origin = read_mp_rank_states(info, mp_rank, log=log, moments=False)
+    return states["fp32"], origin
+
+
+def read_mp_rank_states(info: CheckpointInfo, mp_rank: int, log=None,
+                        moments: bool = False) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
+    """Like ``read_mp_rank``, as ``{"fp32": weights}``; with ``moments`` also ``"exp_avg"`` and ``"exp_avg_sq"``
+    (Adam's moments, per parameter, merged from the ZeRO partitions by the same zero_to_fp32 merge as the master
+    weights: they live in flat partitions of the same layout) and ``"step"`` ({"step": tensor}: Adam's step count).
+    """
     model_files = model_state_files(info, mp_rank)
     model_states = [load_pt(f) for f in model_files]
     optim_files = optim_state_files(info, mp_rank)
     if not optim_files:
-        return _module_weights(info, mp_rank, model_states[0])
+        weights, origin = _module_weights(info, mp_rank, model_states[0])
+        states = {"fp32": weights}
+        if moments:
+            states.update(zero0_moments(info, model_states[0], _dense_param_groups))
+        return states, origin
     from deepspeed.checkpoint.constants import (
+        BASE_OPTIMIZER_STATE,
         BUFFER_NAMES,
         FP32_FLAT_GROUPS,
         FROZEN_PARAM_FRAGMENTS,
@@ -86,7 +105,8 @@ def read_mp_rank(info: CheckpointInfo, mp_rank: int, log=None) -> tuple[dict[str
     optim = []
     for f in optim_files:
         state = load_pt(f)[OPTIMIZER_STATE_DICT]
-        state.pop("base_optimizer_state", None)  # Adam moments: not needed for weights
+        if not moments:
+            state.pop(BASE_OPTIMIZER_STATE, None)  # Adam moments: not needed for weights
         optim.append(state)
     if ZERO_STAGE in optim[0]:
         stage = int(optim[0][ZERO_STAGE])
@@ -105,19 +125,35 @@ def read_mp_rank(info: CheckpointInfo, mp_rank: int, log=None) -> tuple[dict[str
         raise ConversionError(f"{info.path}: model-parallel rank {mp_rank} has {len(optim_files)} ZeRO partitions but "
                               f"they were written by {partitions} data-parallel ranks")
     key = FP32_FLAT_GROUPS if stage == 3 else SINGLE_PARTITION_OF_FP32_GROUPS
-    flat_groups = [o[key] for o in optim]
+    flat = {"fp32": [o[key] for o in optim]}
+    steps = set()
+    if moments:
+        for name in ADAM_MOMENTS:
+            flat[name] = []
+        for f, o in zip(optim_files, optim):
+            # ZeRO-3 keeps the torch optimizer's state dict under its own name
+            base = o.get(OPTIMIZER_STATE_DICT if stage == 3 else BASE_OPTIMIZER_STATE)
+            per_key, step = flat_moments(f, o[key], base)
+            steps.add(float(step))
+            for name in ADAM_MOMENTS:
+                flat[name].append(per_key[name])
     out = io.StringIO()  # zero_to_fp32 prints progress; keep the CLI's output readable
+    states = {}
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        if stage == 3:
-            merged = z._get_fp32_state_dict_from_zero3_checkpoint(partitions, flat_groups, zero_model_states, False)
-        else:
-            merged = z._get_fp32_state_dict_from_zero2_checkpoint(partitions, flat_groups, zero_model_states, False,
-                                                                  optim[0].get(PARAM_ALIGNMENT_PADDINGS))
-        weights = z.to_torch_tensor(merged)
+        for name, flat_groups in flat.items():
+            if stage == 3:
+                merged = z._get_fp32_state_dict_from_zero3_checkpoint(partitions, flat_groups, zero_model_states,
+                                                                      False)
+            else:
+                merged = z._get_fp32_state_dict_from_zero2_checkpoint(partitions, flat_groups, zero_model_states,
+                                                                      False, optim[0].get(PARAM_ALIGNMENT_PADDINGS))
+            states[name] = {k: v.clone() for k, v in z.to_torch_tensor(merged).items()}
     if log:
         for line in out.getvalue().splitlines():
             log(f"  [zero_to_fp32 mp_rank {mp_rank:02d}] {line}")
-    return {k: v.clone() for k, v in weights.items()}, "zero fp32 master"
+    if moments:
+        states["step"] = {"step": one_step(steps, f"{info.path} mp_rank {mp_rank:02d}")}
+    return states, "zero fp32 master"
 
 
 def _module_weights(info: CheckpointInfo, mp_rank: int, model_state: dict) -> tuple[dict, str]:
@@ -188,7 +224,8 @@ def _dense_param_groups(model_state: dict, model, bert=None) -> Optional[list]:
     for name in param_shapes(model, bert):
         tensor = module[name]
         (no_decay if tensor.ndim < 2 or name.endswith(".bias") else decay)[name] = tuple(tensor.shape)
-    groups = model_state.get("optimizer", {}).get("optimizer_state_dict", {}).get("param_groups", [])
+    optimizer = model_state.get("optimizer") or {}  # FP16_Optimizer nests the torch state dict; ZeRO-0 fp32 not
+    groups = optimizer.get("optimizer_state_dict", optimizer).get("param_groups", [])
     if [g.get("name") for g in groups] != ["decay", "no_decay"][: len(groups)]:
         return None
     return [decay, no_decay][: len(groups)]
@@ -201,20 +238,54 @@ def _tied_alias(key: str, names: set) -> bool:
 # --- whole checkpoint ------------------------------------------------------------------------------------------
 def consolidate_checkpoint(info: CheckpointInfo, log=print) -> Consolidated:
     """All ranks' weights -> one ``Consolidated`` (fp32, vocabulary padding recorded)."""
+    return consolidate_states(info, log, moments=False)[0]
+
+
+def consolidate_states(info: CheckpointInfo, log=print,
+                       moments: bool = True) -> tuple[Consolidated, dict[str, Consolidated], Optional[torch.Tensor]]:
+    """All ranks' fp32 master weights, and with ``moments`` Adam's ``exp_avg``/``exp_avg_sq`` (same names, shapes
+    and vocabulary-padding records as the weights) and Adam's step: ``(weights, {moment: Consolidated}, step)``."""
     cfg = info.config
     model, tp, pp = cfg.model, info.tensor_parallel, info.pipeline_parallel
     gated = is_gated(model)
-    per_tp: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
-    sources = set()
+    keys = ("fp32", *ADAM_MOMENTS) if moments else ("fp32",)
+    per_tp: dict[str, list[dict[str, torch.Tensor]]] = {k: [{} for _ in range(tp)] for k in keys}
+    sources, steps = set(), set()
     for m in range(info.model_parallel):
         stage, tp_rank = mp_rank_coordinates(m, tp)
-        native, origin = read_mp_rank(info, m, log=None)
+        native, origin = read_mp_rank_states(info, m, log=None, moments=moments)
         sources.add(origin)
-        for name, tensor in to_model_names(native, model).items():
-            if name in per_tp[tp_rank]:  # the tied embedding on the first and the last stage
-                _check_replica(name, per_tp[tp_rank][name], tensor, f"pipeline stages (TP rank {tp_rank})", log)
-                continue
-            per_tp[tp_rank][name] = tensor
+        if moments:
+            steps.add(float(native["step"]["step"]))
+        for key in keys:
+            for name, tensor in to_model_names(native[key], model).items():
+                if name in per_tp[key][tp_rank]:  # the tied embedding on the first and the last stage
+                    _check_replica(name, per_tp[key][tp_rank][name], tensor, f"pipeline stages (TP rank {tp_rank})",
+                                   log)
+                    continue
+                per_tp[key][tp_rank][name] = tensor
+    step = one_step(steps, str(info.path)) if moments else None
+    full = {key: _unshard_tp(info, per_tp[key], gated, log) for key in keys}
+    weights, padding = strip_vocab_padding(full["fp32"], model.vocab_size)
+    tokenizer = _recorded_tokenizer(info, log)
+    source = {"kind": "largelm-checkpoint", "path": str(info.path), "step": info.step,
+              "tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": info.data_parallel,
+              "zero_stage": cfg.parallel.zero_stage, "engine_zero_stage": info.zero_stage,
+              "precision": cfg.train.precision, "weights": sorted(sources)}
+    if any(s.startswith("module bfloat16") for s in sources):
+        log(f"warning: {info.path} has no ZeRO fp32 master weights (ZeRO-0); using the bf16 module weights")
+    consolidated = Consolidated(weights, model, cfg, padding, info.step, source, tokenizer, bert=cfg.bert)
+    moment_states = {}
+    for key in keys[1:]:
+        tensors, pad = strip_vocab_padding(full[key], model.vocab_size)
+        moment_states[key] = Consolidated(tensors, model, cfg, pad, info.step, source, None, bert=cfg.bert)
+    return consolidated, moment_states, step
+
+
+def _unshard_tp(info: CheckpointInfo, per_tp: list[dict[str, torch.Tensor]], gated: bool, log) -> dict:
+    """The TP ranks' tensors of one kind (weights or a moment) -> full tensors at the padded vocabulary."""
+    cfg, tp = info.config, info.tensor_parallel
+    model = cfg.model
     names = list(per_tp[0])
     for r in range(1, tp):
         if set(per_tp[r]) != set(names):
@@ -240,16 +311,7 @@ def consolidate_checkpoint(info: CheckpointInfo, log=print) -> Consolidated:
     missing = [n for n in expected if n not in full]
     if missing:
         raise ConversionError(f"{info.path}: the checkpoint lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-    tensors, padding = strip_vocab_padding(full, model.vocab_size)
-    tokenizer = _recorded_tokenizer(info, log)
-    source = {"kind": "largelm-checkpoint", "path": str(info.path), "step": info.step,
-              "tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": info.data_parallel,
-              "zero_stage": cfg.parallel.zero_stage, "engine_zero_stage": info.zero_stage,
-              "precision": cfg.train.precision, "weights": sorted(sources)}
-    if any(s.startswith("module bfloat16") for s in sources):
-        log(f"warning: {info.path} has no ZeRO fp32 master weights (ZeRO-0); using the bf16 module weights")
-    return Consolidated(tensors, model, cfg, padding, info.step, source, tokenizer,
-                        bert=cfg.bert)
+    return full
 
 
 def _recorded_tokenizer(info: CheckpointInfo, log) -> Optional[Path]:

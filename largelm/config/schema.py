@@ -197,6 +197,10 @@ class CheckpointConfig(_Section):
     save_interval: int = Field(default=100, ge=0, description="0 saves only at the end")
     keep_last: int = Field(default=3, ge=1)
     resume: bool = True
+    # Resume a checkpoint written in another parallel layout (world size, TP/PP/DP size, ZeRO stage) by resharding
+    # its full state, optimizer included (largelm/checkpoint/elastic.py). Off: such a resume is refused, naming
+    # the change (a resume in the same layout is the exact, bitwise path either way).
+    reshard_on_resume: bool = False
 
 
 class LoggingConfig(_Section):

@@ -94,11 +94,7 @@ def reshard(source, out_root, *, tensor_parallel: int, pipeline_parallel: int = 
     base = _base_config(base_config)
     src = open_source(source, tag, checksums=checksums, base_config=base, log=log)
     log(f"source: {src.describe()}")
-    if src.has_optimizer_state and not drop_optimizer:
-        raise ConversionError(
-            "the source's optimizer state (Adam moments, per-layout ZeRO partitions) cannot be carried into another "
-            "layout; pass --drop-optimizer to write a fresh optimizer state (weights, step, LR schedule and - with an "
-            "unchanged data-parallel size - the data position are kept)")
+    carry = src.has_optimizer_state and not drop_optimizer  # the Adam state, resharded (checkpoint/elastic.py)
     c = src.consolidated()
     out_root = Path(out_root).resolve()
     cfg = target_config(c, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel, out_root=out_root,
@@ -118,11 +114,13 @@ def reshard(source, out_root, *, tensor_parallel: int, pipeline_parallel: int = 
                                                                              if k in ("step", "tensor_parallel",
                                                                                       "pipeline_parallel",
                                                                                       "zero_stage")}},
-            "optimizer_state": "fresh (dropped by conversion)" if src.has_optimizer_state else "fresh"}
+            "optimizer_state": ("carried (resharded from the source)" if carry else
+                                "fresh (dropped by conversion)" if src.has_optimizer_state else "fresh")}
     extra = source_extra_state(src.info) if src.kind == "checkpoint" else {}
     path, logits, diffs = write_training_checkpoint(
         c, cfg, out_root, world_size=world, data_states=states, extra_state=extra, tokens=tokens, meta=meta,
-        hub_dir=src.path if src.kind == "consolidated" else None, timeout_s=timeout_s, log=log)
+        hub_dir=src.path if src.kind == "consolidated" else None, timeout_s=timeout_s,
+        optimizer_from=src.info.path if carry else None, log=log)
     log(f"wrote {path} (resume: largelm-launch --config {path}/config.yaml --nproc {world})")
     log(f"reloaded through CheckpointManager.load: max |fp32 master - converted weight| {diffs['weight_diff']:.3e}, "
         f"max |module weight - fp32 master| {diffs['module_diff']:.3e} ({cfg.train.precision} module)")

@@ -1,7 +1,7 @@
 """largelm-convert: consolidate, reshard, export to and import from Hugging Face - each conversion verified.
 
     largelm-convert consolidate runs/x/checkpoints out/x-consolidated            # ZeRO 0-3, any TP/PP -> one file
-    largelm-convert reshard runs/x/checkpoints out/x-tp4 --tp 4 --drop-optimizer # -> training checkpoint, TP=4
+    largelm-convert reshard runs/x/checkpoints out/x-tp4 --tp 4                  # -> training checkpoint, TP=4
     largelm-convert export-hf runs/x/checkpoints out/x-hf                        # -> GPT2/Llama/Bert HF classes
     largelm-convert import-hf path/to/hf-model out/m --config configs/my.yaml    # -> consolidated (+ training config)
     largelm-convert reshard out/m out/m-tp2pp2 --tp 2 --pp 2                     # consolidated/HF -> any layout
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
                    help="ZeRO stage of the new checkpoint (default: the source config's)")
     p.add_argument("--drop-optimizer", action="store_true",
-                   help="required when the source has optimizer state: the new checkpoint starts a fresh optimizer")
+                   help="start a fresh optimizer (Adam moments zero) instead of carrying the source checkpoint's "
+                        "(default: fp32 masters, Adam moments and step, LR schedule carried exactly)")
     p.add_argument("--config", type=Path, default=None,
                    help="training config to use (needed for consolidated/HF sources without one); its model shape "
                         "is replaced by the weights'")

@@ -9,9 +9,12 @@ at the source's step, and saves with ``CheckpointManager.save``. So every file i
 that layout and ZeRO stage, with the manifest, ``latest`` pointer, config.yaml and per-rank trainer states the
 trainer expects.
 
-Optimizer state: the Adam moments are not carried across layouts (``--drop-optimizer`` must be given when the
-source has them); the new checkpoint holds a fresh optimizer state (moments zero, Adam step 0) at the
-source's training step, so the LR schedule continues where it was.
+Optimizer state: from a training checkpoint it is carried (``optimizer_from``): every rank reads the source's
+full state and writes its shard of the fp32 masters, Adam moments and step, the LR schedule and DeepSpeed's
+counters into its engine - the same code as a resume with ``checkpoint.reshard_on_resume``
+(largelm/checkpoint/elastic.py). With ``--drop-optimizer`` (and from consolidated/Hugging Face sources, which
+have none) the new checkpoint holds a fresh optimizer state (moments zero, Adam step 0) at the source's
+training step, so the LR schedule continues where it was.
 
 Trainer state per rank: the step; the data position - the loader states are copied when the data-parallel size is
 unchanged (rank ``r`` gets the state of the source's data-parallel rank ``dp(r)``), otherwise (or from a
@@ -37,6 +40,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from largelm.checkpoint import elastic
 from largelm.checkpoint.consolidated import Consolidated, load_consolidated, save_consolidated
 from largelm.checkpoint.manager import Checkpoint, CheckpointManager
 from largelm.checkpoint.reader import load_pt
@@ -120,9 +124,15 @@ def source_data_states(info, cfg: Config, world_size: int, log=print) -> Optiona
     if info is None:
         return None
     if info.data_parallel != dp_target:
-        log(f"note: data-parallel size changes ({info.data_parallel} -> {dp_target}): the data position cannot be "
-            "carried over; the converted run starts a fresh pass over its data")
-        return None
+        first = info.path / "trainer_state_rank00000.pt"
+        merged = load_pt(first)["data"].get("global") if first.is_file() else None
+        if merged is None:
+            log(f"note: data-parallel size changes ({info.data_parallel} -> {dp_target}) and {info.path} has no "
+                "layout-independent data position (an older largelm): the converted run starts a fresh pass")
+            return None
+        log(f"data position: the layout-independent position of {info.data_parallel} data-parallel ranks, shared "
+            f"among {dp_target} (none repeated, none skipped)")
+        return [merged] * world_size
     states = []
     tp = cfg.parallel.tensor_parallel
     for rank in range(world_size):
@@ -168,7 +178,7 @@ def _fp32_masters(engine) -> dict[str, torch.Tensor]:
 
 
 def _write_rank(rank: int, world_size: int, hub_dir: str, cfg_dict: dict, step: int, data_states, extra_state: dict,
-                meta: dict, tokens: np.ndarray) -> dict:
+                meta: dict, tokens: np.ndarray, optimizer_from: Optional[str] = None) -> dict:
     from deepspeed.utils import safe_set_full_fp32_param
     from megatron.core import parallel_state
 
@@ -190,7 +200,14 @@ def _write_rank(rank: int, world_size: int, hub_dir: str, cfg_dict: dict, step: 
                     for name, p in engine.module.named_parameters()}
         for name, param in engine.module.named_parameters():
             safe_set_full_fp32_param(param, expected[name])
-        if step > 0:  # the LR of step `step` and DeepSpeed's own counters, as after `step` optimizer steps
+        if optimizer_from is not None:  # the source's masters, Adam state, schedule and counters, resharded
+            try:
+                source = elastic.read_reshard_source(Path(optimizer_from))
+            except ConversionError as err:
+                raise ConversionError(f"{err} (pass --drop-optimizer to write a fresh optimizer state)") from None
+            elastic.load_into_engine(engine, cfg, source, tp_rank)
+            del source
+        elif step > 0:  # the LR of step `step` and DeepSpeed's own counters, as after `step` optimizer steps
             engine.lr_scheduler.last_epoch = step - 1
             engine.lr_scheduler.step()
             engine.global_steps = step
@@ -230,7 +247,7 @@ def write_training_checkpoint(c: Consolidated, cfg: Config, out_root: Path, *, w
                               data_states: Optional[list] = None, extra_state: Optional[dict] = None,
                               tokens: torch.Tensor, meta: Optional[dict] = None,
                               hub_dir: Optional[Path] = None, timeout_s: Optional[float] = None,
-                              log=print) -> tuple[Path, torch.Tensor, dict]:
+                              optimizer_from: Optional[Path] = None, log=print) -> tuple[Path, torch.Tensor, dict]:
     """Spawn the target layout's ranks and write the checkpoint; returns (step directory, target-layout logits,
     {"weight_diff", "module_diff"} maxima over ranks)."""
     out_root = Path(out_root)
@@ -250,7 +267,8 @@ def write_training_checkpoint(c: Consolidated, cfg: Config, out_root: Path, *, w
             f"DP={world_size // cfg.parallel.model_parallel} ZeRO-{cfg.parallel.zero_stage} "
             f"{cfg.train.precision} checkpoint at step {step} with {world_size} ranks")
         results = run_ranks(_write_rank, world_size, str(hub_dir), cfg.model_dump(mode="json"), step, data_states,
-                            extra_state or {}, meta or {}, tokens.numpy(), timeout_s=timeout_s)
+                            extra_state or {}, meta or {}, tokens.numpy(),
+                            None if optimizer_from is None else str(optimizer_from), timeout_s=timeout_s)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

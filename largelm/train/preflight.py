@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from largelm.checkpoint.elastic import RESHARD_SETTING, layout_change
 from largelm.checkpoint.manager import CheckpointError, find_latest
 from largelm.checkpoint.manager import read_manifest as read_checkpoint_manifest
 from largelm.config import Config, ConfigError, ModelConfig, checkpoint_config_from_dict
@@ -136,7 +137,8 @@ _LOOK_UP = object()  # _check_checkpoint's ``found`` when the caller has not loo
 
 
 def _check_checkpoint(cfg: Config, world_size: int, found=_LOOK_UP) -> None:
-    """A checkpoint of another model shape or parallel layout is refused before any step runs. ``found``: what
+    """A checkpoint of another model shape is refused before any step runs; one of another parallel layout unless
+    ``checkpoint.reshard_on_resume`` (the trainer then reshards it, largelm/checkpoint/elastic.py). ``found``: what
     ``_saved_checkpoint(cfg)`` returned (None: nothing to resume), looked up here when not given."""
     if found is _LOOK_UP:
         found = _saved_checkpoint(cfg)
@@ -154,30 +156,44 @@ def _check_checkpoint(cfg: Config, world_size: int, found=_LOOK_UP) -> None:
     for key, default in (("binary_head", True), ("residual_post_layernorm", False)):
         if bert and saved_bert.get(key, default) != bert.get(key):
             mismatches.append(f"bert.{key}: checkpoint {saved_bert.get(key, default)!r} vs config {bert.get(key)!r}")
-    for key in ("tensor_parallel", "pipeline_parallel"):
-        if saved["parallel"].get(key) != getattr(cfg.parallel, key):
-            mismatches.append(f"parallel.{key}: checkpoint {saved['parallel'].get(key)} vs config "
-                              f"{getattr(cfg.parallel, key)} (reshard with tools/convert_checkpoint.py)")
-    if saved["parallel"].get("zero_stage") != cfg.parallel.zero_stage:
-        mismatches.append(f"parallel.zero_stage: checkpoint {saved['parallel'].get('zero_stage')} vs config "
-                          f"{cfg.parallel.zero_stage} (optimizer state is partitioned per stage)")
+    if mismatches:  # the model itself differs: no layout change can resume it
+        raise ConfigError(f"checkpoint {saved_cfg.parent} does not match this config (the model shape differs; "
+                          "a resume may change the parallel layout, not the model):\n  " + "\n  ".join(mismatches))
     saved_world = read_checkpoint_manifest(latest.path).get("world_size")  # find_latest has read it: valid JSON
-    if saved_world is not None and saved_world != world_size:
-        mismatches.append(f"world size: checkpoint written by {saved_world} ranks, this run has {world_size} "
-                          f"(reshard it: largelm-convert reshard SRC OUT --tp T --pp P --dp D --drop-optimizer)")
-    elif not mismatches and saved_world is not None:  # same layout: did the engine run the same ZeRO stage?
-        written = checkpoint_config_from_dict(saved, source=str(saved_cfg))
-        was, now = engine_zero_stage(written, saved_world), engine_zero_stage(cfg, world_size)
-        if was != now and written.train.precision != cfg.train.precision:
-            # one replica: bf16 runs ZeRO-1's BF16_Optimizer, fp32 ZeRO-0 (engine_zero_stage); their states differ
-            mismatches.append(f"train.precision: the checkpoint was trained in {written.train.precision} (DeepSpeed "
-                              f"ran ZeRO-{was}), this run is {cfg.train.precision} (ZeRO-{now}), whose optimizer "
-                              f"state differs: resume with train.precision={written.train.precision}")
-        elif was != now:
-            mismatches.append(f"parallel.single_replica_zero: the checkpoint's engine ran ZeRO-{was}, this config's "
-                              f"runs ZeRO-{now} (set it to {written.parallel.single_replica_zero!r})")
-    if mismatches:
-        raise ConfigError(f"checkpoint {saved_cfg.parent} does not match this config:\n  " + "\n  ".join(mismatches))
+    if saved_world is None:
+        raise ConfigError(f"checkpoint {saved_cfg.parent}: its manifest records no world_size, so its layout cannot "
+                          "be checked against this run")
+    written = checkpoint_config_from_dict(saved, source=str(saved_cfg))
+    change = layout_change(written, saved_world, cfg, world_size)
+    if change is None:
+        return
+    if saved["model"].get("seq_length") != cfg.model.seq_length:
+        raise ConfigError(f"checkpoint {saved_cfg.parent}: model.seq_length: checkpoint "
+                          f"{saved['model'].get('seq_length')!r} vs config {cfg.model.seq_length!r}; a resume in "
+                          f"another parallel layout keeps the model and its sequence length:\n  {change}")
+    if not cfg.checkpoint.reshard_on_resume:
+        raise ConfigError(f"checkpoint {saved_cfg.parent} was written in another parallel layout:\n  {change}\n"
+                          f"resume it resharded with {RESHARD_SETTING} (a CLI override; or set "
+                          "checkpoint.reshard_on_resume: true in the config), or run in the checkpoint's layout"
+                          + _same_layout_hint(written, saved_world, cfg, world_size))
+
+
+def _same_layout_hint(written: Config, saved_world: int, cfg: Config, world_size: int) -> str:
+    """When only the ZeRO stage DeepSpeed runs differs (same sizes and configured stage), the setting that makes
+    this run the checkpoint's layout again, so it resumes on the exact path."""
+    p, q = written.parallel, cfg.parallel
+    same_sizes = (saved_world == world_size and p.zero_stage == q.zero_stage
+                  and (p.tensor_parallel, p.pipeline_parallel) == (q.tensor_parallel, q.pipeline_parallel))
+    was, now = engine_zero_stage(written, saved_world), engine_zero_stage(cfg, world_size)
+    if not same_sizes or was == now:
+        return ""
+    if written.train.precision != cfg.train.precision:
+        # one replica: bf16 runs ZeRO-1's BF16_Optimizer, fp32 ZeRO-0 (engine_zero_stage)
+        return (f"\n  train.precision: the checkpoint was trained in {written.train.precision} (DeepSpeed ran ZeRO-"
+                f"{was}), this run is {cfg.train.precision} (ZeRO-{now}): or resume with "
+                f"train.precision={written.train.precision}")
+    return (f"\n  parallel.single_replica_zero: the checkpoint's engine ran ZeRO-{was}, this config's runs "
+            f"ZeRO-{now}: or set it to {p.single_replica_zero!r}")
 
 
 def _read_saved_config(path: Path) -> dict:

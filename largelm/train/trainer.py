@@ -19,15 +19,28 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from largelm import faults
-from largelm.checkpoint.manager import LATEST, CheckpointManager, find_latest, set_aside_newer
+from largelm.checkpoint import elastic
+from largelm.checkpoint.full_weights import checkpoint_config
+from largelm.checkpoint.manager import (
+    LATEST,
+    Checkpoint,
+    CheckpointError,
+    CheckpointManager,
+    find_latest,
+    read_manifest,
+    set_aside_newer,
+)
+from largelm.checkpoint.reader import load_pt
 from largelm.config import Config, ConfigError, dump_config
-from largelm.data import DataError, build_loader, merge_loader_states
+from largelm.data import DataError, build_loader
+from largelm.errors import ConversionError
 from largelm.fileio import sha256_file
 from largelm.hardware import choose_precision, detect_device, model_dtype, run_precision
 from largelm.model.flops import matmul_shapes
 from largelm.model.registry import get_arch
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat, model_parallel_manual_seed
+from largelm.train import data_position
 from largelm.train.guards import StepGuard
 from largelm.train.logger import RunLogger
 from largelm.train.metrics import Throughput, matmul_flops, memory_stats, products_seconds
@@ -77,7 +90,12 @@ class Trainer:
         # ``auto`` is left only without preflight (a test, a tool): resolve it by the fresh-run rule
         cfg.train.precision = run_precision(cfg)
         check_ranks_agree_on_precision(cfg.train.precision)
-        self.stepper = build_step(cfg, self.world_size)
+        resume = self._find_resume()
+        # A checkpoint of another layout is resharded: the engine is built from its full weights (as a fresh run
+        # would be), then given its optimizer state (largelm/checkpoint/elastic.py).
+        self.reshard = self._reshard_source(resume)
+        init = elastic.init_weights(self.reshard, cfg) if self.reshard else None
+        self.stepper = build_step(cfg, self.world_size, init_state_dict=init)
         self.engine = self.stepper.engine
         self.guard = StepGuard(cfg.train.max_bad_steps, cfg.train.loss_spike_factor)
         self.faults = faults.ModelFaults(self.engine.module)  # test hook: inert unless LARGELM_FAULTS is set
@@ -91,7 +109,8 @@ class Trainer:
         )
         self.step = 0
         self.loader = self._train_loader()
-        self._restore()
+        self._restore(resume)
+        self.reshard = None  # the full state read for resharding is not kept for the run
 
         peak_flops = self._peak_flops_and_precision_note()
         arch = get_arch(cfg.model.arch)
@@ -131,56 +150,76 @@ class Trainer:
         return build_run_loader(self.cfg, self.dp_rank, self.dp_size, train=False)
 
     # --- checkpoints --------------------------------------------------------------------------------
-    def _restore(self) -> None:
+    def _find_resume(self) -> Optional[Checkpoint]:
+        """The checkpoint this run resumes (rank 0 verifies it; every rank loads that one), or None."""
         if not self.cfg.checkpoint.resume:
-            return
+            return None
         latest = find_latest(Path(self.cfg.checkpoint.dir)) if self.rank == 0 else None
         if latest is not None:  # a later timeline is set aside before this run's first save could rotate into it
             set_aside_newer(Path(self.cfg.checkpoint.dir), latest)
         obj = [latest]
         dist.broadcast_object_list(obj, src=0)  # every rank loads the checkpoint rank 0 verified
-        latest = obj[0]
+        return obj[0]
+
+    def _reshard_source(self, latest: Optional[Checkpoint]) -> Optional[elastic.ReshardSource]:
+        """The checkpoint's full state when it was written in another parallel layout (None: same layout, the
+        exact DeepSpeed load). Without ``checkpoint.reshard_on_resume`` such a resume is refused (preflight
+        refuses it first, naming the change)."""
+        if latest is None:
+            return None
+        written = checkpoint_config(latest.path)
+        saved_world = read_manifest(latest.path).get("world_size", self.world_size)
+        change = elastic.layout_change(written, saved_world, self.cfg, self.world_size)
+        if change is None:
+            return None
+        if not self.cfg.checkpoint.reshard_on_resume:
+            raise ConfigError(f"checkpoint {latest.path} was written in another parallel layout:\n  {change}\n"
+                              f"resume it resharded with {elastic.RESHARD_SETTING}")
+        if self.rank == 0:
+            print(f"resuming {latest.path} in another layout:\n  {change}", flush=True)
+        try:
+            return elastic.read_reshard_source(latest.path)
+        except ConversionError as err:
+            raise CheckpointError(f"cannot reshard checkpoint {latest.path}: {err}") from None
+
+    def _restore(self, latest: Optional[Checkpoint]) -> None:
         if latest is None:
             return
-        state = self.ckpt.load(self.engine, latest)
+        if self.reshard is not None:
+            state = self._load_resharded(self.reshard)
+        else:
+            state = self.ckpt.load(self.engine, latest)
+            self.loader.load_state_dict(data_position.loader_state(self.loader, state["data"], self.rank,
+                                                                   self.dp_size))
+            restore_rng_state(state["rng"])
         self.step = state["step"]
-        self.loader.load_state_dict(self._loader_state(state["data"]))
-        restore_rng_state(state["rng"])
         self.guard.load_state_dict(state.get("guard", {}))
         if self.rank == 0:
             print(f"resumed from {latest.path} at step {self.step}", flush=True)
 
-    def _loader_state(self, data: dict) -> dict:
-        """What this rank's loader resumes from: its own state when the checkpoint's data layout (data-parallel size,
-        loader workers) is this run's - the exact path; otherwise the layout-independent position that rank 0's
-        state carries (``_data_state``), from which every rank takes its share of what remains. Collective."""
-        elastic = [None]
-        if self.rank == 0 and not self.loader.same_layout(data):
-            elastic = [data.get("global") or {"missing": (data.get("world_size"), data.get("num_workers"))}]
-        dist.broadcast_object_list(elastic, src=0)  # rank 0 decides, so no rank takes another path
-        if elastic[0] is None:
-            return data
-        if "missing" in elastic[0]:
-            world, workers = elastic[0]["missing"]
-            raise DataError(f"the checkpoint's loader state was written by {world} data-parallel ranks x {workers} "
-                            f"workers without a layout-independent data position (an older largelm, or a converted "
-                            f"checkpoint): it resumes only with that layout, this run has {self.dp_size} x "
-                            f"{self.loader.num_workers}")
-        return elastic[0]
-
-    def _data_state(self) -> dict:
-        """This rank's loader state; the first data-parallel replica's also carries the layout-independent position
-        merged from every data-parallel rank's (``merge_loader_states``), what a resume on another data-parallel
-        size or worker count starts from. Collective over the data-parallel group."""
-        data = self.loader.state_dict()
-        every = [None] * self.dp_size
-        dist.all_gather_object(every, data, group=parallel_state.get_data_parallel_group())
-        if self.dp_rank == 0:
-            data["global"] = merge_loader_states(every)
-        return data
+    def _load_resharded(self, source: elastic.ReshardSource) -> dict:
+        """Give the engine the checkpoint's state in this layout; returns the trainer state for this rank. RNG
+        states are kept only where this rank has a counterpart at the same coordinates (same TP/PP/DP sizes: only
+        the ZeRO stage changed); otherwise the fresh seeding of __init__ stands (said so)."""
+        info = source.info
+        elastic.load_into_engine(self.engine, self.cfg, source, parallel_state.get_tensor_model_parallel_rank())
+        first = load_pt(elastic.trainer_state_file(info, 0))
+        same_ranks = (info.world_size == self.world_size and info.tensor_parallel == self.cfg.parallel.tensor_parallel
+                      and info.pipeline_parallel == self.cfg.parallel.pipeline_parallel)
+        if same_ranks:
+            restore_rng_state(load_pt(elastic.trainer_state_file(info, self.rank))["rng"])
+        old_states = [load_pt(elastic.trainer_state_file(info, elastic.old_rank(info, d)))["data"]
+                      for d in range(info.data_parallel)]
+        position, note = data_position.resharded(old_states, self.loader, self.dp_rank, self.dp_size)
+        self.loader.load_state_dict(position)
+        if self.rank == 0:
+            rng = "RNG states carried" if same_ranks else "RNG states freshly seeded (the rank coordinates changed)"
+            print(f"resharded resume: {rng}; data position: {note}", flush=True)
+        return {"step": info.step, "guard": first.get("guard", {})}
 
     def save(self) -> Path:
-        state = {"step": self.step, "data": self._data_state(), "rng": capture_rng_state(),
+        state = {"step": self.step, "rng": capture_rng_state(),
+                 "data": data_position.with_global_position(self.loader, self.dp_rank, self.dp_size),
                  "guard": self.guard.state_dict()}
         with self.watchdog.busy(f"saving the checkpoint of step {self.step}"):
             path = self.ckpt.save(self.engine, self.step, state)

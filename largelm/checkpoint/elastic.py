@@ -1,0 +1,151 @@
+"""Elastic resume: continue a training checkpoint in another parallel layout (data-parallel size, ZeRO stage,
+tensor/pipeline parallel size) with the fp32 master weights, Adam's moments and step count and the LR schedule
+carried over exactly.
+
+How (docs/checkpoint_conversion.md "Resharding with optimizer state" says why this and not DeepSpeed's universal
+checkpoints): every rank reads the checkpoint's full, layout-independent state - the same zero_to_fp32 merge and
+TP unsharding the converter uses for the weights (reader.consolidate_states), applied to ``exp_avg`` and
+``exp_avg_sq`` too, which ZeRO keeps in flat partitions of the same layout as the master weights - then builds its
+engine for the new layout from those weights (``build_step(init_state_dict=...)``, as a fresh run would) and
+writes its shard of masters and moments into whatever optimizer DeepSpeed built, through DeepSpeed's
+``safe_set_full_*`` API (largelm.parallel.deepspeed_compat.optimizer_state). The LR scheduler state and the
+engine's step/sample counters come from the checkpoint's model-states file. Nothing is rounded on the way: fp32
+tensors are cut and copied, so unsharding the new engine gives the checkpoint's tensors bit for bit.
+
+The same model shape is required (``ModelConfig.SHAPE_FIELDS``: preflight refuses anything else).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from largelm.checkpoint.consolidated import Consolidated
+from largelm.checkpoint.info import CheckpointInfo, inspect_checkpoint, model_state_files
+from largelm.checkpoint.reader import consolidate_states, load_pt
+from largelm.config import Config
+from largelm.errors import ConversionError
+from largelm.hardware import is_bf16
+from largelm.model.registry import get_arch
+from largelm.parallel.deepspeed_compat.optimizer_state import (
+    ADAM_KEYS,
+    create_adam_state,
+    set_adam_step,
+    set_full_state,
+)
+from largelm.parallel.deepspeed_config import engine_zero_stage
+from largelm.parallel.sharding import shard_tensor
+
+RESHARD_SETTING = "checkpoint.reshard_on_resume=true"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a run is laid out over its ranks (what a checkpoint's files depend on), not what it computes."""
+
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+    zero_stage: int  # configured
+    engine_zero_stage: int  # what DeepSpeed ran (engine_zero_stage: single-replica runs may run a cheaper one)
+    # not part of the layout: the same engine resumes either precision's state (fp32 masters and moments); shown
+    precision: str = field(compare=False)
+
+    @classmethod
+    def of(cls, cfg: Config, world_size: int) -> "Layout":
+        p = cfg.parallel
+        return cls(p.tensor_parallel, p.pipeline_parallel, cfg.data_parallel_size(world_size), p.zero_stage,
+                   engine_zero_stage(cfg, world_size), "bf16" if is_bf16(cfg) else "fp32")
+
+    def describe(self) -> str:
+        engine = "" if self.engine_zero_stage == self.zero_stage else f" (engine runs ZeRO-{self.engine_zero_stage})"
+        return (f"TP={self.tensor_parallel} PP={self.pipeline_parallel} DP={self.data_parallel} "
+                f"ZeRO-{self.zero_stage}{engine} {self.precision}")
+
+
+def layout_change(saved: Config, saved_world: int, cfg: Config, world_size: int) -> Optional[str]:
+    """None when ``cfg`` on ``world_size`` ranks lays the run out as the checkpoint was, else what changes
+    (the text the trainer prints when it reshards and preflight's refusal when it may not)."""
+    old, new = Layout.of(saved, saved_world), Layout.of(cfg, world_size)
+    if old == new:
+        return None
+    lines = [f"parallel layout changes: {old.describe()} -> {new.describe()} ({saved_world} -> {world_size} ranks)",
+             "optimizer carried: fp32 master weights, Adam exp_avg/exp_avg_sq and step count, LR schedule at the "
+             "same step (resharded from the checkpoint's full state)"]
+    was, now = saved.tokens_per_step(saved_world), cfg.tokens_per_step(world_size)
+    if was != now:
+        lines.append(f"tokens per optimizer step: {was} -> {now} (micro_batch x grad_accum x DP x seq_length)")
+    return "\n  ".join(lines)
+
+
+@dataclass
+class ReshardSource:
+    """A checkpoint's whole training state, independent of the layout that wrote it."""
+
+    info: CheckpointInfo
+    weights: Consolidated  # fp32 masters
+    moments: dict[str, Consolidated]  # exp_avg, exp_avg_sq
+    adam_step: torch.Tensor
+    engine_state: dict  # lr_scheduler, global_steps, global_samples, skipped_steps
+
+
+def read_reshard_source(step_dir: Path) -> ReshardSource:
+    """Read and merge every rank's state of the checkpoint in ``step_dir`` (ConversionError when it is not whole,
+    e.g. a ZeRO-0 engine of a pipeline model, whose optimizer order cannot be rebuilt)."""
+    info = inspect_checkpoint(step_dir, checksums=False)  # the trainer verified the sha256 already
+    weights, moments, step = consolidate_states(info, log=lambda _: None, moments=True)
+    model_states = load_pt(model_state_files(info, 0)[0])
+    engine_state = {k: model_states.get(k) for k in ("lr_scheduler", "global_steps", "global_samples",
+                                                     "skipped_steps")}
+    if engine_state["lr_scheduler"] is None or engine_state["global_steps"] is None:
+        raise ConversionError(f"{step_dir}: the model-states file holds no LR scheduler state or step counter")
+    return ReshardSource(info, weights, moments, step, engine_state)
+
+
+def init_weights(source: ReshardSource, cfg: Config) -> dict[str, torch.Tensor]:
+    """The full fp32 weights at this layout's padded vocabulary: what the new engine is built from."""
+    return source.weights.padded_tensors(cfg.model.padded_vocab_size(cfg.parallel.tensor_parallel))
+
+
+def local_shard(name: str, param: torch.nn.Parameter, full: dict, cfg: Config, tp_rank: int) -> torch.Tensor:
+    """This rank's part of the full tensor behind module parameter ``name`` (cut as megatron's partition
+    attributes on ``param`` say), fp32."""
+    value = full[get_arch(cfg.model.arch).dense_name(name, cfg.model)]
+    tp = cfg.parallel.tensor_parallel
+    if getattr(param, "tensor_model_parallel", False) and tp > 1:
+        value = shard_tensor(value, tp_rank, tp, param.partition_dim, getattr(param, "partition_stride", 1))
+    return value.float()
+
+
+def load_into_engine(engine, cfg: Config, source: ReshardSource, tp_rank: int) -> None:
+    """Collective-free: give this rank's engine (built from ``init_weights``) the checkpoint's masters, moments,
+    Adam step, LR schedule and counters."""
+    padded = cfg.model.padded_vocab_size(cfg.parallel.tensor_parallel)
+    weights = init_weights(source, cfg)
+    moments = {key: source.moments[key].padded_tensors(padded) for key in ADAM_KEYS}
+    create_adam_state(engine)
+    for name, param in engine.module.named_parameters():
+        set_full_state(engine, param, local_shard(name, param, weights, cfg, tp_rank),
+                       {key: local_shard(name, param, moments[key], cfg, tp_rank) for key in ADAM_KEYS})
+    set_adam_step(engine, float(source.adam_step))
+    state = source.engine_state
+    engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    # the optimizer's groups get their LR at the scheduler's next step: the resumed step needs the saved one now
+    for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    engine.global_steps = int(state["global_steps"])
+    engine.global_samples = int(state["global_samples"] or 0)
+    engine.skipped_steps = int(state["skipped_steps"] or 0)
+
+
+def trainer_state_file(info: CheckpointInfo, rank: int) -> Path:
+    return info.path / f"trainer_state_rank{rank:05d}.pt"
+
+
+def old_rank(info: CheckpointInfo, dp_rank: int) -> int:
+    """The checkpoint's global rank holding TP rank 0 of the first pipeline stage in data-parallel rank
+    ``dp_rank`` (megatron's order: TP fastest, then DP, then PP)."""
+    return info.tensor_parallel * dp_rank
