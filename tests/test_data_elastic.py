@@ -274,8 +274,8 @@ def test_trainer_checkpoint_resumes_on_another_data_parallel_size(tmp_path, toke
                                                                   shard_seq_length):
     """DP=2 saves every rank's loader state and, with rank 0's, the merged layout-independent position; a DP=1
     run of the real Trainer resumes from it (ZeRO-0 fp32: the engine state does not depend on the DP size) and
-    reads only samples of the epoch that the DP=2 run had not consumed. Preflight's refusal of another world size
-    is bypassed here on purpose (the Trainer is built directly): this tests the loader wiring alone."""
+    reads only samples of the epoch that the DP=2 run had not consumed (the Trainer built directly, so without the
+    launcher's preflight; ``checkpoint.reshard_on_resume`` lets it take the resharded path)."""
     config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length, model={"vocab_size": 1000},
                          data={"num_workers": 0, "valid": []},  # daemonic ranks: no DataLoader workers
                          parallel={"zero_stage": 0}, train={"steps": 2, "grad_accum_steps": 1},
@@ -290,6 +290,7 @@ def test_trainer_checkpoint_resumes_on_another_data_parallel_size(tmp_path, toke
 
     raw = yaml.safe_load(config.read_text())
     raw["train"]["steps"] = 3
+    raw["checkpoint"]["reshard_on_resume"] = True  # (the trainer refuses another layout without it)
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     (resumed,) = run_ranks(_train_rank, 1, str(config), timeout_s=300)
     assert resumed["start"] == 2
