@@ -14,8 +14,9 @@ unsharded again (reader.consolidate_states: DeepSpeed's zero_to_fp32 merge) and 
 * losses: the run resumed resharded from the DP=2 checkpoint continues steps 4-6 at DP=1, at ZeRO-3 and at TP=2
   with the same losses as a reference run that already had that layout and the same state (the checkpoint the
   hop wrote, resumed on DeepSpeed's plain same-layout path). Tolerance: exact. Both runs are the same engine in
-  the same layout on the same fp32 state and the same data (where the data-parallel size changed both start a
-  fresh pass, trainer.resharded_data_position; at ZeRO-3 both continue the checkpoint's position), so every
+  the same layout on the same fp32 state and the same data (where the data-parallel size changed the hop loads
+  the merged, layout-independent position and the reference the state the hop saved from it; at ZeRO-3 both
+  continue the checkpoint's own per-rank position: largelm/train/data_position.py), so every
   reduction happens in the same order and nothing may differ; a
   difference would mean some state was not carried (a zero moment or an LR off by one step changes the loss).
 """
