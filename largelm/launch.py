@@ -66,7 +66,8 @@ def cpu_environment(env: dict, nproc: int) -> dict:
     reuse freed memory instead of unmapping it (``CPU_MALLOC_ENV``). Values already in ``env`` win."""
     env = dict(env)
     env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # the cores this process may run on (a Slurm or cgroup CPU allocation), not every core of the machine
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
     for key, value in CPU_MALLOC_ENV.items():
         env.setdefault(key, value)
     return env

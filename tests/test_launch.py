@@ -48,6 +48,13 @@ def test_cpu_environment_splits_cores():
     env = cpu_environment({}, nproc=2)
     assert env["DS_ACCELERATOR"] == "cpu" and int(env["OMP_NUM_THREADS"]) >= 1
     assert cpu_environment({"OMP_NUM_THREADS": "7"}, 2)["OMP_NUM_THREADS"] == "7"
+    allowed = os.sched_getaffinity(0)
+    try:  # one core allowed (as a Slurm step with --cpus-per-task=1 pins it): one thread per rank, not cores // nproc
+        os.sched_setaffinity(0, {min(allowed)})
+        assert cpu_environment({}, 1)["OMP_NUM_THREADS"] == "1"
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert cpu_environment({}, 1)["OMP_NUM_THREADS"] == str(len(allowed))
 
 
 @pytest.mark.parametrize("option, value, message", [
