@@ -37,7 +37,12 @@ from typing import Optional, Sequence
 from deepspeed.launcher import launch, runner
 
 from largelm.cli import exit_now
-from largelm.parallel.deepspeed_compat.launcher import LocalLaunch, fast_launch_poll, local_launch_in_process
+from largelm.parallel.deepspeed_compat.launcher import (
+    LocalLaunch,
+    continue_stopped_ranks,
+    fast_launch_poll,
+    local_launch_in_process,
+)
 
 
 def _code(stop: SystemExit) -> int:
@@ -57,7 +62,7 @@ def run_launch(argv: Sequence[str], env: Optional[dict] = None) -> int:
         os.environ.update(env)
     sys.argv = [launch.__file__, *argv]
     try:
-        with fast_launch_poll():
+        with fast_launch_poll(), continue_stopped_ranks():
             launch.main()
     except SystemExit as stop:
         return _code(stop)

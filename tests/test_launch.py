@@ -2,6 +2,7 @@
 ``largelm.ds_launcher`` runs DeepSpeed's runner and per-node launcher in one process."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -114,3 +115,24 @@ def test_ds_launcher_end_to_end_exit_code(tmp_path):
     assert parents == {str(proc.pid)}, out
     assert "exits with return code = 3" in out
     assert time.monotonic() - start < 55  # rank 0 was terminated, not waited for
+
+
+def test_launcher_ends_a_stopped_rank_without_waiting_30_s():
+    """DeepSpeed's launch ends its ranks with SIGTERM and SIGKILLs them 30 s later; a stopped (frozen) rank cannot act
+    on SIGTERM, so every job with a frozen rank waited those 30 s. continue_stopped_ranks sends SIGCONT first."""
+    from deepspeed.launcher import launch
+
+    rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # a process this test started
+    try:
+        os.kill(rank.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with launcher_compat.continue_stopped_ranks():
+            launch.terminate_process_tree(rank.pid)
+        elapsed = time.monotonic() - started
+        rank.wait(timeout=5)  # (DeepSpeed's psutil.wait_procs has reaped it: Popen sees no status of its own)
+        assert elapsed < 10, f"the stopped rank was ended after {elapsed:.0f} s"
+        assert launch.terminate_process_tree.__module__ == "deepspeed.launcher.launch"  # restored after the block
+    finally:
+        if rank.poll() is None:
+            rank.kill()
+            rank.wait()

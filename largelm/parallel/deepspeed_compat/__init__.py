@@ -13,8 +13,9 @@ changes it, the runs it applies to and the test that pins it. ``python -m largel
   ``safe_torch_load`` for every checkpoint file largelm reads itself (module ``checkpoint``).
 * Process (``scope="process"``): ``ops.prepare_cpu_comm_op()`` builds and loads DeepSpeed's CPU comm op before
   ``init_distributed`` (per-configuration build directory, no wait on a dead build's lock).
-* Launcher (``scope="launcher"``): ``local_launch_in_process()`` and ``fast_launch_poll()`` (module ``launcher``,
-  used by ``largelm/ds_launcher.py``; not imported here, so a training rank does not load DeepSpeed's runner).
+* Launcher (``scope="launcher"``): ``local_launch_in_process()``, ``fast_launch_poll()`` and
+  ``continue_stopped_ranks()`` (module ``launcher``, used by ``largelm/ds_launcher.py``; not imported here, so a
+  training rank does not load DeepSpeed's runner).
 
 ``install_deepspeed_compat`` and the launcher contexts first call ``check_deepspeed_version()``: the patches replace
 private DeepSpeed internals, so another DeepSpeed version is refused with a RuntimeError naming both versions rather
@@ -159,6 +160,14 @@ PATCHES = (
         why="up to a second at every run's end, and before a failing rank's exit code is acted on",
         when="python -m largelm.ds_launcher, launches on this node",
         test="tests/test_launch.py::test_ds_launcher_end_to_end_exit_code",
+    ),
+    Patch(
+        name="continue_stopped_ranks", library=_DS, scope="launcher",
+        target="deepspeed.launcher.launch.terminate_process_tree (SIGCONT to the tree first)",
+        replaces="ends the ranks with SIGTERM, waits 30 s, then SIGKILL",
+        why="a stopped (frozen) rank cannot act on SIGTERM: every job with a frozen rank waited the full 30 s",
+        when="python -m largelm.ds_launcher, launches on this node",
+        test="tests/test_launch.py::test_launcher_ends_a_stopped_rank_without_waiting_30_s",
     ),
 )
 

@@ -7,6 +7,10 @@
   srun, ssh checks) is started by the real ``subprocess``.
 * ``fast_launch_poll()``: while active, ``deepspeed.launcher.launch``'s ``time`` caps ``sleep`` at ``POLL_S`` (its
   only sleep is the loop polling its ranks, 1 s in DeepSpeed).
+* ``continue_stopped_ranks()``: while active, ``deepspeed.launcher.launch.terminate_process_tree`` first continues
+  (SIGCONT) every process of the tree, then runs DeepSpeed's own (SIGTERM, 30 s, SIGKILL). A stopped process - a
+  frozen rank (SIGSTOP, a debugger, a node under memory pressure) - cannot act on SIGTERM until continued, so
+  DeepSpeed waited the whole 30 s before killing it; Slurm does the same (SIGCONT before its signals).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import time
 from typing import Iterator, Optional
 
+import psutil
 from deepspeed.launcher import launch, runner
 
 from largelm.parallel.deepspeed_compat.version import check_deepspeed_version
@@ -84,3 +89,28 @@ def fast_launch_poll() -> Iterator[None]:
         yield
     finally:
         launch.time = time
+
+
+@contextlib.contextmanager
+def continue_stopped_ranks() -> Iterator[None]:
+    """``launch.terminate_process_tree`` continues the tree before DeepSpeed's SIGTERM inside the block."""
+    check_deepspeed_version()
+    real = launch.terminate_process_tree
+
+    def terminate_process_tree(pid):
+        try:
+            tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for process in tree:
+            try:
+                process.resume()  # SIGCONT: harmless to a running process
+            except psutil.NoSuchProcess:
+                pass
+        real(pid)
+
+    launch.terminate_process_tree = terminate_process_tree
+    try:
+        yield
+    finally:
+        launch.terminate_process_tree = real
