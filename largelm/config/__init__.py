@@ -29,11 +29,12 @@ from largelm.config.schema import (
     ParallelConfig,
     TokenizerConfig,
     TrainConfig,
+    WandbConfig,
 )
 
 __all__ = [
     "CHECKPOINT_LEGACY_DEFAULTS", "BertConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
     "DatasetSpec", "DistillConfig", "LoggingConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig",
-    "TokenizerConfig", "TrainConfig", "apply_override", "checkpoint_config_from_dict", "config_from_dict",
-    "dump_config", "load_config",
+    "TokenizerConfig", "TrainConfig", "WandbConfig", "apply_override", "checkpoint_config_from_dict",
+    "config_from_dict", "dump_config", "load_config",
 ]

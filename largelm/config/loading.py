@@ -83,7 +83,9 @@ def apply_override(data: dict, item: str, source: str = "<override>") -> None:
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an optional section left empty (``wandb: null``): start it
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section in {source}")
     try:

@@ -203,11 +203,45 @@ class CheckpointConfig(_Section):
     reshard_on_resume: bool = False
 
 
+# Characters W&B refuses in project and entity names (its URLs are built from them).
+_WANDB_FORBIDDEN = "/\\#?%:"
+
+
+class WandbConfig(_Section):
+    """Weights & Biases mirror of the tensorboard scalars (largelm/train/wandb_log.py): same tags, same steps
+    (as the ``train/step`` x-axis), from rank 0, with the resolved config as the W&B run config. The run id is
+    kept in ``checkpoint.dir/wandb_run_id``: a resumed training run continues the same W&B run."""
+
+    project: str = Field(min_length=1, max_length=128)
+    entity: Optional[str] = Field(default=None, min_length=1, description="team or user; None: W&B's default")
+    name: Optional[str] = Field(default=None, min_length=1, description="display name; None: the config's name")
+    # online: stream to the server (a failure to start it is a warning and the run is recorded offline);
+    # offline: record under ``dir`` only, upload later with ``wandb sync DIR/wandb/offline-run-*``.
+    mode: Literal["online", "offline", "disabled"] = "online"
+    dir: Optional[str] = Field(default=None, min_length=1, description="W&B writes DIR/wandb/; None: W&B's default")
+    # Bounds on W&B's waits (its own settings): start-up, and the upload at the end of the run (then the
+    # rest stays on disk for ``wandb sync``); training never waits longer on W&B.
+    init_timeout_s: float = Field(default=90.0, gt=0)
+    finish_timeout_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "WandbConfig":
+        for field in ("project", "entity"):
+            value = getattr(self, field)
+            bad = sorted({c for c in value or "" if c in _WANDB_FORBIDDEN})
+            if bad:
+                raise ValueError(f"logging.wandb.{field}={value!r} contains {bad}: W&B names cannot contain any "
+                                 f"of {list(_WANDB_FORBIDDEN)}")
+        return self
+
+
 class LoggingConfig(_Section):
     tensorboard_dir: Optional[str] = "runs/default/tensorboard"
     progress_bar: bool = True
     # MFU denominator per rank, e.g. 989 for an H100 in bf16. None: measured with a matmul at start-up.
     peak_tflops_per_rank: Optional[float] = Field(default=None, gt=0)
+    # None: no W&B (wandb is not even imported).
+    wandb: Optional[WandbConfig] = None
 
 
 class DistillConfig(_Section):

@@ -1,4 +1,5 @@
-"""Rank-0 run logging: a progress bar (loss, tokens/s, ETA), periodic text lines, and tensorboard scalars."""
+"""Rank-0 run logging: a progress bar (loss, tokens/s, ETA), periodic text lines, tensorboard scalars and their
+W&B mirror (largelm/train/wandb_log.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from largelm.train.wandb_log import WandbMirror
+
 
 class RunLogger:
     def __init__(self, enabled: bool, total_steps: int, start_step: int, tensorboard_dir: Optional[str],
-                 progress_bar: bool = True):
+                 progress_bar: bool = True, wandb: Optional[WandbMirror] = None):
         self.enabled = enabled
         self.writer = None
         self.bar = None
+        self.wandb = wandb if enabled else None
         if not enabled:
             return
         if tensorboard_dir:
@@ -29,6 +33,8 @@ class RunLogger:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(step, values)
 
     def step(self, loss: float, tokens_per_s: Optional[float]) -> None:
         if self.bar is not None:
@@ -48,9 +54,11 @@ class RunLogger:
             print(text, flush=True)
         sys.stdout.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close(failed)

@@ -47,6 +47,7 @@ from largelm.train.metrics import Throughput, matmul_flops, memory_stats, produc
 from largelm.train.preflight import precision_choice
 from largelm.train.rng import capture_rng_state, restore_rng_state
 from largelm.train.step import build_step
+from largelm.train.wandb_log import WandbMirror
 from largelm.train.watchdog import Watchdog
 
 
@@ -116,8 +117,9 @@ class Trainer:
         arch = get_arch(cfg.model.arch)
         flops = arch.flops_per_token(cfg.model, arch.section(cfg))
         self.throughput = Throughput(cfg.tokens_per_step(self.world_size), flops, peak_flops * self.world_size)
+        wandb = WandbMirror(cfg, resumed=resume is not None) if self.rank == 0 and cfg.logging.wandb else None
         self.log = RunLogger(self.rank == 0, cfg.train.steps, self.step, cfg.logging.tensorboard_dir,
-                             cfg.logging.progress_bar)
+                             cfg.logging.progress_bar, wandb)
         self.history: list[tuple[int, float]] = []
         self._short_eval_noted = False  # said once that validation runs fewer than train.eval_steps batches
 
@@ -284,7 +286,7 @@ class Trainer:
         batches = iter(self.loader)
         start = time.perf_counter()
         last_step = cfg.steps if not cfg.exit_interval else min(cfg.steps, self.step + cfg.exit_interval)
-        save_pending = False
+        save_pending = completed = False
         try:
             while self.step < last_step:
                 self.faults.before_step(self.step + 1)
@@ -319,9 +321,10 @@ class Trainer:
                     self.log.line(f"stopping at step {self.step} on request ({written})")
                     break
             self.log.line(f"done: {self.step} steps in {time.perf_counter() - start:.1f}s")
+            completed = True
         finally:
             getattr(batches, "close", lambda: None)()  # stop the DataLoader workers now (else the exit stalls)
-            self.log.close()  # flush tensorboard, also when aborting
+            self.log.close(failed=not completed)  # flush tensorboard (W&B: mark a failed run), also when aborting
         return self.history
 
     def _latest_checkpoint(self) -> Optional[str]:
