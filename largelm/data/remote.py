@@ -346,17 +346,25 @@ def _cache_store(cache: Path, partial: Path, info: ShardInfo, max_bytes: int):
 
 
 # --- upload (largelm-prepare-data --out s3://...) -------------------------------------------------------------------
+def remote_split_exists(url: str, overwrite: bool, settings: Optional[RemoteSettings] = None) -> bool:
+    """Whether ``url`` holds a manifest; a DataError when it does and ``overwrite`` is off."""
+    settings = settings or RemoteSettings()
+    if not url.startswith("s3://"):
+        raise DataError(f"{url}: data can be written to s3:// prefixes only (http(s) is read-only here)")
+    fs, manifest_url = filesystem(url, settings), join(url, MANIFEST_NAME)
+    found = with_retries(manifest_url, settings, lambda: fs.exists(manifest_url))
+    if found and not overwrite:
+        raise DataError(f"{url} already holds prepared data ({MANIFEST_NAME}); pass --overwrite to replace it")
+    return found
+
+
 def upload_split(local_dir: Path, url: str, overwrite: bool, settings: Optional[RemoteSettings] = None) -> None:
     """Upload a prepared split directory: an old manifest removed first, then every shard, the manifest last, so
     a reader never sees a manifest naming shards that are not (all) there, or not these."""
     settings = settings or RemoteSettings()
-    if not url.startswith("s3://"):
-        raise DataError(f"{url}: data can be written to s3:// prefixes only (http(s) is read-only here)")
     fs = filesystem(url, settings)
     manifest_url = join(url, MANIFEST_NAME)
-    if with_retries(manifest_url, settings, lambda: fs.exists(manifest_url)):
-        if not overwrite:
-            raise DataError(f"{url} already holds prepared data ({MANIFEST_NAME}); pass --overwrite to replace it")
+    if remote_split_exists(url, overwrite, settings):
         with_retries(manifest_url, settings, lambda: fs.rm_file(manifest_url))
     shards = sorted(p for p in Path(local_dir).iterdir() if p.name != MANIFEST_NAME)
     for path in [*shards, Path(local_dir) / MANIFEST_NAME]:

@@ -35,7 +35,7 @@ from largelm.data.format import (
     token_dtype,
     write_manifest,
 )
-from largelm.data.remote import as_location, is_remote, join, upload_split
+from largelm.data.remote import as_location, is_remote, join, remote_split_exists, upload_split
 from largelm.fileio import sha256_file
 from largelm.prepare.documents import check_input_files, iter_documents
 from largelm.tokenizer import Tokenizer
@@ -253,6 +253,8 @@ def run_prepare(args: argparse.Namespace, prepare: Callable[..., dict[str, Manif
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if is_remote(args.out):  # written here, then uploaded split by split (each manifest after its shards)
+            for split in ("train", "valid"):  # refused before the work, not after it
+                remote_split_exists(str(join(args.out, split)), args.overwrite)
             with tempfile.TemporaryDirectory(prefix="largelm-prepare-") as staging:
                 manifests = prepare(
                     args.input, staging, args.tokenizer, args.seq_length, samples_per_shard=args.samples_per_shard,
