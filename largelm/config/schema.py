@@ -96,7 +96,8 @@ class ModelConfig(_Section):
 
 
 class DatasetSpec(_Section):
-    path: str = Field(description="directory holding manifest.json and the tar shards")
+    path: str = Field(description="directory holding manifest.json and the tar shards, or an http(s):// or s3:// "
+                                  "prefix holding them (largelm/data/remote.py)")
     weight: float = Field(default=1.0, gt=0)
 
 
@@ -107,6 +108,14 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(default=1000, ge=0)
     seed: int = 1234
     skip_bad_samples: bool = False
+    # Remote shards (http(s)://, s3://): a request failing for remote_timeout_s (retried with exponential backoff
+    # meanwhile) ends the run; a connect or read stalled for remote_read_timeout_s fails the request.
+    remote_timeout_s: float = Field(default=300.0, gt=0)
+    remote_read_timeout_s: float = Field(default=60.0, gt=0)
+    cache_dir: Optional[str] = Field(default=None, description="keep downloaded remote shards here (by sha256) for "
+                                     "later epochs and runs")
+    cache_max_bytes: int = Field(default=0, ge=0, description="cache size bound, least recently used first out; "
+                                 "0: unbounded")
 
 
 class TokenizerConfig(_Section):

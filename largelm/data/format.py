@@ -114,15 +114,20 @@ def read_manifest(split_dir: str | Path) -> Manifest:
     path = Path(split_dir) / MANIFEST_NAME
     if not path.is_file():
         raise DataError(f"{path}: no manifest (is {split_dir} a directory written by largelm-prepare-data?)")
+    return parse_manifest(path.read_text(), path)
+
+
+def parse_manifest(text: str | bytes, where) -> Manifest:
+    """A manifest's JSON text checked against the schema; errors name ``where`` (its file or URL)."""
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON: {err}") from None
+        raw = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{where}: not valid JSON: {err}") from None
     try:
         return Manifest.model_validate(raw)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors())
-        raise DataError(f"{path}: invalid manifest: {problems}") from None
+        raise DataError(f"{where}: invalid manifest: {problems}") from None
 
 
 def write_manifest(split_dir: Path, manifest: Manifest) -> Path:

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader
 
-from largelm.data.format import DataError, read_manifest
+from largelm.data.format import DataError
 from largelm.data.loader_state import (
     LAYOUT_FIELDS,
     STATE_VERSION,
@@ -42,29 +42,31 @@ from largelm.data.loader_state import (
     slot_epochs,
 )
 from largelm.data.position import ConsumedSet, DatasetPosition
+from largelm.data.remote import Location, RemoteSettings, as_location, read_manifest, take_retries
 from largelm.data.shards import check_shard_files
 from largelm.data.stream import Source, StreamSettings, TokenStream, batch_to_tensors, collate_samples
 
 DatasetArg = Union[str, Path, tuple, object]  # path, (path, weight), or anything with .path and .weight
 
 
-def _as_path_weight(item: DatasetArg) -> tuple[Path, float]:
+def _as_path_weight(item: DatasetArg) -> tuple[Location, float]:
     if isinstance(item, (str, Path)):
-        return Path(item), 1.0
+        return as_location(item), 1.0
     if isinstance(item, tuple) and len(item) == 2:
-        return Path(item[0]), float(item[1])
+        return as_location(item[0]), float(item[1])
     if hasattr(item, "path") and hasattr(item, "weight"):  # e.g. largelm.config.DatasetSpec
-        return Path(item.path), float(item.weight)
+        return as_location(item.path), float(item.weight)
     raise TypeError(f"dataset entry {item!r} must be a path, a (path, weight) pair or have .path/.weight")
 
 
-def open_sources(datasets: Iterable[DatasetArg], seq_length: int, tokenizer_sha256: Optional[str]) -> list[Source]:
+def open_sources(datasets: Iterable[DatasetArg], seq_length: int, tokenizer_sha256: Optional[str],
+                 remote: Optional[RemoteSettings] = None) -> list[Source]:
     sources = []
     for item in datasets:
         path, weight = _as_path_weight(item)
         if not weight > 0:
             raise DataError(f"dataset {path}: weight must be positive, got {weight}")
-        manifest = read_manifest(path)
+        manifest = read_manifest(path, remote)
         if manifest.seq_length != seq_length:
             raise DataError(
                 f"dataset {path} was prepared with seq_length {manifest.seq_length}, the loader wants {seq_length}"
@@ -74,7 +76,7 @@ def open_sources(datasets: Iterable[DatasetArg], seq_length: int, tokenizer_sha2
                 f"dataset {path} was tokenized with tokenizer sha256 {manifest.tokenizer_sha256}, "
                 f"but the run uses {tokenizer_sha256}"
             )
-        check_shard_files(manifest, path)
+        check_shard_files(manifest, path, remote)
         sources.append(Source(path, weight, manifest, manifest.fingerprint()))
     if not sources:
         raise DataError("no datasets given")
@@ -96,6 +98,7 @@ class TokenLoader:
         self.sources, self.settings = sources, settings
         self.sample_transform = sample_transform
         self.batch_size, self.num_workers, self.seq_length = batch_size, num_workers, seq_length
+        self._retries = take_retries()  # made so far in this process (manifests): not inherited by forked workers
         self._reset()
 
     def _reset(self) -> None:
@@ -114,6 +117,13 @@ class TokenLoader:
     def bad_samples(self) -> int:
         """Bad samples skipped so far (only ever non-zero with skip_bad_samples=True)."""
         return self._bad
+
+    @property
+    def retries(self) -> int:
+        """Remote requests retried so far by this loader's readers (and by this process before it was built); not
+        part of the resume state."""
+        self._retries += take_retries()  # reads in this process (a worker-less loader's, manifests) count too
+        return self._retries
 
     @property
     def num_samples(self) -> int:
@@ -139,6 +149,7 @@ class TokenLoader:
         try:
             for batch in batches:
                 self._bad += batch.pop("_bad")
+                self._retries += batch.pop("_retries")
                 state = batch.pop("_state")
                 if "tokens" not in batch:  # end-of-pass marker carrying only a bad-sample count
                     continue
@@ -284,11 +295,13 @@ def build_loader(
     tokenizer_sha256: Optional[str] = None,
     sample_transform=None,
     kind: str = "tokens",
+    remote: Optional[RemoteSettings] = None,
 ) -> TokenLoader:
     """Loader over prepared split directories (each with ``manifest.json``); see the module docstring.
 
     ``tokenizer_sha256``: when given, every dataset must have been tokenized with that tokenizer.
     ``verify_checksums``: check each shard's sha256 the first time a worker opens it (size is always checked).
+    ``remote``: timeouts, retries and cache for datasets at http(s):// or s3:// prefixes (``largelm.data.remote``).
     ``kind``: the manifests' sample kind every dataset must have (``"tokens"`` for GPT, ``"bert_pairs"``).
     ``sample_transform``: per-sample function run in the workers (see ``TokenStream``), e.g. ``BertMasker``; its
     extra numpy fields become batch tensors of the same name. If it has an ``identity()`` method (a JSON-able
@@ -300,7 +313,7 @@ def build_loader(
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
     if num_workers < 0 or shuffle_buffer < 0:
         raise ValueError(f"num_workers ({num_workers}) and shuffle_buffer ({shuffle_buffer}) must be >= 0")
-    sources = open_sources(datasets, seq_length, tokenizer_sha256)
+    sources = open_sources(datasets, seq_length, tokenizer_sha256, remote)
     for src in sources:
         if src.manifest.kind != kind:
             raise DataError(f"dataset {src.path} holds samples of kind {src.manifest.kind!r}, "
@@ -308,6 +321,7 @@ def build_loader(
     settings = StreamSettings(
         rank=rank, world_size=world_size, num_slots=max(num_workers, 1), seed=seed, shuffle_buffer=shuffle_buffer,
         infinite=infinite, skip_bad_samples=skip_bad_samples, verify_checksums=verify_checksums,
+        remote=remote or RemoteSettings(),
     )
     if infinite:
         slots = world_size * settings.num_slots

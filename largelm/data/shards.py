@@ -22,12 +22,13 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 from webdataset.tariterators import group_by_keys
 
 from largelm.data.format import TOKENS_FIELD, DataError, Manifest, ShardInfo, decode_sample
+from largelm.data.remote import Location, RemoteSettings, ShardFetcher, check_remote_shards, is_remote, join
 from largelm.fileio import sha256_file
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class ShardRange:
 
 
 def epoch_shards(
-    manifest: Manifest, split_dir: Path, *, epoch: int, seed: int, dataset_index: int, shuffle: bool
+    manifest: Manifest, split_dir: Location, *, epoch: int, seed: int, dataset_index: int, shuffle: bool
 ) -> list[ShardRange]:
     """Every shard of the dataset in this epoch's order (a permutation seeded by seed and epoch)."""
     order = np.arange(len(manifest.shards))
@@ -64,7 +65,7 @@ def epoch_shards(
     sizes = [manifest.shards[i].num_samples for i in order]
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist() if sizes else []
     return [
-        ShardRange(str(split_dir / manifest.shards[i].file), 0, size, start)
+        ShardRange(str(join(split_dir, manifest.shards[i].file)), 0, size, start)
         for i, size, start in zip(order, sizes, starts)
     ]
 
@@ -94,8 +95,11 @@ def split_by_worker(ranges: Iterable[ShardRange], worker: int, num_workers: int)
     return take_part(ranges, worker, num_workers)
 
 
-def check_shard_files(manifest: Manifest, split_dir: Path) -> None:
+def check_shard_files(manifest: Manifest, split_dir: Location, remote: Optional[RemoteSettings] = None) -> None:
     """Cheap up-front check (existence and size) of every shard; the sha256 is checked when a shard is read."""
+    if is_remote(split_dir):
+        check_remote_shards(manifest, split_dir, remote or RemoteSettings())
+        return
     for info in manifest.shards:
         path = split_dir / info.file
         if not path.is_file():
@@ -149,18 +153,33 @@ class ShardReader:
     def __init__(
         self,
         manifest: Manifest,
-        split_dir: Path,
+        split_dir: Location,
         verify_checksums: bool = True,
         on_bad: Callable[[str, int], None] | None = None,
+        remote: Optional[RemoteSettings] = None,
     ):
         self.manifest = manifest
         self.verify_checksums = verify_checksums
         self.on_bad = on_bad
-        self._info: dict[str, ShardInfo] = {str(split_dir / s.file): s for s in manifest.shards}
+        self._info: dict[str, ShardInfo] = {str(join(split_dir, s.file)): s for s in manifest.shards}
+        # Remote shards (largelm.data.remote): downloaded and hashed before they are read, the next one meanwhile.
+        self._fetcher = ShardFetcher(remote or RemoteSettings()) if is_remote(split_dir) else None
 
     def __call__(self, ranges: Iterable[ShardRange]) -> Iterator[dict]:
-        for r in ranges:
-            yield from self.read(r)
+        if self._fetcher is None:
+            for r in ranges:
+                yield from self.read(r)
+            return
+        ranges, downloads = list(ranges), {}
+        try:
+            for i, r in enumerate(ranges):
+                for upcoming in ranges[i:i + 2]:  # this shard and the next one (prefetched while this one is read)
+                    if upcoming.path not in downloads:
+                        downloads[upcoming.path] = self._fetcher.start(upcoming.path, self._info[upcoming.path])
+                yield from self.read(r, downloads.pop(r.path))
+        finally:
+            for download in downloads.values():
+                self._fetcher.discard(download)
 
     def _bad(self, message: str, count: int = 1) -> None:
         if self.on_bad is None:
@@ -182,16 +201,39 @@ class ShardReader:
             _hashed[(path, expected)] = now
             return
         actual = sha256_file(Path(path))
+        self._check_sha256(path, actual)  # raises on a mismatch, unless in skip mode (then warned once per process)
+        _hashed[(path, expected)] = now
+
+    def _check_sha256(self, path: str, actual: str) -> None:
+        expected = self._info[path].sha256
         if actual == expected:
-            _hashed[(path, expected)] = now
             return
         message = f"shard {path}: sha256 {actual} does not match the manifest's {expected}"
         if self.on_bad is None:
             raise DataError(message)
-        # Skip mode: read it anyway (warned once per process); samples failing the per-sample checks are
-        # counted as bad, but damage that still decodes to in-vocabulary ids cannot be detected.
-        _hashed[(path, expected)] = now
+        # Skip mode: read it anyway; samples failing the per-sample checks are counted as bad, but damage that
+        # still decodes to in-vocabulary ids cannot be detected.
         log.warning("%s; reading it anyway and skipping samples that fail checks", message)
+
+    def _open(self, path: str, download):
+        """The shard's bytes as an open binary file, its sha256 checked (remote: each download; local: at the first
+        open in this process, then its identity)."""
+        if download is None:
+            stream = open(path, "rb")
+            try:
+                self._verify(path, stream)
+            except BaseException:
+                stream.close()
+                raise
+            return stream
+        stream, actual = download.result()  # RemoteError (unreachable) propagates: it ends the run
+        if self.verify_checksums:
+            try:
+                self._check_sha256(path, actual)
+            except BaseException:
+                stream.close()
+                raise
+        return stream
 
     def _members(self, stream, path: str) -> Iterator[dict]:
         """The shard's members as webdataset's ``{"fname", "data"}`` records, each checked from its tar header
@@ -215,11 +257,13 @@ class ShardReader:
                     data = tar.extractfile(member).read()
                 yield {"fname": member.name, "data": data, "__url__": path}
 
-    def read(self, r: ShardRange) -> Iterator[dict]:
+    def read(self, r: ShardRange, download=None) -> Iterator[dict]:
+        """The checked samples of one range (``download``: the remote shard's ``ShardFetcher`` future)."""
+        if download is None and self._fetcher is not None:
+            download = self._fetcher.start(r.path, self._info[r.path])
         index, last_key = 0, None
         try:
-            with open(r.path, "rb") as stream:
-                self._verify(r.path, stream)
+            with self._open(r.path, download) as stream:
                 for files_of_sample in group_by_keys(self._members(stream, r.path)):
                     if index >= r.stop:
                         break

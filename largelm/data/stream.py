@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -31,6 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from largelm.data.blend import BlendSchedule
 from largelm.data.format import DataError, Manifest
 from largelm.data.position import DatasetPosition, restrict
+from largelm.data.remote import Location, RemoteSettings, take_retries
 from largelm.data.shards import (
     SEED_SHUFFLE,
     ShardReader,
@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Source:
-    """One prepared dataset directory, its manifest and its blending weight."""
+    """One prepared dataset (a local directory or a remote prefix), its manifest and its blending weight."""
 
-    path: Path
+    path: Location
     weight: float
     manifest: Manifest
     fingerprint: str
@@ -63,6 +63,7 @@ class StreamSettings:
     infinite: bool  # training: shuffled, blended, endless; else one ordered pass (validation)
     skip_bad_samples: bool
     verify_checksums: bool
+    remote: RemoteSettings = RemoteSettings()  # timeouts, retries and cache for http(s)/s3 sources
 
 
 class DatasetStream:
@@ -76,7 +77,7 @@ class DatasetStream:
         self.counting = True  # False while replaying outputs consumed before a resume (already counted)
         self._on_bad = on_bad
         report = self._report_bad if cfg.skip_bad_samples else None  # None: the reader raises instead
-        self._reader = ShardReader(source.manifest, source.path, cfg.verify_checksums, report)
+        self._reader = ShardReader(source.manifest, source.path, cfg.verify_checksums, report, cfg.remote)
 
     def _report_bad(self, message: str, count: int) -> None:
         self._on_bad(self, message, count)
@@ -157,7 +158,7 @@ class TokenStream(IterableDataset):
         sample = {**sample, "dataset": dataset}
         if self.sample_transform is not None:
             sample = self.sample_transform(sample)
-        return {**sample, **where, "state": state, "bad": bad}
+        return {**sample, **where, "state": state, "bad": bad, "retries": take_retries()}
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
@@ -185,7 +186,7 @@ class TokenStream(IterableDataset):
                     produced += 1
                     yield self._item(sample, d, slot, produced, streams)
             # Carries bad-sample counts found after the last good sample to the main process.
-            yield {"state": None, "bad": self._pending_bad}
+            yield {"state": None, "bad": self._pending_bad, "retries": take_retries()}
 
 
 def collate_samples(items: list[dict]) -> dict:
@@ -197,7 +198,8 @@ def collate_samples(items: list[dict]) -> dict:
     measured 1 worker going from 0.62M to 1.89M tokens/s with this change (2 workers: 0.75M -> 2.83M).
     """
     samples = [it for it in items if "tokens" in it]
-    batch = {"_bad": sum(it["bad"] for it in items), "_state": samples[-1]["state"] if samples else None}
+    batch = {"_bad": sum(it["bad"] for it in items), "_state": samples[-1]["state"] if samples else None,
+             "_retries": sum(it["retries"] for it in items)}
     if samples:
         batch["tokens"] = np.stack([s["tokens"] for s in samples]).astype(np.int64)
         batch["key"] = [s["key"] for s in samples]

@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import logging
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -34,6 +35,7 @@ from largelm.data.format import (
     token_dtype,
     write_manifest,
 )
+from largelm.data.remote import as_location, is_remote, join, remote_split_exists, upload_split
 from largelm.fileio import sha256_file
 from largelm.prepare.documents import check_input_files, iter_documents
 from largelm.tokenizer import Tokenizer
@@ -232,7 +234,8 @@ def prepare_arguments(description: str, *, tokenizer_help: str, seq_length_help:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--input", nargs="+", required=True, help=".txt (one document per file) or .jsonl files")
     parser.add_argument("--tokenizer", required=True, help=tokenizer_help)
-    parser.add_argument("--out", required=True, help="output directory; gets train/ and valid/")
+    parser.add_argument("--out", required=True, help="output directory, or an s3:// prefix (shards uploaded, each "
+                        "manifest last); gets train/ and valid/")
     parser.add_argument("--seq-length", type=int, required=True, help=seq_length_help)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--valid-fraction", type=float, default=0.01,
@@ -249,15 +252,26 @@ def run_prepare(args: argparse.Namespace, prepare: Callable[..., dict[str, Manif
     Returns the exit code: 1, with the error on stderr, when the data or the arguments are bad."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        manifests = prepare(
-            args.input, args.out, args.tokenizer, args.seq_length, samples_per_shard=args.samples_per_shard,
-            valid_fraction=args.valid_fraction, text_field=args.text_field, overwrite=args.overwrite, **options,
-        )
+        if is_remote(args.out):  # written here, then uploaded split by split (each manifest after its shards)
+            for split in ("train", "valid"):  # refused before the work, not after it
+                remote_split_exists(str(join(args.out, split)), args.overwrite)
+            with tempfile.TemporaryDirectory(prefix="largelm-prepare-") as staging:
+                manifests = prepare(
+                    args.input, staging, args.tokenizer, args.seq_length, samples_per_shard=args.samples_per_shard,
+                    valid_fraction=args.valid_fraction, text_field=args.text_field, **options,
+                )
+                for split in manifests:
+                    upload_split(Path(staging) / split, str(join(args.out, split)), args.overwrite)
+        else:
+            manifests = prepare(
+                args.input, args.out, args.tokenizer, args.seq_length, samples_per_shard=args.samples_per_shard,
+                valid_fraction=args.valid_fraction, text_field=args.text_field, overwrite=args.overwrite, **options,
+            )
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     for split, m in manifests.items():
-        print(f"{Path(args.out) / split}: {describe(m)}")
+        print(f"{join(as_location(args.out), split)}: {describe(m)}")
     return 0
 
 

@@ -9,7 +9,8 @@ from largelm.checkpoint.elastic import RESHARD_SETTING, layout_change
 from largelm.checkpoint.manager import CheckpointError, find_latest
 from largelm.checkpoint.manager import read_manifest as read_checkpoint_manifest
 from largelm.config import Config, ConfigError, ModelConfig, checkpoint_config_from_dict
-from largelm.data import DataError, read_manifest
+from largelm.data import DataError, read_manifest, remote_settings
+from largelm.data.remote import as_location
 from largelm.data.shards import check_shard_files
 from largelm.fileio import YAMLError, read_yaml
 from largelm.hardware import PRECISIONS, PrecisionChoice, choose_precision, detect_device
@@ -36,7 +37,7 @@ def preflight(cfg: Config, world_size: int) -> Config:
         _check_bert_tokenizer(tok)
     for section, specs in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
         for i, spec in enumerate(specs):
-            _check_dataset(f"{section}[{i}]", Path(spec.path), cfg, tok)
+            _check_dataset(f"{section}[{i}]", as_location(spec.path), cfg, tok)
     found = _saved_checkpoint(cfg)
     resolved = _resolved(cfg, vocab_size=cfg.model.vocab_size or tok.vocab_size,
                          precision=_choose_precision(cfg, found[1] if found else None))
@@ -78,9 +79,10 @@ def _load_tokenizer(path: Path):
         raise ConfigError(f"tokenizer.model: {err}") from None
 
 
-def _check_dataset(field: str, path: Path, cfg: Config, tok) -> None:
+def _check_dataset(field: str, path, cfg: Config, tok) -> None:
+    """``path``: a split directory or a remote prefix (its manifest fetched and shard sizes looked up here)."""
     try:
-        manifest = read_manifest(path)
+        manifest = read_manifest(path, remote_settings(cfg.data))
     except DataError as err:
         raise ConfigError(f"{field}.path: {err}") from None
     if manifest.seq_length != cfg.model.seq_length:
@@ -100,7 +102,7 @@ def _check_dataset(field: str, path: Path, cfg: Config, tok) -> None:
         raise ConfigError(f"{field}: shards in {path} were tokenized with another tokenizer than "
                           f"tokenizer.model={cfg.tokenizer.model} (sha256 {sha[:12]} vs {tok.sha256[:12]})")
     try:  # a missing or truncated shard fails here, not hours into the run (sha256 is checked when read)
-        check_shard_files(manifest, path)
+        check_shard_files(manifest, path, remote_settings(cfg.data))
     except DataError as err:
         raise ConfigError(f"{field}: {err}") from None
 

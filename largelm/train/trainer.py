@@ -32,7 +32,7 @@ from largelm.checkpoint.manager import (
 )
 from largelm.checkpoint.reader import load_pt
 from largelm.config import Config, ConfigError, dump_config
-from largelm.data import DataError, build_loader
+from largelm.data import DataError, build_loader, remote_settings
 from largelm.errors import ConversionError
 from largelm.fileio import sha256_file
 from largelm.hardware import choose_precision, detect_device, model_dtype, run_precision
@@ -110,6 +110,7 @@ class Trainer:
         )
         self.step = 0
         self.loader = self._train_loader()
+        self.valid_retries = 0  # remote requests retried by the validation loaders (the train loader counts its own)
         self._restore(resume)
         self.reshard = None  # the full state read for resharding is not kept for the run
 
@@ -254,7 +255,8 @@ class Trainer:
             return None
         total, count = torch.zeros((), device=self.device), 0
         extra: dict[str, float] = {}  # a step driver's per-batch validation metrics (``last_eval_metrics``)
-        batches, steps = iter(self._valid_loader()), self.cfg.train.eval_steps
+        loader = self._valid_loader()
+        batches, steps = iter(loader), self.cfg.train.eval_steps
         while count < steps:
             batch = next(batches, None)
             # The data-parallel ranks' shares of the validation data can differ by a batch (more with skipped bad
@@ -266,6 +268,7 @@ class Trainer:
             for name, value in (getattr(self.stepper, "last_eval_metrics", None) or {}).items():
                 extra[name] = extra.get(name, 0.0) + float(value)
             count += 1
+        self.valid_retries += loader.retries
         paths = [s.path for s in self.cfg.data.valid]
         if count == 0:
             raise DataError(f"validation data {paths} yielded no batch on some data-parallel rank (each of the "
@@ -336,11 +339,13 @@ class Trainer:
         lr = self.engine.get_lr()[0]
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        bad_samples = torch.tensor([float(self.loader.bad_samples)], device=self.device)
-        dist.all_reduce(bad_samples, group=parallel_state.get_data_parallel_group())  # all ranks' skips
+        # skipped bad samples and remote retries, summed over the data-parallel ranks (each reads its own share)
+        data_counts = torch.tensor([float(self.loader.bad_samples), float(self.loader.retries + self.valid_retries)],
+                                   device=self.device)
+        dist.all_reduce(data_counts, group=parallel_state.get_data_parallel_group())
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "train/skipped_steps": float(self.guard.skipped), "train/loss_spikes": float(self.guard.spikes),
-                   "data/bad_samples": bad_samples.item()}
+                   "data/bad_samples": data_counts[0].item(), "data/retries": data_counts[1].item()}
         extra = getattr(self, "step_metrics", {})
         scalars.update(extra)
         tps = None
@@ -377,6 +382,6 @@ def build_run_loader(cfg, dp_rank: int, dp_size: int, train: bool = True):
         datasets=[(spec.path, spec.weight) for spec in (d.train if train else d.valid)],
         seq_length=cfg.model.seq_length, batch_size=cfg.train.micro_batch_size, rank=dp_rank, world_size=dp_size,
         num_workers=d.num_workers if train else 0, shuffle_buffer=d.shuffle_buffer if train else 0, seed=d.seed,
-        infinite=train, skip_bad_samples=d.skip_bad_samples,
+        infinite=train, skip_bad_samples=d.skip_bad_samples, remote=remote_settings(d),
         **get_arch(cfg.model.arch).loader_kwargs(cfg),  # the sample kind (BERT: masked sentence pairs)
     )
