@@ -20,6 +20,7 @@ instead (``wandb sync`` later); any later failure is a warning and W&B is off fo
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import string
@@ -65,6 +66,10 @@ class WandbMirror:
         import wandb  # lazy (optional dependency: imported only when logging.wandb is set and not disabled)
 
         self.id = run_id(cfg.checkpoint.dir, resumed)
+        # Own W&B service: wandb.init in a parent process (a notebook, a test session, a driver script) exports
+        # WANDB_SERVICE, and every job started from it would log through the parent's wandb-core. There a run killed
+        # with SIGKILL leaves its stream registered, and its resume is refused ("run ID ... is in use").
+        os.environ.pop("WANDB_SERVICE", None)
         if w.dir:
             Path(w.dir).mkdir(parents=True, exist_ok=True)
         # console off: rank 0's stdout stays the launcher's plain pipe (its step lines are parsed and logged)
