@@ -127,3 +127,14 @@ def bert_shards(small_corpus, tokenizer_path, tmp_path_factory):
     prepare_bert_data([small_corpus], out, tokenizer_path, 64, objective="sop", samples_per_shard=64,
                       valid_fraction=0.2)
     return out
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    """W&B offline and quiet for this test, its directories in tmp_path (wandb_records.offline_env); returns
+    tmp_path."""
+    from wandb_records import offline_env  # lazy: loads W&B's protobufs, which only the W&B tests need
+
+    for name, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    return tmp_path

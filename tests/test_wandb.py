@@ -10,18 +10,17 @@ import pytest
 import yaml
 from faults.faultkit import tb_scalars
 from train_utils import check_ok, config_object, launch, tiny_config
-from wandb_records import STEP_METRIC, offline_env, offline_runs, scalar_differences, scalars
+from wandb_records import (
+    STEP_METRIC,
+    offline_env,
+    offline_runs,
+    scalar_differences,
+    scalars,
+)
 
 from largelm.config import ConfigError, config_from_dict, dump_config, load_config
 from largelm.train.logger import RunLogger
 from largelm.train.wandb_log import RUN_ID_FILE, WandbMirror, run_id
-
-
-@pytest.fixture
-def wandb_env(tmp_path, monkeypatch):
-    for name, value in offline_env(tmp_path).items():
-        monkeypatch.setenv(name, value)
-    return tmp_path
 
 
 def _wandb_config(tmp, **wandb):

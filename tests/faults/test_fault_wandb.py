@@ -14,18 +14,17 @@ from __future__ import annotations
 import pytest
 from faultkit import edit_config, run, tb_scalars
 from train_utils import config_object
-from wandb_records import STEP_METRIC, offline_env, offline_runs, read_run, scalar_differences, scalars
+from wandb_records import (
+    STEP_METRIC,
+    offline_runs,
+    read_run,
+    scalar_differences,
+    scalars,
+)
 
 from largelm.checkpoint.manager import find_latest
 from largelm.train.logger import RunLogger
 from largelm.train.wandb_log import RUN_ID_FILE, WandbMirror
-
-
-@pytest.fixture
-def wandb_env(tmp_path, monkeypatch):
-    for name, value in offline_env(tmp_path).items():
-        monkeypatch.setenv(name, value)
-    return tmp_path
 
 
 def _cfg(tmp, **wandb):
