@@ -379,11 +379,11 @@ PartitionName=debug Nodes={",".join(n.name for n in self.nodes)} Default=YES Max
                 pass
         deadline = time.monotonic() + grace
         while pids and time.monotonic() < deadline:
-            pids = {p for p in pids if Path(f"/proc/{p}").exists() and not _is_zombie(p)}
+            pids = {p for p in pids if Path(f"/proc/{p}").exists() and not is_zombie(p)}
             time.sleep(0.2)
 
 
-def _is_zombie(pid: int) -> bool:
+def is_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
     except OSError:

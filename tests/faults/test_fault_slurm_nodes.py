@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from faultkit import tb_scalars
 from netns_hosts import NetnsRefused, netns_hosts
-from slurm_cluster import LocalSlurm, SlurmError, SlurmNode
+from slurm_cluster import LocalSlurm, SlurmError, SlurmNode, is_zombie
 from train_utils import REPO, STEP_LINE, check_ok, launch, tiny_config
 
 sys.path.insert(0, str(REPO / "slurm"))
@@ -153,12 +153,6 @@ def test_frozen_node_ends_the_step_and_the_job_requeues_and_resumes(two_nodes, c
         ended = time.monotonic() - frozen_at
         text = _check_resumed_run(cluster, job, log, tmp_path, reference, 43)
         assert ended < 120, ended
-        assert not Path(f"/proc/{ranks[1]}").exists() or _zombie(ranks[1]), "the frozen rank outlived its step"
+        assert not Path(f"/proc/{ranks[1]}").exists() or is_zombie(ranks[1]), "the frozen rank outlived its step"
         assert "error (rank 0): no progress for" in text and "task-0:43 " in text, text[-5000:]
 
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True

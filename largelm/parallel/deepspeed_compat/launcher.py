@@ -99,7 +99,8 @@ def continue_stopped_ranks() -> Iterator[None]:
 
     def terminate_process_tree(pid):
         try:
-            tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             tree = []
         for process in tree:
