@@ -2,7 +2,7 @@
 environment variable ``LARGELM_FAULTS`` is set, and never set by any config or launcher.
 
 ``LARGELM_FAULTS`` is a comma-separated list of ``KIND@STEP`` with an optional ``:rank=R`` (default: every rank,
-except ``kill_in_save`` / ``enospc_in_save`` which default to rank 0)::
+except the ``*_in_save`` kinds, which default to rank 0)::
 
     LARGELM_FAULTS="nan_loss@3:rank=1,nan_grad@5,nan_weight@7,kill_in_save@4"
 
@@ -14,6 +14,8 @@ except ``kill_in_save`` / ``enospc_in_save`` which default to rank 0)::
                       step is non-finite (the run must abort after ``train.max_bad_steps``)
     kill_in_save@S    the rank SIGKILLs itself while saving the checkpoint of step S, after DeepSpeed has
                       written its files and before the manifest/rename (a node dying mid-save)
+    stop_in_save@S    the rank SIGSTOPs itself at the same point (a node frozen mid-save: its peers wait in the save's
+                      collectives, bounded by ``checkpoint.save_timeout_s``)
     enospc_in_save@S  the save of step S fails with ENOSPC at the same point (disk full; the tests prefer a
                       real full tmpfs and use this only where mounting one is not possible)
 
@@ -32,8 +34,8 @@ from typing import Optional
 import torch
 
 ENV = "LARGELM_FAULTS"
-KINDS = ("nan_loss", "nan_grad", "loss_spike", "nan_weight", "kill_in_save", "enospc_in_save")
-_RANK0_DEFAULT = ("kill_in_save", "enospc_in_save")
+KINDS = ("nan_loss", "nan_grad", "loss_spike", "nan_weight", "kill_in_save", "stop_in_save", "enospc_in_save")
+_RANK0_DEFAULT = ("kill_in_save", "stop_in_save", "enospc_in_save")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,9 @@ def in_save(step: int) -> None:
     if active("kill_in_save", step):
         print(f"[fault injection] rank {_rank()}: SIGKILL during the save of step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    if active("stop_in_save", step):
+        print(f"[fault injection] rank {_rank()}: SIGSTOP during the save of step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
     if active("enospc_in_save", step):
         raise OSError(errno.ENOSPC, f"[fault injection] {os.strerror(errno.ENOSPC)}")
 

@@ -210,6 +210,10 @@ class CheckpointConfig(_Section):
     # its full state, optimizer included (largelm/checkpoint/elastic.py). Off: such a resume is refused, naming
     # the change (a resume in the same layout is the exact, bitwise path either way).
     reshard_on_resume: bool = False
+    # A save is progress (train.hang_timeout_s does not apply), but it also waits in collectives: a rank whose save
+    # makes no progress for this long (a peer frozen or cut off mid-save, storage stalled) dumps its stacks and
+    # exits 43 like a hang. Set it above your slowest save. 0: no bound.
+    save_timeout_s: float = Field(default=1800.0, ge=0)
 
 
 # Characters W&B refuses in project and entity names (its URLs are built from them).

@@ -224,7 +224,8 @@ class Trainer:
         state = {"step": self.step, "rng": capture_rng_state(),
                  "data": data_position.with_global_position(self.loader, self.dp_rank, self.dp_size),
                  "guard": self.guard.state_dict()}
-        with self.watchdog.busy(f"saving the checkpoint of step {self.step}"):
+        limit_s = self.cfg.checkpoint.save_timeout_s
+        with self.watchdog.busy(f"saving the checkpoint of step {self.step}", limit_s=limit_s):
             path = self.ckpt.save(self.engine, self.step, state)
         self.log.line(f"saved checkpoint {path}")
         return path

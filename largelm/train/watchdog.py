@@ -4,7 +4,8 @@ A peer that died is noticed by gloo/NCCL within seconds (a broken connection). A
 hung driver, swap death) or cut off (a network partition) is not: TCP connections stay "established", the other
 ranks wait inside a collective without a word - for ``parallel.timeout_s``, which torch does not even enforce for
 every gloo operation. The watchdog is a thread per rank that the trainer tells about progress (``beat`` after each
-step and validation batch; ``busy(...)`` around checkpoint saves, which are progress however long they take). If
+step and validation batch; ``busy(...)`` around checkpoint saves, which are progress for up to
+``checkpoint.save_timeout_s``: a save also waits in collectives, and a peer cut off mid-save must not hang it). If
 no beat comes for ``train.hang_timeout_s`` it prints what the rank was doing and every thread's Python stack
 (``faulthandler``) to stderr and exits the process with ``EXIT_LOST_PEER``: the launcher then ends the other ranks
 on this host, their collectives fail on the other hosts, and the job script requeues (a resume from the last
@@ -53,7 +54,8 @@ class Watchdog:
         self.hang_timeout_s = hang_timeout_s or None  # 0/None: no hang detection (stop requests still handled)
         self.what = "starting up"
         self._last = time.monotonic()
-        self._busy = 0  # inside busy(): no hang timeout
+        self._busy = 0  # inside busy(): no hang timeout, only the busy limit (if any)
+        self._busy_limit_s: Optional[float] = None
         self._finishing = 0  # inside busy(..., finish_on_stop=True): a stop request waits for it too
         self._stop_requested_at: Optional[float] = None
         self._step_times: list[float] = []
@@ -75,17 +77,21 @@ class Watchdog:
             self._step_times = (self._step_times + [step_seconds])[-50:]
 
     @contextmanager
-    def busy(self, what: str, finish_on_stop: bool = True) -> Iterator[None]:
-        """Long work that is progress however long it takes: no hang timeout inside. ``finish_on_stop``: a stop
-        request waits for it (a checkpoint save); else a stop request may end the rank inside (start-up)."""
+    def busy(self, what: str, finish_on_stop: bool = True, limit_s: Optional[float] = None) -> Iterator[None]:
+        """Long work that is progress: the hang timeout does not apply inside, ``limit_s`` (None: no bound) does,
+        counted from the start or the last ``beat``. ``finish_on_stop``: a stop request waits for it (a checkpoint
+        save); else a stop request may end the rank inside (start-up). Not nested."""
         self._busy += 1
         self._finishing += finish_on_stop
+        self._busy_limit_s = limit_s or None
         previous, self.what = self.what, what
+        self._last = time.monotonic()
         try:
             yield
         finally:
             self._busy -= 1
             self._finishing -= finish_on_stop
+            self._busy_limit_s = None
             self.beat(f"after {what} (next: {previous})")
 
     def stop_requested(self) -> None:
@@ -109,6 +115,9 @@ class Watchdog:
             elif not self._busy and self.hang_timeout_s and idle >= self.hang_timeout_s:
                 self._give_up(f"no progress for {idle:.0f} s (train.hang_timeout_s={self.hang_timeout_s:g}) while "
                               f"{self.what}: a peer rank is probably frozen or cut off")
+            elif self._busy and self._busy_limit_s and idle >= self._busy_limit_s:
+                self._give_up(f"no progress for {idle:.0f} s (limit {self._busy_limit_s:g} s) while {self.what}: a "
+                              "peer rank is probably frozen or cut off, or the storage stalled")
 
     def _give_up(self, why: str) -> None:
         print(f"error (rank {self.rank}): {why}; Python stacks of every thread follow; exit {EXIT_LOST_PEER} "

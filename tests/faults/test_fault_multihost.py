@@ -140,7 +140,9 @@ def test_network_partition_ends_the_job_on_both_hosts_and_the_relaunch_resumes(t
     relaunch resumes from the last checkpoint."""
     config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length,
                          train={"steps": 30, "hang_timeout_s": 15},
-                         checkpoint={"dir": str(tmp_path / "ckpt"), "save_interval": 2, "keep_last": 2})
+                         # the cut may land inside a save (node 0's log lags): bounded by save_timeout_s there
+                         checkpoint={"dir": str(tmp_path / "ckpt"), "save_interval": 2, "keep_last": 2,
+                                     "save_timeout_s": 15})
     with ledger.scenario("network partition between two hosts (veth down) mid-run"):
         codes, outputs, ended = _partitioned_run(two_hosts, config)
         assert ended < 120, ended
