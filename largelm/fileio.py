@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -192,3 +193,18 @@ class _WriteAll:
 
     def flush(self) -> None:
         pass
+
+
+def process_gone_here(holder: dict) -> bool:
+    """Is the process a lock file names (``{"host": ..., "pid": ...}``) known to be gone: on this host, and no
+    process with that pid? Another host's holder, or a record without a usable pid, may be alive (False)."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+
 import pytest
 
-from largelm.fileio import publish_dir, write_text_atomic
+from largelm.fileio import process_gone_here, publish_dir, write_text_atomic
 
 
 def _dir(path, **files):
@@ -65,3 +69,13 @@ def test_a_checkpoint_manifest_of_the_wrong_shape_is_named_corrupt(tmp_path, tex
         verify_checkpoint(ckpt)
     with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*\n.*is corrupt"):
         find_latest(tmp_path)
+
+
+def test_process_gone_here_only_for_a_dead_pid_of_this_host():
+    here = socket.gethostname()
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # reaped: its pid names no process (until reused, which a fresh pid is not this soon)
+    assert process_gone_here({"host": here, "pid": ended.pid})
+    assert not process_gone_here({"host": here, "pid": os.getpid()})
+    assert not process_gone_here({"host": here + "-other", "pid": ended.pid})  # another host's: may be alive
+    assert not process_gone_here({"host": here, "pid": "12"}) and not process_gone_here({"host": here})

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from largelm.fileio import process_gone_here
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".largelm.lock"
@@ -39,16 +41,6 @@ class CheckpointLocked(RuntimeError):
 def _holder_record() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": os.environ.get("SLURM_JOB_ID"),
             "started": time.time()}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def read_holder(root: Path) -> Optional[dict]:
@@ -73,8 +65,7 @@ def stale_reason(holder: dict) -> Optional[str]:
     job = os.environ.get("SLURM_JOB_ID")
     if job and holder.get("job_id") == job and holder.get("pid") != os.getpid():
         return f"it is an earlier run of this Slurm job {job} (requeued)"
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-            and holder["pid"] > 0 and not _pid_alive(holder["pid"]):
+    if process_gone_here(holder):
         return f"its process {holder['pid']} on this host is gone"
     return None
 

@@ -129,26 +129,47 @@ def run(config: Path, overrides: tuple = (), faults: str = "", kill_when: Option
                   None if error_at is None else end - error_at)
 
 
-def descendant_ranks(launcher_pid: int) -> dict[int, int]:
-    """{rank: pid} of the training ranks below the launcher process ``launcher_pid`` (ours: started by this test),
-    read from /proc (each rank's RANK environment variable)."""
-    children: dict[int, list[int]] = {}
+def environ_of(pid: int) -> dict[str, str]:
+    """A process's environment, from /proc (OSError if it is gone)."""
+    return dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().decode(
+        errors="replace").split("\0") if "=" in item)
+
+
+def _process_table() -> dict[int, tuple[int, bytes, dict[str, str]]]:
+    """{pid: (parent pid, cmdline, environment)} of every process /proc lets us read."""
+    table = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             with contextlib.suppress(OSError, IndexError, ValueError):
                 ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(proc.name))
-    ranks, todo = {}, [launcher_pid]
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        with contextlib.suppress(OSError):
-            env = dict(item.split("=", 1) for item in (Path(f"/proc/{pid}/environ").read_bytes().decode(
-                errors="replace").split("\0")) if "=" in item)
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"largelm.train.main" in cmdline and "RANK" in env:
-                ranks.setdefault(int(env["RANK"]), pid)  # a rank is met before its data workers (its children)
+                table[int(proc.name)] = (ppid, (proc / "cmdline").read_bytes(), environ_of(int(proc.name)))
+    return table
+
+
+def training_ranks(where: Callable[[int, dict[str, str]], bool]) -> dict[int, int]:
+    """{RANK: pid} of the training ranks (``largelm.train.main`` processes, not their data workers: a worker's
+    command line is its parent's) for which ``where(pid, environment)`` holds. The caller's predicate names the
+    processes it started (below its launcher, or carrying its own mark): several "hosts" share this process table."""
+    table = _process_table()
+    ranks = {}
+    for pid, (ppid, cmdline, env) in table.items():
+        is_worker = ppid in table and table[ppid][1] == cmdline
+        if b"largelm.train.main" in cmdline and "RANK" in env and not is_worker and where(pid, env):
+            ranks[int(env["RANK"])] = pid
     return ranks
+
+
+def descendant_ranks(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the training ranks below the launcher process ``launcher_pid`` (ours: started by this test)."""
+    table = _process_table()
+
+    def below_launcher(pid: int, _env) -> bool:
+        while pid in table and pid > 1:
+            pid = table[pid][0]
+            if pid == launcher_pid:
+                return True
+        return False
+    return training_ranks(below_launcher)
 
 
 def _reap_group(proc: subprocess.Popen) -> None:

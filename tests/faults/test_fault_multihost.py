@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from faultkit import tb_scalars
+from faultkit import environ_of, tb_scalars, training_ranks
 from netns_hosts import Host, NetnsRefused, netns_hosts
 from train_utils import REPO, check_ok, free_port, launch, tiny_config
 
@@ -206,25 +206,6 @@ def ssh_hosts(two_hosts, tmp_path_factory):
             daemon.wait(timeout=10)
 
 
-def _marked_ranks(mark: str) -> dict[int, dict]:
-    """{RANK: environment} of the training ranks carrying ``LARGELM_TEST_MARK=mark`` (this test's, wherever ssh
-    started them: both "hosts" share the process table)."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if b"largelm.train.main" not in (proc / "cmdline").read_bytes():
-                continue
-            env = dict(item.split("=", 1) for item in (proc / "environ").read_bytes().decode(errors="replace")
-                       .split("\0") if "=" in item)
-        except OSError:
-            continue
-        if env.get("LARGELM_TEST_MARK") == mark and "RANK" in env:
-            found.setdefault(int(env["RANK"]), {**env, "pid": proc.name})
-    return found
-
-
 def test_deepspeed_launcher_over_ssh_reaches_the_other_host_with_the_environment(ssh_hosts, tmp_path, tokenizer_path,
                                                                                shard_dir, shard_seq_length, ledger):
     """The deepspeed launcher with a hostfile, reaching both hosts over ssh/pdsh: the ranks there must get what
@@ -250,7 +231,8 @@ def test_deepspeed_launcher_over_ssh_reaches_the_other_host_with_the_environment
             for line in proc.stdout:
                 lines.append(line)
                 if "step 2/" in line and not seen:
-                    seen.update(_marked_ranks(mark))
+                    marked = training_ranks(lambda _pid, env: env.get("LARGELM_TEST_MARK") == mark)
+                    seen.update({rank: environ_of(pid) for rank, pid in marked.items()})
             assert proc.wait(timeout=60) == 0, "".join(lines)[-5000:]
             assert sorted(seen) == [0, 1], (seen.keys(), "".join(lines)[-3000:])
             remote = seen[1]
@@ -262,5 +244,6 @@ def test_deepspeed_launcher_over_ssh_reaches_the_other_host_with_the_environment
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        for rank in _marked_ranks(mark).values():  # ranks this test started through sshd, if any are left
-            os.kill(int(rank["pid"]), signal.SIGKILL)
+        # ranks this test started through sshd, if any are left
+        for pid in training_ranks(lambda _pid, env: env.get("LARGELM_TEST_MARK") == mark).values():
+            os.kill(pid, signal.SIGKILL)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from faultkit import tb_scalars
+from faultkit import tb_scalars, training_ranks
 from netns_hosts import NetnsRefused, netns_hosts
 from slurm_cluster import LocalSlurm, SlurmError, SlurmNode, is_zombie
 from train_utils import REPO, STEP_LINE, check_ok, launch, tiny_config
@@ -89,27 +89,6 @@ def _wait_for_step(cluster: LocalSlurm, job: int, log: Path, step: int) -> None:
         time.sleep(0.2)
 
 
-def _job_ranks(job: int) -> dict[int, int]:
-    """{RANK: pid} of this job's first start's training ranks (both "nodes" share this machine's process table)."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            if not proc.name.isdigit() or b"largelm.train.main" not in (proc / "cmdline").read_bytes():
-                continue
-            environ = (proc / "environ").read_text(errors="replace").split("\0")
-            env = dict(kv.split("=", 1) for kv in environ if "=" in kv)
-        except OSError:
-            continue
-        if env.get("LARGELM_JOB_TAG") == f"{job}.0" and "RANK" in env:
-            try:
-                parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
-                if (proc / "cmdline").read_bytes() != Path(f"/proc/{parent}/cmdline").read_bytes():  # not a worker
-                    found[int(env["RANK"])] = int(proc.name)
-            except OSError:
-                continue
-    return found
-
-
 def _check_resumed_run(cluster, job, log, run_dir, reference, exit_code) -> str:
     state = cluster.wait(job, timeout=JOB_TIMEOUT)
     text, why = _text(log), _why(cluster, job, log)
@@ -145,7 +124,7 @@ def test_frozen_node_ends_the_step_and_the_job_requeues_and_resumes(two_nodes, c
     with ledger.scenario("frozen node (SIGSTOP) in a two-node Slurm job: requeued on 43, resumed"):
         job, log = _submit(cluster, config, tmp_path)
         _wait_for_step(cluster, job, log, 6)  # a checkpoint at step 4
-        ranks = _job_ranks(job)
+        ranks = training_ranks(lambda _pid, env: env.get("LARGELM_JOB_TAG") == f"{job}.0")  # first start
         assert sorted(ranks) == [0, 1], ranks
         os.kill(ranks[1], signal.SIGSTOP)  # node 1's rank: frozen, connections open, no bytes
         frozen_at = time.monotonic()

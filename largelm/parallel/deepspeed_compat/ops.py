@@ -38,6 +38,8 @@ from typing import Optional
 import deepspeed
 import torch
 
+from largelm.fileio import process_gone_here
+
 SAY_EVERY_S = 5.0
 _LOCK = "largelm-build.lock"
 
@@ -81,18 +83,6 @@ def _holder(path: Path) -> Optional[dict]:
         return None
 
 
-def _alive_here(holder: Optional[dict]) -> bool:
-    if not holder or holder.get("host") != socket.gethostname():
-        return holder is not None  # another host's holder (a shared home): assume alive, it will finish
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, TypeError):
-        return True
-    return True
-
-
 def _acquire(lock: Path, what: str) -> None:
     waited_since, said = time.monotonic(), 0.0
     while True:
@@ -100,7 +90,7 @@ def _acquire(lock: Path, what: str) -> None:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _holder(lock)
-            if holder is not None and not _alive_here(holder):
+            if holder is not None and process_gone_here(holder):
                 print(f"warning: removing a stale build lock {lock} of pid {holder.get('pid')} (gone)", flush=True)
                 lock.unlink(missing_ok=True)
                 continue
