@@ -6,7 +6,7 @@
 # is already AVX2 or below the first pass ran there, and the second is skipped with the reason printed.
 # Extra args go to pytest in both passes (the second adds -m numerics last): `scripts/test.sh tests/test_x.py`
 # runs that file, then its numerics tests emulated. Exits non-zero if either pass fails; pytest's exit code 5
-# (no tests selected) counts as success.
+# (no tests selected) counts as success. The 25 slowest tests are listed (--durations) to keep the suite within budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -15,7 +15,7 @@ PY="${LARGELM_VENV:-.venv}/bin/python"
 
 run_pytest() {  # pytest's exit status, with 5 (nothing collected) mapped to 0
     local rc=0
-    "$PY" -m pytest -q --timeout=900 "$@" || rc=$?
+    "$PY" -m pytest -q --timeout=900 --durations=25 "$@" || rc=$?
     if [ "$rc" -eq 5 ]; then rc=0; fi
     return "$rc"
 }

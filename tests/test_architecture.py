@@ -122,3 +122,11 @@ def test_preflight_is_idempotent(tmp_path, tokenizer_path, shard_dir, shard_seq_
     cfg = preflight(load_config(tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length)), world_size=1)
     again = preflight(cfg, world_size=1) if resolved_twice else cfg
     assert again.model_dump() == cfg.model_dump()
+
+
+def test_the_launcher_imports_no_megatron():
+    """Every launch starts largelm-launch, then DeepSpeed's runner, then the ranks: megatron-core (seconds of imports)
+    belongs in the ranks only. The launcher's preflight (config, checkpoint, layout change) must not pull it in."""
+    probe = "import sys, largelm.launch, largelm.ds_launcher; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "'megatron'" not in loaded, loaded

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from largelm.checkpoint.elastic import RESHARD_SETTING, layout_change
+from largelm.checkpoint.layout_change import RESHARD_SETTING, layout_change
 from largelm.checkpoint.manager import CheckpointError, find_latest
 from largelm.checkpoint.manager import read_manifest as read_checkpoint_manifest
 from largelm.config import Config, ConfigError, ModelConfig, checkpoint_config_from_dict

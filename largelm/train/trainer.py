@@ -21,6 +21,7 @@ from megatron.core import parallel_state
 from largelm import faults
 from largelm.checkpoint import elastic
 from largelm.checkpoint.full_weights import checkpoint_config
+from largelm.checkpoint.layout_change import RESHARD_SETTING, layout_change
 from largelm.checkpoint.manager import (
     LATEST,
     Checkpoint,
@@ -172,12 +173,12 @@ class Trainer:
             return None
         written = checkpoint_config(latest.path)
         saved_world = read_manifest(latest.path).get("world_size", self.world_size)
-        change = elastic.layout_change(written, saved_world, self.cfg, self.world_size)
+        change = layout_change(written, saved_world, self.cfg, self.world_size)
         if change is None:
             return None
         if not self.cfg.checkpoint.reshard_on_resume:
             raise ConfigError(f"checkpoint {latest.path} was written in another parallel layout:\n  {change}\n"
-                              f"resume it resharded with {elastic.RESHARD_SETTING}")
+                              f"resume it resharded with {RESHARD_SETTING}")
         if self.rank == 0:
             print(f"resuming {latest.path} in another layout:\n  {change}", flush=True)
         try:
