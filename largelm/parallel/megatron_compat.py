@@ -7,6 +7,9 @@ A BERT layer's two norms are spec slots (``largelm.model.bert_layers.bert_layer_
 LayerNorm (``transformer_block.LayerNormImpl``) and the MLM head's (``bert_lm_head.LNImpl``) are module globals
 megatron reads while building ``BertModel``; ``bert_norms`` points them at ``SequenceParallelNorm`` for the duration
 of the build, and only with SP. Listed in ``PATCHES`` (and ``largelm.parallel.ALL_PATCHES``).
+
+``deferred_jit_fuser`` is installed by ``largelm/__init__.py`` itself (it must precede megatron's import; the module
+is ``largelm/megatron_jit.py``) and listed here with the other megatron patches.
 """
 
 from __future__ import annotations
@@ -30,6 +33,16 @@ PATCHES = (
             "SP their weights must be marked sequence_parallel so their gradients are summed over TP",
         when="while building a BERT (BertModel or pipeline stages) with parallel.sequence_parallel",
         test="tests/test_bert.py::test_tensor_parallel_2_equals_single_rank",
+    ),
+    Patch(
+        name="deferred_jit_fuser", library="megatron-core 0.16.1", scope="process",
+        target="megatron.core.jit.jit_fuser -> largelm.megatron_jit.lazy_compile",
+        replaces="torch.compile, applied to ~40 fusion functions while megatron.core is imported",
+        why="the first torch.compile imports torch._dynamo and inductor: seconds of every process's start-up, for "
+            "functions that never run on CPU (fusions off); on GPU they compile at their first call instead",
+        when="every process that imports largelm before megatron (ranks, tools, tests): an import hook installed by "
+             "largelm/__init__.py",
+        test="tests/test_megatron_jit.py::test_megatron_imports_without_compiling_and_compiles_on_first_call",
     ),
 )
 

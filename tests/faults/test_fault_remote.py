@@ -24,7 +24,8 @@ from largelm.data import DataError, RemoteSettings, build_loader, read_manifest
 from largelm.data.remote import RemoteError, take_retries
 
 CHUNK = 1024  # every shard (2-3 KB) takes several ranged GETs, so a fault can hit the middle of one
-FAST = RemoteSettings(timeout_s=10.0, read_timeout_s=0.5, backoff_s=0.01, chunk_bytes=CHUNK)
+# read_timeout_s: a stall must outlast it; a slow but live response (a loaded machine: moto is Python) must not
+FAST = RemoteSettings(timeout_s=10.0, read_timeout_s=2.0, backoff_s=0.01, chunk_bytes=CHUNK)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def train_loader(location, **kw):
 FAULTS = [  # shard 1: connection cut in mid-shard (not its first chunk), twice; shard 3: 500 x3; shard 5: a stall
     {"match": "train-000001", "kind": "drop", "times": 2, "min_offset": CHUNK},
     {"match": "train-000003", "kind": "500", "times": 3},
-    {"match": "train-000005", "kind": "stall", "times": 1, "min_offset": CHUNK, "stall_s": 3},
+    {"match": "train-000005", "kind": "stall", "times": 1, "min_offset": CHUNK, "stall_s": 5},
 ]
 
 
