@@ -31,7 +31,8 @@ def tiny_config(tmp: Path, tokenizer_path: Path, shard_dir: Path, seq_length: in
         "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "weight_decay": 0.1, "grad_clip": 1.0},
         "train": {"steps": 8, "micro_batch_size": 4, "grad_accum_steps": 2, "precision": "fp32", "seed": 11,
                   "eval_interval": 0, "eval_steps": 2, "log_interval": 1},
-        "checkpoint": {"dir": str(tmp / "ckpt"), "save_interval": 0, "keep_last": 2},
+        # a test's save takes well under a second: a peer frozen or cut off mid-save ends the run within a minute
+        "checkpoint": {"dir": str(tmp / "ckpt"), "save_interval": 0, "keep_last": 2, "save_timeout_s": 60},
         # a datasheet-style MFU peak: no start-up matmul measurement (tests of the measured peak set None)
         "logging": {"tensorboard_dir": str(tmp / "tb"), "progress_bar": False, "peak_tflops_per_rank": 1.0},
     }
