@@ -32,6 +32,7 @@ from train_utils import tiny_config
 
 from largelm.checkpoint.consolidated import load_consolidated
 from largelm.checkpoint.elastic import read_reshard_source
+from largelm.checkpoint.full_weights import load_full_weights
 from largelm.convert import api, verify
 from largelm.model.layout import VOCAB_PARALLEL
 
@@ -178,6 +179,24 @@ def test_zero3_tp2_consolidation_equals_live_model(runs, tmp_path):
         ours = ref(verify.fixed_tokens(hub.model))
     live = torch.from_numpy(results[0]["logits"])[..., :padded]
     assert ours.shape == live.shape and max_err(ours, live) <= logit_tol(hub.model, live.abs().max().item())
+
+
+@pytest.mark.parametrize("run", ["gpt", "pipe"])
+def test_tools_read_tensor_and_pipeline_parallel_checkpoints_directly(runs, run):
+    """What quantization, generation and distillation teachers load (``load_full_weights``): a TP=2 (ZeRO-3) or
+    PP=2 training checkpoint as the full weights of one TP=1/PP=1 model, equal to the live model's, no converter
+    step; the config it returns describes that model."""
+    ckpt, results = runs[run]
+    cfg, state, _ = load_full_weights(ckpt, dtype=None)
+    assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.sequence_parallel) == (1, 1,
+                                                                                                              False)
+    live, vocab = _live_full(results), cfg.model.vocab_size
+    assert sorted(state) == sorted(live)
+    for name, tensor in state.items():
+        if name in VOCAB_PARALLEL:  # padded to TP=1's multiple here, to the run's TP multiple live
+            assert tensor.shape[0] == cfg.model.padded_vocab_size(1) and torch.equal(tensor[:vocab], live[name][:vocab])
+        else:
+            assert torch.equal(tensor, live[name]), name
 
 
 def test_zero1_bf16_dp2_consolidation_and_hf_export(runs, tmp_path):

@@ -3,9 +3,9 @@
     python tools/quantize.py --checkpoint runs/gpt-tiny/checkpoints --out runs/gpt-tiny/int4 \
         --bits 4 --group-size 32 --method gptq
 
-Reads the checkpoint (a root -> its latest, or one step_XXXXXXXX directory; TP=1/PP=1), quantizes the transformer
-linear layers (int8 per channel, or int4 group-wise; round-to-nearest or GPTQ on calibration batches from the
-training shards), writes the quantized checkpoint (model.safetensors + quant.json + config.yaml; load it with
+Reads the checkpoint (a root -> its latest, or one step_XXXXXXXX directory; any TP/PP/ZeRO layout), quantizes the
+transformer linear layers (int8 per channel, or int4 group-wise; round-to-nearest or GPTQ on calibration batches
+from the training shards), writes the quantized checkpoint (model.safetensors + quant.json + config.yaml; load it with
 ``largelm.quant.load_quantized``) and ``report.md`` / ``report.json``: size on disk (bf16 export vs quantized),
 validation perplexity on the config's validation shards and forward tokens/s, before and after. The "before"
 model is the checkpoint's fp32 weights; both run in ``--dtype`` (fp32 default) on this machine; tokens/s of the two

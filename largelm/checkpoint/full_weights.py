@@ -2,9 +2,9 @@
 training (quantization, distillation teachers, generation).
 
 ``load_full_weights`` is the one entry point; it consolidates the checkpoint with the checkpoint converter
-(largelm/checkpoint/reader.py: any ZeRO stage and DP size, DeepSpeed's BF16_Optimizer, the fp32 master
-weights wherever they exist). It accepts only checkpoints written at tensor_parallel=1 and pipeline_parallel=1,
-because the tools build a TP=1/PP=1 model from the checkpoint's config; reshard other layouts first.
+(largelm/checkpoint/reader.py: any TP/PP size, ZeRO stage and DP size, DeepSpeed's BF16_Optimizer, the fp32
+master weights wherever they exist) into the full tensors of one TP=1/PP=1 model, and returns the checkpoint's
+config with that layout (``parallel``: TP=1, PP=1, no sequence parallelism), the one the tools build.
 """
 
 from __future__ import annotations
@@ -53,13 +53,10 @@ def load_full_weights(path: str | Path, dtype: Optional[torch.dtype] = torch.flo
         info = inspect_checkpoint(ckpt_dir, checksums=False)
     except ConversionError as err:
         raise CheckpointError(f"could not consolidate DeepSpeed checkpoint {ckpt_dir}: {err}") from err
-    cfg, tp, pp = info.config, info.tensor_parallel, info.pipeline_parallel
-    if tp != 1 or pp != 1:  # the tools build a TP=1/PP=1 model from the checkpoint's config
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} was written with tensor_parallel={tp}, pipeline_parallel={pp}; only TP=1/PP=1 "
-            "checkpoints are read here (reshard it to TP=1/PP=1 first with the checkpoint converter)"
-        )
-    try:  # any DP size and ZeRO stage, fp32 master weights where they exist
+    # the tools build one TP=1/PP=1 model of the checkpoint's shape; its padded vocabulary is TP=1's
+    cfg = info.config.model_copy(update={"parallel": info.config.parallel.model_copy(
+        update={"tensor_parallel": 1, "pipeline_parallel": 1, "sequence_parallel": False, "virtual_pipeline": None})})
+    try:  # any layout: the TP shards joined, the pipeline stages merged, fp32 master weights where they exist
         consolidated = consolidate_checkpoint(info, log=lambda _: None)
     except ConversionError as err:
         raise CheckpointError(f"could not consolidate DeepSpeed checkpoint {ckpt_dir}: {err}") from err

@@ -17,7 +17,8 @@ _LAYER_PREFIX = "decoder.layers."
 
 
 def teacher_weights(cfg: Config) -> tuple[Config, dict]:
-    """The teacher's config and full (TP=1) weights, checked against the student's config."""
+    """The teacher's config and full (TP=1) weights, checked against the student's config. Any layout the teacher
+    was trained in (load_full_weights joins its shards); each rank holds the whole teacher."""
     teacher_cfg, state, path = load_full_weights(cfg.distill.teacher)
     check_teacher(cfg, teacher_cfg, path)
     return teacher_cfg, state
@@ -38,11 +39,6 @@ def check_teacher(cfg: Config, teacher_cfg: Config, path: Path) -> None:
     if teacher_cfg.model.arch != "gpt":
         raise ConfigError(f"distill.teacher: {path} is a model.arch={teacher_cfg.model.arch!r} checkpoint; "
                           "distillation supports GPT teachers")
-    if teacher_cfg.parallel.tensor_parallel != 1 or teacher_cfg.parallel.pipeline_parallel != 1:
-        raise ConfigError(f"distill.teacher: {path} was trained with tensor_parallel="
-                          f"{teacher_cfg.parallel.tensor_parallel}, pipeline_parallel="
-                          f"{teacher_cfg.parallel.pipeline_parallel}; teachers are read as TP=1/PP=1 checkpoints "
-                          "(convert it to TP=1 first)")
     if teacher_cfg.model.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"distill.teacher: {path} has vocab_size {teacher_cfg.model.vocab_size}, the student "
                           f"{cfg.model.vocab_size}: teacher and student must share the tokenizer")
