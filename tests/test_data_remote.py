@@ -9,7 +9,7 @@ import pytest
 import torch
 from remote_servers import FaultServer, MotoS3, make_tls
 
-from largelm.data import DataError, RemoteSettings, build_loader, read_manifest
+from largelm.data import DataError, RemoteSettings, build_loader, merge_loader_states, read_manifest
 from largelm.data.remote import take_retries
 from largelm.prepare.gpt_data import main
 
@@ -138,6 +138,37 @@ def test_tls_source_verified_with_remote_ca_file_equals_local_and_resumes(protoc
         resumed.load_state_dict(loader.state_dict())
         assert_same(batches(resumed, 20), want[stop:])
         assert any(r["path"].endswith(".tar") for r in server.requests())  # the bytes did come over TLS
+    finally:
+        server.kill()
+
+
+def test_retry_count_is_carried_across_a_resume(local_splits, tmp_path):
+    """``data/retries`` counts over the whole run: the loader state carries the count (merged states sum it)."""
+    server = FaultServer(tmp_path / "http", root=local_splits)
+    try:
+        server.set_faults([{"match": "train-000001", "kind": "500", "times": 2}])
+        take_retries()
+
+        def make():
+            return build_loader([server.url("a/")], 8, 4, num_workers=2, shuffle_buffer=10, seed=11, remote=FAST)
+
+        loader = make()
+        batches(loader, 20)  # 80 of 96 samples: shard 1 read (and its 2 retries reported by its worker)
+        state = loader.state_dict()
+        assert state["retries"] == loader.retries == 2
+        resumed = make()
+        resumed.load_state_dict(state)
+        batches(resumed, 10)
+        assert resumed.retries == 2 and resumed.state_dict()["retries"] == 2  # fault rules used up: no new ones
+        merged = merge_loader_states([state])
+        assert merged["retries"] == 2
+        moved = build_loader([server.url("a/")], 8, 4, num_workers=1, shuffle_buffer=10, seed=11, remote=FAST)
+        moved.load_state_dict(merged)  # another worker count: the layout-independent state
+        assert moved.retries == 2
+        older = {k: v for k, v in state.items() if k != "retries"}  # a state written before retries were carried
+        fresh = make()
+        fresh.load_state_dict(older)
+        assert fresh.retries == 0
     finally:
         server.kill()
 

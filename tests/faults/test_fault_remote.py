@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultkit import bitwise_equal, edit_config, run, state_differences, tb_scalars
+from faultkit import bitwise_equal, carried_retries, edit_config, run, state_differences, tb_scalars
 from remote_servers import FaultServer, MotoS3
 from train_utils import free_port
 
@@ -206,6 +206,8 @@ def test_s3_training_run_with_faults_and_sigkill_matches_local_bit_for_bit(refer
             killed = run(config, kill_when=lambda line: line.startswith("step 5/"))
             assert killed.killed, killed.output[-3000:]
             assert sum(1 for r in proxy.requests() if r["fault"]) == 4
+            carried = carried_retries(tmp_path / "ckpt")  # of the 4 faults the killed run met (all, or most)
+            assert 0 < carried <= 4
             proxy.set_faults(faults[::-1])  # new rules, fresh counts: the resumed run meets 4 faults too
             edit_config(config, logging={"tensorboard_dir": str(tmp_path / "tb-resumed")})
             resumed = run(config)
@@ -213,13 +215,16 @@ def test_s3_training_run_with_faults_and_sigkill_matches_local_bit_for_bit(refer
             start = resumed.resumed_at
             assert start is not None and start >= 2, resumed.output[-3000:]
             scalars = tb_scalars(tmp_path / "tb-resumed")
-            assert max(scalars["data/retries"].values()) == 4  # every fault met was retried and counted
+            # every fault met was retried and counted; the count goes on from the checkpoint's
+            assert max(scalars["data/retries"].values()) == carried + 4
             reference = reference_fp32["loss"]
             losses = scalars["train/loss"]
             lost = [s for s in range(start + 1, 9) if s not in losses or not bitwise_equal(losses[s], reference[s])]
-            # everything but where the shards are (the recorded dataset path: s3:// here, a directory there)
+            # everything but where the shards are (the recorded dataset path: s3:// here, a directory there) and
+            # the loader states' retry counts (the faults met)
             lost += [k for k in state_differences(reference_fp32["ckpt"] / "step_00000008",
-                                                  tmp_path / "ckpt" / "step_00000008") if not k.endswith("/path")]
+                                                  tmp_path / "ckpt" / "step_00000008")
+                     if not k.endswith(("/path", "/retries"))]
             sc["data_lost"] = len(lost)
             assert not lost, lost[:20]
     finally:
