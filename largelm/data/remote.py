@@ -130,8 +130,11 @@ class _Cancelled(Exception):
 
 
 def _untrusted_certificate(err: BaseException) -> bool:
-    """A TLS certificate that does not verify (unknown CA, wrong host, expired): not transient, never retried."""
-    return isinstance(err, (aiohttp.ClientConnectorCertificateError, ssl.SSLCertVerificationError, BotoSSLError))
+    """A TLS certificate that does not verify (unknown CA, wrong host, expired): not transient, never retried.
+    (Other TLS failures, e.g. a handshake cut off, are transient; botocore wraps both kinds in its SSLError.)"""
+    if isinstance(err, BotoSSLError):
+        err = err.kwargs.get("error")
+    return isinstance(err, (aiohttp.ClientConnectorCertificateError, ssl.SSLCertVerificationError))
 
 
 def with_retries(url: str, settings: RemoteSettings, call: Callable[[], T],
