@@ -18,7 +18,8 @@ loopback has no network latency or bandwidth limit: a real network adds its own,
 hides as long as one shard downloads faster than the previous one is read).
 
 Training: largelm's step (``DenseStep``, 1 process, all cores, batches in memory, ``precision: auto`` as shipped)
-for gpt-tiny, the fastest consumer and so the worst case for the ratio. Blocks interleaved in one process;
+for gpt-tiny, the fastest consumer and so the worst case for the ratio. Blocks interleaved in one process (each
+repetition starts with the next loader arm, so none is always first);
 per-repetition ratio loader tokens/s / training tokens/s. Target: >= 20x.
 
     python bench/p4_remote.py [--quick]
@@ -139,8 +140,11 @@ def main(argv=None) -> int:
 
         loader_tps = {k: [] for k in iters}
         train_tps = []
+        arms_order = list(iters)
         for r in range(reps):
-            for key, it in iters.items():
+            shift = r % len(arms_order)  # each repetition starts with another arm: no source always goes first
+            for key in arms_order[shift:] + arms_order[:shift]:
+                it = iters[key]
                 t0 = time.perf_counter()
                 for _ in range(nbatches):
                     next(it)
@@ -193,6 +197,11 @@ def main(argv=None) -> int:
         "bound when this run's load average (below) is higher, since the loader here is slowed by the load and the "
         "training there was not. Training slows more under load than the loader (it wants every core), so the "
         "side-by-side ratios of a loaded run are optimistic.\n")
+    loads = [meta.get("load_avg_1min_at_start", 0.0), meta.get("load_avg_1min_at_end", 0.0)]
+    busy = "" if max(loads) <= 1.5 * (os.cpu_count() or 1) else (
+        f"\n**This run's machine was busy (1-min load average {loads[0]}/{loads[1]} on {os.cpu_count()} cores, other "
+        "jobs included): every absolute figure is depressed, the side-by-side ratios to training are optimistic and "
+        "the per-source differences are mostly noise; see the cross-check below.**\n")
     md = f"""# P4 for remote sources: loader over loopback HTTP, HTTPS and S3 vs local disk vs training consumption
 
 largelm's training loader (shards of `{shards}`, seq_length {seq}, batch {mb}, shuffle buffer {d.shuffle_buffer},
@@ -204,7 +213,7 @@ in memory; the fastest consumer, so the worst case). Median [IQR] (min-max), {re
 {nbatches} loader batches. Target: loader >= {TARGET:.0f} x training.
 
 **>= {TARGET:.0f}x target (both worker counts): {summary}.**
-
+{busy}
 The servers are Python processes on the same {os.cpu_count()} cores as the loader workers and the benchmark:
 the remote rows are a lower bound for the client against a real server, and loopback has no network latency or
 bandwidth limit (a real network's is hidden by the prefetch of the next shard while one shard downloads faster
