@@ -15,9 +15,8 @@ shard may stay unreachable is bounded.
   body) is retried with exponential backoff (``backoff_s`` doubling up to ``max_backoff_s``) *at the byte offset of
   the chunk that failed* (a Range request), so no byte is read twice into the shard and none is skipped; the sha256
   then vouches for the whole. A request that keeps failing for ``timeout_s`` (counted from its first failure) ends
-  the run with ``RemoteError`` naming the URL and the last error. Missing objects (404) and refused access (403)
-  are not retried. Neither is a TLS certificate that does not verify (``RemoteError`` naming the URL at once):
-  ``data.remote_ca_file`` names the CA bundle for servers whose certificates a private CA signed.
+  the run with ``RemoteError`` naming the URL and the last error. Missing objects (404), refused access (403) and
+  a TLS certificate that does not verify (see ``data.remote_ca_file``: a private CA's bundle) are not retried.
 """
 
 from __future__ import annotations
@@ -130,9 +129,8 @@ class _Cancelled(Exception):
 
 
 def _untrusted_certificate(err: BaseException) -> bool:
-    """A TLS certificate that does not verify (unknown CA, wrong host, expired): not transient, never retried.
-    (Other TLS failures, e.g. a handshake cut off, are transient; botocore wraps both kinds in its SSLError.)"""
-    if isinstance(err, BotoSSLError):
+    """A TLS certificate that does not verify (unknown CA, wrong host, expired): not transient, never retried."""
+    if isinstance(err, BotoSSLError):  # wraps every TLS failure: a cut-off handshake stays transient
         err = err.kwargs.get("error")
     return isinstance(err, (aiohttp.ClientConnectorCertificateError, ssl.SSLCertVerificationError))
 
@@ -201,7 +199,7 @@ def _tls_context(ca_file: str) -> ssl.SSLContext:
     """Verifying TLS context trusting the CA certificates in ``ca_file`` (only those, as AWS_CA_BUNDLE does)."""
     try:
         context = ssl.create_default_context(cafile=ca_file)
-    except (OSError, ssl.SSLError) as err:  # missing file, or no PEM certificate in it
+    except OSError as err:  # missing file, or no PEM certificate in it (ssl.SSLError is an OSError)
         raise DataError(f"data.remote_ca_file {ca_file}: cannot be used as a CA bundle: {err}") from None
     context.set_alpn_protocols(("http/1.1",))  # as aiohttp's own default context
     return context
