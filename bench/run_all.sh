@@ -21,7 +21,7 @@ LOGS=bench/results/logs  # full output of each script (not committed)
 mkdir -p $LOGS
 [ -f $LOGS/.gitignore ] || echo "*" > $LOGS/.gitignore
 start=$(date +%s)
-for bench in p1_overhead p2_vs_hf p3_mfu p4_data p5_memory scaling; do
+for bench in p1_overhead p2_vs_hf p3_mfu p4_data p4_remote p5_memory scaling; do
   t0=$(date +%s)
   echo "=== $bench" >&2
   # shellcheck disable=SC2086

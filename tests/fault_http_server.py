@@ -12,6 +12,7 @@ come from a JSON file re-read at every request (``--faults``): a list of rules
 * ``stall``: the same half body, then nothing for ``stall_s`` seconds, then the connection is cut.
 
 Every request is appended to ``--log`` as one JSON line ``{"method", "path", "range", "fault"}``.
+With ``--certfile``/``--keyfile`` it speaks HTTPS (TLS on every connection) instead of plain HTTP.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -56,6 +58,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):  # quiet: requests go to the JSON log
         pass
+
+    def setup(self):
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()  # a client refusing the certificate ends this thread here
+        super().setup()
 
     def _record(self, fault):
         entry = {"method": self.command, "path": self.path, "range": self.headers.get("Range"), "fault": fault}
@@ -143,8 +150,15 @@ def main() -> None:
     parser.add_argument("--faults", required=True)
     parser.add_argument("--log", required=True)
     parser.add_argument("--port-file", required=True)
+    parser.add_argument("--certfile", help="PEM certificate (chain): serve HTTPS")
+    parser.add_argument("--keyfile", help="PEM private key of --certfile")
     args = parser.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if args.certfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.certfile, args.keyfile)
+        # the handshake runs in the request's thread (Handler.setup), not in the accept loop
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     server.daemon_threads = True
     server.root = Path(args.root) if args.root else None
     server.upstream = tuple(args.upstream.rsplit(":", 1)) if args.upstream else None

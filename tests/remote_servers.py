@@ -1,5 +1,6 @@
-"""Real servers on loopback for the remote-shard tests: a fault-injecting HTTP server (``fault_http_server.py`` in
-a subprocess: a static file host, or a proxy in front of S3) and moto's standalone S3 server (``moto.server``)."""
+"""Real servers on loopback for the remote-shard tests: a fault-injecting HTTP(S) server (``fault_http_server.py`` in
+a subprocess: a static file host, or a proxy in front of S3) and moto's standalone S3 server (``moto.server``);
+``make_tls`` writes a private CA and a server certificate for 127.0.0.1 signed by it."""
 
 from __future__ import annotations
 
@@ -10,10 +11,17 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Optional
 
 import boto3
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from train_utils import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -30,10 +38,53 @@ def _wait_for(predicate, what: str, proc: subprocess.Popen, output: Path, timeou
         time.sleep(0.05)
 
 
-class FaultServer:
-    """``fault_http_server.py`` serving ``root`` (or forwarding to ``upstream`` "host:port") on 127.0.0.1."""
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path  # the CA certificate a client must trust (PEM)
+    cert: Path  # the server's certificate for IP 127.0.0.1, signed by the CA (PEM)
+    key: Path  # the server's private key (PEM)
 
-    def __init__(self, workdir: Path, root: Optional[Path] = None, upstream: Optional[str] = None):
+
+def _pem(obj) -> bytes:
+    return obj.public_bytes(serialization.Encoding.PEM)
+
+
+def make_tls(workdir: Path, ca_name: str = "largelm test CA") -> TlsFiles:
+    """A private CA and a server certificate for 127.0.0.1 (with the extensions OpenSSL's strict checks want)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
+    ca = (x509.CertificateBuilder().subject_name(ca_subject).issuer_name(ca_subject)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    files = TlsFiles(workdir / "ca.pem", workdir / "server.pem", workdir / "server.key")
+    files.ca.write_bytes(_pem(ca))
+    files.cert.write_bytes(_pem(cert))
+    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    return files
+
+
+class FaultServer:
+    """``fault_http_server.py`` serving ``root`` (or forwarding to ``upstream`` "host:port") on 127.0.0.1; over
+    HTTPS with ``tls`` (its certificate and key)."""
+
+    def __init__(self, workdir: Path, root: Optional[Path] = None, upstream: Optional[str] = None,
+                 tls: Optional[TlsFiles] = None):
         workdir.mkdir(parents=True, exist_ok=True)
         self.faults_file, self.log_file = workdir / "faults.json", workdir / "requests.jsonl"
         port_file = workdir / "port"
@@ -43,12 +94,13 @@ class FaultServer:
         cmd = [sys.executable, str(HERE / "fault_http_server.py"), "--faults", str(self.faults_file),
                "--log", str(self.log_file), "--port-file", str(port_file)]
         cmd += ["--root", str(root)] if root is not None else ["--upstream", upstream]
+        cmd += ["--certfile", str(tls.cert), "--keyfile", str(tls.key)] if tls is not None else []
         output = workdir / "server.out"  # a file, not a pipe: a pipe nobody reads would block the server
         with open(output, "w") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         _wait_for(port_file.is_file, "fault_http_server.py", self.proc, output)
         self.port = int(port_file.read_text())
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{'https' if tls is not None else 'http'}://127.0.0.1:{self.port}"
 
     def url(self, path: str = "") -> str:
         return f"{self.base}/{path}"

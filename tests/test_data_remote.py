@@ -1,14 +1,15 @@
-"""Shards at http:// and s3:// prefixes (largelm/data/remote.py) against real servers on 127.0.0.1: a static HTTP
-server with Range support (tests/fault_http_server.py) and moto's S3 server. The loader over either gives exactly
-the samples of the same shards read from the local directory, in the same order, and resumes exactly."""
+"""Shards at http(s):// and s3:// prefixes (largelm/data/remote.py) against real servers on 127.0.0.1: a static
+HTTP(S) server with Range support (tests/fault_http_server.py) and moto's S3 server (also behind a TLS proxy). The
+loader over any of them gives exactly the samples of the same shards read from the local directory, in the same
+order, and resumes exactly."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from remote_servers import FaultServer, MotoS3
+from remote_servers import FaultServer, MotoS3, make_tls
 
-from largelm.data import DataError, RemoteSettings, build_loader, read_manifest
+from largelm.data import DataError, RemoteSettings, build_loader, merge_loader_states, read_manifest
 from largelm.data.remote import take_retries
 from largelm.prepare.gpt_data import main
 
@@ -106,6 +107,70 @@ def test_remote_resume_is_exact(remote, local_splits, workers=2, stop=7):
     moved = make(remote("a"), remote=FAST)
     moved.load_state_dict(local.state_dict())
     assert_same(batches(moved, 20), want[stop:])
+
+
+@pytest.mark.parametrize("protocol", ["https", "s3 over tls"])
+def test_tls_source_verified_with_remote_ca_file_equals_local_and_resumes(protocol, local_splits, tmp_path,
+                                                                         monkeypatch, request):
+    """Certificates from a private CA, trusted through ``ca_file`` (data.remote_ca_file): for https:// by the
+    aiohttp client, for s3:// (an HTTPS endpoint: a TLS proxy in front of moto) by botocore."""
+    tls = make_tls(tmp_path / "tls")
+    if protocol == "https":
+        server = FaultServer(tmp_path / "https", root=local_splits, tls=tls)
+        location = server.url("a/")
+    else:
+        moto = request.getfixturevalue("moto")
+        server = FaultServer(tmp_path / "proxy", upstream=f"127.0.0.1:{moto.port}", tls=tls)
+        for key, value in {**moto.env, "AWS_ENDPOINT_URL": server.base}.items():
+            monkeypatch.setenv(key, value)
+        location = "s3://shards/corpus/a"
+    settings = RemoteSettings(timeout_s=10.0, read_timeout_s=5.0, backoff_s=0.01, chunk_bytes=1024,
+                              ca_file=str(tls.ca))
+    try:
+        def make(a, **kw):
+            return build_loader([a], 8, 4, num_workers=2, shuffle_buffer=10, seed=11, **kw)
+
+        stop = 7
+        want = batches(make(local_splits / "a"), stop + 20)
+        loader = make(location, remote=settings)
+        assert_same(batches(loader, stop), want[:stop])
+        resumed = make(location, remote=settings)
+        resumed.load_state_dict(loader.state_dict())
+        assert_same(batches(resumed, 20), want[stop:])
+        assert any(r["path"].endswith(".tar") for r in server.requests())  # the bytes did come over TLS
+    finally:
+        server.kill()
+
+
+def test_retry_count_is_carried_across_a_resume(local_splits, tmp_path):
+    """``data/retries`` counts over the whole run: the loader state carries the count (merged states sum it)."""
+    server = FaultServer(tmp_path / "http", root=local_splits)
+    try:
+        server.set_faults([{"match": "train-000001", "kind": "500", "times": 2}])
+        take_retries()
+
+        def make():
+            return build_loader([server.url("a/")], 8, 4, num_workers=2, shuffle_buffer=10, seed=11, remote=FAST)
+
+        loader = make()
+        batches(loader, 20)  # 80 of 96 samples: shard 1 read (and its 2 retries reported by its worker)
+        state = loader.state_dict()
+        assert state["retries"] == loader.retries == 2
+        resumed = make()
+        resumed.load_state_dict(state)
+        batches(resumed, 10)
+        assert resumed.retries == 2 and resumed.state_dict()["retries"] == 2  # fault rules used up: no new ones
+        merged = merge_loader_states([state])
+        assert merged["retries"] == 2
+        moved = build_loader([server.url("a/")], 8, 4, num_workers=1, shuffle_buffer=10, seed=11, remote=FAST)
+        moved.load_state_dict(merged)  # another worker count: the layout-independent state
+        assert moved.retries == 2
+        older = {k: v for k, v in state.items() if k != "retries"}  # a state written before retries were carried
+        fresh = make()
+        fresh.load_state_dict(older)
+        assert fresh.retries == 0
+    finally:
+        server.kill()
 
 
 def test_missing_remote_split_is_a_clear_error(remote):

@@ -112,6 +112,9 @@ class DataConfig(_Section):
     # meanwhile) ends the run; a connect or read stalled for remote_read_timeout_s fails the request.
     remote_timeout_s: float = Field(default=300.0, gt=0)
     remote_read_timeout_s: float = Field(default=60.0, gt=0)
+    remote_ca_file: Optional[str] = Field(default=None, description="PEM bundle of the CA certificates that verify "
+                                          "https:// and s3:// endpoints (instead of the system's), for servers "
+                                          "whose certificates a private CA signed")
     cache_dir: Optional[str] = Field(default=None, description="keep downloaded remote shards here (by sha256) for "
                                      "later epochs and runs")
     cache_max_bytes: int = Field(default=0, ge=0, description="cache size bound, least recently used first out; "

@@ -37,6 +37,7 @@ from largelm.data.loader_state import (
     check_version,
     count,
     differences,
+    optional_count,
     parse_rank_records,
     parse_slots,
     slot_epochs,
@@ -120,10 +121,14 @@ class TokenLoader:
 
     @property
     def retries(self) -> int:
-        """Remote requests retried so far by this loader's readers (and by this process before it was built); not
-        part of the resume state."""
+        """Remote requests retried so far by this loader's readers (and by this process before it was built), plus
+        ``add_retries`` and what the resumed state carried: the run's count, kept across resumes."""
         self._retries += take_retries()  # reads in this process (a worker-less loader's, manifests) count too
         return self._retries
+
+    def add_retries(self, count: int) -> None:
+        """Count retries made for the same run elsewhere (its validation loaders) here, in the resume state too."""
+        self._retries += count
 
     @property
     def num_samples(self) -> int:
@@ -208,6 +213,7 @@ class TokenLoader:
             **self._identity(),
             "consumed_batches": self._consumed,
             "bad_samples": self._bad,
+            "retries": self.retries,
             "next_slot": self._next_slot,
             "slots": [
                 None if s is None else {"samples": s["samples"], "positions": [list(p) for p in s["positions"]]}
@@ -228,7 +234,8 @@ class TokenLoader:
 
         A ``"rank"`` state (``state_dict()``) continues exactly, on the same layout only. A ``"global"`` state
         (``merge_loader_states`` of every rank's) continues on any layout: this rank's readers take their shares
-        of what remains of each epoch in progress. The data-parallel rank 0 takes over the bad-sample count."""
+        of what remains of each epoch in progress. The data-parallel rank 0 takes over the bad-sample and retry
+        counts. The retry count of ``state`` is added to this loader's (retries made before the load count too)."""
         if not self.settings.infinite:
             raise DataError(
                 "a validation loader (infinite=False) starts a fresh pass on every iteration; it has no state to resume"
@@ -254,6 +261,7 @@ class TokenLoader:
         self._next_slot = count(state, "next_slot")
         self._consumed = count(state, "consumed_batches")
         self._bad = count(state, "bad_samples")
+        self._retries += optional_count(state, "retries")
 
     def _load_global(self, state: dict, sizes: list[int]) -> None:
         position = state.get("position")
@@ -262,6 +270,7 @@ class TokenLoader:
                             f"{position!r:.80}")
         self._bases = [DatasetPosition.from_json(p, f"position[{d}]", sizes[d]) for d, p in enumerate(position)]
         self._bad = count(state, "bad_samples") if self.settings.rank == 0 else 0
+        self._retries += optional_count(state, "retries") if self.settings.rank == 0 else 0
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:

@@ -93,6 +93,11 @@ def count(state: dict, key: str) -> int:
     return non_negative_int(state.get(key), key)
 
 
+def optional_count(state: dict, key: str) -> int:
+    """A count that states written by older largelm lack (``retries``): 0 there."""
+    return count(state, key) if key in state else 0
+
+
 def parse_slots(state: dict, num_slots: int, num_datasets: int) -> list[Optional[dict]]:
     """The per-slot positions of a ``"rank"`` state, checked field by field."""
     slots = state.get("slots")
@@ -169,8 +174,8 @@ def merge_loader_states(states: Sequence[dict]) -> dict:
         raise DataError(f"merge_loader_states: need one state of each rank 0..{world - 1} (world_size "
                         f"{world}), got ranks {sorted(by_rank)}")
     for rank, state in by_rank.items():
-        changed = [k for k in first if k not in ("rank", "consumed_batches", "bad_samples", "next_slot", "slots",
-                                                 "position") and state.get(k) != first[k]]
+        changed = [k for k in first if k not in ("rank", "consumed_batches", "bad_samples", "retries", "next_slot",
+                                                 "slots", "position") and state.get(k) != first[k]]
         if changed:
             raise DataError(f"merge_loader_states: rank {rank}'s loader state differs from the first one in "
                             f"{changed} (states of one run and one moment only)")
@@ -196,8 +201,9 @@ def merge_loader_states(states: Sequence[dict]) -> dict:
             raise DataError(f"merge_loader_states: position[{d}].base.num_samples differs between ranks: {sizes}")
         positions.append(merge_positions([records[r][d] for r in range(world)], sizes.pop()).to_json())
     merged = {k: v for k, v in first.items() if k not in (*LAYOUT_FIELDS, "consumed_batches", "next_slot", "slots",
-                                                          "position", "bad_samples")}
+                                                          "position", "bad_samples", "retries")}
     return {**merged, "kind": "global", "version": STATE_VERSION,
             "bad_samples": sum(count(s, "bad_samples") for s in by_rank.values()),
+            "retries": sum(optional_count(s, "retries") for s in by_rank.values()),
             "written_by": {"world_size": world, "num_workers": first.get("num_workers")},
             "position": positions}

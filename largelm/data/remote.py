@@ -15,8 +15,8 @@ shard may stay unreachable is bounded.
   body) is retried with exponential backoff (``backoff_s`` doubling up to ``max_backoff_s``) *at the byte offset of
   the chunk that failed* (a Range request), so no byte is read twice into the shard and none is skipped; the sha256
   then vouches for the whole. A request that keeps failing for ``timeout_s`` (counted from its first failure) ends
-  the run with ``RemoteError`` naming the URL and the last error. Missing objects (404) and refused access (403)
-  are not retried.
+  the run with ``RemoteError`` naming the URL and the last error. Missing objects (404), refused access (403) and
+  a TLS certificate that does not verify (see ``data.remote_ca_file``: a private CA's bundle) are not retried.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import ssl
 import tempfile
 import threading
 import time
@@ -36,6 +37,7 @@ from typing import Callable, Optional, TypeVar, Union
 import aiohttp
 import fsspec
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import SSLError as BotoSSLError
 from fsspec.exceptions import FSTimeoutError
 
 from largelm.data.format import MANIFEST_NAME, DataError, Manifest, ShardInfo, parse_manifest
@@ -61,12 +63,14 @@ class RemoteSettings:
     chunk_bytes: int = 8 << 20  # one ranged GET; a retry re-requests at most this much
     cache_dir: Optional[str] = None  # keep verified shards here (by sha256) for later epochs and runs
     cache_max_bytes: int = 0  # cache size bound (least recently used shards removed first); 0: unbounded
+    ca_file: Optional[str] = None  # PEM CA bundle verifying https:// and s3:// endpoints instead of the system's
 
 
 def remote_settings(data_cfg) -> RemoteSettings:
     """RemoteSettings from a ``DataConfig`` (``data.remote_timeout_s`` ...)."""
     return RemoteSettings(timeout_s=data_cfg.remote_timeout_s, read_timeout_s=data_cfg.remote_read_timeout_s,
-                          cache_dir=data_cfg.cache_dir, cache_max_bytes=data_cfg.cache_max_bytes)
+                          cache_dir=data_cfg.cache_dir, cache_max_bytes=data_cfg.cache_max_bytes,
+                          ca_file=data_cfg.remote_ca_file)
 
 
 def is_remote(location) -> bool:
@@ -124,6 +128,13 @@ class _Cancelled(Exception):
     """A download nobody will read any more (its reader stopped)."""
 
 
+def _untrusted_certificate(err: BaseException) -> bool:
+    """A TLS certificate that does not verify (unknown CA, wrong host, expired): not transient, never retried."""
+    if isinstance(err, BotoSSLError):  # wraps every TLS failure: a cut-off handshake stays transient
+        err = err.kwargs.get("error")
+    return isinstance(err, (aiohttp.ClientConnectorCertificateError, ssl.SSLCertVerificationError))
+
+
 def with_retries(url: str, settings: RemoteSettings, call: Callable[[], T],
                  cancel: Optional[threading.Event] = None) -> T:
     """``call()`` until it succeeds; transient failures retried with exponential backoff for up to
@@ -134,6 +145,10 @@ def with_retries(url: str, settings: RemoteSettings, call: Callable[[], T],
         try:
             return call()
         except _TRANSIENT as err:
+            if _untrusted_certificate(err):
+                raise RemoteError(
+                    f"{url}: TLS certificate verification failed ({type(err).__name__}: {err}); if a private CA "
+                    "signed the server's certificate, set data.remote_ca_file to that CA's PEM file") from None
             if _permanent(err):
                 raise
             now = time.monotonic()
@@ -161,20 +176,33 @@ def filesystem(url: str, settings: RemoteSettings) -> fsspec.AbstractFileSystem:
     """This process's fsspec filesystem for ``url``'s scheme (a DataLoader worker makes its own after the fork)."""
     protocol = url.split("://", 1)[0]
     aws = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))  # endpoint, region, keys
-    key = (os.getpid(), protocol, settings.read_timeout_s, aws)
+    key = (os.getpid(), protocol, settings.read_timeout_s, settings.ca_file, aws)
     fs = _filesystems.get(key)
     if fs is None:
         t = settings.read_timeout_s
+        tls = _tls_context(settings.ca_file) if settings.ca_file else None  # a bad CA file fails here, named
         if protocol == "s3":
             # retries=1 / max_attempts=1: one attempt per call, with_retries does the rest (and counts it)
-            fs = fsspec.filesystem("s3", skip_instance_cache=True, config_kwargs={
+            client = {"verify": settings.ca_file} if settings.ca_file else {}
+            fs = fsspec.filesystem("s3", skip_instance_cache=True, client_kwargs=client, config_kwargs={
                 "connect_timeout": t, "read_timeout": t, "retries": {"total_max_attempts": 1, "mode": "standard"}})
             fs.retries = 1  # s3fs's own retry loop (a class attribute, no constructor argument)
         else:
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
-            fs = fsspec.filesystem(protocol, skip_instance_cache=True, client_kwargs={"timeout": timeout})
+            request = {"ssl": tls} if tls is not None else {}  # fsspec passes these to every aiohttp request
+            fs = fsspec.filesystem(protocol, skip_instance_cache=True, client_kwargs={"timeout": timeout}, **request)
         _filesystems[key] = fs
     return fs
+
+
+def _tls_context(ca_file: str) -> ssl.SSLContext:
+    """Verifying TLS context trusting the CA certificates in ``ca_file`` (only those, as AWS_CA_BUNDLE does)."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except OSError as err:  # missing file, or no PEM certificate in it (ssl.SSLError is an OSError)
+        raise DataError(f"data.remote_ca_file {ca_file}: cannot be used as a CA bundle: {err}") from None
+    context.set_alpn_protocols(("http/1.1",))  # as aiohttp's own default context
+    return context
 
 
 def read_range(url: str, settings: RemoteSettings, start: Optional[int] = None, end: Optional[int] = None,

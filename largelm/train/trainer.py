@@ -111,7 +111,6 @@ class Trainer:
         )
         self.step = 0
         self.loader = self._train_loader()
-        self.valid_retries = 0  # remote requests retried by the validation loaders (the train loader counts its own)
         self._restore(resume)
         self.reshard = None  # the full state read for resharding is not kept for the run
 
@@ -270,7 +269,7 @@ class Trainer:
             for name, value in (getattr(self.stepper, "last_eval_metrics", None) or {}).items():
                 extra[name] = extra.get(name, 0.0) + float(value)
             count += 1
-        self.valid_retries += loader.retries
+        self.loader.add_retries(loader.retries)  # data/retries: the run's, carried in the train loader's state
         paths = [s.path for s in self.cfg.data.valid]
         if count == 0:
             raise DataError(f"validation data {paths} yielded no batch on some data-parallel rank (each of the "
@@ -342,7 +341,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         # skipped bad samples and remote retries, summed over the data-parallel ranks (each reads its own share)
-        data_counts = torch.tensor([float(self.loader.bad_samples), float(self.loader.retries + self.valid_retries)],
+        data_counts = torch.tensor([float(self.loader.bad_samples), float(self.loader.retries)],
                                    device=self.device)
         dist.all_reduce(data_counts, group=parallel_state.get_data_parallel_group())
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,

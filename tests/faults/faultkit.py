@@ -218,6 +218,13 @@ def checkpoint_state(step_dir: Path) -> dict[str, object]:
     return flat
 
 
+def carried_retries(ckpt_root: Path) -> int:
+    """Remote retries recorded in the latest checkpoint under ``ckpt_root``: the ranks' loader states' counts, which
+    a resumed run's tensorboard ``data/retries`` continues from (the merged ``data/global/retries`` not re-added)."""
+    step_dir = Path(ckpt_root) / (Path(ckpt_root) / "latest").read_text().strip()
+    return sum(int(v) for k, v in checkpoint_state(step_dir).items() if re.search(r"\.pt/data/retries$", k))
+
+
 # Values that legitimately differ between two runs that trained identically.
 _RUN_SPECIFIC = re.compile(r"/(ds_config|ds_version)(/|$)")
 

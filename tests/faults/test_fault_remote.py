@@ -1,4 +1,4 @@
-"""Remote shards under real network faults (largelm/data/remote.py): servers on 127.0.0.1 only - a static HTTP server
+"""Remote shards under real network faults (largelm/data/remote.py): servers on 127.0.0.1 only - a static HTTP(S) server
 and a proxy in front of moto's S3 server (tests/fault_http_server.py) that answer 500, cut connections in the middle
 of a shard, stall; servers killed outright; a damaged shard; a server without Range support.
 
@@ -9,6 +9,7 @@ shard unreachable for ``remote_timeout_s`` ends the read with an error naming it
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultkit import bitwise_equal, edit_config, run, state_differences, tb_scalars
-from remote_servers import FaultServer, MotoS3
+from faultkit import bitwise_equal, carried_retries, edit_config, run, state_differences, tb_scalars
+from remote_servers import FaultServer, MotoS3, make_tls
 from train_utils import free_port
 
 from largelm.data import DataError, RemoteSettings, build_loader, read_manifest
@@ -70,13 +71,17 @@ FAULTS = [  # shard 1: connection cut in mid-shard (not its first chunk), twice;
 ]
 
 
-@pytest.mark.parametrize("protocol", ["http", "s3"])
+@pytest.mark.parametrize("protocol", ["http", "https", "s3"])
 def test_transient_faults_are_retried_without_losing_or_repeating_a_sample(split, protocol, request, tmp_path,
                                                                           monkeypatch, ledger):
     want = keys_and_tokens(train_loader(split / "a"), 30)  # 1.25 epochs, every shard read
-    if protocol == "http":
-        server = FaultServer(tmp_path / "http", root=split)
+    settings = FAST
+    if protocol in ("http", "https"):
+        tls = make_tls(tmp_path / "tls") if protocol == "https" else None
+        server = FaultServer(tmp_path / protocol, root=split, tls=tls)
         location = server.url("a/")
+        if tls is not None:  # the certificate verified against the test's CA, faults met over TLS
+            settings = dataclasses.replace(FAST, ca_file=str(tls.ca))
     else:  # the proxy forwards to moto: an S3 endpoint that fails like a real one can
         moto = request.getfixturevalue("moto")
         server = FaultServer(tmp_path / "proxy", upstream=f"127.0.0.1:{moto.port}")
@@ -88,7 +93,7 @@ def test_transient_faults_are_retried_without_losing_or_repeating_a_sample(split
         take_retries()
         with ledger.scenario(f"{protocol}: 2 connections cut mid-shard, 3 x HTTP 500, 1 read stalled (retried)",
                              injected=6) as sc:
-            loader = train_loader(location, remote=FAST)
+            loader = train_loader(location, remote=settings)
             got = keys_and_tokens(loader, 30)
             sc["data_lost"] = same(got, want)
             assert sc["data_lost"] == 0
@@ -207,6 +212,8 @@ def test_s3_training_run_with_faults_and_sigkill_matches_local_bit_for_bit(refer
             killed = run(config, kill_when=lambda line: line.startswith("step 5/"))
             assert killed.killed, killed.output[-3000:]
             assert sum(1 for r in proxy.requests() if r["fault"]) == 4
+            carried = carried_retries(tmp_path / "ckpt")  # of the 4 faults the killed run met (all, or most)
+            assert 0 < carried <= 4
             proxy.set_faults(faults[::-1])  # new rules, fresh counts: the resumed run meets 4 faults too
             edit_config(config, logging={"tensorboard_dir": str(tmp_path / "tb-resumed")})
             resumed = run(config)
@@ -214,13 +221,16 @@ def test_s3_training_run_with_faults_and_sigkill_matches_local_bit_for_bit(refer
             start = resumed.resumed_at
             assert start is not None and start >= 2, resumed.output[-3000:]
             scalars = tb_scalars(tmp_path / "tb-resumed")
-            assert max(scalars["data/retries"].values()) == 4  # every fault met was retried and counted
+            # every fault met was retried and counted; the count goes on from the checkpoint's
+            assert max(scalars["data/retries"].values()) == carried + 4
             reference = reference_fp32["loss"]
             losses = scalars["train/loss"]
             lost = [s for s in range(start + 1, 9) if s not in losses or not bitwise_equal(losses[s], reference[s])]
-            # everything but where the shards are (the recorded dataset path: s3:// here, a directory there)
+            # everything but where the shards are (the recorded dataset path: s3:// here, a directory there) and
+            # the loader states' retry counts (the faults met)
             lost += [k for k in state_differences(reference_fp32["ckpt"] / "step_00000008",
-                                                  tmp_path / "ckpt" / "step_00000008") if not k.endswith("/path")]
+                                                  tmp_path / "ckpt" / "step_00000008")
+                     if not k.endswith(("/path", "/retries"))]
             sc["data_lost"] = len(lost)
             assert not lost, lost[:20]
     finally:
