@@ -16,6 +16,8 @@ from largelm.config.loading import (
     load_config,
 )
 from largelm.config.schema import (
+    BUNDLED_EVAL_TASKS,
+    EVAL_TASK_TAG,
     BertConfig,
     CheckpointConfig,
     Config,
@@ -23,6 +25,7 @@ from largelm.config.schema import (
     DataConfig,
     DatasetSpec,
     DistillConfig,
+    EvalConfig,
     LoggingConfig,
     ModelConfig,
     OptimizerConfig,
@@ -30,9 +33,11 @@ from largelm.config.schema import (
     TokenizerConfig,
     TrainConfig,
     WandbConfig,
+    task_names_in,
 )
 
 __all__ = [
+    "BUNDLED_EVAL_TASKS", "EVAL_TASK_TAG", "EvalConfig", "task_names_in",
     "CHECKPOINT_LEGACY_DEFAULTS", "BertConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
     "DatasetSpec", "DistillConfig", "LoggingConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig",
     "TokenizerConfig", "TrainConfig", "WandbConfig", "apply_override", "checkpoint_config_from_dict",

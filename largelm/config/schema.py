@@ -4,6 +4,8 @@ names it) and ``Config``, whose validators hold the cross-field rules."""
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
@@ -270,6 +272,46 @@ class DistillConfig(_Section):
     teacher_precision: Optional[Literal["fp32", "bf16"]] = None
 
 
+# The task set ``largelm-eval --make-tasks`` writes (largelm/prepare/eval_tasks.py), and the tag naming all of them.
+BUNDLED_EVAL_TASKS = ("largelm_next_line", "largelm_last_word", "largelm_perplexity", "largelm_next_line_gen")
+EVAL_TASK_TAG = "largelm_heldout"
+_TASK_NAME_LINE = re.compile(r"^(?:task|tag|group):\s*['\"]?([\w.-]+)", re.MULTILINE)
+
+
+def task_names_in(task_dir: str | Path) -> set[str]:
+    """The task/tag/group names that lm-eval YAMLs under ``task_dir`` define (read as text: a YAML may hold
+    lm-eval's ``!function`` tags, which a plain YAML loader refuses)."""
+    root = Path(task_dir)
+    if not root.is_dir():
+        return set()
+    names = set()
+    for path in sorted(root.rglob("*.yaml")):
+        names.update(_TASK_NAME_LINE.findall(path.read_text(errors="replace")))
+    return names
+
+
+class EvalConfig(_Section):
+    """Downstream evaluation with lm-evaluation-harness during training (largelm/train/harness_eval.py): every
+    ``interval`` steps rank 0 runs ``tasks`` on its model and logs ``eval/<task>/<metric>``."""
+
+    tasks: list[str] = Field(min_length=1)
+    interval: int = Field(gt=0, description="steps between evaluations")
+    limit: Optional[int] = Field(default=None, gt=0, description="documents per task (None: all)")
+    task_dir: str = Field(description="lm-eval task YAMLs, e.g. written by `largelm-eval --make-tasks`")
+    batch_size: int = Field(default=8, gt=0)
+    # The other ranks wait this long for rank 0 (a monitored barrier), and the watchdog allows it.
+    timeout_s: float = Field(default=1800.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> "EvalConfig":
+        known = set(BUNDLED_EVAL_TASKS) | {EVAL_TASK_TAG} | task_names_in(self.task_dir)
+        unknown = [t for t in self.tasks if t not in known]
+        if unknown:
+            raise ValueError(f"eval.tasks: unknown task {unknown[0]!r} (known: {', '.join(sorted(known))}; "
+                             f"other tasks must be defined by a YAML under eval.task_dir={self.task_dir!r})")
+        return self
+
+
 class BertConfig(_Section):
     """BERT pretraining objective (``model.arch: bert``); masking runs in the data pipeline
     (largelm.data.bert_masking)."""
@@ -305,6 +347,7 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     bert: Optional[BertConfig] = Field(default=None, description="model.arch=bert only; defaults filled in")
     distill: Optional[DistillConfig] = None
+    eval: Optional[EvalConfig] = Field(default=None, description="lm-evaluation-harness during training")
 
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":
@@ -338,6 +381,14 @@ class Config(_Section):
                 "distill: distillation supports model.arch='gpt' with parallel.tensor_parallel=1 and "
                 f"parallel.pipeline_parallel=1 (got arch={m.arch!r}, tensor_parallel={p.tensor_parallel}, "
                 f"pipeline_parallel={p.pipeline_parallel})"
+            )
+        if self.eval is not None and (m.arch != "gpt" or p.model_parallel > 1 or p.zero_stage == 3):
+            raise ValueError(
+                "eval: in-training evaluation runs the harness on rank 0's whole model while the other ranks wait, "
+                "so it needs model.arch='gpt', parallel.tensor_parallel=1, parallel.pipeline_parallel=1 and "
+                f"parallel.zero_stage<=2 (got arch={m.arch!r}, tensor_parallel={p.tensor_parallel}, "
+                f"pipeline_parallel={p.pipeline_parallel}, zero_stage={p.zero_stage}); evaluate such a run's "
+                "checkpoints with largelm-eval instead"
             )
         if m.arch == "bert" and m.style != "gpt2":
             raise ValueError("model.style must be 'gpt2' (post-LN-free BERT layout) when model.arch is 'bert'")
