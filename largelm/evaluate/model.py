@@ -22,7 +22,7 @@ from largelm.config import ParallelConfig
 from largelm.convert import verify
 from largelm.convert.source import open_source
 from largelm.errors import ConversionError
-from largelm.model.harness import LargelmLM
+from largelm.model.harness import LargelmLM, offline_hub
 from largelm.model.registry import get_arch
 from largelm.tokenizer import Tokenizer
 
@@ -76,6 +76,7 @@ class LargelmCheckpointLM(LargelmLM):
 
     def __init__(self, checkpoint: str, tokenizer: Optional[str] = None, batch_size: int | str = 8,
                  max_length: Optional[int] = None, **_ignored):
+        offline_hub()
         self._world = contextlib.ExitStack()
         self._world.enter_context(single_rank())
         loaded = load_checkpoint(checkpoint, tokenizer, log=lambda _: None)

@@ -119,8 +119,12 @@ def task_yaml(name: str, data_file: Path) -> dict:
                                 {"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
     if name == "largelm_perplexity":
         return {**common, "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
-                "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"},
-                                {"metric": "bits_per_byte"}]}
+                "metric_list": [{"metric": "word_perplexity", "aggregation": "weighted_perplexity",
+                                 "higher_is_better": False},
+                                {"metric": "byte_perplexity", "aggregation": "weighted_perplexity",
+                                 "higher_is_better": False},
+                                {"metric": "bits_per_byte", "aggregation": "bits_per_byte",
+                                 "higher_is_better": False}]}
     if name == "largelm_next_line_gen":
         return {**common, "output_type": "generate_until", "doc_to_text": "{{context}}\n",
                 "doc_to_target": "{{target}}",

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from largelm.config import Config
-from largelm.model.harness import LargelmLM, flat_metrics, run_harness
 from largelm.tokenizer import Tokenizer
 from largelm.train.rng import capture_rng_state, restore_rng_state
 
@@ -40,6 +39,9 @@ class HarnessEval:
         metrics = None
         with watchdog.busy(f"lm-eval at step {step}", finish_on_stop=False, limit_s=ev.timeout_s):
             if self.rank == 0:
+                # lazy (lm-eval + datasets take seconds to import; only rank 0 runs the harness)
+                from largelm.model.harness import LargelmLM, flat_metrics, run_harness
+
                 began = time.perf_counter()
                 rng = capture_rng_state()
                 try:
@@ -56,3 +58,10 @@ class HarnessEval:
                 else:  # NCCL: bounded by parallel.timeout_s
                     dist.barrier()
         return metrics
+
+    def run_and_log(self, module: torch.nn.Module, step: int, watchdog, log) -> None:
+        """``run``, then rank 0 logs the scalars (tensorboard, W&B) and one line (``log``: the trainer's RunLogger)."""
+        metrics = self.run(module, step, watchdog)
+        if metrics:
+            log.scalars(step, metrics)
+            log.line(f"lm-eval at step {step}:" + "".join(f" {k[len('eval/'):]} {v:.4f}" for k, v in metrics.items()))

@@ -42,7 +42,6 @@ from largelm.parallel import groups
 from largelm.parallel.cpu_compat import enable_cpu_compat, model_parallel_manual_seed
 from largelm.train import data_position
 from largelm.train.guards import StepGuard
-from largelm.train.harness_eval import HarnessEval
 from largelm.train.logger import RunLogger
 from largelm.train.metrics import Throughput, matmul_flops, memory_stats, products_seconds
 from largelm.train.preflight import precision_choice
@@ -122,7 +121,11 @@ class Trainer:
         wandb = WandbMirror(cfg, resumed=resume is not None) if self.rank == 0 and cfg.logging.wandb else None
         self.log = RunLogger(self.rank == 0, cfg.train.steps, self.step, cfg.logging.tensorboard_dir,
                              cfg.logging.progress_bar, wandb)
-        self.harness = HarnessEval(cfg, self.rank) if cfg.eval is not None else None  # lm-eval (eval: section)
+        self.harness = None
+        if cfg.eval is not None:  # lm-evaluation-harness (eval: section)
+            from largelm.train.harness_eval import HarnessEval  # lazy (lm-eval + datasets: seconds to import)
+
+            self.harness = HarnessEval(cfg, self.rank)
         self.history: list[tuple[int, float]] = []
         self._short_eval_noted = False  # said once that validation runs fewer than train.eval_steps batches
 
@@ -313,7 +316,7 @@ class Trainer:
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0:
                     self._log_eval()
                 if self.harness is not None and self.harness.due(self.step):
-                    self._log_harness()
+                    self.harness.run_and_log(self.engine.module, self.step, self.watchdog, self.log)
                 interval = self.cfg.checkpoint.save_interval
                 stop = self.stop_requested()
                 if (interval and self.step % interval == 0) or self.step == last_step or stop or save_pending:
@@ -374,13 +377,6 @@ class Trainer:
             self.log.line(f"step {self.step} valid loss {metrics['valid/loss']:.4f}{ppl}"
                           + "".join(f" {k.rsplit('/', 1)[-1]} {v:.4f}" for k, v in metrics.items()
                                     if k not in ("valid/loss", "valid/ppl")))
-
-    def _log_harness(self) -> None:
-        metrics = self.harness.run(self.engine.module, self.step, self.watchdog)
-        if metrics:
-            self.log.scalars(self.step, metrics)
-            self.log.line(f"lm-eval at step {self.step}:" + "".join(f" {k[len('eval/'):]} {v:.4f}"
-                                                                     for k, v in metrics.items()))
 
     def close(self) -> None:
         groups.destroy()
