@@ -7,6 +7,7 @@ The DeepSpeed JSON config is *generated* from this object (``largelm.parallel.de
 by hand in a second place.
 """
 
+from largelm.config.eval import BUNDLED_EVAL_TASKS, EVAL_TASK_TAG, EvalConfig, task_names_in
 from largelm.config.loading import (
     CHECKPOINT_LEGACY_DEFAULTS,
     apply_override,
@@ -16,8 +17,6 @@ from largelm.config.loading import (
     load_config,
 )
 from largelm.config.schema import (
-    BUNDLED_EVAL_TASKS,
-    EVAL_TASK_TAG,
     BertConfig,
     CheckpointConfig,
     Config,
@@ -25,7 +24,6 @@ from largelm.config.schema import (
     DataConfig,
     DatasetSpec,
     DistillConfig,
-    EvalConfig,
     LoggingConfig,
     ModelConfig,
     OptimizerConfig,
@@ -33,7 +31,6 @@ from largelm.config.schema import (
     TokenizerConfig,
     TrainConfig,
     WandbConfig,
-    task_names_in,
 )
 
 __all__ = [

@@ -4,11 +4,11 @@ names it) and ``Config``, whose validators hold the cross-field rules."""
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from largelm.config.eval import EvalConfig
 
 
 class ConfigError(ValueError):
@@ -270,46 +270,6 @@ class DistillConfig(_Section):
     k: int = Field(default=2, ge=1, description="every_kth_layer: student layer i starts from teacher layer i*k")
     # None: the run's train.precision. The teacher is frozen and in eval mode either way.
     teacher_precision: Optional[Literal["fp32", "bf16"]] = None
-
-
-# The task set ``largelm-eval --make-tasks`` writes (largelm/prepare/eval_tasks.py), and the tag naming all of them.
-BUNDLED_EVAL_TASKS = ("largelm_next_line", "largelm_last_word", "largelm_perplexity", "largelm_next_line_gen")
-EVAL_TASK_TAG = "largelm_heldout"
-_TASK_NAME_LINE = re.compile(r"^(?:task|tag|group):\s*['\"]?([\w.-]+)", re.MULTILINE)
-
-
-def task_names_in(task_dir: str | Path) -> set[str]:
-    """The task/tag/group names that lm-eval YAMLs under ``task_dir`` define (read as text: a YAML may hold
-    lm-eval's ``!function`` tags, which a plain YAML loader refuses)."""
-    root = Path(task_dir)
-    if not root.is_dir():
-        return set()
-    names = set()
-    for path in sorted(root.rglob("*.yaml")):
-        names.update(_TASK_NAME_LINE.findall(path.read_text(errors="replace")))
-    return names
-
-
-class EvalConfig(_Section):
-    """Downstream evaluation with lm-evaluation-harness during training (largelm/train/harness_eval.py): every
-    ``interval`` steps rank 0 runs ``tasks`` on its model and logs ``eval/<task>/<metric>``."""
-
-    tasks: list[str] = Field(min_length=1)
-    interval: int = Field(gt=0, description="steps between evaluations")
-    limit: Optional[int] = Field(default=None, gt=0, description="documents per task (None: all)")
-    task_dir: str = Field(description="lm-eval task YAMLs, e.g. written by `largelm-eval --make-tasks`")
-    batch_size: int = Field(default=8, gt=0)
-    # The other ranks wait this long for rank 0 (a monitored barrier), and the watchdog allows it.
-    timeout_s: float = Field(default=1800.0, gt=0)
-
-    @model_validator(mode="after")
-    def _check_tasks(self) -> "EvalConfig":
-        known = set(BUNDLED_EVAL_TASKS) | {EVAL_TASK_TAG} | task_names_in(self.task_dir)
-        unknown = [t for t in self.tasks if t not in known]
-        if unknown:
-            raise ValueError(f"eval.tasks: unknown task {unknown[0]!r} (known: {', '.join(sorted(known))}; "
-                             f"other tasks must be defined by a YAML under eval.task_dir={self.task_dir!r})")
-        return self
 
 
 class BertConfig(_Section):

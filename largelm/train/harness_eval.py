@@ -39,8 +39,7 @@ class HarnessEval:
         metrics = None
         with watchdog.busy(f"lm-eval at step {step}", finish_on_stop=False, limit_s=ev.timeout_s):
             if self.rank == 0:
-                # lazy (lm-eval + datasets take seconds to import; only rank 0 runs the harness)
-                from largelm.model.harness import LargelmLM, flat_metrics, run_harness
+                from largelm.model.harness import LargelmLM, flat_metrics, run_harness  # lazy (slow; rank 0 only)
 
                 began = time.perf_counter()
                 rng = capture_rng_state()
