@@ -312,3 +312,15 @@ def test_registered_as_largelm_in_lm_evals_registry(tiny, task_dir):
                                       tasks=["largelm_last_word"], limit=3, bootstrap_iters=0,
                                       task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))
     assert 0 <= results["results"]["largelm_last_word"]["acc,none"] <= 1
+
+
+@pytest.mark.slow
+def test_lm_evals_own_command_line_runs_the_largelm_model(tiny, task_dir):
+    _, _, _, consolidated = tiny
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, "-m", "largelm.evaluate.lm_eval_cli", "--model", "largelm",
+                           "--model_args", f"checkpoint={consolidated}", "--batch_size", "2",
+                           "--tasks", "largelm_last_word", "--include_path", str(task_dir), "--limit", "2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "|largelm_last_word" in proc.stdout and "perplexity" in proc.stdout
