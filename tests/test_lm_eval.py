@@ -324,3 +324,30 @@ def test_lm_evals_own_command_line_runs_the_largelm_model(tiny, task_dir):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "|largelm_last_word" in proc.stdout and "perplexity" in proc.stdout
+
+
+def test_in_training_eval_leaves_the_training_rngs_as_they_were(tiny, task_dir, tokenizer_path):
+    """The harness reseeds Python's, numpy's and torch's RNGs; rank 0 puts them back (exact resume unchanged)."""
+    import random
+
+    import numpy as np
+
+    from largelm.train.harness_eval import HarnessEval
+    from largelm.train.watchdog import Watchdog
+
+    cfg, model, _, _ = tiny
+    run_cfg = config_object(tokenizer={"model": str(tokenizer_path)}, model={"seq_length": cfg.model.seq_length},
+                            eval={"tasks": ["largelm_next_line"], "interval": 3, "limit": 2,
+                                  "task_dir": str(task_dir)})
+    harness = HarnessEval(run_cfg, rank=0)
+    assert harness.due(6) and not harness.due(4)
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    before = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    model.train()
+    metrics = harness.run(model, 3, Watchdog(0, hang_timeout_s=None))
+    after = (random.random(), np.random.rand(), torch.rand(1))
+    assert before == after
+    assert model.training  # back in training mode
+    model.eval()
+    assert set(metrics) >= {"eval/largelm_next_line/acc", "eval/largelm_next_line/acc_norm"}
