@@ -7,6 +7,7 @@ The DeepSpeed JSON config is *generated* from this object (``largelm.parallel.de
 by hand in a second place.
 """
 
+from largelm.config.eval import BUNDLED_EVAL_TASKS, EVAL_TASK_TAG, EvalConfig, task_names_in
 from largelm.config.loading import (
     CHECKPOINT_LEGACY_DEFAULTS,
     apply_override,
@@ -33,6 +34,7 @@ from largelm.config.schema import (
 )
 
 __all__ = [
+    "BUNDLED_EVAL_TASKS", "EVAL_TASK_TAG", "EvalConfig", "task_names_in",
     "CHECKPOINT_LEGACY_DEFAULTS", "BertConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
     "DatasetSpec", "DistillConfig", "LoggingConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig",
     "TokenizerConfig", "TrainConfig", "WandbConfig", "apply_override", "checkpoint_config_from_dict",

@@ -52,6 +52,9 @@ def checkpoint_config_from_dict(data: dict, source: str = "<checkpoint config>")
             values = data.get(section) or {}
             if isinstance(values, dict) and field not in values:
                 data[section] = {**values, field: value}
+        # The in-training evaluation schedule says nothing about the weights, and its task_dir (whose YAMLs
+        # validate the task names) may be gone where the checkpoint is read later.
+        data.pop("eval", None)
     cfg = config_from_dict(data, source=source)
     if cfg.train.precision == "auto":
         raise ConfigError(f"{source}: train.precision is 'auto', which does not say what the checkpoint was trained "

@@ -8,6 +8,8 @@ from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from largelm.config.eval import EvalConfig
+
 
 class ConfigError(ValueError):
     """A config file or field is wrong; the message names the file and the field."""
@@ -308,6 +310,7 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     bert: Optional[BertConfig] = Field(default=None, description="model.arch=bert only; defaults filled in")
     distill: Optional[DistillConfig] = None
+    eval: Optional[EvalConfig] = Field(default=None, description="lm-evaluation-harness during training")
 
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":
@@ -341,6 +344,14 @@ class Config(_Section):
                 "distill: distillation supports model.arch='gpt' with parallel.tensor_parallel=1 and "
                 f"parallel.pipeline_parallel=1 (got arch={m.arch!r}, tensor_parallel={p.tensor_parallel}, "
                 f"pipeline_parallel={p.pipeline_parallel})"
+            )
+        if self.eval is not None and (m.arch != "gpt" or p.model_parallel > 1 or p.zero_stage == 3):
+            raise ValueError(
+                "eval: in-training evaluation runs the harness on rank 0's whole model while the other ranks wait, "
+                "so it needs model.arch='gpt', parallel.tensor_parallel=1, parallel.pipeline_parallel=1 and "
+                f"parallel.zero_stage<=2 (got arch={m.arch!r}, tensor_parallel={p.tensor_parallel}, "
+                f"pipeline_parallel={p.pipeline_parallel}, zero_stage={p.zero_stage}); evaluate such a run's "
+                "checkpoints with largelm-eval instead"
             )
         if m.arch == "bert" and m.style != "gpt2":
             raise ValueError("model.style must be 'gpt2' (post-LN-free BERT layout) when model.arch is 'bert'")

@@ -8,7 +8,7 @@ from typing import Optional
 from largelm.checkpoint.layout_change import RESHARD_SETTING, layout_change
 from largelm.checkpoint.manager import CheckpointError, find_latest
 from largelm.checkpoint.manager import read_manifest as read_checkpoint_manifest
-from largelm.config import Config, ConfigError, ModelConfig, checkpoint_config_from_dict
+from largelm.config import Config, ConfigError, ModelConfig, checkpoint_config_from_dict, task_names_in
 from largelm.data import DataError, read_manifest, remote_settings
 from largelm.data.remote import as_location
 from largelm.data.shards import check_shard_files
@@ -44,7 +44,22 @@ def preflight(cfg: Config, world_size: int) -> Config:
     _check_checkpoint(resolved, world_size, found)
     if resolved.distill is not None:  # the teacher checkpoint exists and fits the student
         preflight_teacher(resolved)
+    if resolved.eval is not None:
+        _check_eval_tasks(resolved)
     return resolved
+
+
+def _check_eval_tasks(cfg: Config) -> None:
+    """The tasks of ``eval.tasks`` are defined by YAMLs under ``eval.task_dir`` (the bundled names are known to the
+    config, but their files must have been written): refused now, not at the first evaluation."""
+    task_dir = Path(cfg.eval.task_dir)
+    if not task_dir.is_dir():
+        raise ConfigError(f"eval.task_dir={cfg.eval.task_dir!r} does not exist (write the bundled tasks with "
+                          f"largelm-eval --make-tasks --task-dir {cfg.eval.task_dir})")
+    missing = [t for t in cfg.eval.tasks if t not in task_names_in(task_dir)]
+    if missing:
+        raise ConfigError(f"eval.tasks: task {missing[0]!r} is not defined by a YAML under "
+                          f"eval.task_dir={cfg.eval.task_dir!r}")
 
 
 def _resolved(cfg: Config, vocab_size: int, precision: PrecisionChoice) -> Config:

@@ -121,6 +121,11 @@ class Trainer:
         wandb = WandbMirror(cfg, resumed=resume is not None) if self.rank == 0 and cfg.logging.wandb else None
         self.log = RunLogger(self.rank == 0, cfg.train.steps, self.step, cfg.logging.tensorboard_dir,
                              cfg.logging.progress_bar, wandb)
+        self.harness = None
+        if cfg.eval is not None:  # lm-evaluation-harness (eval: section)
+            from largelm.train.harness_eval import HarnessEval  # lazy (lm-eval + datasets: seconds to import)
+
+            self.harness = HarnessEval(cfg, self.rank)
         self.history: list[tuple[int, float]] = []
         self._short_eval_noted = False  # said once that validation runs fewer than train.eval_steps batches
 
@@ -310,6 +315,8 @@ class Trainer:
                     raise TrainingAborted(self.guard.abort_message(self.step, self._latest_checkpoint()))
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0:
                     self._log_eval()
+                if self.harness is not None and self.harness.due(self.step):
+                    self.harness.run_and_log(self.engine.module, self.step, self.watchdog, self.log)
                 interval = self.cfg.checkpoint.save_interval
                 stop = self.stop_requested()
                 if (interval and self.step % interval == 0) or self.step == last_step or stop or save_pending:

@@ -1,0 +1,5 @@
+import sys
+
+from largelm.evaluate.cli import main
+
+sys.exit(main())
