@@ -14,6 +14,7 @@ makes sampling reproducible (every prompt is sampled with the same seed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -82,14 +83,18 @@ def _report(text: str, new: int, seconds: float, cache: bool) -> None:
 
 
 def run(args) -> None:
-    import torch  # lazy: a usage error is reported before torch and megatron are imported (seconds)
+    # stdout carries only the generated text: what libraries print while loading (DeepSpeed's op builder reports
+    # on stdout) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        import torch  # lazy: a usage error is reported before torch and megatron are imported (seconds)
 
-    from largelm.generation.load import load_for_generation
-    from largelm.quant import single_process_parallel_state
-
+        from largelm.generation.load import load_for_generation
+        from largelm.quant import single_process_parallel_state
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    with single_process_parallel_state(args.seed):
-        loaded = load_for_generation(args.checkpoint, dtype, args.tokenizer)
+    with contextlib.ExitStack() as world:
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's comm backend reports its build on stdout
+            world.enter_context(single_process_parallel_state(args.seed))
+            loaded = load_for_generation(args.checkpoint, dtype, args.tokenizer)
         print(f"loaded {loaded.describe} ({loaded.model.style} style, {loaded.model.num_layers} layers, "
               f"context {loaded.context})", file=sys.stderr, flush=True)
         prompts = (line.rstrip("\n") for line in sys.stdin) if args.interactive else [args.prompt]
