@@ -162,3 +162,14 @@ def test_bad_settings_are_refused(tp1):
             generate_ids(model, [1], 2, context=CONTEXT, vocab_size=VOCAB, **kw)
     with pytest.raises(ValueError, match="at least one prompt token"):
         generate_batch(model, [[1], []], 2, context=CONTEXT, vocab_size=VOCAB)
+
+
+def test_a_process_that_never_seeded_megatron_generates(tp1):
+    """megatron's attention forks the model-parallel RNG stream in the decode steps: a tool that only loads weights
+    (no model_parallel_manual_seed) must still generate, the same tokens as after seeding."""
+    from megatron.core import tensor_parallel
+
+    model = model_of("gpt2")
+    seeded = generate_ids(model, PROMPTS[0], 6, context=CONTEXT, vocab_size=VOCAB)
+    tensor_parallel.get_cuda_rng_tracker().reset()
+    assert generate_ids(model, PROMPTS[0], 6, context=CONTEXT, vocab_size=VOCAB) == seeded

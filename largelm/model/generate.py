@@ -27,7 +27,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.inference.contexts import StaticInferenceContext
+
+from largelm.parallel.cpu_compat import model_parallel_manual_seed
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
@@ -94,6 +97,10 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max
         raise ValueError("generation needs at least one prompt token per prompt")
     check_sampling(temperature, top_k, top_p)
     model.eval()  # megatron uses the inference context only outside training mode
+    if not tensor_parallel.get_cuda_rng_tracker().is_initialized():
+        # megatron's attention (which runs the decode steps) forks the model-parallel RNG stream even without
+        # dropout: seed the streams of a process that never did (a tool that only loads weights)
+        model_parallel_manual_seed(seed)
     device = next(model.parameters()).device
     lens = [len(p) for p in prompts]
     batch = len(prompts)
