@@ -144,3 +144,47 @@ def test_training_checkpoint_of_a_tensor_parallel_run(tp1, tokenizer_path, shard
     loaded = load_for_generation(tmp_path / "ckpt")
     assert proc.stdout == expected_text(loaded.module, loaded.tokenizer, PROMPTS[0], 8, loaded.context,
                                         use_cache=False) + "\n"
+
+
+@pytest.mark.slow
+def test_serve_answers_openai_completions_over_http(made, tmp_path):
+    """largelm-serve on loopback (a free port), queried with a real HTTP client (requests): a batch of two prompts
+    (greedy) answers the in-process generation; a bad field is a 400 naming it; /v1/models lists the model."""
+    import time
+
+    import requests
+
+    from largelm.generation.serve import continuation
+
+    log = tmp_path / "serve.log"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "largelm.generation.serve", "--checkpoint",
+                                 str(made["tmp"] / "hub"), "--port", "0", "--threads", "1"],
+                                stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r"on (http://127\.0\.0\.1:\d+)/v1/completions", log.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        base = found.group(1)
+        answer = requests.post(f"{base}/v1/completions", timeout=120,
+                               json={"prompt": PROMPTS, "max_tokens": 6, "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        tok, context = made["tok"], made["cfg"].model.seq_length
+        expected = []
+        for prompt in PROMPTS:
+            ids = tok.encode(prompt)
+            new = generate_ids(made["model"], ids, 6, context=context, vocab_size=tok.vocab_size,
+                               eos_id=tok.eos_id)[len(ids):]
+            expected.append(continuation(tok, ids, new[:-1] if new[-1] == tok.eos_id else new))
+        assert body["object"] == "text_completion"
+        assert [c["text"] for c in body["choices"]] == expected
+        assert body["usage"]["prompt_tokens"] == sum(len(tok.encode(p)) for p in PROMPTS)
+        bad = requests.post(f"{base}/v1/completions", json={"prompt": "x", "temperature": -1}, timeout=60)
+        assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]
+        assert requests.get(f"{base}/v1/models", timeout=60).json()["data"][0]["context_length"] == context
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
