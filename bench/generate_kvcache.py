@@ -129,8 +129,11 @@ def main(argv=None) -> None:
         "times, median.",
         md_table(["model", "no cache tokens/s", "kv cache tokens/s", "speed-up", "same tokens"], rows),
     ])
+    busy = max(meta["load_avg_1min_at_start"], meta.get("load_avg_1min_at_end", 0)) > (meta["cores"] or 1) + 1
+    notes = ("- the machine was shared (load average above its core count): absolute tokens/s are low and noisy; "
+             "the speed-ups are per-repetition ratios of back-to-back runs" if busy else "")
     write_result(NAME, {"meta": meta, "results": results}, md, plot="tokens/s with and without the KV cache",
-                 meta=meta)
+                 meta=meta, run_notes=notes)
     plot(results)
 
 
