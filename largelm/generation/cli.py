@@ -86,10 +86,10 @@ def run(args) -> None:
     # stdout carries only the generated text: what libraries print while loading (DeepSpeed's op builder reports
     # on stdout) goes to stderr
     with contextlib.redirect_stdout(sys.stderr):
-        import torch  # lazy: a usage error is reported before torch and megatron are imported (seconds)
+        import torch  # lazy (usage errors first)
 
-        from largelm.generation.load import load_for_generation
-        from largelm.quant import single_process_parallel_state
+        from largelm.generation.load import load_for_generation  # lazy (usage errors first)
+        from largelm.quant import single_process_parallel_state  # lazy (usage errors first)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     with contextlib.ExitStack() as world:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's comm backend reports its build on stdout
@@ -105,11 +105,11 @@ def run(args) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from largelm.checkpoint.manager import CheckpointError  # lazy: after the arguments are checked
-    from largelm.config import ConfigError
-    from largelm.errors import ConversionError
-    from largelm.generation.load import GenerationError
-    from largelm.quant import QuantizationError
-    from largelm.tokenizer import TokenizerError
+    from largelm.config import ConfigError  # lazy (usage errors first)
+    from largelm.errors import ConversionError  # lazy (usage errors first)
+    from largelm.generation.load import GenerationError  # lazy (usage errors first)
+    from largelm.quant import QuantizationError  # lazy (usage errors first)
+    from largelm.tokenizer import TokenizerError  # lazy (usage errors first)
 
     try:
         run(args)
