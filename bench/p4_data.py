@@ -54,24 +54,33 @@ NAME = "p4_data"
 WORKERS = (0, 1, 2)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def loader_bench_setup(doc: str, argv, more_args=None):
+    """The P4 loader benchmarks' shared start (this file and p4_remote.py): their flags, one rank, the run's metadata
+    and the loader settings of the gpt-tiny run whose consumption they compare with: ``(args, meta, reps, batches,
+    cfg)``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--batches", type=int, default=400, help="loader batches per repetition")
-    p.add_argument("--models", default=f"{TINY},{SMALL}",
-                   help="training consumers (ZeRO-2, train.precision: auto as shipped)")
+    if more_args is not None:
+        more_args(p)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     init_single_rank(args.threads)
     meta = run_metadata()
     reps, nbatches = (2, 100) if args.quick else (args.reps, args.batches)
+    cfg = bench_config(TINY, zero_stage=2, micro_batch_size=8, grad_accum_steps=2)  # the loader's settings
+    return args, meta, reps, nbatches, cfg
+
+
+def main(argv=None) -> int:
+    args, meta, reps, nbatches, cfg = loader_bench_setup(__doc__, argv, lambda p: p.add_argument(
+        "--models", default=f"{TINY},{SMALL}", help="training consumers (ZeRO-2, train.precision: auto as shipped)"))
 
     import arms
 
     from largelm.data import build_loader
 
-    cfg = bench_config(TINY, zero_stage=2, micro_batch_size=8, grad_accum_steps=2)  # the loader's settings
     d = cfg.data
     seq, mb = cfg.model.seq_length, cfg.train.micro_batch_size
     iters = {}

@@ -27,7 +27,6 @@ per-repetition ratio loader tokens/s / training tokens/s. Target: >= 20x.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -41,12 +40,12 @@ from common import (
     TINY,
     Cycle,
     bench_config,
-    init_single_rank,
     real_batches,
     seed_all,
     shipped_precision,
     sync,
 )
+from p4_data import loader_bench_setup
 from report import (
     REPO,
     RESULTS,
@@ -56,7 +55,6 @@ from report import (
     md_table,
     plt,
     ratio_stats,
-    run_metadata,
     save_plot,
     stats,
     verdict,
@@ -99,21 +97,12 @@ def quiet_training_figure(consumer: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--batches", type=int, default=400, help="loader batches per repetition")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args(argv)
-    init_single_rank(args.threads)
-    meta = run_metadata()
-    reps, nbatches = (2, 100) if args.quick else (args.reps, args.batches)
+    args, meta, reps, nbatches, cfg = loader_bench_setup(__doc__, argv)
 
     import arms
 
     from largelm.data import build_loader, remote_settings
 
-    cfg = bench_config(TINY, zero_stage=2, micro_batch_size=8, grad_accum_steps=2)  # the loader's settings
     d = cfg.data
     seq, mb = cfg.model.seq_length, cfg.train.micro_batch_size
     work = Path(tempfile.mkdtemp(prefix="p4-remote-"))

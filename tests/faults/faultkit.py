@@ -364,3 +364,38 @@ class CodeExecutionPayload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+# --- remote sources -----------------------------------------------------------------------------------------
+REMOTE_FAULTS = [{"match": "train-00000", "kind": "500", "times": 2},
+                 {"match": "train-00000", "kind": "drop", "times": 2}]
+
+
+def remote_run_killed_and_resumed(server, config: Path, tmp_path: Path, reference: dict, scenario: dict) -> None:
+    """The 2-rank fp32 fault-suite run on a remote source served through ``server`` (a tests/remote_servers
+    FaultServer failing 2 requests with HTTP 500 and cutting 2 connections), SIGKILLed at step 5 and resumed with
+    the faults again: every fault met is retried and counted (``data/retries`` goes on from the checkpoint's), and
+    the resumed losses and the final checkpoint equal the local-shard ``reference`` (``reference_fp32``) bit for
+    bit. ``scenario``: the ledger scenario, given ``data_lost``."""
+    server.set_faults(REMOTE_FAULTS)
+    killed = run(config, kill_when=lambda line: line.startswith("step 5/"))
+    assert killed.killed, killed.output[-3000:]
+    assert sum(1 for r in server.requests() if r["fault"]) == 4
+    carried = carried_retries(tmp_path / "ckpt")  # of the 4 faults the killed run met (all, or most)
+    assert 0 < carried <= 4
+    server.set_faults(REMOTE_FAULTS[::-1])  # new rules, fresh counts: the resumed run meets 4 faults too
+    edit_config(config, logging={"tensorboard_dir": str(tmp_path / "tb-resumed")})
+    resumed = run(config)
+    resumed.check_ok()
+    start = resumed.resumed_at
+    assert start is not None and start >= 2, resumed.output[-3000:]
+    scalars = tb_scalars(tmp_path / "tb-resumed")
+    assert max(scalars["data/retries"].values()) == carried + 4
+    losses = scalars["train/loss"]
+    lost = [s for s in range(start + 1, 9) if s not in losses or not bitwise_equal(losses[s], reference["loss"][s])]
+    # everything but where the shards are (the recorded dataset path: a URL here, a directory there) and the loader
+    # states' retry counts (the faults met)
+    lost += [k for k in state_differences(reference["ckpt"] / "step_00000008", tmp_path / "ckpt" / "step_00000008")
+             if not k.endswith(("/path", "/retries"))]
+    scenario["data_lost"] = len(lost)
+    assert not lost, lost[:20]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from faultkit import bitwise_equal, carried_retries, edit_config, run, state_differences, tb_scalars
+from faultkit import remote_run_killed_and_resumed
 from remote_servers import FaultServer, MotoS3, make_tls
 
 from largelm.data import DataError, RemoteSettings, build_loader, read_manifest
@@ -80,37 +80,11 @@ def test_https_training_run_with_faults_and_sigkill_matches_local_bit_for_bit(re
     the local-shard reference bit for bit."""
     server = FaultServer(tmp_path / "https", root=Path(shard_dir), tls=tls)
     try:
-        faults = [{"match": "train-00000", "kind": "500", "times": 2},
-                  {"match": "train-00000", "kind": "drop", "times": 2}]
-        server.set_faults(faults)
         config = run_config(tmp_path, data={"train": [{"path": server.url("train")}],
                                             "valid": [{"path": server.url("valid/")}],
                                             "remote_ca_file": str(tls.ca)})
         with ledger.scenario("HTTPS source with 500s and cut connections, then SIGKILL at step 5 and resume",
                              injected=9) as sc:
-            killed = run(config, kill_when=lambda line: line.startswith("step 5/"))
-            assert killed.killed, killed.output[-3000:]
-            assert sum(1 for r in server.requests() if r["fault"]) == 4
-            carried = carried_retries(tmp_path / "ckpt")  # of the 4 faults the killed run met (all, or most)
-            assert 0 < carried <= 4
-            server.set_faults(faults[::-1])  # new rules, fresh counts: the resumed run meets 4 faults too
-            edit_config(config, logging={"tensorboard_dir": str(tmp_path / "tb-resumed")})
-            resumed = run(config)
-            resumed.check_ok()
-            start = resumed.resumed_at
-            assert start is not None and start >= 2, resumed.output[-3000:]
-            scalars = tb_scalars(tmp_path / "tb-resumed")
-            # every fault met was retried and counted; the count goes on from the checkpoint's
-            assert max(scalars["data/retries"].values()) == carried + 4
-            reference = reference_fp32["loss"]
-            losses = scalars["train/loss"]
-            lost = [s for s in range(start + 1, 9) if s not in losses or not bitwise_equal(losses[s], reference[s])]
-            # everything but where the shards are (the recorded dataset path: a URL here, a directory there) and
-            # the loader states' retry counts (the faults met)
-            lost += [k for k in state_differences(reference_fp32["ckpt"] / "step_00000008",
-                                                  tmp_path / "ckpt" / "step_00000008")
-                     if not k.endswith(("/path", "/retries"))]
-            sc["data_lost"] = len(lost)
-            assert not lost, lost[:20]
+            remote_run_killed_and_resumed(server, config, tmp_path, reference_fp32, sc)
     finally:
         server.kill()
