@@ -172,13 +172,28 @@ def descendant_ranks(launcher_pid: int) -> dict[int, int]:
     return training_ranks(below_launcher)
 
 
-def _reap_group(proc: subprocess.Popen) -> None:
-    """Kill whatever is left of the run's process group (a test must not leave ranks behind)."""
+def _reap_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Kill whatever is left of the run's process group (a test must not leave ranks behind) and wait until it is
+    gone: a SIGKILLed rank inside a syscall (an fsync of its checkpoint) still exists for a while, holding the
+    checkpoint directory's lock, and a restart in that window is rightly refused ("in use by another run")."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+    deadline = time.monotonic() + timeout
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Does a process of group ``pgid`` still exist (zombies included: their parent, the launcher, is gone and
+    pid 1 reaps them)?"""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # --- what a run leaves behind -------------------------------------------------------------------------------
