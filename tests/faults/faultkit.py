@@ -146,11 +146,13 @@ def _process_table() -> dict[int, tuple[int, bytes, dict[str, str]]]:
     return table
 
 
-def training_ranks(where: Callable[[int, dict[str, str]], bool]) -> dict[int, int]:
+def training_ranks(where: Callable[[int, dict[str, str]], bool],
+                   table: Optional[dict[int, tuple[int, bytes, dict[str, str]]]] = None) -> dict[int, int]:
     """{RANK: pid} of the training ranks (``largelm.train.main`` processes, not their data workers: a worker's
     command line is its parent's) for which ``where(pid, environment)`` holds. The caller's predicate names the
-    processes it started (below its launcher, or carrying its own mark): several "hosts" share this process table."""
-    table = _process_table()
+    processes it started (below its launcher, or carrying its own mark): several "hosts" share this process table.
+    ``table``: a ``_process_table()`` the caller already read (default: read it now)."""
+    table = _process_table() if table is None else table
     ranks = {}
     for pid, (ppid, cmdline, env) in table.items():
         is_worker = ppid in table and table[ppid][1] == cmdline
@@ -169,7 +171,7 @@ def descendant_ranks(launcher_pid: int) -> dict[int, int]:
             if pid == launcher_pid:
                 return True
         return False
-    return training_ranks(below_launcher)
+    return training_ranks(below_launcher, table)
 
 
 def _reap_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
