@@ -4,12 +4,12 @@
         --bits 4 --group-size 32 --method gptq
 
 Reads the checkpoint (a root -> its latest, or one step_XXXXXXXX directory; any TP/PP/ZeRO layout), quantizes the
-transformer linear layers (int8 per channel, or int4 group-wise; round-to-nearest or GPTQ on calibration batches
-from the training shards), writes the quantized checkpoint (model.safetensors + quant.json + config.yaml; load it with
-``largelm.quant.load_quantized``) and ``report.md`` / ``report.json``: size on disk (bf16 export vs quantized),
-validation perplexity on the config's validation shards and forward tokens/s, before and after. The "before"
-model is the checkpoint's fp32 weights; both run in ``--dtype`` (fp32 default) on this machine; tokens/s of the two
-are timed interleaved (best of 7 passes each), since a shared machine's load drifts.
+transformer linear layers (int8 per channel, or int4 group-wise; round-to-nearest, or GPTQ or AWQ on calibration
+batches from the training shards), writes the quantized checkpoint (model.safetensors + quant.json + config.yaml;
+load it with ``largelm.quant.load_quantized``) and ``report.md`` / ``report.json``: size on disk (bf16 export vs
+quantized), validation perplexity on the config's validation shards and forward tokens/s, before and after. The
+"before" model is the checkpoint's fp32 weights; both run in ``--dtype`` (fp32 default) on this machine; tokens/s
+of the two are timed interleaved (best of 7 passes each), since a shared machine's load drifts.
 """
 
 from __future__ import annotations
@@ -30,8 +30,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "previous output, which is replaced)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=8)
     p.add_argument("--group-size", type=positive_int, default=128, help="int4: input columns per scale/zero point")
-    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
-    p.add_argument("--calib-batches", type=positive_int, default=16, help="gptq: training batches for the Hessians")
+    p.add_argument("--method", choices=("rtn", "gptq", "awq"), default="rtn")
+    p.add_argument("--calib-batches", type=positive_int, default=16,
+                   help="gptq/awq: training batches for the Hessians / activation statistics")
+    p.add_argument("--awq-grid", type=positive_int, default=20, help="awq: scale exponents tried (alpha = i / grid)")
+    p.add_argument("--awq-search-tokens", type=positive_int, default=2048,
+                   help="awq: sampled calibration tokens on which each layer's scale is searched")
+    p.add_argument("--awq-no-clip", action="store_true", help="awq: skip the weight-clipping search")
     p.add_argument("--percdamp", type=float, default=0.01, help="gptq: Hessian damping (fraction of mean diag)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--eval-batches", type=positive_int, default=None, help="limit validation batches (default: all)")
@@ -84,9 +89,13 @@ def run(args) -> dict:
         load_full_state_dict(reference, state)
         with tempfile.TemporaryDirectory() as tmp:  # the bf16 export: the size baseline
             bf16_bytes = dir_bytes(save_quantized(model, cfg, tmp, method="none", fmt=None))
-        calib = calibration_batches(cfg, args.calib_batches, args.batch_size) if args.method == "gptq" else None
-        quantize_model(model, fmt, args.method, calib, args.percdamp)
+        calib = calibration_batches(cfg, args.calib_batches, args.batch_size) if args.method != "rtn" else None
+        awq_options = {"n_grid": args.awq_grid, "search_tokens": args.awq_search_tokens, "clip": not args.awq_no_clip}
+        awq_stats: dict = {}
+        quantize_model(model, fmt, args.method, calib, args.percdamp, awq_options, awq_stats)
         meta = {"source_checkpoint": str(ckpt_dir), "calib_batches": args.calib_batches if calib else 0}
+        if awq_stats:
+            meta["awq"] = {"options": awq_options, "layers": awq_stats}
         save_quantized(model, cfg, out, method=args.method, fmt=fmt, extra_meta=meta)
         del model
         qmodel, _ = load_quantized(out, dtype)  # measure what a user loads

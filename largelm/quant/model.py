@@ -3,7 +3,8 @@
 Checkpoint directory (``save_quantized``)::
 
     model.safetensors    quantized layers: <layer>.qweight (int8 [N, K] | uint8 [N, K/2] packed int4),
-                         <layer>.scale (fp16 [N, groups]), <layer>.zero (int4: uint8 [N, groups]), <layer>.bias;
+                         <layer>.scale (fp16 [N, groups]), <layer>.zero (int4: uint8 [N, groups]), <layer>.bias,
+                         <layer>.input_scale (AWQ, where not folded: fp32 [K], the input is divided by it);
                          every other tensor (embeddings, norms, output layer) as in GPTModel.state_dict(), bf16
     quant.json           {"format": "largelm-quant", "version": 1, "bits", "group_size", "method", "layers", ...}
     config.yaml          the training config of the source checkpoint (model shape, tokenizer)
@@ -37,6 +38,7 @@ from largelm.data import build_loader
 from largelm.fileio import fsync_file, publish_dir, save_safetensors
 from largelm.model.gpt import gpt_forward_loss, split_tokens
 from largelm.model.registry import get_arch
+from largelm.quant.awq import quantize_awq
 from largelm.quant.core import (
     SCALE_DTYPE,
     QuantFormat,
@@ -59,6 +61,7 @@ STORE_DTYPE = torch.bfloat16
 # what save_quantized and tools/quantize.py write into an output directory: only such a directory (or an empty
 # one) is replaced by save_quantized
 OUTPUT_FILES = {WEIGHTS, META, "config.yaml", "report.md", "report.json"}
+METHODS = ("rtn", "gptq", "awq")
 
 
 # --- the forward ----------------------------------------------------------------------------------------------
@@ -67,7 +70,7 @@ class QuantLinear(torch.nn.Module):
     """Drop-in for megatron's Column/RowParallelLinear at TP=1: ``forward(x) -> (y, bias or None)``."""
 
     def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor], skip_bias_add: bool,
-                 compute_dtype: torch.dtype):
+                 compute_dtype: torch.dtype, input_scale: Optional[torch.Tensor] = None):
         super().__init__()
         self.fmt = qw.fmt
         self.out_features, self.in_features = qw.q.shape
@@ -80,6 +83,8 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("scale", qw.scale.to(SCALE_DTYPE))
         self.register_buffer("zero", None if qw.zero is None else qw.zero.to(torch.uint8))
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
+        # AWQ's per-input-channel scale where it could not be folded into the previous op (largelm/quant/awq.py)
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().float().clone())
         # _weight_int8pack_mm wants scales in the activation dtype; convert once
         self.register_buffer("_scale_rows", qw.scale.reshape(-1).to(SCALE_DTYPE).to(compute_dtype),
                              persistent=False)
@@ -100,6 +105,8 @@ class QuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, *_args, **_kwargs):
         x = x.to(self.compute_dtype)
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
         # ATen's int8 weight-only kernel is fast for bf16/fp16 activations; on CPU its fp32 path is ~50x slower
         # than dequantize + F.linear (measured), so fp32 takes the dequantizing path.
         if self.fmt.bits == 8 and x.dtype in (torch.bfloat16, torch.float16):
@@ -114,7 +121,8 @@ class QuantLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.fmt.group_size}" if self.fmt.bits == 4 else ""
-        return f"in={self.in_features}, out={self.out_features}, int{self.fmt.bits}{g}"
+        s = ", input_scale" if self.input_scale is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, int{self.fmt.bits}{g}{s}"
 
 
 # --- what is quantized ----------------------------------------------------------------------------------------
@@ -173,28 +181,39 @@ def collect_hessians(model: torch.nn.Module, names: Iterable[str], batches: Iter
 
 @torch.no_grad()
 def quantize_model(model: torch.nn.Module, fmt: QuantFormat, method: str = "rtn",
-                   calibration: Optional[Iterable[torch.Tensor]] = None, percdamp: float = 0.01) -> dict:
+                   calibration: Optional[Iterable[torch.Tensor]] = None, percdamp: float = 0.01,
+                   awq_options: Optional[dict] = None, stats: Optional[dict] = None) -> dict:
     """Quantize ``model``'s transformer linears in place (swapped for ``QuantLinear``); returns name -> module.
 
-    ``method``: ``"rtn"`` (round to nearest) or ``"gptq"`` (needs ``calibration``: token batches [b, s+1]).
-    GPTQ here collects all layers' input Hessians in one pass of the unquantized model (not layer-sequential).
+    ``method``: ``"rtn"`` (round to nearest), ``"gptq"`` or ``"awq"`` (both need ``calibration``: token batches
+    [b, s+1]). GPTQ here collects all layers' input Hessians in one pass of the unquantized model (not
+    layer-sequential). AWQ (largelm/quant/awq.py; ``awq_options``: its keyword arguments) also folds scales into
+    the norms in place; its per-layer search results go into ``stats`` if given.
     """
-    if method not in ("rtn", "gptq"):
-        raise QuantizationError(f"method={method!r}: use 'rtn' or 'gptq'")
+    if method not in METHODS:
+        raise QuantizationError(f"method={method!r}: use one of {', '.join(METHODS)}")
     targets = target_layers(model)
     for name, module in targets.items():
         fmt.check(name, tuple(module.weight.shape))
-    hessians = {}
+    if method != "rtn" and calibration is None:
+        raise QuantizationError(f"method={method!r} needs calibration batches")
+    hessians, awq_weights = {}, {}
     if method == "gptq":
-        if calibration is None:
-            raise QuantizationError("method='gptq' needs calibration batches")
         hessians = collect_hessians(model, targets, calibration)
+    if method == "awq":
+        awq_weights, awq_stats = quantize_awq(model, targets, fmt, calibration, **(awq_options or {}))
+        if stats is not None:
+            stats.update(awq_stats)
     dtype = next(model.parameters()).dtype
     replaced = {}
     for name, module in targets.items():
         w = module.weight.detach().float()
-        qw = quantize_gptq(w, hessians[name], fmt, percdamp) if method == "gptq" else quantize_rtn(w, fmt)
-        new = QuantLinear(qw, module.bias, module.skip_bias_add, dtype)
+        input_scale = None
+        if method == "awq":
+            qw, input_scale = awq_weights[name]
+        else:
+            qw = quantize_gptq(w, hessians[name], fmt, percdamp) if method == "gptq" else quantize_rtn(w, fmt)
+        new = QuantLinear(qw, module.bias, module.skip_bias_add, dtype, input_scale)
         parent_name, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_name), child, new)
         replaced[name] = new
@@ -230,6 +249,8 @@ def save_quantized(model: torch.nn.Module, cfg: Config, out: str | Path, *, meth
                 tensors[f"{name}.zero"] = module.zero.contiguous()
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias.to(STORE_DTYPE).contiguous()
+            if module.input_scale is not None:
+                tensors[f"{name}.input_scale"] = module.input_scale.contiguous()
     for key, value in model.state_dict().items():
         if not isinstance(value, torch.Tensor) or key.endswith("_extra_state"):
             continue
@@ -303,7 +324,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
             raise QuantizationError(f"{path}: {name} has shape {tuple(q.shape)}, the model wants "
                                     f"{tuple(module.weight.shape)}")
         bias = tensors.pop(f"{name}.bias", None)
-        new = QuantLinear(qw, bias, module.skip_bias_add, dtype)
+        new = QuantLinear(qw, bias, module.skip_bias_add, dtype, tensors.pop(f"{name}.input_scale", None))
         parent_name, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_name), child, new)
     result = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
