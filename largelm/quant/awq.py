@@ -3,8 +3,9 @@ Compression and Acceleration"), on megatron GPTModel layers, with the integer fo
 
 Per transformer layer, on calibration batches run through the model:
 
-1. **Capture** the inputs of the layer's four linears (the model run up to that layer, then stopped): the mean
-   ``|x|`` of every input channel over all calibration tokens, and a random sample of ``search_tokens`` input rows.
+1. **Capture** the inputs of every layer's four linears, in one pass of the unquantized model over the calibration
+   batches: the mean ``|x|`` of every input channel over all calibration tokens, and a random sample of
+   ``search_tokens`` input rows (the same rows for every linear).
 2. **Scale search** per linear: ``s = mean|x| ** alpha`` (normalised by ``sqrt(max(s) * min(s))``), for
    ``alpha = 0, 1/n_grid, ..., (n_grid-1)/n_grid``; the alpha minimising the linear's output error
    ``mean((X W^T - (X / s) Q(W diag(s))^T)^2)`` on the sampled rows wins (``Q``: round-to-nearest in the chosen
@@ -30,8 +31,10 @@ Per transformer layer, on calibration batches run through the model:
    partial products on ``clip_tokens`` rows (``r = 1`` is no clipping). Skipped for ``linear_qkv``, as llm-awq does:
    query/key errors are amplified by the attention softmax, which this per-linear loss does not see.
 
-The next layer's inputs come from the model with this layer's exact folds applied but not yet quantized (as in
-AutoAWQ), so the capture of layer ``i + 1`` sees the full-precision function of layers ``0..i``.
+Each layer's inputs are those of the full-precision layers before it, as in AutoAWQ (llm-awq also feeds forward
+its clipped weights). One capture pass suffices because the folds do not change the function: capturing layer
+``i + 1`` after folding layers ``0..i`` (what llm-awq and AutoAWQ do, running the model layer by layer) would see the
+same inputs. Memory: ``search_tokens x in_features`` fp32 per linear, kept for all layers at once.
 """
 
 from __future__ import annotations
@@ -136,10 +139,11 @@ class LinearInputs:
 
 
 @torch.no_grad()
-def capture_inputs(model: torch.nn.Module, linears: dict[str, torch.nn.Module], stop_after: torch.nn.Module,
-                   batches: list[torch.Tensor], sample_tokens: int, generator: torch.Generator
+def capture_inputs(model: torch.nn.Module, linears: dict[str, torch.nn.Module], batches: list[torch.Tensor],
+                   sample_tokens: int, generator: torch.Generator, stop_after: Optional[torch.nn.Module] = None
                    ) -> dict[str, LinearInputs]:
-    """Inputs of ``linears`` over ``batches`` (tokens [b, s+1]); the forward stops after ``stop_after`` runs."""
+    """Inputs of ``linears`` over ``batches`` (tokens [b, s+1]); the forward stops after ``stop_after`` runs, if
+    given (the rest of the model is not needed)."""
     per_batch = max(1, math.ceil(sample_tokens / max(1, len(batches))))
     sums = {name: 0.0 for name in linears}
     counts = {name: 0 for name in linears}
@@ -159,7 +163,8 @@ def capture_inputs(model: torch.nn.Module, linears: dict[str, torch.nn.Module], 
 
     handles = [m.register_forward_pre_hook(lambda _m, args, _n=name: record(_n, args[0]))
                for name, m in linears.items()]
-    handles.append(stop_after.register_forward_hook(stop))
+    if stop_after is not None:
+        handles.append(stop_after.register_forward_hook(stop))
     try:
         for tokens in batches:
             rows.clear()
@@ -248,17 +253,18 @@ def quantize_awq(model: torch.nn.Module, targets: dict[str, torch.nn.Module], fm
     gated = bool(getattr(model.config, "gated_linear_unit", False))
     v_rows = value_rows(model.config)
     prefixes = sorted({name.rsplit(".", 2)[0] for name in targets}, key=lambda p: int(p.rsplit(".", 1)[1]))
+    for prefix in prefixes:
+        missing = [f"{prefix}.{short}" for short in LINEARS if f"{prefix}.{short}" not in targets]
+        if missing:
+            raise QuantizationError(f"AWQ: {prefix} lacks {missing} (it scales all four linears of a layer)")
     model.eval()
+    captured = capture_inputs(model, targets, batches, search_tokens, generator)
     weights, stats = {}, {}
     for prefix in prefixes:
         names = {short: f"{prefix}.{short}" for short in LINEARS}
-        missing = [n for n in names.values() if n not in targets]
-        if missing:
-            raise QuantizationError(f"AWQ: {prefix} lacks {missing} (it scales all four linears of a layer)")
         layer = model.get_submodule(prefix)
         mods = {short: targets[name] for short, name in names.items()}
-        inputs = capture_inputs(model, {short: m for short, m in mods.items()}, mods["mlp.linear_fc2"], batches,
-                                search_tokens, generator)
+        inputs = {short: captured.pop(name) for short, name in names.items()}
         found = {short: search_scale(inputs[short].sample, mods[short].weight, fmt, inputs[short].act_mean, n_grid)
                  for short in LINEARS}
         qkv, proj, fc1, fc2 = (mods[s] for s in LINEARS)
