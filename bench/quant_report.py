@@ -1,6 +1,6 @@
 """Quantization on a model whose transformer linears dominate: int8 / int4 x RTN / GPTQ / AWQ on the 25M bench GPT.
 
-    python bench/quant_report.py [--steps 250] [--micro-batch 4] [--group-size 128] [--eval-batches 16]
+    python bench/quant_report.py [--steps 200] [--micro-batch 2] [--group-size 128] [--eval-batches 8]
 
 1. Train ``gpt-25m`` (bench/common.py: 8 layers, h=512, 8 heads, seq 128, 4096-token vocabulary; 27.4M
    parameters, 25.2M of them in the transformer linears) from scratch in fp32 on data/default's training shards:
@@ -20,6 +20,7 @@ Writes bench/results/quant_report.{json,md,png}. Uses LARGELM_BENCH_DATA like th
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 from common import SMALL, bench_config, init_single_rank, seed_all
-from report import DATA, REPO, finish_metadata, md_table, plt, run_metadata, save_plot, write_result
+from report import DATA, REPO, RESULTS, finish_metadata, md_table, plt, run_metadata, save_plot, write_result
 
 NAME = "quant_report"
 CALIB_BATCH = 8
@@ -234,21 +235,30 @@ def plot(result: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--micro-batch", type=int, default=4, help="sequences per training step")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--micro-batch", type=int, default=2, help="sequences per training step")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--group-size", type=int, default=128, help="int4 group size")
-    p.add_argument("--calib-batches", type=int, default=8, help=f"calibration batches of {CALIB_BATCH} sequences")
-    p.add_argument("--eval-batches", type=int, default=16, help=f"validation batches of {EVAL_BATCH} sequences")
+    p.add_argument("--calib-batches", type=int, default=4, help=f"calibration batches of {CALIB_BATCH} sequences")
+    p.add_argument("--eval-batches", type=int, default=8, help=f"validation batches of {EVAL_BATCH} sequences")
     p.add_argument("--awq-search-tokens", type=int, default=1024)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--render", action="store_true", help="only rewrite the .md/.png from the existing .json")
     args = p.parse_args(argv)
-    init_single_rank(args.threads)
-    meta = run_metadata(config=vars(args))
-    t0 = time.perf_counter()
-    result = run(args)
-    meta["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    finish_metadata(meta)
+    raw = RESULTS / f"{NAME}.json"
+    if args.render:
+        data = json.loads(raw.read_text())
+        meta, result = data.pop("meta"), data
+        args = argparse.Namespace(**{**vars(args), **meta["config"]})
+    else:
+        init_single_rank(args.threads)
+        meta = run_metadata(config=vars(args))
+        t0 = time.perf_counter()
+        result = run(args)
+        meta["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        finish_metadata(meta)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        raw.write_text(json.dumps({"meta": meta, **result}, indent=1, default=float) + "\n")  # before rendering
     plot(result)
     write_result(NAME, {"meta": meta, **result}, markdown(result, args), plot="validation perplexity change and "
                  "file size per format and method", meta=meta)
