@@ -219,3 +219,34 @@ def test_awq_save_load_roundtrip(trained, tmp_path, bits, group):
         fc2.input_scale, model.get_submodule("decoder.layers.0.mlp.linear_fc2").input_scale)
     assert loaded.get_submodule("decoder.layers.0.self_attention.linear_qkv").input_scale is None
     assert read_meta(tmp_path / "q")["method"] == "awq"
+
+
+@pytest.mark.slow
+def test_quantize_tool_awq_on_launcher_checkpoint(tokenizer_path, shard_dir, shard_seq_length, tmp_path):
+    """tools/quantize.py --method awq on a checkpoint written by the real launcher: the report, the AWQ record in
+    quant.json, and a directory load_quantized reads back with the explicit fc2 input scales."""
+    import json
+    import subprocess
+    import sys
+
+    from train_utils import REPO, check_ok, launch
+
+    config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length,
+                         train={"steps": 2, "precision": "fp32", "micro_batch_size": 4, "grad_accum_steps": 1,
+                                "eval_interval": 0, "log_interval": 1, "seed": 1})
+    check_ok(launch(config, nproc=1))
+    out = tmp_path / "int4-awq"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "quantize.py"), "--checkpoint", str(tmp_path / "ckpt"),
+                           "--out", str(out), "--bits", "4", "--group-size", "32", "--method", "awq",
+                           "--calib-batches", "2", "--eval-batches", "2", "--awq-grid", "5",
+                           "--awq-search-tokens", "256"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "awq" and report["bytes"]["quantized"] < report["bytes"]["bf16"]
+    meta = read_meta(out)
+    assert meta["method"] == "awq" and meta["awq"]["options"]["n_grid"] == 5
+    assert len(meta["awq"]["layers"]) == 8 and all(s["error"] <= s["error_rtn"] for s in meta["awq"]["layers"].values())
+    with single_rank_parallel_state():
+        model, _ = load_quantized(out)
+    assert model.get_submodule("decoder.layers.1.mlp.linear_fc2").input_scale is not None
