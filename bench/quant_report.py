@@ -174,7 +174,7 @@ def run(args) -> dict:
             "training": training, "rows": rows}
 
 
-def markdown(result: dict, args) -> str:
+def markdown(result: dict, args, meta: dict) -> str:
     c, t, rows = result["config"], result["training"], result["rows"]
     base = rows["fp32"]
     bf16 = rows["bf16"]["file_bytes"]
@@ -190,6 +190,12 @@ def markdown(result: dict, args) -> str:
                  f"{r['awq']['alpha_max']:.2f}); searched output error / RTN's, mean over layers "
                  f"{r['awq']['search_error_ratio_mean']:.3f}; scales went to: {', '.join(r['awq']['scale_to'])}"
                  for k, r in rows.items() if "awq" in r]
+    load = (f"1-minute load average {meta.get('load_avg_1min_at_start')} at start, "
+            f"{meta.get('load_avg_1min_at_end')} at end, on {meta.get('cores')} cores")
+    busy = ""
+    if (meta.get("load_avg_1min_at_start") or 0) > (meta.get("cores") or 1):
+        busy = (f" (the run shared its CPU cores with other jobs: {load}; its tokens/s and quantize seconds are not an "
+                "idle machine's, and the step count was sized to that speed)")
     return "\n".join([
         "# Weight-only quantization of the 25M bench GPT: int8 / int4 x RTN / GPTQ / AWQ", "",
         f"Model: {c['model']} ({c['params'] / 1e6:.1f}M parameters, {c['linear_params'] / 1e6:.1f}M in the "
@@ -204,12 +210,14 @@ def markdown(result: dict, args) -> str:
         md_table(["model", "valid loss", "valid ppl", "ppl vs fp32", "file bytes (vs bf16 file)",
                   "linears bytes (vs bf16 linears)", "quantize s"], table), "",
         *awq_lines, "",
-        "Reading it: a briefly trained small model (the budget of a 2-core CPU run) has weights with few outliers and "
-        "a high perplexity, so differences between methods are small and one run's order of methods can flip on "
-        "another model; the figures are single measurements on one fixed validation set (paired: every row sees "
-        "the same tokens). Reproduce: "
+        f"Reading it: this model saw only {t['tokens']:,} training tokens{busy}. A barely trained model has few "
+        "outlier weights or activations and a high "
+        "perplexity, so the differences between methods are small and their order could flip on a better trained "
+        "model; each figure is one measurement on one fixed validation set (paired: every row sees the same "
+        "tokens). Reproduce: "
         f"`python bench/quant_report.py --steps {args.steps} --micro-batch {args.micro_batch} "
-        f"--group-size {args.group_size}`.",
+        f"--group-size {args.group_size} --calib-batches {args.calib_batches} --eval-batches {args.eval_batches} "
+        f"--awq-search-tokens {args.awq_search_tokens}` (LARGELM_BENCH_DATA for another data directory).",
     ])
 
 
@@ -260,7 +268,7 @@ def main(argv=None) -> int:
         RESULTS.mkdir(parents=True, exist_ok=True)
         raw.write_text(json.dumps({"meta": meta, **result}, indent=1, default=float) + "\n")  # before rendering
     plot(result)
-    write_result(NAME, {"meta": meta, **result}, markdown(result, args), plot="validation perplexity change and "
+    write_result(NAME, {"meta": meta, **result}, markdown(result, args, meta), plot="validation perplexity change and "
                  "file size per format and method", meta=meta)
     return 0
 
