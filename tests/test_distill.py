@@ -27,6 +27,12 @@ from largelm.train.teacher import every_kth_layer_state
 
 
 def test_distill_loss_parts():
+    """At TP=1 in a one-rank parallel state (the loss is vocabulary-parallel, megatron's cross entropy)."""
+    with single_rank_parallel_state():
+        _check_distill_loss_parts()
+
+
+def _check_distill_loss_parts():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 5, 12, generator=g), torch.randn(2, 5, 12, generator=g)
     labels = torch.randint(0, 10, (2, 5), generator=g)
@@ -62,8 +68,9 @@ def test_config_refuses_unsupported_layouts(tmp_path, tokenizer_path, shard_dir,
     raw = _raw(tmp_path, tokenizer_path, shard_dir, shard_seq_length)
     raw["distill"] = {"teacher": str(tmp_path / "t"), "alpha": 0.5}
     config_from_dict(raw)
-    with pytest.raises(ConfigError, match="distill: distillation supports"):
-        config_from_dict({**raw, "parallel": {"tensor_parallel": 2, "zero_stage": 1}})
+    config_from_dict({**raw, "parallel": {"tensor_parallel": 2, "zero_stage": 3}})  # sharded teacher and student
+    with pytest.raises(ConfigError, match=r"distill: distillation supports .*parallel\.pipeline_parallel=1"):
+        config_from_dict({**raw, "parallel": {"pipeline_parallel": 2, "zero_stage": 1}})
     with pytest.raises(ConfigError, match="distill.alpha"):
         config_from_dict({**raw, "distill": {"teacher": "x", "alpha": 1.5}})
     with pytest.raises(ConfigError, match="distill.student_init"):

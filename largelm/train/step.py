@@ -183,4 +183,5 @@ def build_step(cfg: Config, world_size: int, init_state_dict: Optional[dict] = N
     if getattr(cfg, "distill", None) is not None:
         loss = DistillLoss(cfg, init_student=init_state_dict is None)
         init_state_dict = init_state_dict if init_state_dict is not None else loss.student_init
+        loss.student_init = None  # full TP=1 tensors: not kept once the student holds its shard
     return DenseStep(cfg, world_size, init_state_dict, loss=loss)

@@ -1,14 +1,20 @@
 """The distillation teacher: checks that its checkpoint fits the student (run by preflight, before any process
-group, so it imports no model code) and loading its full weights."""
+group, so it imports no model code) and loading its weights: all of them, or one TP rank's shard."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from largelm.checkpoint.full_weights import checkpoint_config, load_full_weights, resolve_checkpoint
+from largelm.checkpoint.full_weights import (
+    checkpoint_config,
+    load_full_weights,
+    load_tp_shard_weights,
+    resolve_checkpoint,
+)
 from largelm.checkpoint.manager import MANIFEST, CheckpointError, read_manifest
 from largelm.config import Config, ConfigError
 from largelm.fileio import sha256_file
@@ -16,12 +22,25 @@ from largelm.fileio import sha256_file
 _LAYER_PREFIX = "decoder.layers."
 
 
-def teacher_weights(cfg: Config) -> tuple[Config, dict]:
+def teacher_weights(cfg: Config, padded_vocab: Optional[int] = None) -> tuple[Config, dict]:
     """The teacher's config and full (TP=1) weights, checked against the student's config. Any layout the teacher
-    was trained in (load_full_weights joins its shards); each rank holds the whole teacher."""
-    teacher_cfg, state, path = load_full_weights(cfg.distill.teacher)
+    was trained in (load_full_weights joins its shards); the vocabulary tensors padded to ``padded_vocab`` rows
+    (default: the teacher's own TP=1 padding)."""
+    teacher_cfg, state, path = load_full_weights(cfg.distill.teacher, padded_vocab=padded_vocab)
     check_teacher(cfg, teacher_cfg, path)
     return teacher_cfg, state
+
+
+def teacher_tp_shard(cfg: Config, tp_rank: int, padded_vocab: int) -> Optional[tuple[Config, dict]]:
+    """The teacher's config and TP rank ``tp_rank``'s shard of its weights when the teacher was trained at the
+    run's ``parallel.tensor_parallel`` with the same padded vocabulary (``padded_vocab`` rows), read from that TP
+    rank's checkpoint files only; else None (``teacher_weights`` then)."""
+    loaded = load_tp_shard_weights(cfg.distill.teacher, tp_rank, cfg.parallel.tensor_parallel, padded_vocab)
+    if loaded is None:
+        return None
+    teacher_cfg, shard, path = loaded
+    check_teacher(cfg, teacher_cfg, path)
+    return teacher_cfg, shard
 
 
 def preflight_teacher(cfg: Config) -> None:
