@@ -6,6 +6,7 @@
   student gradient; teachers trained at TP=2 (read per TP rank: "tp-shard") and at PP=2 (consolidated, then cut)
   are read directly into TP=2 and TP=1 students.
 * ``tools/distill.py --nproc 2 -- parallel.tensor_parallel=2`` end to end with the TP=2 teacher checkpoint.
+* (fast) a teacher that cannot be split over the run's TP is refused before any process group.
 
 Tolerances (tests/tolerances.py): the TP=2 results must be as accurate as the TP=1 fp32 ones against a float64
 evaluation of the same pair (``f64_bound`` for gradients; for the loss parts, first-order bounds from the logit
@@ -27,8 +28,6 @@ from tolerances import K_F64, U32, f64_bound, max_err
 from train_utils import REPO, check_ok, free_port, tiny_config
 
 from largelm.config import config_from_dict
-
-pytestmark = pytest.mark.slow
 
 VOCAB = 1000  # the test tokenizer's; padded to 1024 at TP=1 and TP=2 (make_vocab_size_divisible_by 64)
 TEMPERATURE, ALPHA = 2.0, 0.6
@@ -63,6 +62,7 @@ def _kl_rank(rank, world_size, cases):
         groups.destroy()
 
 
+@pytest.mark.slow
 def test_vocab_parallel_kl_matches_float64():
     """Per-token KL and its gradient at TP=2 are as accurate as the full-vocabulary fp32 KL against float64;
     padded entries (given huge logits here) have no effect and get zero gradient. Vocabulary 50 of 64 (rank 1's
@@ -247,6 +247,7 @@ def _loss_bounds(trusted: dict, exact: dict, s_err: float, t_err: float, spread:
     return {"lm_loss": lm, "kl": kl, "loss": ALPHA * kl + (1 - ALPHA) * lm + K_F64 * U32 * abs(exact["loss"].item())}
 
 
+@pytest.mark.slow
 def test_tp2_pair_equals_tp1_pair_for_teachers_trained_at_tp2_and_pp2(teachers):
     """For each teacher checkpoint (trained at TP=2, at PP=2): the TP=1 pair (teacher consolidated) and the TP=2
     pair (teacher read per TP rank when trained at TP=2, else consolidated and cut) give the same KL, LM loss,
@@ -284,6 +285,7 @@ def test_tp2_pair_equals_tp1_pair_for_teachers_trained_at_tp2_and_pp2(teachers):
     assert refs["tp2"][0]["kl"] > 0.05  # the student differs from the teacher: the KL and its gradient matter
 
 
+@pytest.mark.slow
 def test_distill_tool_with_tp2_teacher_and_tp2_student(teachers, tmp_path, tokenizer_path, shard_dir,
                                                        shard_seq_length):
     """``tools/distill.py`` end to end: teacher trained at TP=2, student at TP=2 on 2 ranks, started from every
@@ -303,3 +305,16 @@ def test_distill_tool_with_tp2_teacher_and_tp2_student(teachers, tmp_path, token
     saved = next((tmp_path / "ckpt").glob("step_*"))
     assert yaml.safe_load((saved / "config.yaml").read_text())["parallel"]["tensor_parallel"] == 2
     assert (saved / "mp_rank_01_model_states.pt").is_file()
+
+
+def test_teacher_that_cannot_split_over_the_run_tp_is_refused(tmp_path, tokenizer_path, shard_dir, shard_seq_length):
+    from largelm.config import ConfigError
+    from largelm.train.teacher import check_teacher
+
+    raw = _raw(tmp_path, tokenizer_path, shard_dir, shard_seq_length, vocab_size=VOCAB)
+    student = _student_cfg(raw, tmp_path / "teacher", tp=2)
+    teacher = config_from_dict({**raw, "model": {**raw["model"], "num_attention_heads": 1}})
+    check_teacher(student, config_from_dict(raw), tmp_path / "teacher")  # 4 heads split over TP=2
+    with pytest.raises(ConfigError, match=r"teacher is built with the run's parallel.tensor_parallel=2, but .*"
+                                          r"num_attention_heads=1 is not divisible"):
+        check_teacher(student, teacher, tmp_path / "teacher")

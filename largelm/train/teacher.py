@@ -17,7 +17,9 @@ from largelm.checkpoint.full_weights import (
 )
 from largelm.checkpoint.manager import MANIFEST, CheckpointError, read_manifest
 from largelm.config import Config, ConfigError
+from largelm.errors import ConversionError
 from largelm.fileio import sha256_file
+from largelm.model.layout import check_tensor_parallel
 
 _LAYER_PREFIX = "decoder.layers."
 
@@ -62,6 +64,7 @@ def check_teacher(cfg: Config, teacher_cfg: Config, path: Path) -> None:
         raise ConfigError(f"distill.teacher: {path} has vocab_size {teacher_cfg.model.vocab_size}, the student "
                           f"{cfg.model.vocab_size}: teacher and student must share the tokenizer")
     _check_teacher_tokenizer(cfg, teacher_cfg, path)
+    _check_teacher_tensor_parallel(cfg, teacher_cfg, path)
     if teacher_cfg.model.positions < cfg.model.seq_length:
         raise ConfigError(f"distill.teacher: {path} handles {teacher_cfg.model.positions} positions, the student's "
                           f"model.seq_length is {cfg.model.seq_length}")
@@ -102,6 +105,15 @@ def _check_teacher_tokenizer(cfg: Config, teacher_cfg: Config, path: Path) -> No
         raise ConfigError(f"distill.teacher: {path} was trained with {teacher_desc} (sha256 {teacher_sha[:12]}), "
                           f"the student's tokenizer.model is {student_tok} (sha256 {student_sha[:12]}): teacher "
                           "and student must share the tokenizer (same vocabulary size, different token ids)")
+
+
+def _check_teacher_tensor_parallel(cfg: Config, teacher_cfg: Config, path: Path) -> None:
+    """The teacher is built at the student's ``parallel.tensor_parallel`` (its shard on each rank)."""
+    try:
+        check_tensor_parallel(teacher_cfg.model, cfg.parallel.tensor_parallel)
+    except ConversionError as err:
+        raise ConfigError(f"distill.teacher: {path}: the teacher is built with the run's parallel.tensor_parallel="
+                          f"{cfg.parallel.tensor_parallel}, but {err}") from None
 
 
 def every_kth_layer_state(teacher_state: dict[str, torch.Tensor], num_layers: int, k: int) -> dict:
