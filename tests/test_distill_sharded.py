@@ -2,9 +2,11 @@
 
 * ``vocab_parallel_kl`` at TP=2 against a float64 reference of the plain full-vocabulary KL, forward and gradient,
   with padded entries (one case where a whole partition is padding).
+* The recipe that cuts one TP rank's shard for any TP from a checkpoint's shards at any other TP
+  (largelm/checkpoint/tp_slice.py) equals cutting the full tensor (fast).
 * A TP=2 teacher + TP=2 student equals the TP=1 pair (same weights, same batch) in every loss part and every
-  student gradient; teachers trained at TP=2 (read per TP rank: "tp-shard") and at PP=2 (consolidated, then cut)
-  are read directly into TP=2 and TP=1 students.
+  student gradient; teachers trained at TP=2 and at PP=2 are read directly into TP=2 and TP=1 students, each rank
+  reading only the teacher TP ranks that hold its shard.
 * ``tools/distill.py --nproc 2 -- parallel.tensor_parallel=2`` end to end with the TP=2 teacher checkpoint.
 * (fast) a teacher that cannot be split over the run's TP is refused before any process group.
 
@@ -186,7 +188,7 @@ def _tp2_students(rank, world_size, case):
             exact = shard_state_dict(case["grads64"], student, rank, 2)
             with torch.no_grad():
                 vocab_columns = student(*_inputs(case["tokens"])).size(-1)
-            out[layout] = dict(source=loss.teacher_source, metrics={k: v.item() for k, v in metrics.items()},
+            out[layout] = dict(sources=loss.teacher_sources, metrics={k: v.item() for k, v in metrics.items()},
                                grad_err={n: max_err(p.grad, exact[n]) for n, p in student.named_parameters()},
                                teacher_numel=sum(p.numel() for p in loss.teacher.parameters()),
                                vocab_columns=vocab_columns)
@@ -249,8 +251,8 @@ def _loss_bounds(trusted: dict, exact: dict, s_err: float, t_err: float, spread:
 
 @pytest.mark.slow
 def test_tp2_pair_equals_tp1_pair_for_teachers_trained_at_tp2_and_pp2(teachers):
-    """For each teacher checkpoint (trained at TP=2, at PP=2): the TP=1 pair (teacher consolidated) and the TP=2
-    pair (teacher read per TP rank when trained at TP=2, else consolidated and cut) give the same KL, LM loss,
+    """For each teacher checkpoint (trained at TP=2, at PP=2 with TP=1): the TP=1 pair (teacher joined from both TP
+    ranks) and the TP=2 pair (each rank reads only the teacher's TP rank it needs) give the same KL, LM loss,
     total and student gradients within the float64-derived bounds; each TP=2 rank holds half the teacher's
     tensor-parallel weights, and the logits it sees are its half of the vocabulary."""
     from largelm.train.distill import DistillLoss
@@ -264,7 +266,7 @@ def test_tp2_pair_equals_tp1_pair_for_teachers_trained_at_tp2_and_pp2(teachers):
         for layout in LAYOUTS:
             cfg = _student_cfg(raw, root / layout, tp=1)
             loss = DistillLoss(cfg, init_student=False)
-            assert loss.teacher_source == ("tp-shard" if layout == "pp2" else "consolidated")  # TP=1 = the PP=2's TP
+            assert loss.teacher_sources == ([0, 1] if layout == "tp2" else [0])  # TP=1: both halves of a TP=2 one
             full_numel = sum(p.numel() for p in loss.teacher.parameters())
             refs[layout] = (*_reference(loss, _student(cfg, student_weights), tokens), full_numel)
     grads64 = refs["tp2"][2]["grads64"]
@@ -274,7 +276,7 @@ def test_tp2_pair_equals_tp1_pair_for_teachers_trained_at_tp2_and_pp2(teachers):
         for layout, res in per_layout.items():
             trusted, exact, bounds, full_numel = refs[layout]
             what = f"teacher trained at {layout}, TP=2 student rank {rank}"
-            assert res["source"] == ("tp-shard" if layout == "tp2" else "consolidated"), what
+            assert res["sources"] == ([rank] if layout == "tp2" else [0]), f"{what}: read {res['sources']}"
             for name, value in res["metrics"].items():
                 assert abs(value - exact[name]) <= bounds[name], \
                     f"{what}: {name} {value} vs float64 {exact[name]} (TP=1 fp32 {trusted[name]}, bound {bounds[name]})"
@@ -318,3 +320,33 @@ def test_teacher_that_cannot_split_over_the_run_tp_is_refused(tmp_path, tokenize
     with pytest.raises(ConfigError, match=r"teacher is built with the run's parallel.tensor_parallel=2, but .*"
                                           r"num_attention_heads=1 is not divisible"):
         check_teacher(student, teacher, tmp_path / "teacher")
+
+
+@pytest.mark.parametrize("stride,dim", [(1, 0), (2, 0), (1, 1)], ids=["column", "swiglu-fc1", "row"])
+def test_tp_slice_recipe_equals_cutting_the_full_tensor(stride, dim):
+    """Every (source TP, target TP) in {1, 2, 4}^2: the target shard assembled from the source shards is the target
+    cut of the full tensor (megatron's layout: ``shard_tensor``), for column/row-parallel and strided tensors; and
+    for vocabulary tensors padded differently at each TP, with zero padding rows in the target."""
+    from largelm.checkpoint.tp_slice import _assemble, slice_pieces
+    from largelm.parallel.sharding import shard_tensor
+
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(16, 16, generator=g)
+    vocab = 10
+    for source_tp in (1, 2, 4):
+        shards = {j: {"w": shard_tensor(full, j, source_tp, dim, stride)} for j in range(source_tp)}
+        source_padded = 8 * source_tp * (-(-vocab // (8 * source_tp)))  # make_vocab_size_divisible_by 8
+        vocab_full = torch.cat([full[:vocab], torch.full((source_padded - vocab, 16), 99.0)])  # trained-down padding
+        vocab_shards = {j: {"w": shard_tensor(vocab_full, j, source_tp, 0)} for j in range(source_tp)}
+        for tp in (1, 2, 4):
+            for rank in range(tp):
+                pieces = slice_pieces(16, (dim, stride), source_tp, tp, rank)
+                torch.testing.assert_close(_assemble(pieces, shards, "w", dim), shard_tensor(full, rank, tp, dim, stride),
+                                           rtol=0, atol=0)
+                if stride == 1 and dim == 0:
+                    padded = 8 * tp * (-(-vocab // (8 * tp)))
+                    expected = torch.cat([full[:vocab], torch.zeros(padded - vocab, 16)])
+                    pieces = slice_pieces(padded, (0, 1), source_tp, tp, rank, vocab, source_padded)
+                    torch.testing.assert_close(_assemble(pieces, vocab_shards, "w", 0),
+                                               shard_tensor(expected, rank, tp, 0), rtol=0, atol=0)
+                    assert {p[0] for p in pieces if p[0] != "zeros"} <= set(range(source_tp))

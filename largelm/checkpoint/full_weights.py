@@ -5,8 +5,8 @@ training (quantization, distillation teachers, generation).
 (largelm/checkpoint/reader.py: any TP/PP size, ZeRO stage and DP size, DeepSpeed's BF16_Optimizer, the fp32
 master weights wherever they exist) into the full tensors of one TP=1/PP=1 model, and returns the checkpoint's
 config with that layout (``parallel``: TP=1, PP=1, no sequence parallelism), the one the tools build.
-``load_tp_shard_weights`` is the sharded reader's counterpart: one TP rank's shard of a checkpoint trained at the
-reader's TP, read from that rank's files only (distillation teachers at TP > 1).
+``load_tp_shard_weights`` is the sharded reader's counterpart: one TP rank's shard for any TP, read from the
+checkpoint's TP ranks that hold a part of it only (distillation teachers at the run's TP).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 
 from largelm.checkpoint.info import inspect_checkpoint
 from largelm.checkpoint.manager import CheckpointError, find_latest
-from largelm.checkpoint.reader import consolidate_checkpoint, tp_rank_weights
+from largelm.checkpoint.reader import consolidate_checkpoint
+from largelm.checkpoint.tp_slice import read_tp_slice
 from largelm.config import Config, checkpoint_config_from_dict
 from largelm.errors import ConversionError
 from largelm.fileio import YAMLError, read_yaml
@@ -69,23 +70,22 @@ def load_full_weights(path: str | Path, dtype: Optional[torch.dtype] = torch.flo
 
 
 def load_tp_shard_weights(path: str | Path, tp_rank: int, tp: int, padded_vocab: int,
-                          dtype: Optional[torch.dtype] = torch.float32) -> Optional[tuple[Config, dict, Path]]:
-    """``(config, shard, step_dir)``: TP rank ``tp_rank``'s part of the checkpoint's weights (GPTModel names, this
-    rank's shard of each tensor-parallel tensor, fp32 masters merged over ZeRO partitions and pipeline stages),
-    read from that TP rank's files only - or None when the checkpoint was not trained at ``tp`` or pads its
-    vocabulary to other than ``padded_vocab`` rows (then its shards are not this layout's: use
-    ``load_full_weights``). The config's ``parallel`` is TP=``tp``, PP=1, without sequence parallelism."""
+                          dtype: Optional[torch.dtype] = torch.float32) -> tuple[Config, dict, Path, list[int]]:
+    """``(config, shard, step_dir, source TP ranks read)``: TP rank ``tp_rank`` of ``tp``'s part of the checkpoint's
+    weights (GPTModel names; fp32 masters merged over ZeRO partitions and pipeline stages; the vocabulary tensors
+    cut from ``padded_vocab`` rows), whatever TP the checkpoint was trained at, read from the checkpoint's TP ranks
+    that hold a part of it only (largelm/checkpoint/tp_slice.py). The config's ``parallel`` is TP=``tp``, PP=1,
+    without sequence parallelism."""
     ckpt_dir = resolve_checkpoint(path)
     try:
         info = inspect_checkpoint(ckpt_dir, checksums=False)
-        if info.tensor_parallel != tp or info.config.model.padded_vocab_size(tp) != padded_vocab:
-            return None
-        shard, _ = tp_rank_weights(info, tp_rank, log=lambda _: None)
+        shard, sources = read_tp_slice(info, tp_rank, tp, padded_vocab, log=lambda _: None)
     except ConversionError as err:
-        raise CheckpointError(f"could not read TP rank {tp_rank} of DeepSpeed checkpoint {ckpt_dir}: {err}") from err
+        raise CheckpointError(f"could not read TP rank {tp_rank} of {tp} from DeepSpeed checkpoint {ckpt_dir}: "
+                              f"{err}") from err
     cfg = info.config.model_copy(update={"parallel": info.config.parallel.model_copy(
         update={"tensor_parallel": tp, "pipeline_parallel": 1, "sequence_parallel": False, "virtual_pipeline": None})})
-    return cfg, _cast(shard, dtype), ckpt_dir
+    return cfg, _cast(shard, dtype), ckpt_dir, sources
 
 
 def _cast(state: dict, dtype: Optional[torch.dtype]) -> dict:

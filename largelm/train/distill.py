@@ -13,10 +13,9 @@ independent of T. Under tensor parallelism both logits stay split over the vocab
 and CE megatron's ``vocab_parallel_cross_entropy``; the full vocabulary is never gathered.
 
 The teacher is built with the run's tensor parallelism (same TP group as the student, PP=1) and each rank holds
-only its TP shard of it: read directly from the teacher's TP rank files when the teacher was trained at the run's TP
-(``teacher_tp_shard``), else consolidated from any layout and cut (``teacher_weights``; a transient full copy
-while loading, also when ``student_init: every_kth_layer`` needs the full teacher layers). See docs/design.md
-"Distillation".
+only its TP shard of it, read from the teacher checkpoint's TP ranks that hold a part of it, whatever layout the
+teacher was trained in (``teacher_tp_shard``); only ``student_init: every_kth_layer``, which needs the whole teacher
+layers, reads the whole teacher (``teacher_weights``, a transient full copy). See docs/design.md "Distillation".
 
 ``DistillLoss`` is that loss with its frozen teacher: ``build_step`` (largelm/train/step.py)
 gives it to ``DenseStep`` when the config has a ``distill`` section, in place of the architecture's own forward
@@ -58,7 +57,8 @@ class DistillLoss:
     """The distillation training loss for ``DenseStep``: a frozen teacher (a GPTModel at the run's TP, PP=1: this
     rank's shard) and ``distill_loss`` against the student's logits. ``student_init``: with ``init_student``, the
     student's starting weights this config asks for (``distill.student_init: every_kth_layer``, full TP=1
-    tensors), else None. ``teacher_source``: "tp-shard" (read this TP rank's files only) or "consolidated"."""
+    tensors), else None. ``teacher_sources``: the teacher checkpoint's TP ranks read for this rank's shard (None:
+    the whole teacher was read, for ``every_kth_layer``)."""
 
     metric_prefix = "distill"  # last_metrics: distill/kl, distill/lm_loss
 
@@ -69,14 +69,12 @@ class DistillLoss:
         # the teacher pads its vocabulary as the student does, so both logits split the vocabulary alike
         padded = cfg.model.padded_vocab_size(tp)
         wants_layers = init_student and d.student_init == "every_kth_layer"
-        shard = None if wants_layers else teacher_tp_shard(cfg, parallel_state.get_tensor_model_parallel_rank(),
-                                                           padded)
-        if shard is not None:
-            teacher_cfg, teacher_state = shard
-            self.teacher_source = "tp-shard"
-        else:
+        if wants_layers:  # the student starts from whole teacher layers: read them all (a transient full copy)
             teacher_cfg, teacher_state = teacher_weights(cfg, padded_vocab=padded)
-            self.teacher_source = "consolidated"
+            self.teacher_sources = None
+        else:  # only the teacher's TP ranks holding a part of this rank's shard
+            teacher_cfg, teacher_state, self.teacher_sources = teacher_tp_shard(
+                cfg, parallel_state.get_tensor_model_parallel_rank(), padded)
         self.student_init = (every_kth_layer_state(teacher_state, cfg.model.num_layers, d.k)
                              if wants_layers else None)
         teacher_model = teacher_cfg.model.model_copy(
@@ -86,11 +84,11 @@ class DistillLoss:
         # No activation checkpointing: the teacher runs without grad (only the student, built by the step, gets it).
         self.teacher = arch.build_model(teacher_model, cfg.parallel, *arch.section_args(teacher_cfg),
                                         dtype=teacher_dtype)
-        if shard is not None:
-            load_tp_shard_state_dict(self.teacher, teacher_state)
-        else:
+        if wants_layers:
             load_full_state_dict(self.teacher, teacher_state)  # cuts this rank's shard
-        del teacher_state, shard  # the full teacher (if read) is not kept: only the built shard stays
+        else:
+            load_tp_shard_state_dict(self.teacher, teacher_state)
+        del teacher_state  # only the built shard stays
         self.teacher.eval().requires_grad_(False)
         self.device = groups.device()
 

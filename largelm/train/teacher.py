@@ -33,16 +33,14 @@ def teacher_weights(cfg: Config, padded_vocab: Optional[int] = None) -> tuple[Co
     return teacher_cfg, state
 
 
-def teacher_tp_shard(cfg: Config, tp_rank: int, padded_vocab: int) -> Optional[tuple[Config, dict]]:
-    """The teacher's config and TP rank ``tp_rank``'s shard of its weights when the teacher was trained at the
-    run's ``parallel.tensor_parallel`` with the same padded vocabulary (``padded_vocab`` rows), read from that TP
-    rank's checkpoint files only; else None (``teacher_weights`` then)."""
-    loaded = load_tp_shard_weights(cfg.distill.teacher, tp_rank, cfg.parallel.tensor_parallel, padded_vocab)
-    if loaded is None:
-        return None
-    teacher_cfg, shard, path = loaded
+def teacher_tp_shard(cfg: Config, tp_rank: int, padded_vocab: int) -> tuple[Config, dict, list[int]]:
+    """The teacher's config, TP rank ``tp_rank``'s shard of its weights at the run's ``parallel.tensor_parallel``
+    (vocabulary tensors cut from ``padded_vocab`` rows) and the teacher checkpoint's TP ranks read for it: any
+    layout the teacher was trained in, without reading the whole teacher (unless it was trained at TP=1)."""
+    teacher_cfg, shard, path, sources = load_tp_shard_weights(cfg.distill.teacher, tp_rank,
+                                                              cfg.parallel.tensor_parallel, padded_vocab)
     check_teacher(cfg, teacher_cfg, path)
-    return teacher_cfg, shard
+    return teacher_cfg, shard, sources
 
 
 def preflight_teacher(cfg: Config) -> None:
