@@ -341,8 +341,8 @@ def test_tp_slice_recipe_equals_cutting_the_full_tensor(stride, dim):
         for tp in (1, 2, 4):
             for rank in range(tp):
                 pieces = slice_pieces(16, (dim, stride), source_tp, tp, rank)
-                torch.testing.assert_close(_assemble(pieces, shards, "w", dim), shard_tensor(full, rank, tp, dim, stride),
-                                           rtol=0, atol=0)
+                torch.testing.assert_close(_assemble(pieces, shards, "w", dim),
+                                           shard_tensor(full, rank, tp, dim, stride), rtol=0, atol=0)
                 if stride == 1 and dim == 0:
                     padded = 8 * tp * (-(-vocab // (8 * tp)))
                     expected = torch.cat([full[:vocab], torch.zeros(padded - vocab, 16)])
