@@ -172,7 +172,7 @@ def _student(cfg, weights):
 
 def _tp2_students(rank, world_size, case):
     from largelm.parallel import groups
-    from largelm.parallel.sharding import shard_state_dict
+    from largelm.parallel.sharding import shard_state_dict, shard_tensor
     from largelm.train.distill import DistillLoss
 
     groups.init_distributed()
@@ -192,6 +192,16 @@ def _tp2_students(rank, world_size, case):
                                grad_err={n: max_err(p.grad, exact[n]) for n, p in student.named_parameters()},
                                teacher_numel=sum(p.numel() for p in loss.teacher.parameters()),
                                vocab_columns=vocab_columns)
+        # student_init every_kth_layer: this rank's student shard is the teacher's shard of layers 0 and 2
+        cfg = _student_cfg(case["raw"], f"{case['root']}/pp2", tp=2)
+        cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"student_init": "every_kth_layer"})})
+        init = DistillLoss(cfg).student_init
+        for name in ("decoder.layers.1.mlp.linear_fc1.weight", "decoder.layers.1.self_attention.linear_proj.weight",
+                     "output_layer.weight"):
+            teacher_name = name.replace("layers.1.", "layers.2.")
+            dim = 1 if "linear_proj" in name else 0
+            out.setdefault("init_err", {})[name] = max_err(init[name], shard_tensor(case["teacher"][teacher_name],
+                                                                                   rank, 2, dim))
         return out
     finally:
         groups.destroy()
@@ -254,10 +264,11 @@ def test_tp2_pair_equals_tp1_pair_for_teachers_trained_at_tp2_and_pp2(teachers):
     """For each teacher checkpoint (trained at TP=2, at PP=2 with TP=1): the TP=1 pair (teacher joined from both TP
     ranks) and the TP=2 pair (each rank reads only the teacher's TP rank it needs) give the same KL, LM loss,
     total and student gradients within the float64-derived bounds; each TP=2 rank holds half the teacher's
-    tensor-parallel weights, and the logits it sees are its half of the vocabulary."""
+    tensor-parallel weights, and the logits it sees are its half of the vocabulary. ``student_init:
+    every_kth_layer`` at TP=2 gives each rank the teacher's shard of the copied layers."""
     from largelm.train.distill import DistillLoss
 
-    root, _, raw = teachers
+    root, teacher_weights, raw = teachers
     student_weights = _random_state(config_from_dict(raw).model, seed=2)
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, VOCAB, (2, raw["model"]["seq_length"] + 1), generator=g)
@@ -271,8 +282,11 @@ def test_tp2_pair_equals_tp1_pair_for_teachers_trained_at_tp2_and_pp2(teachers):
             refs[layout] = (*_reference(loss, _student(cfg, student_weights), tokens), full_numel)
     grads64 = refs["tp2"][2]["grads64"]
     assert all(max_err(grads64[n], refs["pp2"][2]["grads64"][n]) < 1e-9 for n in grads64)  # same teacher weights
-    case = dict(raw=raw, root=str(root), student=student_weights, tokens=tokens, grads64=grads64)
+    case = dict(raw=raw, root=str(root), student=student_weights, tokens=tokens, grads64=grads64,
+                teacher=teacher_weights)
     for rank, per_layout in enumerate(run_ranks(_tp2_students, 2, case, timeout_s=300)):
+        init_err = per_layout.pop("init_err")
+        assert all(e == 0.0 for e in init_err.values()), f"rank {rank}: every_kth_layer student shard: {init_err}"
         for layout, res in per_layout.items():
             trusted, exact, bounds, full_numel = refs[layout]
             what = f"teacher trained at {layout}, TP=2 student rank {rank}"

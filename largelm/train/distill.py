@@ -14,8 +14,8 @@ and CE megatron's ``vocab_parallel_cross_entropy``; the full vocabulary is never
 
 The teacher is built with the run's tensor parallelism (same TP group as the student, PP=1) and each rank holds
 only its TP shard of it, read from the teacher checkpoint's TP ranks that hold a part of it, whatever layout the
-teacher was trained in (``teacher_tp_shard``); only ``student_init: every_kth_layer``, which needs the whole teacher
-layers, reads the whole teacher (``teacher_weights``, a transient full copy). See docs/design.md "Distillation".
+teacher was trained in (``teacher_tp_shard``); ``student_init: every_kth_layer`` starts the student's shard from
+that teacher shard. See docs/design.md "Distillation".
 
 ``DistillLoss`` is that loss with its frozen teacher: ``build_step`` (largelm/train/step.py)
 gives it to ``DenseStep`` when the config has a ``distill`` section, in place of the architecture's own forward
@@ -34,10 +34,10 @@ from largelm.config import Config
 from largelm.hardware import run_precision
 from largelm.model.gpt import split_tokens
 from largelm.model.registry import get_arch
-from largelm.model.weights import load_full_state_dict, load_tp_shard_state_dict
+from largelm.model.weights import load_tp_shard_state_dict
 from largelm.parallel import groups
 from largelm.parallel.vocab_parallel_kl import vocab_parallel_kl
-from largelm.train.teacher import every_kth_layer_state, teacher_tp_shard, teacher_weights
+from largelm.train.teacher import every_kth_layer_state, teacher_tp_shard
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
@@ -55,10 +55,10 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
 
 class DistillLoss:
     """The distillation training loss for ``DenseStep``: a frozen teacher (a GPTModel at the run's TP, PP=1: this
-    rank's shard) and ``distill_loss`` against the student's logits. ``student_init``: with ``init_student``, the
-    student's starting weights this config asks for (``distill.student_init: every_kth_layer``, full TP=1
-    tensors), else None. ``teacher_sources``: the teacher checkpoint's TP ranks read for this rank's shard (None:
-    the whole teacher was read, for ``every_kth_layer``)."""
+    rank's shard) and ``distill_loss`` against the student's logits. ``student_init``: with ``init_student``, this
+    rank's TP shard of the student's starting weights this config asks for (``distill.student_init:
+    every_kth_layer``), else None. ``teacher_sources``: the teacher checkpoint's TP ranks read for this rank's
+    shard."""
 
     metric_prefix = "distill"  # last_metrics: distill/kl, distill/lm_loss
 
@@ -68,15 +68,13 @@ class DistillLoss:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         # the teacher pads its vocabulary as the student does, so both logits split the vocabulary alike
         padded = cfg.model.padded_vocab_size(tp)
-        wants_layers = init_student and d.student_init == "every_kth_layer"
-        if wants_layers:  # the student starts from whole teacher layers: read them all (a transient full copy)
-            teacher_cfg, teacher_state = teacher_weights(cfg, padded_vocab=padded)
-            self.teacher_sources = None
-        else:  # only the teacher's TP ranks holding a part of this rank's shard
-            teacher_cfg, teacher_state, self.teacher_sources = teacher_tp_shard(
-                cfg, parallel_state.get_tensor_model_parallel_rank(), padded)
+        # only the teacher checkpoint's TP ranks that hold a part of this rank's shard are read
+        teacher_cfg, teacher_state, self.teacher_sources = teacher_tp_shard(
+            cfg, parallel_state.get_tensor_model_parallel_rank(), padded)
+        # the student is built at the same TP with the same padded vocabulary: its shard of teacher layer i*k is
+        # the teacher's shard of that layer
         self.student_init = (every_kth_layer_state(teacher_state, cfg.model.num_layers, d.k)
-                             if wants_layers else None)
+                             if init_student and d.student_init == "every_kth_layer" else None)
         teacher_model = teacher_cfg.model.model_copy(
             update={"make_vocab_size_divisible_by": cfg.model.make_vocab_size_divisible_by})
         teacher_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[d.teacher_precision or run_precision(cfg)]
@@ -84,10 +82,7 @@ class DistillLoss:
         # No activation checkpointing: the teacher runs without grad (only the student, built by the step, gets it).
         self.teacher = arch.build_model(teacher_model, cfg.parallel, *arch.section_args(teacher_cfg),
                                         dtype=teacher_dtype)
-        if wants_layers:
-            load_full_state_dict(self.teacher, teacher_state)  # cuts this rank's shard
-        else:
-            load_tp_shard_state_dict(self.teacher, teacher_state)
+        load_tp_shard_state_dict(self.teacher, teacher_state)
         del teacher_state  # only the built shard stays
         self.teacher.eval().requires_grad_(False)
         self.device = groups.device()
