@@ -48,10 +48,8 @@ def checkpoint_config(ckpt_dir: Path) -> Config:
         raise CheckpointError(f"checkpoint config {err}") from None
 
 
-def load_full_weights(path: str | Path, dtype: Optional[torch.dtype] = torch.float32,
-                      padded_vocab: Optional[int] = None) -> tuple[Config, dict, Path]:
-    """``(config, state_dict, step_dir)``: GPTModel parameter names -> full tensors (``dtype``; None keeps fp32);
-    the vocabulary tensors padded to ``padded_vocab`` rows (default: the checkpoint model's at TP=1)."""
+def load_full_weights(path: str | Path, dtype: Optional[torch.dtype] = torch.float32) -> tuple[Config, dict, Path]:
+    """``(config, state_dict, step_dir)``: GPTModel parameter names -> full tensors (``dtype``; None keeps fp32)."""
     ckpt_dir = resolve_checkpoint(path)
 
     try:  # the checkpoint converter reads config.yaml and the manifest once and checks they agree
@@ -65,7 +63,7 @@ def load_full_weights(path: str | Path, dtype: Optional[torch.dtype] = torch.flo
         consolidated = consolidate_checkpoint(info, log=lambda _: None)
     except ConversionError as err:
         raise CheckpointError(f"could not consolidate DeepSpeed checkpoint {ckpt_dir}: {err}") from err
-    state = _cast(consolidated.padded_tensors(padded_vocab or cfg.model.padded_vocab_size()), dtype)
+    state = _cast(consolidated.padded_tensors(cfg.model.padded_vocab_size()), dtype)
     return cfg, state, ckpt_dir
 
 

@@ -279,7 +279,7 @@ def tp_rank_weights(info: CheckpointInfo, tp_rank: int, log=print) -> tuple[dict
     """TP rank ``tp_rank``'s fp32 weights as the checkpoint holds them (its shard of each tensor-parallel tensor at
     the checkpoint's TP and padded vocabulary, the replicated tensors whole), every pipeline stage merged, under
     ``GPTModel``/``BertModel`` names; and where they came from. Reads only that TP rank's files (all its stages'
-    model states and ZeRO partitions): 1/TP of the checkpoint, for a reader sharded like the checkpoint."""
+    model states and ZeRO partitions): 1/TP of the checkpoint (tp_slice.py cuts other TPs' shards from these)."""
     if not 0 <= tp_rank < info.tensor_parallel:
         raise ConversionError(f"{info.path}: TP rank {tp_rank} out of range (the checkpoint has TP="
                               f"{info.tensor_parallel})")

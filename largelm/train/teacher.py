@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -24,11 +23,10 @@ from largelm.model.layout import check_tensor_parallel
 _LAYER_PREFIX = "decoder.layers."
 
 
-def teacher_weights(cfg: Config, padded_vocab: Optional[int] = None) -> tuple[Config, dict]:
+def teacher_weights(cfg: Config) -> tuple[Config, dict]:
     """The teacher's config and full (TP=1) weights, checked against the student's config. Any layout the teacher
-    was trained in (load_full_weights joins its shards); the vocabulary tensors padded to ``padded_vocab`` rows
-    (default: the teacher's own TP=1 padding)."""
-    teacher_cfg, state, path = load_full_weights(cfg.distill.teacher, padded_vocab=padded_vocab)
+    was trained in (load_full_weights joins its shards); each rank holds the whole teacher."""
+    teacher_cfg, state, path = load_full_weights(cfg.distill.teacher)
     check_teacher(cfg, teacher_cfg, path)
     return teacher_cfg, state
 
