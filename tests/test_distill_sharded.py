@@ -154,8 +154,9 @@ def teachers(tmp_path_factory, tokenizer_path, shard_dir, shard_seq_length):
                                          vocab_size=VOCAB)
 
 
-def _student_cfg(raw: dict, teacher, tp: int):
-    return config_from_dict({**raw, "parallel": {"tensor_parallel": tp, "zero_stage": 1},
+def _student_cfg(raw: dict, teacher, tp: int, sequence_parallel: bool = False):
+    return config_from_dict({**raw, "parallel": {"tensor_parallel": tp, "zero_stage": 1,
+                                                 "sequence_parallel": sequence_parallel},
                              "distill": {"teacher": str(teacher), "alpha": ALPHA, "temperature": TEMPERATURE,
                                          "teacher_precision": "fp32"}})
 
@@ -172,15 +173,18 @@ def _student(cfg, weights):
 
 def _tp2_students(rank, world_size, case):
     from largelm.parallel import groups
+    from largelm.parallel.cpu_compat import model_parallel_manual_seed
     from largelm.parallel.sharding import shard_state_dict, shard_tensor
     from largelm.train.distill import DistillLoss
 
     groups.init_distributed()
     groups.init_model_parallel(tensor_parallel=2, pipeline_parallel=1)
+    model_parallel_manual_seed(1)  # megatron's model-parallel RNG (the trainer seeds it; sequence parallelism forks it)
     try:
         out = {}
         for layout in LAYOUTS:
-            cfg = _student_cfg(case["raw"], f"{case['root']}/{layout}", tp=2)
+            # with the PP=2-trained teacher: sequence parallelism (student and teacher, same TP group)
+            cfg = _student_cfg(case["raw"], f"{case['root']}/{layout}", tp=2, sequence_parallel=layout == "pp2")
             loss = DistillLoss(cfg, init_student=False)
             student = _student(cfg, case["student"])
             metrics = loss(student, {"tokens": case["tokens"]})
@@ -264,7 +268,8 @@ def test_tp2_pair_equals_tp1_pair_for_teachers_trained_at_tp2_and_pp2(teachers):
     """For each teacher checkpoint (trained at TP=2, at PP=2 with TP=1): the TP=1 pair (teacher joined from both TP
     ranks) and the TP=2 pair (each rank reads only the teacher's TP rank it needs) give the same KL, LM loss,
     total and student gradients within the float64-derived bounds; each TP=2 rank holds half the teacher's
-    tensor-parallel weights, and the logits it sees are its half of the vocabulary. ``student_init:
+    tensor-parallel weights, and the logits it sees are its half of the vocabulary. The TP=2 pair with the PP=2
+    teacher runs with sequence parallelism. ``student_init:
     every_kth_layer`` at TP=2 gives each rank the teacher's shard of the copied layers."""
     from largelm.train.distill import DistillLoss
 
