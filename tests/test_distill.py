@@ -36,7 +36,9 @@ def _check_distill_loss_parts():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 5, 12, generator=g), torch.randn(2, 5, 12, generator=g)
     labels = torch.randint(0, 10, (2, 5), generator=g)
+    given = s.clone()
     total, kl, lm = distill_loss(s, s.clone(), labels, 0.7, 2.0, vocab_size=12)
+    assert torch.equal(s, given)  # megatron's cross entropy works in place: not on the caller's logits
     assert kl.abs() < 1e-6 and torch.isclose(total, 0.3 * lm)
     torch.testing.assert_close(lm, F.cross_entropy(s.reshape(-1, 12), labels.reshape(-1)))
     total, kl, lm = distill_loss(s, t, labels, 0.25, 3.0, vocab_size=10)  # entries 10, 11 are "padding"

@@ -65,6 +65,7 @@ def _kl_rank(rank, world_size, cases):
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_vocab_parallel_kl_matches_float64():
     """Per-token KL and its gradient at TP=2 are as accurate as the full-vocabulary fp32 KL against float64;
     padded entries (given huge logits here) have no effect and get zero gradient. Vocabulary 50 of 64 (rank 1's
@@ -264,6 +265,7 @@ def _loss_bounds(trusted: dict, exact: dict, s_err: float, t_err: float, spread:
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_tp2_pair_equals_tp1_pair_for_teachers_trained_at_tp2_and_pp2(teachers):
     """For each teacher checkpoint (trained at TP=2, at PP=2 with TP=1): the TP=1 pair (teacher joined from both TP
     ranks) and the TP=2 pair (each rank reads only the teacher's TP rank it needs) give the same KL, LM loss,

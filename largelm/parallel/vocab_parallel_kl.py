@@ -62,18 +62,17 @@ class _VocabParallelKL(torch.autograd.Function):
 
 
 def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_size: int,
-                      group=None, rank: Optional[int] = None, world_size: Optional[int] = None) -> torch.Tensor:
+                      group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Per-token KL(softmax(teacher) || softmax(student)) [..] of vocabulary-parallel logits [.., V/t] (this rank's
     partition of both; same partition sizes), over the first ``vocab_size`` entries of the padded vocabulary;
-    differentiable in ``student_logits``. Computed in fp32. ``group``/``rank``/``world_size``: the tensor-parallel
-    group (default: megatron's parallel_state); every rank of it gets the same result."""
+    differentiable in ``student_logits``. Computed in fp32. ``group``: the tensor-parallel group (default:
+    megatron's parallel_state); every rank of it gets the same result."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must be partitions of the same padded vocabulary")
     if group is None:
         group = parallel_state.get_tensor_model_parallel_group()
-        rank = parallel_state.get_tensor_model_parallel_rank()
-        world_size = parallel_state.get_tensor_model_parallel_world_size()
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     partition = student_logits.size(-1)
     start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(partition, rank, world_size)
     valid = torch.arange(start, start + partition, device=student_logits.device) < vocab_size
