@@ -1,7 +1,7 @@
 """Knowledge distillation (largelm/train/distill.py, tools/distill.py).
 
 Fast: the loss, the every-k-th-layer mapping, config refusals, and a real distillation step (DeepSpeed engine,
-teacher consolidated from a real DeepSpeed checkpoint written by ``CheckpointManager``) in a one-rank process. Slow: the
+teacher read from a real DeepSpeed checkpoint written by ``CheckpointManager``) in a one-rank process. Slow: the
 launcher path through tools/distill.py (2 ranks) with the loss parts in the step lines and tensorboard.
 The "student beats the no-teacher baseline" experiment is bench/distill_vs_baseline.py (too slow for tests).
 """
@@ -153,7 +153,7 @@ def _save_teacher(cfg, root):
 
 
 def test_distill_step_in_process(tmp_path, tokenizer_path, shard_dir, shard_seq_length, monkeypatch):
-    """A real distillation step (DenseStep + DistillLoss): teacher consolidated from a DeepSpeed ZeRO-2
+    """A real distillation step (DenseStep + DistillLoss): teacher read from a DeepSpeed ZeRO-2
     checkpoint, frozen; student initialised from teacher layers 0 and 2, built with train.activation_checkpointing
     (full recompute here; the teacher runs without grad and gets none); a step trains the student only and reports
     both loss parts."""
