@@ -1,7 +1,7 @@
 """Knowledge distillation (largelm/train/distill.py, tools/distill.py).
 
 Fast: the loss, the every-k-th-layer mapping, config refusals, and a real distillation step (DeepSpeed engine,
-teacher consolidated from a real DeepSpeed checkpoint written by ``CheckpointManager``) in a one-rank process. Slow: the
+teacher read from a real DeepSpeed checkpoint written by ``CheckpointManager``) in a one-rank process. Slow: the
 launcher path through tools/distill.py (2 ranks) with the loss parts in the step lines and tensorboard.
 The "student beats the no-teacher baseline" experiment is bench/distill_vs_baseline.py (too slow for tests).
 """
@@ -27,10 +27,18 @@ from largelm.train.teacher import every_kth_layer_state
 
 
 def test_distill_loss_parts():
+    """At TP=1 in a one-rank parallel state (the loss is vocabulary-parallel, megatron's cross entropy)."""
+    with single_rank_parallel_state():
+        _check_distill_loss_parts()
+
+
+def _check_distill_loss_parts():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 5, 12, generator=g), torch.randn(2, 5, 12, generator=g)
     labels = torch.randint(0, 10, (2, 5), generator=g)
+    given = s.clone()
     total, kl, lm = distill_loss(s, s.clone(), labels, 0.7, 2.0, vocab_size=12)
+    assert torch.equal(s, given)  # megatron's cross entropy works in place: not on the caller's logits
     assert kl.abs() < 1e-6 and torch.isclose(total, 0.3 * lm)
     torch.testing.assert_close(lm, F.cross_entropy(s.reshape(-1, 12), labels.reshape(-1)))
     total, kl, lm = distill_loss(s, t, labels, 0.25, 3.0, vocab_size=10)  # entries 10, 11 are "padding"
@@ -62,8 +70,9 @@ def test_config_refuses_unsupported_layouts(tmp_path, tokenizer_path, shard_dir,
     raw = _raw(tmp_path, tokenizer_path, shard_dir, shard_seq_length)
     raw["distill"] = {"teacher": str(tmp_path / "t"), "alpha": 0.5}
     config_from_dict(raw)
-    with pytest.raises(ConfigError, match="distill: distillation supports"):
-        config_from_dict({**raw, "parallel": {"tensor_parallel": 2, "zero_stage": 1}})
+    config_from_dict({**raw, "parallel": {"tensor_parallel": 2, "zero_stage": 3}})  # sharded teacher and student
+    with pytest.raises(ConfigError, match=r"distill: distillation supports .*parallel\.pipeline_parallel=1"):
+        config_from_dict({**raw, "parallel": {"pipeline_parallel": 2, "zero_stage": 1}})
     with pytest.raises(ConfigError, match="distill.alpha"):
         config_from_dict({**raw, "distill": {"teacher": "x", "alpha": 1.5}})
     with pytest.raises(ConfigError, match="distill.student_init"):
@@ -144,7 +153,7 @@ def _save_teacher(cfg, root):
 
 
 def test_distill_step_in_process(tmp_path, tokenizer_path, shard_dir, shard_seq_length, monkeypatch):
-    """A real distillation step (DenseStep + DistillLoss): teacher consolidated from a DeepSpeed ZeRO-2
+    """A real distillation step (DenseStep + DistillLoss): teacher read from a DeepSpeed ZeRO-2
     checkpoint, frozen; student initialised from teacher layers 0 and 2, built with train.activation_checkpointing
     (full recompute here; the teacher runs without grad and gets none); a step trains the student only and reports
     both loss parts."""

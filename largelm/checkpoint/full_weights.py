@@ -5,6 +5,8 @@ training (quantization, distillation teachers, generation).
 (largelm/checkpoint/reader.py: any TP/PP size, ZeRO stage and DP size, DeepSpeed's BF16_Optimizer, the fp32
 master weights wherever they exist) into the full tensors of one TP=1/PP=1 model, and returns the checkpoint's
 config with that layout (``parallel``: TP=1, PP=1, no sequence parallelism), the one the tools build.
+``load_tp_shard_weights`` is the sharded reader's counterpart: one TP rank's shard for any TP, read from the
+checkpoint's TP ranks that hold a part of it only (distillation teachers at the run's TP).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from largelm.checkpoint.info import inspect_checkpoint
 from largelm.checkpoint.manager import CheckpointError, find_latest
 from largelm.checkpoint.reader import consolidate_checkpoint
+from largelm.checkpoint.tp_slice import read_tp_slice
 from largelm.config import Config, checkpoint_config_from_dict
 from largelm.errors import ConversionError
 from largelm.fileio import YAMLError, read_yaml
@@ -60,7 +63,30 @@ def load_full_weights(path: str | Path, dtype: Optional[torch.dtype] = torch.flo
         consolidated = consolidate_checkpoint(info, log=lambda _: None)
     except ConversionError as err:
         raise CheckpointError(f"could not consolidate DeepSpeed checkpoint {ckpt_dir}: {err}") from err
-    state = consolidated.padded_tensors(cfg.model.padded_vocab_size())
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = _cast(consolidated.padded_tensors(cfg.model.padded_vocab_size()), dtype)
     return cfg, state, ckpt_dir
+
+
+def load_tp_shard_weights(path: str | Path, tp_rank: int, tp: int, padded_vocab: int,
+                          dtype: Optional[torch.dtype] = torch.float32) -> tuple[Config, dict, Path, list[int]]:
+    """``(config, shard, step_dir, source TP ranks read)``: TP rank ``tp_rank`` of ``tp``'s part of the checkpoint's
+    weights (GPTModel names; fp32 masters merged over ZeRO partitions and pipeline stages; the vocabulary tensors
+    cut from ``padded_vocab`` rows), whatever TP the checkpoint was trained at, read from the checkpoint's TP ranks
+    that hold a part of it only (largelm/checkpoint/tp_slice.py). The config's ``parallel`` is TP=``tp``, PP=1,
+    without sequence parallelism."""
+    ckpt_dir = resolve_checkpoint(path)
+    try:
+        info = inspect_checkpoint(ckpt_dir, checksums=False)
+        shard, sources = read_tp_slice(info, tp_rank, tp, padded_vocab, log=lambda _: None)
+    except ConversionError as err:
+        raise CheckpointError(f"could not read TP rank {tp_rank} of {tp} from DeepSpeed checkpoint {ckpt_dir}: "
+                              f"{err}") from err
+    cfg = info.config.model_copy(update={"parallel": info.config.parallel.model_copy(
+        update={"tensor_parallel": tp, "pipeline_parallel": 1, "sequence_parallel": False, "virtual_pipeline": None})})
+    return cfg, _cast(shard, dtype), ckpt_dir, sources
+
+
+def _cast(state: dict, dtype: Optional[torch.dtype]) -> dict:
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

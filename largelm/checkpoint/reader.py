@@ -251,19 +251,12 @@ def consolidate_states(info: CheckpointInfo, log=print,
     keys = ("fp32", *ADAM_MOMENTS) if moments else ("fp32",)
     per_tp: dict[str, list[dict[str, torch.Tensor]]] = {k: [{} for _ in range(tp)] for k in keys}
     sources, steps = set(), set()
-    for m in range(info.model_parallel):
-        stage, tp_rank = mp_rank_coordinates(m, tp)
-        native, origin = read_mp_rank_states(info, m, log=None, moments=moments)
-        sources.add(origin)
-        if moments:
-            steps.add(float(native["step"]["step"]))
+    for tp_rank in range(tp):
+        merged, origins, rank_steps = _read_tp_rank(info, tp_rank, keys, log)
         for key in keys:
-            for name, tensor in to_model_names(native[key], model).items():
-                if name in per_tp[key][tp_rank]:  # the tied embedding on the first and the last stage
-                    _check_replica(name, per_tp[key][tp_rank][name], tensor, f"pipeline stages (TP rank {tp_rank})",
-                                   log)
-                    continue
-                per_tp[key][tp_rank][name] = tensor
+            per_tp[key][tp_rank] = merged[key]
+        sources |= origins
+        steps |= rank_steps
     step = one_step(steps, str(info.path)) if moments else None
     full = {key: _unshard_tp(info, per_tp[key], gated, log) for key in keys}
     weights, padding = strip_vocab_padding(full["fp32"], model.vocab_size)
@@ -280,6 +273,42 @@ def consolidate_states(info: CheckpointInfo, log=print,
         tensors, pad = strip_vocab_padding(full[key], model.vocab_size)
         moment_states[key] = Consolidated(tensors, model, cfg, pad, info.step, source, None, bert=cfg.bert)
     return consolidated, moment_states, step
+
+
+def tp_rank_weights(info: CheckpointInfo, tp_rank: int, log=print) -> tuple[dict[str, torch.Tensor], str]:
+    """TP rank ``tp_rank``'s fp32 weights as the checkpoint holds them (its shard of each tensor-parallel tensor at
+    the checkpoint's TP and padded vocabulary, the replicated tensors whole), every pipeline stage merged, under
+    ``GPTModel``/``BertModel`` names; and where they came from. Reads only that TP rank's files (all its stages'
+    model states and ZeRO partitions): 1/TP of the checkpoint (tp_slice.py cuts other TPs' shards from these)."""
+    if not 0 <= tp_rank < info.tensor_parallel:
+        raise ConversionError(f"{info.path}: TP rank {tp_rank} out of range (the checkpoint has TP="
+                              f"{info.tensor_parallel})")
+    merged, origins, _ = _read_tp_rank(info, tp_rank, ("fp32",), log)
+    return merged["fp32"], ", ".join(sorted(origins))
+
+
+def _read_tp_rank(info: CheckpointInfo, tp_rank: int, keys: tuple[str, ...],
+                  log) -> tuple[dict[str, dict[str, torch.Tensor]], set, set]:
+    """The model-parallel ranks of ``tp_rank`` (one per pipeline stage) merged: ``({key: {model name: tensor}},
+    weight origins, Adam steps)``; ``keys`` "fp32" and with Adam's moments ``ADAM_MOMENTS``."""
+    model, tp = info.config.model, info.tensor_parallel
+    moments = len(keys) > 1
+    merged: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
+    sources, steps = set(), set()
+    for m in range(info.model_parallel):
+        if mp_rank_coordinates(m, tp)[1] != tp_rank:
+            continue
+        native, origin = read_mp_rank_states(info, m, log=None, moments=moments)
+        sources.add(origin)
+        if moments:
+            steps.add(float(native["step"]["step"]))
+        for key in keys:
+            for name, tensor in to_model_names(native[key], model).items():
+                if name in merged[key]:  # the tied embedding on the first and the last stage
+                    _check_replica(name, merged[key][name], tensor, f"pipeline stages (TP rank {tp_rank})", log)
+                    continue
+                merged[key][name] = tensor
+    return merged, sources, steps
 
 
 def _unshard_tp(info: CheckpointInfo, per_tp: list[dict[str, torch.Tensor]], gated: bool, log) -> dict:

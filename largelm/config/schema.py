@@ -339,10 +339,12 @@ class Config(_Section):
             raise ValueError(
                 f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds train.steps={self.train.steps}"
             )
-        if self.distill is not None and (m.arch != "gpt" or p.pipeline_parallel > 1 or p.tensor_parallel > 1):
+        if self.distill is not None and (m.arch != "gpt" or p.pipeline_parallel > 1):
+            # any TP/DP/ZeRO: the teacher is built with the run's TP. PP: docs/design.md "Distillation" says why not
             raise ValueError(
-                "distill: distillation supports model.arch='gpt' with parallel.tensor_parallel=1 and "
-                f"parallel.pipeline_parallel=1 (got arch={m.arch!r}, tensor_parallel={p.tensor_parallel}, "
+                "distill: distillation supports model.arch='gpt' with parallel.pipeline_parallel=1 (any "
+                "tensor_parallel, data parallelism and ZeRO stage; the student's pipeline stages would need the "
+                f"teacher's logits on the last stage) (got arch={m.arch!r}, "
                 f"pipeline_parallel={p.pipeline_parallel})"
             )
         if self.eval is not None and (m.arch != "gpt" or p.model_parallel > 1 or p.zero_stage == 3):

@@ -55,3 +55,11 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], 
         wanted = per_layer.get(index, {})
         result = layer.load_state_dict(shard_state_dict(wanted, layer, tp_rank, tp_size), strict=False)
         _check_covered(f"pipeline layer {index}", result.missing_keys, result.unexpected_keys)
+
+
+def load_tp_shard_state_dict(model: torch.nn.Module, shard: dict[str, torch.Tensor]) -> None:
+    """Load weights that are already this rank's tensor-parallel shard (a checkpoint of the same TP, read per TP
+    rank) into a dense ``GPTModel``, in place; the same coverage check as ``load_full_state_dict``."""
+    shard = {k: v for k, v in shard.items() if not k.endswith("_extra_state")}
+    result = model.load_state_dict(shard, strict=False)
+    _check_covered(type(model).__name__, result.missing_keys, result.unexpected_keys)

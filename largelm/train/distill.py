@@ -1,13 +1,23 @@
 """Knowledge distillation: the run's model (student) learns from a frozen teacher checkpoint.
 
 Per micro-batch: teacher logits (no grad, eval mode, ``distill.teacher_precision``), student logits (the DeepSpeed
-engine's forward without labels: [b, s, V] at TP=1), and
+engine's forward without labels: this TP rank's vocabulary partition [b, s, V/TP], megatron's
+``parallel_output``), and
 
     loss = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, next tokens)
 
 The KL is summed over the tokenizer's vocabulary (padded vocabulary entries are left out, so teacher and student
 may pad differently) and averaged over tokens; the T^2 factor (Hinton et al.) keeps the KL gradient's scale
-independent of T. ``DistillLoss`` is that loss with its frozen teacher: ``build_step`` (largelm/train/step.py)
+independent of T. Under tensor parallelism both logits stay split over the vocabulary: the KL is
+``largelm.parallel.vocab_parallel_kl`` (TP all-reduces of the max, the sum of exponentials and the per-token KL)
+and CE megatron's ``vocab_parallel_cross_entropy``; the full vocabulary is never gathered.
+
+The teacher is built with the run's tensor parallelism (same TP group as the student, PP=1) and each rank holds
+only its TP shard of it, read from the teacher checkpoint's TP ranks that hold a part of it, whatever layout the
+teacher was trained in (``teacher_tp_shard``); ``student_init: every_kth_layer`` starts the student's shard from
+that teacher shard. See docs/design.md "Distillation".
+
+``DistillLoss`` is that loss with its frozen teacher: ``build_step`` (largelm/train/step.py)
 gives it to ``DenseStep`` when the config has a ``distill`` section, in place of the architecture's own forward
 for training. So for the trainer the step behaves as without a teacher but for the loss: ``train_step`` returns the
 mean total loss and leaves the two parts in ``last_metrics`` (``distill/kl``, ``distill/lm_loss``), which the
@@ -17,54 +27,69 @@ trainer logs; ``eval_loss`` stays the plain LM loss, so validation numbers compa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from largelm.config import Config
 from largelm.hardware import run_precision
 from largelm.model.gpt import split_tokens
 from largelm.model.registry import get_arch
-from largelm.model.weights import load_full_state_dict
+from largelm.model.weights import load_tp_shard_state_dict
 from largelm.parallel import groups
-from largelm.train.teacher import every_kth_layer_state, teacher_weights
+from largelm.parallel.vocab_parallel_kl import vocab_parallel_kl
+from largelm.train.teacher import every_kth_layer_state, teacher_tp_shard
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
                  temperature: float, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(total, kl, lm)``; logits [b, s, V] (any padded V >= vocab_size), labels [b, s]. Computed in fp32."""
+    """``(total, kl, lm)``; logits: this TP rank's vocabulary partition [b, s, V/TP] of the padded vocabulary (the
+    same padding for student and teacher; needs megatron's parallel_state), labels [b, s]. Computed in fp32; every
+    TP rank gets the same values."""
     s = student_logits.float()
-    lm = F.cross_entropy(s.reshape(-1, s.size(-1)), labels.reshape(-1))
-    t = teacher_logits.float()[..., :vocab_size] / temperature
-    log_p_s = F.log_softmax(s[..., :vocab_size] / temperature, dim=-1)
-    log_p_t = F.log_softmax(t, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() * temperature**2
+    kl = vocab_parallel_kl(s / temperature, teacher_logits.float() / temperature, vocab_size).mean()
+    # megatron's cross entropy works in place on its (fp32) input: give it its own copy of the caller's logits
+    lm = vocab_parallel_cross_entropy(s.clone() if s is student_logits else s, labels).mean()
+    kl = kl * temperature**2
     return alpha * kl + (1.0 - alpha) * lm, kl, lm
 
 
 class DistillLoss:
-    """The distillation training loss for ``DenseStep``: a frozen teacher (a GPTModel, TP=1, PP=1) and
-    ``distill_loss`` against the student's logits. ``student_init``: with ``init_student``, the student's starting
-    weights this config asks for (``distill.student_init: every_kth_layer``), else None."""
+    """The distillation training loss for ``DenseStep``: a frozen teacher (a GPTModel at the run's TP, PP=1: this
+    rank's shard) and ``distill_loss`` against the student's logits. ``student_init``: with ``init_student``, this
+    rank's TP shard of the student's starting weights this config asks for (``distill.student_init:
+    every_kth_layer``), else None. ``teacher_sources``: the teacher checkpoint's TP ranks read for this rank's
+    shard."""
 
     metric_prefix = "distill"  # last_metrics: distill/kl, distill/lm_loss
 
     def __init__(self, cfg: Config, init_student: bool = True):
         self.cfg = cfg
         d = cfg.distill
-        teacher_cfg, teacher_state = teacher_weights(cfg)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        # the teacher pads its vocabulary as the student does, so both logits split the vocabulary alike
+        padded = cfg.model.padded_vocab_size(tp)
+        # only the teacher checkpoint's TP ranks that hold a part of this rank's shard are read
+        teacher_cfg, teacher_state, self.teacher_sources = teacher_tp_shard(
+            cfg, parallel_state.get_tensor_model_parallel_rank(), padded)
+        # the student is built at the same TP with the same padded vocabulary: its shard of teacher layer i*k is
+        # the teacher's shard of that layer
         self.student_init = (every_kth_layer_state(teacher_state, cfg.model.num_layers, d.k)
                              if init_student and d.student_init == "every_kth_layer" else None)
+        teacher_model = teacher_cfg.model.model_copy(
+            update={"make_vocab_size_divisible_by": cfg.model.make_vocab_size_divisible_by})
         teacher_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[d.teacher_precision or run_precision(cfg)]
-        arch = get_arch(teacher_cfg.model.arch)
+        arch = get_arch(teacher_model.arch)
         # No activation checkpointing: the teacher runs without grad (only the student, built by the step, gets it).
-        self.teacher = arch.build_model(teacher_cfg.model, cfg.parallel, *arch.section_args(teacher_cfg),
+        self.teacher = arch.build_model(teacher_model, cfg.parallel, *arch.section_args(teacher_cfg),
                                         dtype=teacher_dtype)
-        load_full_state_dict(self.teacher, teacher_state)
+        load_tp_shard_state_dict(self.teacher, teacher_state)
+        del teacher_state  # only the built shard stays
         self.teacher.eval().requires_grad_(False)
         self.device = groups.device()
 
     def __call__(self, student: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         """``{"loss": total, "kl", "lm_loss"}`` of one ``tokens`` micro-batch; ``student`` is the DeepSpeed engine
-        (its forward without labels gives the logits [b, s, V])."""
+        (its forward without labels gives this TP rank's vocabulary partition of the logits [b, s, V/TP])."""
         input_ids, labels, position_ids = split_tokens(batch["tokens"].to(self.device))
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids, position_ids, None)

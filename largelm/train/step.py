@@ -30,7 +30,7 @@ from largelm.config import Config
 from largelm.hardware import model_dtype
 from largelm.model.registry import ArchSpec, get_arch
 from largelm.model.specs import recompute_fields
-from largelm.model.weights import load_full_state_dict
+from largelm.model.weights import load_full_state_dict, load_tp_shard_state_dict
 from largelm.parallel import groups
 from largelm.train.distill import DistillLoss
 from largelm.train.engine import initialize_engine
@@ -48,13 +48,17 @@ class DenseStep:
     """Every rank holds all layers (its TP shard of them); the model is the architecture's ``build_model``."""
 
     def __init__(self, cfg: Config, world_size: int, init_state_dict: Optional[dict] = None,
-                 loss: Optional[TrainLoss] = None):
+                 loss: Optional[TrainLoss] = None, init_shard: Optional[dict] = None):
+        """``init_shard``: instead of full ``init_state_dict`` weights, this rank's TP shard of the starting weights
+        (a distillation student started from its teacher's layers)."""
         self.cfg = cfg
         self.arch: ArchSpec = get_arch(cfg.model.arch)
         model = self.arch.build_model(cfg.model, cfg.parallel, *self.arch.section_args(cfg), dtype=model_dtype(cfg),
                                       **recompute_fields(cfg.train.activation_checkpointing))
         if init_state_dict is not None:
             load_full_state_dict(model, init_state_dict)
+        elif init_shard is not None:
+            load_tp_shard_state_dict(model, init_shard)
         self.engine = initialize_engine(cfg, model, world_size, mpu=groups.DeepSpeedMPU())
         self.device = groups.device()
         self.loss = loss or self.arch_loss  # distillation's, or the architecture's own
@@ -182,5 +186,7 @@ def build_step(cfg: Config, world_size: int, init_state_dict: Optional[dict] = N
     loss = None
     if getattr(cfg, "distill", None) is not None:
         loss = DistillLoss(cfg, init_student=init_state_dict is None)
-        init_state_dict = init_state_dict if init_state_dict is not None else loss.student_init
+        step = DenseStep(cfg, world_size, init_state_dict, loss=loss, init_shard=loss.student_init)
+        loss.student_init = None  # not kept once the student holds it
+        return step
     return DenseStep(cfg, world_size, init_state_dict, loss=loss)

@@ -1,5 +1,5 @@
 """The distillation teacher: checks that its checkpoint fits the student (run by preflight, before any process
-group, so it imports no model code) and loading its full weights."""
+group, so it imports no model code) and loading its weights: all of them, or one TP rank's shard."""
 
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ from pathlib import Path
 
 import torch
 
-from largelm.checkpoint.full_weights import checkpoint_config, load_full_weights, resolve_checkpoint
+from largelm.checkpoint.full_weights import (
+    checkpoint_config,
+    load_full_weights,
+    load_tp_shard_weights,
+    resolve_checkpoint,
+)
 from largelm.checkpoint.manager import MANIFEST, CheckpointError, read_manifest
 from largelm.config import Config, ConfigError
+from largelm.errors import ConversionError
 from largelm.fileio import sha256_file
+from largelm.model.layout import check_tensor_parallel
 
 _LAYER_PREFIX = "decoder.layers."
 
@@ -22,6 +29,16 @@ def teacher_weights(cfg: Config) -> tuple[Config, dict]:
     teacher_cfg, state, path = load_full_weights(cfg.distill.teacher)
     check_teacher(cfg, teacher_cfg, path)
     return teacher_cfg, state
+
+
+def teacher_tp_shard(cfg: Config, tp_rank: int, padded_vocab: int) -> tuple[Config, dict, list[int]]:
+    """The teacher's config, TP rank ``tp_rank``'s shard of its weights at the run's ``parallel.tensor_parallel``
+    (vocabulary tensors cut from ``padded_vocab`` rows) and the teacher checkpoint's TP ranks read for it: any
+    layout the teacher was trained in, without reading the whole teacher (unless it was trained at TP=1)."""
+    teacher_cfg, shard, path, sources = load_tp_shard_weights(cfg.distill.teacher, tp_rank,
+                                                              cfg.parallel.tensor_parallel, padded_vocab)
+    check_teacher(cfg, teacher_cfg, path)
+    return teacher_cfg, shard, sources
 
 
 def preflight_teacher(cfg: Config) -> None:
@@ -43,6 +60,7 @@ def check_teacher(cfg: Config, teacher_cfg: Config, path: Path) -> None:
         raise ConfigError(f"distill.teacher: {path} has vocab_size {teacher_cfg.model.vocab_size}, the student "
                           f"{cfg.model.vocab_size}: teacher and student must share the tokenizer")
     _check_teacher_tokenizer(cfg, teacher_cfg, path)
+    _check_teacher_tensor_parallel(cfg, teacher_cfg, path)
     if teacher_cfg.model.positions < cfg.model.seq_length:
         raise ConfigError(f"distill.teacher: {path} handles {teacher_cfg.model.positions} positions, the student's "
                           f"model.seq_length is {cfg.model.seq_length}")
@@ -83,6 +101,15 @@ def _check_teacher_tokenizer(cfg: Config, teacher_cfg: Config, path: Path) -> No
         raise ConfigError(f"distill.teacher: {path} was trained with {teacher_desc} (sha256 {teacher_sha[:12]}), "
                           f"the student's tokenizer.model is {student_tok} (sha256 {student_sha[:12]}): teacher "
                           "and student must share the tokenizer (same vocabulary size, different token ids)")
+
+
+def _check_teacher_tensor_parallel(cfg: Config, teacher_cfg: Config, path: Path) -> None:
+    """The teacher is built at the student's ``parallel.tensor_parallel`` (its shard on each rank)."""
+    try:
+        check_tensor_parallel(teacher_cfg.model, cfg.parallel.tensor_parallel)
+    except ConversionError as err:
+        raise ConfigError(f"distill.teacher: {path}: the teacher is built with the run's parallel.tensor_parallel="
+                          f"{cfg.parallel.tensor_parallel}, but {err}") from None
 
 
 def every_kth_layer_state(teacher_state: dict[str, torch.Tensor], num_layers: int, k: int) -> dict:
