@@ -48,6 +48,9 @@ class QuantizationError(ValueError):
 class QuantFormat:
     bits: int  # 8 or 4
     group_size: Optional[int] = None  # int4: input columns per scale/zero; int8: None (one scale per row)
+    # int4 only: symmetric grid (zero point fixed at 8, scale = max|w| / 7.5), the GPTQ format's ``sym=True``
+    # convention that serving kernels (vLLM's Marlin, ExLlama) require; int8 is always symmetric
+    sym: bool = False
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -86,7 +89,8 @@ def qparams(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, Optional[t
                                          quant_min=fmt.qmin, quant_max=fmt.qmax, scale_dtype=torch.float32,
                                          zero_point_dtype=torch.int8)
         return scale.reshape(w.shape[0], -1), None
-    scale, zero = choose_qparams_affine(w, MappingType.ASYMMETRIC, fmt.block(w.shape[1]), torch.uint8,
+    mapping = MappingType.SYMMETRIC if fmt.sym else MappingType.ASYMMETRIC
+    scale, zero = choose_qparams_affine(w, mapping, fmt.block(w.shape[1]), torch.uint8,
                                         quant_min=fmt.qmin, quant_max=fmt.qmax, scale_dtype=torch.float32,
                                         zero_point_dtype=torch.int32)
     return scale.reshape(w.shape[0], -1), zero.reshape(w.shape[0], -1)

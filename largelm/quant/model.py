@@ -25,7 +25,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ FORMAT = "largelm-quant"
 VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "quant.json"
-TARGET = re.compile(r"^decoder\.layers\.\d+\.(self_attention\.linear_qkv|self_attention\.linear_proj|"
+TARGET = re.compile(r"^(decoder|encoder)\.layers\.\d+\.(self_attention\.linear_qkv|self_attention\.linear_proj|"
                     r"mlp\.linear_fc1|mlp\.linear_fc2)$")
 STORE_DTYPE = torch.bfloat16
 # what save_quantized and tools/quantize.py write into an output directory: only such a directory (or an empty
@@ -132,7 +132,8 @@ def target_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
             if getattr(module, "tp_size", 1) != 1 or getattr(module, "sequence_parallel", False):
                 raise QuantizationError(f"{name}: tensor/sequence-parallel layers are not supported (TP=1 only)")
             targets[name] = module
-        elif name.startswith("decoder.layers.") and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+        elif (name.startswith(("decoder.layers.", "encoder.layers."))
+              and any(p.dim() >= 2 for p in module.parameters(recurse=False))):
             raise QuantizationError(f"{name}: {type(module).__name__} holds a weight matrix that this quantizer "
                                     "does not know (e.g. MoE experts or a Transformer Engine layer); refusing "
                                     "rather than leaving it silently unquantized")
@@ -142,8 +143,8 @@ def target_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def check_supported(cfg: Config) -> None:
-    if not get_arch(cfg.model.arch).causal_lm:  # the forwards here are next-token LM forwards on GPTModel's names
-        raise QuantizationError(f"model.arch={cfg.model.arch!r}: only GPT checkpoints are supported")
+    if cfg.model.arch not in ("gpt", "bert"):  # the layer names and forwards here are GPTModel's and BertModel's
+        raise QuantizationError(f"model.arch={cfg.model.arch!r}: only GPT and BERT checkpoints are supported")
     if cfg.parallel.tensor_parallel != 1 or cfg.parallel.pipeline_parallel != 1:
         raise QuantizationError("only TP=1/PP=1 weights are supported (consolidate/convert the checkpoint first)")
 
@@ -151,8 +152,15 @@ def check_supported(cfg: Config) -> None:
 # --- quantize -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def collect_hessians(model: torch.nn.Module, names: Iterable[str], batches: Iterable[torch.Tensor]) -> dict:
-    """``X^T X / n`` of each named linear's input over the calibration ``batches`` (tokens [b, s+1])."""
+def gpt_calibration_forward(model: torch.nn.Module, tokens: torch.Tensor) -> None:
+    input_ids, _, position_ids = split_tokens(tokens)
+    model(input_ids, position_ids, None)
+
+
+def collect_hessians(model: torch.nn.Module, names: Iterable[str], batches: Iterable,
+                     forward: Callable = gpt_calibration_forward) -> dict:
+    """``X^T X / n`` of each named linear's input over the calibration ``batches`` (``forward(model, batch)`` runs
+    one: by default GPT token batches [b, s+1]; largelm.quant.bert passes BERT's masked batches)."""
     modules = dict(model.named_modules())
     accum, handles = {}, []
     for name in names:
@@ -162,9 +170,8 @@ def collect_hessians(model: torch.nn.Module, names: Iterable[str], batches: Iter
         handles.append(module.register_forward_pre_hook(lambda _m, args, _u=update: _u(args[0])))
     try:
         model.eval()
-        for tokens in batches:
-            input_ids, _, position_ids = split_tokens(tokens)
-            model(input_ids, position_ids, None)
+        for batch in batches:
+            forward(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -173,7 +180,8 @@ def collect_hessians(model: torch.nn.Module, names: Iterable[str], batches: Iter
 
 @torch.no_grad()
 def quantize_model(model: torch.nn.Module, fmt: QuantFormat, method: str = "rtn",
-                   calibration: Optional[Iterable[torch.Tensor]] = None, percdamp: float = 0.01) -> dict:
+                   calibration: Optional[Iterable] = None, percdamp: float = 0.01,
+                   forward: Callable = gpt_calibration_forward) -> dict:
     """Quantize ``model``'s transformer linears in place (swapped for ``QuantLinear``); returns name -> module.
 
     ``method``: ``"rtn"`` (round to nearest) or ``"gptq"`` (needs ``calibration``: token batches [b, s+1]).
@@ -188,7 +196,7 @@ def quantize_model(model: torch.nn.Module, fmt: QuantFormat, method: str = "rtn"
     if method == "gptq":
         if calibration is None:
             raise QuantizationError("method='gptq' needs calibration batches")
-        hessians = collect_hessians(model, targets, calibration)
+        hessians = collect_hessians(model, targets, calibration, forward)
     dtype = next(model.parameters()).dtype
     replaced = {}
     for name, module in targets.items():
