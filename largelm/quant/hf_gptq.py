@@ -157,7 +157,8 @@ def hf_gptq_tensors(model: torch.nn.Module, cfg: Config, dtype: torch.dtype = to
         owner = key.rsplit(".", 1)[0]
         if isinstance(value, torch.Tensor) and owner not in layers and not key.endswith("_extra_state"):
             # the Hugging Face model has the real vocabulary only: the padding rows go
-            base[key] = value.detach().float()[: cfg.model.vocab_size] if key in VOCAB_PARALLEL else value.detach().float()
+            value = value.detach().float()
+            base[key] = value[: cfg.model.vocab_size] if key in VOCAB_PARALLEL else value
     fields = {}
     for name, layer in layers.items():
         per_row = gptq_codes(layer.quantized(), getattr(layer, "perm", None))

@@ -231,6 +231,8 @@ def save_quantized(model: torch.nn.Module, cfg: Config, out: str | Path, *, meth
     quant_prefixes = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
+            if getattr(module, "perm", None) is not None:  # ActOrderQuantLinear (largelm/quant/hf_gptq.py)
+                raise QuantizationError(f"{name}: act-order layers are written by the hf-gptq export only")
             layers.append(name)
             tensors[f"{name}.qweight"] = module.qweight.contiguous()
             tensors[f"{name}.scale"] = module.scale.contiguous()
