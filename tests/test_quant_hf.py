@@ -93,8 +93,8 @@ def hf_model_with_dequantized_weights(out: Path, auto_class: str = "AutoModelFor
         elif not key.endswith((".qzeros", ".scales", ".g_idx")):
             state[key] = tensors[key].float()
     result = model.load_state_dict(state, strict=False)
-    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight",
-                                                                      "cls.predictions.decoder.weight"}, result
+    tied = {"lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}  # tie_weights
+    assert not result.unexpected_keys and set(result.missing_keys) <= tied, result
     model.tie_weights()
     return model, qc
 
