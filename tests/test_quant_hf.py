@@ -175,8 +175,8 @@ def _export(model, cfg, out: Path, fmt: QuantFormat, act_order: bool) -> Path:
 
     tensors = hf_gptq_tensors(model, cfg, torch.float16)
     write_hf_dir(cfg.model, get_arch(cfg.model.arch).section_args(cfg), tensors, out, dtype=torch.float16,
-                 tokenizer=Path(cfg.tokenizer.model), quantization_config=quantization_config(fmt, act_order, 0.01),
-                 log=lambda _: None)
+                 tokenizer=Path(cfg.tokenizer.model),
+                 quantization_config=quantization_config(fmt, act_order, 0.01, tensors), log=lambda _: None)
     return out
 
 
@@ -251,7 +251,8 @@ def test_reference_dequantized_hf_model_matches_largelm(exports, key):
     assert max_err(theirs, ours) <= tol, (max_err(theirs, ours), tol)
 
 
-def check_runtime_model(model, path: Path, cfg, ids: torch.Tensor, ours: torch.Tensor) -> None:
+def check_runtime_model(model, path: Path, cfg, ids: torch.Tensor, ours: torch.Tensor, auto_class=None,
+                        forward=None) -> None:
     """The runtime's own dequantized weights equal the reference's (up to one rounding into its dtype), and its
     logits equal the reference model's run in the runtime's compute dtype.
 
@@ -273,12 +274,13 @@ def check_runtime_model(model, path: Path, cfg, ids: torch.Tensor, ours: torch.T
             u_w = {torch.float32: U32, torch.float16: 2.0**-11, torch.bfloat16: UBF16}[module.scales.dtype]
             torch.testing.assert_close(runtime_w, w, rtol=2 * u_w + u_w**2, atol=0.0)
             checked += 1
-    assert checked == 4 * cfg.model.num_layers + (3 if cfg.model.style == "llama" else 0) * cfg.model.num_layers
+    assert checked == sum(k.endswith(".qweight") for k in tensors)
     dtype = next(model.parameters()).dtype
     u = {torch.float32: U32, torch.float16: 2.0**-11, torch.bfloat16: UBF16}[dtype]
-    reference, _ = hf_model_with_dequantized_weights(path, weight_dtype=torch.float16)
+    reference, _ = hf_model_with_dequantized_weights(path, auto_class or "AutoModelForCausalLM", torch.float16)
+    forward = forward or (lambda m: m(ids).logits.float())
     with torch.no_grad():
-        theirs, expected = model(ids).logits.float(), reference.to(dtype)(ids).logits.float()
+        theirs, expected = forward(model), forward(reference.to(dtype))
     tol = sum_rtol(model_chain(cfg.model), u) * max(1.0, expected.abs().max().item())
     assert max_err(theirs, expected) <= tol, (dtype, max_err(theirs, expected), tol)
     assert max_err(theirs, ours) < 0.5 * ours.abs().max().item()  # sanity: the same model
@@ -406,10 +408,23 @@ def test_bert_hf_gptq_export_matches_reference(bert_trained, tmp_path):
             ours = drop_padded(model(ids, mask, tokentype_ids=types)[0][..., : cfg.model.vocab_size], mask)
     hf, qc = hf_model_with_dequantized_weights(out, "AutoModelForMaskedLM")
     assert type(hf).__name__ == "BertForMaskedLM" and qc["bits"] == 4
+    assert qc["block_name_to_quantize"] == "bert.encoder.layer"
+
+    def forward(m):
+        return drop_padded(m(input_ids=ids, attention_mask=mask, token_type_ids=types).logits.float(), mask)
+
     with torch.no_grad():
-        theirs = drop_padded(hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits, mask)
+        theirs = forward(hf)
     tol = logit_tol(cfg.model, ours.abs().max().item())
     assert max_err(theirs, ours) <= tol, (max_err(theirs, ours), tol)
+    try:  # transformers' GPTQ integration, where installed
+        _gptqmodel()
+    except pytest.skip.Exception:
+        return
+    from transformers import AutoModelForMaskedLM
+
+    runtime = AutoModelForMaskedLM.from_pretrained(out, dtype=torch.float32)
+    check_runtime_model(runtime, out, cfg, ids, ours, "AutoModelForMaskedLM", forward)
 
 
 # --- the tool on a TP=2 x PP=2 training checkpoint ------------------------------------------------------------

@@ -94,7 +94,7 @@ def write_hf_gptq(model, cfg, out: Path, fmt, act_order: bool, percdamp: float) 
     try:
         write_hf_dir(cfg.model, get_arch(cfg.model.arch).section_args(cfg), tensors, partial, dtype=torch.float16,
                      tokenizer=Path(cfg.tokenizer.model), quantization_config=quantization_config(
-                         fmt, act_order, percdamp), log=lambda _: None)
+                         fmt, act_order, percdamp, tensors), log=lambda _: None)
         for f in partial.iterdir():
             fsync_file(f)
         publish_dir(partial, out, replaced)

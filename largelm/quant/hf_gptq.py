@@ -25,6 +25,7 @@ layer's weight and mapped by the same ``to_hf`` that maps the weights.
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -133,11 +134,18 @@ def gptq_codes(qw: QuantizedWeight, perm: Optional[torch.Tensor]) -> dict[str, t
 
 # --- the whole model ------------------------------------------------------------------------------------------
 
-def quantization_config(fmt: QuantFormat, act_order: bool, percdamp: float) -> dict:
+def quantization_config(fmt: QuantFormat, act_order: bool, percdamp: float, tensors: dict) -> dict:
+    """config.json's ``quantization_config`` for the Hugging Face GPTQ ``tensors`` (``hf_gptq_tensors``).
+    ``block_name_to_quantize`` (the layer stack whose linears are quantized: ``transformer.h``, ``model.layers``,
+    ``bert.encoder.layer``) is named because optimum's guess knows only decoder stacks."""
+    blocks = {re.match(r"^(.*?)\.\d+\.", k).group(1) for k in tensors if k.endswith(".qweight")}
+    if len(blocks) != 1:
+        raise QuantizationError(f"quantized layers in {sorted(blocks)}: expected one layer stack")
     return {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": fmt.bits,
             "group_size": fmt.group_size if fmt.bits == 4 else -1, "desc_act": act_order,
             "sym": fmt.bits == 8 or fmt.sym, "static_groups": False, "true_sequential": True, "damp_percent": percdamp,
-            "pack_dtype": "int32", "lm_head": False, "meta": {"quantizer": ["largelm"]}}
+            "pack_dtype": "int32", "lm_head": False, "block_name_to_quantize": blocks.pop(),
+            "meta": {"quantizer": ["largelm"]}}
 
 
 def hf_gptq_tensors(model: torch.nn.Module, cfg: Config, dtype: torch.dtype = torch.float16) -> dict:
