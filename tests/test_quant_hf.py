@@ -494,3 +494,35 @@ def test_tool_exports_a_tp2_pp2_checkpoint(tp2_pp2_checkpoint, tmp_path):
     runtime = gptqmodel.GPTQModel.load(str(out), device="cpu").model
     check_runtime_model(runtime, out, cfg, input_ids, ours)
     assert runtime.generate(input_ids[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)
+
+
+@pytest.mark.slow
+def test_tool_quantizes_a_bert_checkpoint(tokenizer_path, bert_shards, tmp_path):
+    """tools/quantize.py on a launcher-written BERT checkpoint: int4 GPTQ calibrated on masked batches (largelm
+    format, masked-LM validation loss in the report, loads back), and the same as a BertForMaskedLM GPTQ export."""
+    from largelm.quant import load_quantized
+
+    config = tiny_config(tmp_path, tokenizer_path, bert_shards, 64,
+                         model={"arch": "bert", "style": "gpt2", "num_layers": 2, "hidden_size": 64,
+                                "num_attention_heads": 4, "seq_length": 64, "make_vocab_size_divisible_by": 64},
+                         bert={"objective": "sop", "binary_head": False, "residual_post_layernorm": True},
+                         data={"num_workers": 0},
+                         train={"steps": 2, "micro_batch_size": 4, "grad_accum_steps": 1, "eval_interval": 0},
+                         checkpoint={"dir": str(tmp_path / "ckpt"), "save_interval": 2, "keep_last": 1},
+                         logging={"tensorboard_dir": None, "progress_bar": False, "peak_tflops_per_rank": 1.0})
+    check_ok(launch(config, nproc=1))
+    common = ("--checkpoint", tmp_path / "ckpt", "--bits", "4", "--group-size", "32", "--method", "gptq",
+              "--calib-batches", "2", "--eval-batches", "2")
+    proc = _quantize_tool(*common, "--out", tmp_path / "int4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "int4" / "report.json").read_text())
+    assert report["arch"] == "bert" and report["metric"] == "masked-LM valid" and report["after"]["tokens"] > 0
+    assert abs(report["ppl_increase_pct"]) < 10 and "BERT" in (tmp_path / "int4" / "report.md").read_text()
+    with single_rank_parallel_state():
+        model, cfg = load_quantized(tmp_path / "int4")
+    assert cfg.model.arch == "bert"
+    hf = _quantize_tool(*common, "--out", tmp_path / "hf", "--format", "hf-gptq", "--act-order")
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    config_json = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config_json["architectures"] == ["BertForMaskedLM"]
+    assert config_json["quantization_config"]["desc_act"] is True
