@@ -6,7 +6,8 @@ Conventions (one per format, shared by quantization, storage and the forward):
   activations the forward uses ATen's kernel ``torch._weight_int8pack_mm`` (what torchao's int8 weight-only path
   calls on CPU); with fp32 activations it dequantizes (that kernel's fp32 CPU path is far slower).
 * **int4, group-wise along the input dimension, asymmetric**: values 0..15, ``scale`` and ``zero`` [N, K / g];
-  ``W ~= (q - zero) * scale``; ``QuantFormat(sym=True)``: zero fixed at 8 (the GPTQ format's ``sym``). Stored packed two per byte (``pack_int4``: even column in the low nibble).
+  ``W ~= (q - zero) * scale``; ``QuantFormat(sym=True)``: zero fixed at 8 (the GPTQ format's ``sym``).
+  Stored packed two per byte (``pack_int4``: even column in the low nibble).
   Dequantized on the fly in the forward.
 
 The quantization parameters and the (de)quantization are torchao's primitives (``choose_qparams_affine``,
