@@ -238,8 +238,10 @@ def test_refuses_unsupported(trained):
     from largelm.quant.model import check_supported
 
     bert = cfg.model_copy(update={"model": cfg.model.model_copy(update={"arch": "bert"})})
-    with pytest.raises(QuantizationError, match="only GPT"):
-        check_supported(bert)
+    check_supported(bert)  # BERT is quantized too (tests/test_quant_hf.py)
+    tp2 = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"tensor_parallel": 2})})
+    with pytest.raises(QuantizationError, match="TP=1/PP=1"):
+        check_supported(tp2)
 
 
 @contextlib.contextmanager

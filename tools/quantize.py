@@ -1,7 +1,14 @@
-"""Post-training weight-only quantization of a largelm training checkpoint, with a report.
+"""Post-training weight-only quantization of a largelm training checkpoint (GPT or BERT), with a report.
 
     python tools/quantize.py --checkpoint runs/gpt-tiny/checkpoints --out runs/gpt-tiny/int4 \
         --bits 4 --group-size 32 --method gptq
+    python tools/quantize.py --checkpoint runs/gpt-tiny/checkpoints --out runs/gpt-tiny/gptq-hf \
+        --format hf-gptq --bits 4 --group-size 32 --method gptq --act-order
+
+``--format hf-gptq`` writes a Hugging Face GPTQ directory (config.json with ``quantization_config``, packed
+``qweight/qzeros/scales/g_idx`` in model.safetensors, tokenizer files; largelm/quant/hf_gptq.py) instead of
+largelm's own format; int4 is then symmetric (the GPTQ convention serving kernels need), int8 per output channel.
+BERT checkpoints are calibrated on masked batches and measured by their masked-LM validation loss.
 
 Reads the checkpoint (a root -> its latest, or one step_XXXXXXXX directory; any TP/PP/ZeRO layout), quantizes the
 transformer linear layers (int8 per channel, or int4 group-wise; round-to-nearest, or GPTQ or AWQ on calibration
@@ -31,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, choices=(4, 8), default=8)
     p.add_argument("--group-size", type=positive_int, default=128, help="int4: input columns per scale/zero point")
     p.add_argument("--method", choices=("rtn", "gptq", "awq"), default="rtn")
+    p.add_argument("--format", choices=("largelm", "hf-gptq"), default="largelm",
+                   help="largelm: load_quantized's format; hf-gptq: a Hugging Face GPTQ directory")
+    p.add_argument("--act-order", action="store_true", help="gptq + hf-gptq: quantize columns in order of "
+                   "decreasing Hessian diagonal (GPTQ's desc_act)")
     p.add_argument("--calib-batches", type=positive_int, default=16,
                    help="gptq/awq: training batches for the Hessians / activation statistics")
     p.add_argument("--awq-grid", type=positive_int, default=20, help="awq: scale exponents tried (alpha = i / grid)")
@@ -46,13 +57,56 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def calibration_batches(cfg, count: int, batch_size: int):
+    """``count`` training batches: GPT token tensors [b, s+1]; BERT masked sentence-pair batches (dicts)."""
     from largelm.data import build_loader
+    from largelm.model.registry import get_arch
 
     loader = build_loader(datasets=[(s.path, s.weight) for s in cfg.data.train], seq_length=cfg.model.seq_length,
                           batch_size=batch_size, rank=0, world_size=1, num_workers=0, shuffle_buffer=256,
-                          seed=cfg.data.seed, infinite=True)
+                          seed=cfg.data.seed, infinite=True, **get_arch(cfg.model.arch).loader_kwargs(cfg))
     it = iter(loader)
-    return [next(it)["tokens"] for _ in range(count)]
+    batches = [next(it) for _ in range(count)]
+    return [b["tokens"] for b in batches] if cfg.model.arch == "gpt" else batches
+
+
+HF_GPTQ_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                 "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                 "chat_template.jinja", "report.md", "report.json"}
+
+
+def write_hf_gptq(model, cfg, out: Path, fmt, act_order: bool, percdamp: float) -> Path:
+    """The quantized ``model`` as a Hugging Face GPTQ directory at ``out``, atomically (written and fsynced in a
+    ``.partial-*`` sibling, then renamed; an earlier export there is replaced only then)."""
+    import shutil
+
+    import torch
+
+    from largelm.convert.hf import write_hf_dir
+    from largelm.fileio import fsync_file, publish_dir
+    from largelm.model.registry import get_arch
+    from largelm.quant import QuantizationError
+    from largelm.quant.hf_gptq import hf_gptq_tensors, quantization_config
+
+    if out.exists() and (not out.is_dir() or not {p.name for p in out.iterdir()} <= HF_GPTQ_FILES
+                         or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise QuantizationError(f"output directory {out} is not empty and not an earlier GPTQ export (it would be "
+                                "replaced as a whole): choose a new or empty directory")
+    tensors = hf_gptq_tensors(model, cfg, torch.float16)
+    partial, replaced = out.parent / f".partial-{out.name}", out.parent / f".replaced-{out.name}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (partial, replaced):
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        write_hf_dir(cfg.model, get_arch(cfg.model.arch).section_args(cfg), tensors, partial, dtype=torch.float16,
+                     tokenizer=Path(cfg.tokenizer.model), quantization_config=quantization_config(
+                         fmt, act_order, percdamp, tensors), log=lambda _: None)
+        for f in partial.iterdir():
+            fsync_file(f)
+        publish_dir(partial, out, replaced)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
 
 
 def run(args) -> dict:
@@ -63,6 +117,7 @@ def run(args) -> dict:
     from largelm.model.weights import load_full_state_dict
     from largelm.quant import (
         QuantFormat,
+        QuantizationError,
         build_model,
         load_quantized,
         perplexity,
@@ -70,21 +125,33 @@ def run(args) -> dict:
         save_quantized,
         single_process_parallel_state,
     )
-    from largelm.quant.model import check_supported, compare_tokens_per_s, dir_bytes
+    from largelm.quant.bert import bert_calibration_forward, bert_tokens_per_s, mlm_perplexity
+    from largelm.quant.hf_gptq import quantize_model_act_order
+    from largelm.quant.model import check_supported, compare_tokens_per_s, dir_bytes, gpt_calibration_forward
     from largelm.tokenizer import Tokenizer
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    fmt = QuantFormat(args.bits, args.group_size if args.bits == 4 else None)
+    hf = args.format == "hf-gptq"
+    # the GPTQ format's int4 is symmetric (zero point 8): what serving kernels (Marlin, ExLlama) implement
+    fmt = QuantFormat(args.bits, args.group_size if args.bits == 4 else None, sym=hf and args.bits == 4)
     out = Path(args.out)
     with single_process_parallel_state():
         cfg, state, ckpt_dir = load_full_weights(args.checkpoint)
         check_supported(cfg)
+        causal = cfg.model.arch == "gpt"
+        if args.prompt and not causal:
+            raise QuantizationError("--prompt: a BERT checkpoint does not generate text")
+        if args.method == "awq" and not causal:
+            raise QuantizationError("--method awq: the scale search and folds are written for GPT layers; "
+                                    "quantize a BERT checkpoint with --method rtn or gptq")
+        measure = perplexity if causal else mlm_perplexity
+        forward = gpt_calibration_forward if causal else bert_calibration_forward
         model = build_model(cfg, dtype)
         load_full_state_dict(model, state)
         model.eval()
         # only generation needs it; loaded before the slow work so that a missing one fails early
-        tok = Tokenizer.load(cfg.tokenizer.model) if args.prompt else None
-        before = perplexity(model, cfg, batch_size=args.batch_size, max_batches=args.eval_batches)
+        tok = Tokenizer.load(cfg.tokenizer.model) if args.prompt or hf else None
+        before = measure(model, cfg, batch_size=args.batch_size, max_batches=args.eval_batches)
         reference = build_model(cfg, dtype)  # an unquantized copy, timed side by side with the quantized model
         load_full_state_dict(reference, state)
         with tempfile.TemporaryDirectory() as tmp:  # the bf16 export: the size baseline
@@ -92,21 +159,31 @@ def run(args) -> dict:
         calib = calibration_batches(cfg, args.calib_batches, args.batch_size) if args.method != "rtn" else None
         awq_options = {"n_grid": args.awq_grid, "search_tokens": args.awq_search_tokens, "clip": not args.awq_no_clip}
         awq_stats: dict = {}
-        quantize_model(model, fmt, args.method, calib, args.percdamp, awq_options, awq_stats)
-        meta = {"source_checkpoint": str(ckpt_dir), "calib_batches": args.calib_batches if calib else 0}
-        if awq_stats:
-            meta["awq"] = {"options": awq_options, "layers": awq_stats}
-        save_quantized(model, cfg, out, method=args.method, fmt=fmt, extra_meta=meta)
-        del model
-        qmodel, _ = load_quantized(out, dtype)  # measure what a user loads
-        after = perplexity(qmodel, cfg, batch_size=args.batch_size, max_batches=args.eval_batches)
-        speed = compare_tokens_per_s({"before": reference, "after": qmodel}, cfg, args.batch_size)
+        if args.act_order:
+            quantize_model_act_order(model, fmt, calib, args.percdamp, forward)
+        else:
+            quantize_model(model, fmt, args.method, calib, args.percdamp, awq_options, awq_stats, forward=forward)
+        if hf:
+            write_hf_gptq(model, cfg, out, fmt, args.act_order, args.percdamp)
+            qmodel = model  # the model the export holds (its dequantized weights are the export's)
+        else:
+            meta = {"source_checkpoint": str(ckpt_dir), "calib_batches": args.calib_batches if calib else 0}
+            if awq_stats:
+                meta["awq"] = {"options": awq_options, "layers": awq_stats}
+            save_quantized(model, cfg, out, method=args.method, fmt=fmt, extra_meta=meta)
+            del model
+            qmodel, _ = load_quantized(out, dtype)  # measure what a user loads
+        after = measure(qmodel, cfg, batch_size=args.batch_size, max_batches=args.eval_batches)
+        timing = compare_tokens_per_s if causal else bert_tokens_per_s
+        speed = timing({"before": reference, "after": qmodel}, cfg, args.batch_size)
         before["tokens_per_s"], after["tokens_per_s"] = speed["before"], speed["after"]
         sample = generate(qmodel, tok, args.prompt, 24, context=cfg.model.seq_length) if args.prompt else None
     report = {
-        "checkpoint": str(ckpt_dir), "out": str(out), "method": args.method, "bits": args.bits,
-        "group_size": fmt.group_size, "dtype": args.dtype,
-        "bytes": {"bf16": bf16_bytes, "quantized": dir_bytes(out)},
+        "checkpoint": str(ckpt_dir), "out": str(out), "format": args.format, "arch": cfg.model.arch,
+        "method": args.method, "act_order": args.act_order, "bits": args.bits,
+        "group_size": fmt.group_size, "sym": fmt.bits == 8 or fmt.sym, "dtype": args.dtype,
+        "metric": "valid" if causal else "masked-LM valid",
+        "bytes": {"bf16": bf16_bytes, "quantized": sum(f.stat().st_size for f in out.glob("*.safetensors"))},
         "before": before, "after": after,
         "ppl_increase_pct": 100.0 * (after["ppl"] / before["ppl"] - 1.0),
         "sample": {"prompt": args.prompt, "continuation": sample} if sample is not None else None,
@@ -119,10 +196,13 @@ def run(args) -> dict:
 def report_markdown(r: dict) -> str:
     g = f", group size {r['group_size']}" if r["bits"] == 4 else " (per output channel)"
     lines = [
-        f"# Quantization report: int{r['bits']}{g}, {r['method'].upper()}", "",
+        f"# Quantization report: int{r['bits']}{g}, {r['method'].upper()}"
+        f"{' (act-order)' if r.get('act_order') else ''}, {r.get('arch', 'gpt').upper()}, format "
+        f"{r.get('format', 'largelm')}", "",
         f"source `{r['checkpoint']}` -> `{r['out']}`; compute dtype {r['dtype']}; validation tokens "
         f"{r['before']['tokens']}", "",
-        "| | size on disk (bytes) | valid loss | valid ppl | forward tokens/s |", "| --- | ---: | ---: | ---: | ---: |",
+        f"| | size on disk (bytes) | {r.get('metric', 'valid')} loss | ppl | forward tokens/s |",
+        "| --- | ---: | ---: | ---: | ---: |",
         f"| before (size: bf16 export; run: original weights) | {r['bytes']['bf16']:,} | {r['before']['loss']:.4f} | "
         f"{r['before']['ppl']:.3f} | {r['before']['tokens_per_s']:,.0f} |",
         f"| after (int{r['bits']}) | {r['bytes']['quantized']:,} | {r['after']['loss']:.4f} | "
@@ -138,9 +218,19 @@ def report_markdown(r: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # a usage error is reported before torch and the checkpoint code are imported (seconds)
+    if args.act_order and (args.method != "gptq" or args.format != "hf-gptq"):
+        print("error: --act-order needs --method gptq and --format hf-gptq", file=sys.stderr)
+        return 2
+    if args.method == "awq" and args.format == "hf-gptq":
+        # AWQ may keep an explicit per-input-channel scale (after GELU, or with grouped-query attention), which
+        # the GPTQ format has no place for; its own format (quant_method: awq) is not written here
+        print("error: --format hf-gptq takes --method rtn or gptq (AWQ's results stay in the largelm format)",
+              file=sys.stderr)
+        return 2
     from largelm.checkpoint.manager import CheckpointError
     from largelm.config import ConfigError
     from largelm.data import DataError
+    from largelm.errors import ConversionError as LargelmError  # the HF export's (tokenizer, config) errors
     from largelm.quant import QuantizationError
     from largelm.tokenizer import TokenizerError
 
@@ -148,7 +238,7 @@ def main(argv=None) -> int:
         report = run(args)
     # DataError/TokenizerError: the checkpoint's config.yaml names data and tokenizer paths (often relative to
     # the training directory) that need not exist where this runs
-    except (QuantizationError, CheckpointError, ConfigError, DataError, TokenizerError) as err:
+    except (QuantizationError, CheckpointError, ConfigError, DataError, TokenizerError, LargelmError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report_markdown(report))

@@ -63,20 +63,30 @@ def mapping_for(model: ModelConfig):
 def export_hf(c: Consolidated, out_dir: Path, *, dtype: Optional[torch.dtype] = None,
               tokenizer: Optional[Path] = None, max_shard_size: int = DEFAULT_MAX_SHARD, log=print) -> dict:
     """Write ``c`` as a Hugging Face model directory. Returns {"tokenizer": check record or None}."""
-    offline()
-    from transformers import AutoConfig, GenerationConfig
-
     mapping = mapping_for(c.model)
     mapping.check_exportable(c.model)
     dtype = dtype or c.dtype
-    tokenizer = Path(tokenizer) if tokenizer else c.tokenizer
-    ids = {}
-    if tokenizer is not None:
-        ids = special_ids(tokenizer)
-    arch = get_arch(c.model.arch)
-    section = arch.section_args(c)  # BERT's adapter takes the bert section too
+    section = get_arch(c.model.arch).section_args(c)  # BERT's adapter takes the bert section too
     tensors = {k: v.to(dtype) for k, v in mapping.to_hf(c.model, c.tensors, *section).items()}
-    fields = mapping.hf_config(c.model, ids, dtype_name(dtype), *section)
+    return write_hf_dir(c.model, section, tensors, out_dir, dtype=dtype,
+                        tokenizer=Path(tokenizer) if tokenizer else c.tokenizer, max_shard_size=max_shard_size,
+                        log=log)
+
+
+def write_hf_dir(model: ModelConfig, section: tuple, tensors: dict[str, torch.Tensor], out_dir: Path, *,
+                 dtype: torch.dtype, tokenizer: Optional[Path], max_shard_size: int = DEFAULT_MAX_SHARD,
+                 quantization_config: Optional[dict] = None, log=print) -> dict:
+    """config.json (+ ``quantization_config``), generation_config.json, the Hugging Face ``tensors`` and the
+    tokenizer files in ``out_dir``. Returns {"tokenizer": check record or None}."""
+    offline()
+    from transformers import AutoConfig, GenerationConfig
+
+    mapping = mapping_for(model)
+    arch = get_arch(model.arch)
+    ids = special_ids(tokenizer) if tokenizer is not None else {}
+    fields = mapping.hf_config(model, ids, dtype_name(dtype), *section)
+    if quantization_config is not None:
+        fields["quantization_config"] = quantization_config
     config = AutoConfig.for_model(**fields)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ Conventions (one per format, shared by quantization, storage and the forward):
   activations the forward uses ATen's kernel ``torch._weight_int8pack_mm`` (what torchao's int8 weight-only path
   calls on CPU); with fp32 activations it dequantizes (that kernel's fp32 CPU path is far slower).
 * **int4, group-wise along the input dimension, asymmetric**: values 0..15, ``scale`` and ``zero`` [N, K / g];
-  ``W ~= (q - zero) * scale``. Stored packed two per byte (``pack_int4``: even column in the low nibble).
+  ``W ~= (q - zero) * scale``; ``QuantFormat(sym=True)``: zero fixed at 8 (the GPTQ format's ``sym``).
+  Stored packed two per byte (``pack_int4``: even column in the low nibble).
   Dequantized on the fly in the forward.
 
 The quantization parameters and the (de)quantization are torchao's primitives (``choose_qparams_affine``,
@@ -48,6 +49,9 @@ class QuantizationError(ValueError):
 class QuantFormat:
     bits: int  # 8 or 4
     group_size: Optional[int] = None  # int4: input columns per scale/zero; int8: None (one scale per row)
+    # int4 only: symmetric grid (zero point fixed at 8, scale = max|w| / 7.5), the GPTQ format's ``sym=True``
+    # convention that serving kernels (vLLM's Marlin, ExLlama) require; int8 is always symmetric
+    sym: bool = False
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -86,7 +90,8 @@ def qparams(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, Optional[t
                                          quant_min=fmt.qmin, quant_max=fmt.qmax, scale_dtype=torch.float32,
                                          zero_point_dtype=torch.int8)
         return scale.reshape(w.shape[0], -1), None
-    scale, zero = choose_qparams_affine(w, MappingType.ASYMMETRIC, fmt.block(w.shape[1]), torch.uint8,
+    mapping = MappingType.SYMMETRIC if fmt.sym else MappingType.ASYMMETRIC
+    scale, zero = choose_qparams_affine(w, mapping, fmt.block(w.shape[1]), torch.uint8,
                                         quant_min=fmt.qmin, quant_max=fmt.qmax, scale_dtype=torch.float32,
                                         zero_point_dtype=torch.int32)
     return scale.reshape(w.shape[0], -1), zero.reshape(w.shape[0], -1)

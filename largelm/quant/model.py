@@ -26,7 +26,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ FORMAT = "largelm-quant"
 VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "quant.json"
-TARGET = re.compile(r"^decoder\.layers\.\d+\.(self_attention\.linear_qkv|self_attention\.linear_proj|"
+TARGET = re.compile(r"^(decoder|encoder)\.layers\.\d+\.(self_attention\.linear_qkv|self_attention\.linear_proj|"
                     r"mlp\.linear_fc1|mlp\.linear_fc2)$")
 STORE_DTYPE = torch.bfloat16
 # what save_quantized and tools/quantize.py write into an output directory: only such a directory (or an empty
@@ -140,7 +140,8 @@ def target_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
             if getattr(module, "tp_size", 1) != 1 or getattr(module, "sequence_parallel", False):
                 raise QuantizationError(f"{name}: tensor/sequence-parallel layers are not supported (TP=1 only)")
             targets[name] = module
-        elif name.startswith("decoder.layers.") and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+        elif (name.startswith(("decoder.layers.", "encoder.layers."))
+              and any(p.dim() >= 2 for p in module.parameters(recurse=False))):
             raise QuantizationError(f"{name}: {type(module).__name__} holds a weight matrix that this quantizer "
                                     "does not know (e.g. MoE experts or a Transformer Engine layer); refusing "
                                     "rather than leaving it silently unquantized")
@@ -150,8 +151,8 @@ def target_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def check_supported(cfg: Config) -> None:
-    if not get_arch(cfg.model.arch).causal_lm:  # the forwards here are next-token LM forwards on GPTModel's names
-        raise QuantizationError(f"model.arch={cfg.model.arch!r}: only GPT checkpoints are supported")
+    if cfg.model.arch not in ("gpt", "bert"):  # the layer names and forwards here are GPTModel's and BertModel's
+        raise QuantizationError(f"model.arch={cfg.model.arch!r}: only GPT and BERT checkpoints are supported")
     if cfg.parallel.tensor_parallel != 1 or cfg.parallel.pipeline_parallel != 1:
         raise QuantizationError("only TP=1/PP=1 weights are supported (consolidate/convert the checkpoint first)")
 
@@ -159,8 +160,15 @@ def check_supported(cfg: Config) -> None:
 # --- quantize -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def collect_hessians(model: torch.nn.Module, names: Iterable[str], batches: Iterable[torch.Tensor]) -> dict:
-    """``X^T X / n`` of each named linear's input over the calibration ``batches`` (tokens [b, s+1])."""
+def gpt_calibration_forward(model: torch.nn.Module, tokens: torch.Tensor) -> None:
+    input_ids, _, position_ids = split_tokens(tokens)
+    model(input_ids, position_ids, None)
+
+
+def collect_hessians(model: torch.nn.Module, names: Iterable[str], batches: Iterable,
+                     forward: Callable = gpt_calibration_forward) -> dict:
+    """``X^T X / n`` of each named linear's input over the calibration ``batches`` (``forward(model, batch)`` runs
+    one: by default GPT token batches [b, s+1]; largelm.quant.bert passes BERT's masked batches)."""
     modules = dict(model.named_modules())
     accum, handles = {}, []
     for name in names:
@@ -170,9 +178,8 @@ def collect_hessians(model: torch.nn.Module, names: Iterable[str], batches: Iter
         handles.append(module.register_forward_pre_hook(lambda _m, args, _u=update: _u(args[0])))
     try:
         model.eval()
-        for tokens in batches:
-            input_ids, _, position_ids = split_tokens(tokens)
-            model(input_ids, position_ids, None)
+        for batch in batches:
+            forward(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -181,8 +188,9 @@ def collect_hessians(model: torch.nn.Module, names: Iterable[str], batches: Iter
 
 @torch.no_grad()
 def quantize_model(model: torch.nn.Module, fmt: QuantFormat, method: str = "rtn",
-                   calibration: Optional[Iterable[torch.Tensor]] = None, percdamp: float = 0.01,
-                   awq_options: Optional[dict] = None, stats: Optional[dict] = None) -> dict:
+                   calibration: Optional[Iterable] = None, percdamp: float = 0.01,
+                   awq_options: Optional[dict] = None, stats: Optional[dict] = None,
+                   forward: Callable = gpt_calibration_forward) -> dict:
     """Quantize ``model``'s transformer linears in place (swapped for ``QuantLinear``); returns name -> module.
 
     ``method``: ``"rtn"`` (round to nearest), ``"gptq"`` or ``"awq"`` (both need ``calibration``: token batches
@@ -199,7 +207,7 @@ def quantize_model(model: torch.nn.Module, fmt: QuantFormat, method: str = "rtn"
         raise QuantizationError(f"method={method!r} needs calibration batches")
     hessians, awq_weights = {}, {}
     if method == "gptq":
-        hessians = collect_hessians(model, targets, calibration)
+        hessians = collect_hessians(model, targets, calibration, forward)
     if method == "awq":
         awq_weights, awq_stats = quantize_awq(model, targets, fmt, calibration, **(awq_options or {}))
         if stats is not None:
@@ -242,6 +250,8 @@ def save_quantized(model: torch.nn.Module, cfg: Config, out: str | Path, *, meth
     quant_prefixes = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
+            if getattr(module, "perm", None) is not None:  # ActOrderQuantLinear (largelm/quant/hf_gptq.py)
+                raise QuantizationError(f"{name}: act-order layers are written by the hf-gptq export only")
             layers.append(name)
             tensors[f"{name}.qweight"] = module.qweight.contiguous()
             tensors[f"{name}.scale"] = module.scale.contiguous()
