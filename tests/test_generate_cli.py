@@ -129,7 +129,7 @@ def test_prompt_in_process_equals_generate(made, capsys):
 def test_training_checkpoint_of_a_tensor_parallel_run(tp1, tokenizer_path, shard_dir, shard_seq_length, tmp_path):
     """A real 2-rank TP=2 launcher checkpoint (llama style) generates on one process (consolidated on load): the
     command's greedy text (cache) is the in-process no-cache generation from the same checkpoint."""
-    from largelm.generation.load import load_for_generation
+    from largelm.generation.load import load_causal_lm
 
     config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length,
                          model={"style": "llama", "num_query_groups": 2, "tie_embeddings": False},
@@ -141,7 +141,7 @@ def test_training_checkpoint_of_a_tensor_parallel_run(tp1, tokenizer_path, shard
     proc = run_cli("--checkpoint", tmp_path / "ckpt", "--prompt", PROMPTS[0], "--max-new-tokens", 8)
     assert proc.returncode == 0, proc.stderr
     assert "TP=2 PP=1 DP=1" in proc.stderr
-    loaded = load_for_generation(tmp_path / "ckpt")
+    loaded = load_causal_lm(tmp_path / "ckpt")
     assert proc.stdout == expected_text(loaded.module, loaded.tokenizer, PROMPTS[0], 8, loaded.context,
                                         use_cache=False) + "\n"
 

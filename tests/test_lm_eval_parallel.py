@@ -21,7 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_lm_eval import EPS32, SMALL_COUNTS, logprob_tolerance
 from train_utils import check_ok, launch, losses, tiny_config
 
-from largelm.evaluate.model import load_checkpoint, single_rank
+from largelm.evaluate.model import single_rank
+from largelm.generation.load import load_causal_lm
 from largelm.model.harness import LargelmLM, flat_metrics, run_harness
 from largelm.prepare.eval_tasks import make_eval_tasks
 
@@ -62,8 +63,8 @@ def _logged(tb_dir) -> dict[str, float]:
 def _reference_and_tolerances(step_dir, task_dir) -> tuple[dict[str, float], dict[str, float]]:
     """The TP=1 evaluation of ``step_dir`` and, per perplexity metric, its tolerance (module docstring)."""
     with single_rank():
-        loaded = load_checkpoint(step_dir, log=lambda _: None)
-        model, tok, cfg = loaded.model, loaded.tokenizer, loaded.consolidated.model
+        loaded = load_causal_lm(step_dir)
+        model, tok, cfg = loaded.module, loaded.tokenizer, loaded.model
         ref = flat_metrics(run_harness(LargelmLM(model, tok, max_length=cfg.seq_length, batch_size=2), TASKS,
                                        task_dir, limit=LIMIT, bootstrap_iters=0, quiet=True))
         docs = [json.loads(line)["text"] for line in

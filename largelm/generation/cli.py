@@ -88,13 +88,13 @@ def run(args) -> None:
     with contextlib.redirect_stdout(sys.stderr):
         import torch  # lazy (usage errors first)
 
-        from largelm.generation.load import load_for_generation  # lazy (usage errors first)
+        from largelm.generation.load import load_causal_lm  # lazy (usage errors first)
         from largelm.quant import single_process_parallel_state  # lazy (usage errors first)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     with contextlib.ExitStack() as world:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's comm backend reports its build on stdout
             world.enter_context(single_process_parallel_state(args.seed))
-            loaded = load_for_generation(args.checkpoint, dtype, args.tokenizer)
+            loaded = load_causal_lm(args.checkpoint, dtype, args.tokenizer)
         print(f"loaded {loaded.describe} ({loaded.model.style} style, {loaded.model.num_layers} layers, "
               f"context {loaded.context})", file=sys.stderr, flush=True)
         prompts = (line.rstrip("\n") for line in sys.stdin) if args.interactive else [args.prompt]
@@ -107,13 +107,13 @@ def main(argv=None) -> int:
     from largelm.checkpoint.manager import CheckpointError  # lazy: after the arguments are checked
     from largelm.config import ConfigError  # lazy (usage errors first)
     from largelm.errors import ConversionError  # lazy (usage errors first)
-    from largelm.generation.load import GenerationError  # lazy (usage errors first)
+    from largelm.generation.load import ModelLoadError  # lazy (usage errors first)
     from largelm.quant import QuantizationError  # lazy (usage errors first)
     from largelm.tokenizer import TokenizerError  # lazy (usage errors first)
 
     try:
         run(args)
-    except (GenerationError, ConversionError, CheckpointError, ConfigError, QuantizationError,
+    except (ModelLoadError, ConversionError, CheckpointError, ConfigError, QuantizationError,
             TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
