@@ -21,7 +21,7 @@ from largelm.generation.cli import main
 from largelm.model.bert import build_bert_model
 from largelm.model.generate import generate_ids
 from largelm.parallel.cpu_compat import model_parallel_manual_seed
-from largelm.quant import QuantFormat, build_model, quantize_model, save_quantized
+from largelm.quant import QuantFormat, build_model, load_quantized, quantize_model, save_quantized
 from largelm.tokenizer import Tokenizer
 
 SPEED = re.compile(r"\[(\d+) new tokens in [0-9.]+ s: [0-9.]+ tokens/s, (KV cache|no cache)\]")
@@ -123,6 +123,25 @@ def test_prompt_in_process_equals_generate(made, capsys):
     out = capsys.readouterr()
     assert out.out == expected_text(made["model"], made["tok"], PROMPTS[1], 6, made["cfg"].model.seq_length) + "\n"
     assert "consolidated model" in out.err and SPEED.search(out.err)
+
+
+def test_one_loader_serves_lm_eval_too_quantized_checkpoints_included(made):
+    """largelm-eval's lm-eval model (``largelm``) opens checkpoints with the generation loader: a quantized one
+    scores as the quantization library's own loader gives it (other tensors are stored in bf16, so not exactly the
+    in-process model), a consolidated one as the in-process model; kind, path and step say what was loaded."""
+    from lm_eval.api.instance import Instance
+
+    from largelm.evaluate.model import LargelmCheckpointLM
+    from largelm.model.harness import LargelmLM
+
+    tok, seq = made["tok"], made["cfg"].model.seq_length
+    pairs = [("To be, or not to be:", " that is the question"), ("O", " villain, villain, smiling!")]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=a, idx=i) for i, a in enumerate(pairs)]
+    quantized = load_quantized(made["tmp"] / "int8")[0]
+    for name, model, kind, step in (("int8", quantized, "quantized", None), ("hub", made["model"], "consolidated", 1)):
+        lm = LargelmCheckpointLM(checkpoint=str(made["tmp"] / name), batch_size=2)
+        assert (lm.loaded.kind, lm.loaded.path, lm.loaded.step) == (kind, made["tmp"] / name, step)
+        assert lm.loglikelihood(requests) == LargelmLM(model, tok, max_length=seq).loglikelihood(requests)
 
 
 @pytest.mark.slow
