@@ -145,6 +145,37 @@ def test_one_loader_serves_lm_eval_too_quantized_checkpoints_included(made):
 
 
 @pytest.mark.slow
+def test_generation_on_two_tensor_parallel_ranks_takes_the_tp1_models_greedy_path(made):
+    """``--nproc 2``: two spawned ranks with half the weights each generate what the TP=1 model generates greedily.
+    The two layouts' logits differ by at most ``logit_tol`` (fp32 summation order), so every step whose TP=1 top-2
+    margin exceeds twice that picks the same token; the text is compared up to the first closer step (none, with
+    these large random weights, unless the model changes)."""
+    import torch
+    from tolerances import logit_tol
+
+    model, tok, cfg = made["model"], made["tok"], made["cfg"]
+    new = 8
+    proc = run_cli("--checkpoint", made["tmp"] / "hub", "--prompt", PROMPTS[0], "--max-new-tokens", new,
+                   "--nproc", 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 tensor-parallel ranks" in proc.stderr and SPEED.search(proc.stderr).group(2) == "KV cache"
+    ids = tok.encode(PROMPTS[0])
+    path = generate_ids(model, ids, new, context=cfg.model.seq_length, vocab_size=tok.vocab_size,
+                        eos_id=tok.eos_id, use_cache=False)
+    with torch.no_grad():
+        logits = model(torch.tensor([path]), torch.arange(len(path)).unsqueeze(0), None)[0, :, :tok.vocab_size]
+    tol = logit_tol(cfg.model, float(logits.abs().max()))
+    top2 = logits[len(ids) - 1:len(path) - 1].topk(2, dim=-1).values
+    close = [i for i, (a, b) in enumerate(top2.tolist()) if a - b <= 2 * tol]
+    sure = len(ids) + (close[0] if close else new)
+    assert proc.stdout.startswith(tok.decode(path[:sure]))
+    if not close:
+        assert proc.stdout == tok.decode(path) + "\n"
+    bad = run_cli("--checkpoint", made["tmp"] / "hub", "--interactive", "--nproc", 2)
+    assert bad.returncode == 2 and "--nproc" in bad.stderr
+
+
+@pytest.mark.slow
 def test_training_checkpoint_of_a_tensor_parallel_run(tp1, tokenizer_path, shard_dir, shard_seq_length, tmp_path):
     """A real 2-rank TP=2 launcher checkpoint (llama style) generates on one process (consolidated on load): the
     command's greedy text (cache) is the in-process no-cache generation from the same checkpoint."""

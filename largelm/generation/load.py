@@ -74,14 +74,24 @@ def _check_vocab(tok: Tokenizer, model: ModelConfig, path: Path) -> Tokenizer:
     return tok
 
 
+def _check_tensor_parallel(model: ModelConfig, tensor_parallel: int, path: Path) -> None:
+    for what, count in (("num_attention_heads", model.num_attention_heads), ("num_query_groups", model.kv_groups)):
+        if count % tensor_parallel:
+            raise ModelLoadError(f"{path}: the model's {what}={count} is not divisible by {tensor_parallel} "
+                                 "tensor-parallel ranks")
+
+
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer: Optional[str | Path] = None,
-                   log=lambda _msg: None) -> LoadedModel:
+                   log=lambda _msg: None, tensor_parallel: int = 1) -> LoadedModel:
     """The model at ``path`` (see the module docstring) in ``dtype``, eval mode, with its tokenizer (or
-    ``tokenizer``)."""
+    ``tokenizer``). ``tensor_parallel`` > 1: this rank's TP shard of it (megatron parallel_state must be set up at
+    that TP size; not for quantized checkpoints)."""
     path = Path(path)
     tokenizer = Path(tokenizer) if tokenizer is not None else None
     if not path.exists():
         raise ModelLoadError(f"checkpoint {path} does not exist")
+    if (path / QUANT_META).is_file() and tensor_parallel > 1:
+        raise ModelLoadError(f"{path} is a quantized checkpoint: it runs on one process (no tensor parallelism)")
     if (path / QUANT_META).is_file():
         module, cfg = load_quantized(path, dtype)
         _check_causal(cfg.model, path)
@@ -94,9 +104,10 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, tokeniz
     _check_causal(c.model, path)
     recorded = c.tokenizer or (Path(c.config.tokenizer.model) if c.config is not None else None)
     tok = _check_vocab(_tokenizer(tokenizer, recorded, path), c.model, path)
-    module = get_arch(c.model.arch).build_model(c.model, ParallelConfig(), dtype=dtype)
-    try:
-        load_full_state_dict(module, c.padded_tensors(c.model.padded_vocab_size(1)))
+    _check_tensor_parallel(c.model, tensor_parallel, path)
+    module = get_arch(c.model.arch).build_model(c.model, ParallelConfig(tensor_parallel=tensor_parallel), dtype=dtype)
+    try:  # full weights, padded as for this TP size; each rank keeps its shard
+        load_full_state_dict(module, c.padded_tensors(c.model.padded_vocab_size(tensor_parallel)))
     except KeyError as err:
         raise ConversionError(f"{path}: {err}") from None
     where = source.info.path if source.kind == "checkpoint" else path

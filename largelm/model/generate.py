@@ -1,5 +1,5 @@
-"""Text generation with a full (TP=1, single-stage) GPTModel: greedy or sampled (temperature, top-k, top-p), with a
-KV cache (megatron-core's ``StaticInferenceContext``) or without one.
+"""Text generation with a single-stage GPTModel (TP=1, or every tensor-parallel rank running the same loop): greedy or
+sampled (temperature, top-k, top-p), with a KV cache (megatron-core's ``StaticInferenceContext``) or without one.
 
 With the cache (``use_cache=True``, the default) the prompts are run once (prefill) and every new token runs the
 model on that one token: megatron's attention keeps each layer's keys/values in the context's buffers
@@ -87,9 +87,8 @@ def _last_logits(model: torch.nn.Module, tokens: torch.Tensor, first_position: i
     """Logits [b, V_padded] after the last of ``tokens`` [b, s] placed at ``first_position``..."""
     positions = torch.arange(first_position, first_position + tokens.size(1), device=tokens.device)
     positions = positions.unsqueeze(0).expand_as(tokens)
-    if inference_context is None:
-        return model(tokens, positions, None)[:, -1]
-    # runtime_gather_output: megatron's inference forward insists on full-vocabulary logits (a no-op at TP=1)
+    # runtime_gather_output: full-vocabulary logits on every tensor-parallel rank (megatron's inference forward
+    # insists on it; a no-op at TP=1), so every rank picks the same token
     return model(tokens, positions, None, inference_context=inference_context, runtime_gather_output=True)[:, -1]
 
 
