@@ -89,6 +89,35 @@ def test_eos_stops_a_row_and_only_that_row(tp1):
     assert batch[1] == no_cache(model, PROMPTS[1], 12, eos_id=eos)
 
 
+def test_stop_rule_ends_a_row_as_soon_as_it_holds_and_only_that_row(tp1):
+    """A row stops right after the token that makes ``stop`` true (kept), the others run on; every row is a prefix
+    of its generation without the rule; the rule sees exactly the row's generated ids."""
+    model = model_of("gpt2")
+    free = [no_cache(model, p, 12) for p in PROMPTS[:3]]
+    seen = []
+
+    def stop(row: int, generated: list[int]) -> bool:
+        seen.append((row, list(generated)))
+        assert generated == free[row][len(PROMPTS[row]):len(PROMPTS[row]) + len(generated)]
+        return row == 1 and len(generated) == 3  # row 1 is done after its 3rd token
+
+    batch = generate_batch(model, PROMPTS[:3], 12, context=CONTEXT, vocab_size=VOCAB, stop=stop)
+    assert batch[1] == free[1][:len(PROMPTS[1]) + 3]
+    assert batch[0] == free[0] and batch[2] == free[2]
+    assert max(len(g) for r, g in seen if r == 1) == 3  # never asked again after it stopped
+    # every row stopping early ends the whole batch early: no forward past the last row's stop
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        early = generate_batch(model, PROMPTS[:2], 12, context=CONTEXT, vocab_size=VOCAB,
+                               stop=lambda row, generated: len(generated) == 2)
+    finally:
+        hook.remove()
+    assert early == [f[:len(p) + 2] for f, p in zip(free, PROMPTS[:2])]
+    # prefill to the shortest prompt (1 token), then one forward per column until both rows have 2 new tokens
+    assert len(calls) == max(len(p) for p in PROMPTS[:2]) + 2 - min(len(p) for p in PROMPTS[:2])
+
+
 def test_quantized_model_cache_equals_no_cache(tp1):
     """int4 (QuantLinear in every transformer linear layer) generates through the same cache."""
     model = model_of("llama")

@@ -21,7 +21,7 @@ from largelm.generation.cli import main
 from largelm.model.bert import build_bert_model
 from largelm.model.generate import generate_ids
 from largelm.parallel.cpu_compat import model_parallel_manual_seed
-from largelm.quant import QuantFormat, build_model, quantize_model, save_quantized
+from largelm.quant import QuantFormat, build_model, load_quantized, quantize_model, save_quantized
 from largelm.tokenizer import Tokenizer
 
 SPEED = re.compile(r"\[(\d+) new tokens in [0-9.]+ s: [0-9.]+ tokens/s, (KV cache|no cache)\]")
@@ -125,11 +125,61 @@ def test_prompt_in_process_equals_generate(made, capsys):
     assert "consolidated model" in out.err and SPEED.search(out.err)
 
 
+def test_one_loader_serves_lm_eval_too_quantized_checkpoints_included(made):
+    """largelm-eval's lm-eval model (``largelm``) opens checkpoints with the generation loader: a quantized one
+    scores as the quantization library's own loader gives it (other tensors are stored in bf16, so not exactly the
+    in-process model), a consolidated one as the in-process model; kind, path and step say what was loaded."""
+    from lm_eval.api.instance import Instance
+
+    from largelm.evaluate.model import LargelmCheckpointLM
+    from largelm.model.harness import LargelmLM
+
+    tok, seq = made["tok"], made["cfg"].model.seq_length
+    pairs = [("To be, or not to be:", " that is the question"), ("O", " villain, villain, smiling!")]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=a, idx=i) for i, a in enumerate(pairs)]
+    quantized = load_quantized(made["tmp"] / "int8")[0]
+    for name, model, kind, step in (("int8", quantized, "quantized", None), ("hub", made["model"], "consolidated", 1)):
+        lm = LargelmCheckpointLM(checkpoint=str(made["tmp"] / name), batch_size=2)
+        assert (lm.loaded.kind, lm.loaded.path, lm.loaded.step) == (kind, made["tmp"] / name, step)
+        assert lm.loglikelihood(requests) == LargelmLM(model, tok, max_length=seq).loglikelihood(requests)
+
+
+@pytest.mark.slow
+def test_generation_on_two_tensor_parallel_ranks_takes_the_tp1_models_greedy_path(made):
+    """``--nproc 2``: two spawned ranks with half the weights each generate what the TP=1 model generates greedily.
+    The two layouts' logits differ by at most ``logit_tol`` (fp32 summation order), so every step whose TP=1 top-2
+    margin exceeds twice that picks the same token; the text is compared up to the first closer step (none, with
+    these large random weights, unless the model changes)."""
+    import torch
+    from tolerances import logit_tol
+
+    model, tok, cfg = made["model"], made["tok"], made["cfg"]
+    new = 8
+    proc = run_cli("--checkpoint", made["tmp"] / "hub", "--prompt", PROMPTS[0], "--max-new-tokens", new,
+                   "--nproc", 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 tensor-parallel ranks" in proc.stderr and SPEED.search(proc.stderr).group(2) == "KV cache"
+    ids = tok.encode(PROMPTS[0])
+    path = generate_ids(model, ids, new, context=cfg.model.seq_length, vocab_size=tok.vocab_size,
+                        eos_id=tok.eos_id, use_cache=False)
+    with torch.no_grad():
+        logits = model(torch.tensor([path]), torch.arange(len(path)).unsqueeze(0), None)[0, :, :tok.vocab_size]
+    tol = logit_tol(cfg.model, float(logits.abs().max()))
+    top2 = logits[len(ids) - 1:len(path) - 1].topk(2, dim=-1).values
+    close = [i for i, (a, b) in enumerate(top2.tolist()) if a - b <= 2 * tol]
+    sure = len(ids) + (close[0] if close else new)
+    assert proc.stdout.startswith(tok.decode(path[:sure]))
+    if not close:
+        assert proc.stdout == tok.decode(path) + "\n"
+    bad = run_cli("--checkpoint", made["tmp"] / "hub", "--interactive", "--nproc", 2)
+    assert bad.returncode == 2 and "--nproc" in bad.stderr
+
+
 @pytest.mark.slow
 def test_training_checkpoint_of_a_tensor_parallel_run(tp1, tokenizer_path, shard_dir, shard_seq_length, tmp_path):
     """A real 2-rank TP=2 launcher checkpoint (llama style) generates on one process (consolidated on load): the
     command's greedy text (cache) is the in-process no-cache generation from the same checkpoint."""
-    from largelm.generation.load import load_for_generation
+    from largelm.generation.load import load_causal_lm
 
     config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length,
                          model={"style": "llama", "num_query_groups": 2, "tie_embeddings": False},
@@ -141,7 +191,7 @@ def test_training_checkpoint_of_a_tensor_parallel_run(tp1, tokenizer_path, shard
     proc = run_cli("--checkpoint", tmp_path / "ckpt", "--prompt", PROMPTS[0], "--max-new-tokens", 8)
     assert proc.returncode == 0, proc.stderr
     assert "TP=2 PP=1 DP=1" in proc.stderr
-    loaded = load_for_generation(tmp_path / "ckpt")
+    loaded = load_causal_lm(tmp_path / "ckpt")
     assert proc.stdout == expected_text(loaded.module, loaded.tokenizer, PROMPTS[0], 8, loaded.context,
                                         use_cache=False) + "\n"
 

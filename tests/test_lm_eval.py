@@ -144,6 +144,46 @@ def test_generate_until_is_greedy_generation_cut_at_the_stop_string(tiny):
         assert "," not in text
 
 
+def test_generate_until_stops_as_soon_as_a_stop_string_appears(tiny):
+    """Generation ends at the stop string (not after max_gen_toks) and gives the cut of the full generation."""
+    cfg, model, tok, _ = tiny
+    lm = LargelmLM(model, tok, max_length=cfg.model.seq_length)
+    prompt, budget = "To be, or not to be", 24
+    ids = tok.encode(prompt)
+    full_ids = generate_ids(model, ids, budget, context=cfg.model.seq_length, vocab_size=tok.vocab_size,
+                            eos_id=tok.eos_id)[len(ids):]
+    assert len(full_ids) == budget and tok.eos_id not in full_ids  # the free run uses the whole budget
+    # a stop string that the 3rd generated token completes: the text of tokens 2..3
+    stop = tok.decode(full_ids[:3])[len(tok.decode(full_ids[:1])):].strip()
+    assert stop and stop not in tok.decode(full_ids[:2])
+    full = tok.decode(full_ids)
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        [text] = lm.generate_until(_requests("generate_until", [(prompt, {"until": [stop], "max_gen_toks": budget})]))
+    finally:
+        hook.remove()
+    assert text == full.split(stop, 1)[0]
+    assert len(calls) == 3  # prefill + 2 decode steps: 3 tokens, not 24
+
+
+def test_adapter_over_a_forward_callable_scores_and_generates_as_over_the_model(tiny):
+    """``forward_logprobs`` alone (what in-training evaluation injects): the same log-likelihoods, and greedy
+    generation without a cache gives the cached generation's text."""
+    cfg, model, tok, _ = tiny
+    on_model = LargelmLM(model, tok, max_length=cfg.model.seq_length, batch_size=2)
+    on_callable = LargelmLM(None, tok, max_length=cfg.model.seq_length, batch_size=2,
+                            forward_logprobs=on_model.forward_logprobs)
+    pairs = [("To be, or not to be:", " that is the question"), ("O", " villain!"), ("The rest", " is silence.")]
+    assert on_callable.loglikelihood(_requests("loglikelihood", pairs)) == \
+        on_model.loglikelihood(_requests("loglikelihood", pairs))
+    gen = [(p, {"until": ["\n"], "max_gen_toks": 10}) for p in ("My lord,", "Good night")]
+    assert on_callable.generate_until(_requests("generate_until", gen)) == \
+        on_model.generate_until(_requests("generate_until", gen))
+    with pytest.raises(ValueError, match="a model or a forward_logprobs"):
+        LargelmLM(None, tok, max_length=cfg.model.seq_length)
+
+
 # --- the task set ---------------------------------------------------------------------------------------------
 
 def test_tasks_come_from_the_held_out_split_and_are_reproducible(small_corpus, tokenizer_path, task_dir, tmp_path):
@@ -251,7 +291,7 @@ def test_largelm_eval_cli_prints_the_table_and_writes_the_json(tiny, task_dir, t
 
 # --- config ---------------------------------------------------------------------------------------------------
 
-def test_eval_config_refuses_unknown_tasks_and_model_parallel_layouts(task_dir, tmp_path):
+def test_eval_config_refuses_unknown_tasks_and_interleaved_pipelines(task_dir, tmp_path):
     ok = config_object(eval={"tasks": ["largelm_next_line"], "interval": 5, "task_dir": str(tmp_path)})
     assert ok.eval.tasks == ["largelm_next_line"] and ok.eval.limit is None
     with pytest.raises(ValueError, match=r"eval\.tasks: unknown task 'hellaswag'"):
@@ -259,10 +299,14 @@ def test_eval_config_refuses_unknown_tasks_and_model_parallel_layouts(task_dir, 
     # a task that a YAML under eval.task_dir defines is known
     (tmp_path / "mine.yaml").write_text("task: my_task\ndataset_path: json\n")
     assert config_object(eval={"tasks": ["my_task"], "interval": 5, "task_dir": str(tmp_path)}).eval.tasks
-    for parallel in ({"tensor_parallel": 2}, {"zero_stage": 3}):
-        with pytest.raises(ValueError, match="eval: in-training evaluation"):
-            config_object(eval={"tasks": ["largelm_next_line"], "interval": 5, "task_dir": str(tmp_path)},
-                          parallel=parallel, model={"num_attention_heads": 4})
+    section = {"tasks": ["largelm_next_line"], "interval": 5, "task_dir": str(tmp_path)}
+    # every layout evaluates (a collective forward where no rank holds the whole model) ...
+    for parallel in ({"tensor_parallel": 2}, {"zero_stage": 3}, {"pipeline_parallel": 2, "zero_stage": 1}):
+        assert config_object(eval=section, parallel=parallel, model={"num_attention_heads": 4}).eval
+    # ... but interleaved pipeline stages are refused, naming the field
+    with pytest.raises(ValueError, match="eval: in-training evaluation.*virtual_pipeline"):
+        config_object(eval=section, parallel={"pipeline_parallel": 2, "virtual_pipeline": 2, "zero_stage": 1},
+                      model={"num_attention_heads": 4, "num_layers": 4})
     assert issubclass(ConfigError, ValueError)
 
 

@@ -44,14 +44,16 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     """Downstream evaluation with lm-evaluation-harness during training (largelm/train/harness_eval.py): every
-    ``interval`` steps rank 0 runs ``tasks`` on its model and logs ``eval/<task>/<metric>``."""
+    ``interval`` steps rank 0 runs ``tasks`` (on its own model, or with every forward a collective over all ranks
+    for TP/PP/ZeRO-3 layouts) and logs ``eval/<task>/<metric>``."""
 
     tasks: list[str] = Field(min_length=1)
     interval: int = Field(gt=0, description="steps between evaluations")
     limit: Optional[int] = Field(default=None, gt=0, description="documents per task (None: all)")
     task_dir: str = Field(description="lm-eval task YAMLs, e.g. written by `largelm-eval --make-tasks`")
     batch_size: int = Field(default=8, gt=0)
-    # The other ranks wait this long for rank 0 (a monitored barrier), and the watchdog allows it.
+    # The watchdog allows an evaluation this long; with rank 0 evaluating alone, the other ranks wait this long for
+    # it (a monitored barrier). Collective evaluations wait between forwards within parallel.timeout_s.
     timeout_s: float = Field(default=1800.0, gt=0)
 
     @model_validator(mode="after")

@@ -347,13 +347,11 @@ class Config(_Section):
                 f"teacher's logits on the last stage) (got arch={m.arch!r}, "
                 f"pipeline_parallel={p.pipeline_parallel})"
             )
-        if self.eval is not None and (m.arch != "gpt" or p.model_parallel > 1 or p.zero_stage == 3):
+        if self.eval is not None and (m.arch != "gpt" or p.virtual_pipeline):
             raise ValueError(
-                "eval: in-training evaluation runs the harness on rank 0's whole model while the other ranks wait, "
-                "so it needs model.arch='gpt', parallel.tensor_parallel=1, parallel.pipeline_parallel=1 and "
-                f"parallel.zero_stage<=2 (got arch={m.arch!r}, tensor_parallel={p.tensor_parallel}, "
-                f"pipeline_parallel={p.pipeline_parallel}, zero_stage={p.zero_stage}); evaluate such a run's "
-                "checkpoints with largelm-eval instead"
+                "eval: in-training evaluation scores next-token predictions of a GPT run through its own stages, so "
+                f"it needs model.arch='gpt' and no parallel.virtual_pipeline (got arch={m.arch!r}, "
+                f"virtual_pipeline={p.virtual_pipeline}); evaluate such a run's checkpoints with largelm-eval instead"
             )
         if m.arch == "bert" and m.style != "gpt2":
             raise ValueError("model.style must be 'gpt2' (post-LN-free BERT layout) when model.arch is 'bert'")

@@ -37,6 +37,7 @@ from largelm.config import ModelConfig, ParallelConfig
 from largelm.convert.spawn import free_port, run_ranks
 from largelm.errors import ConversionError, VerificationError
 from largelm.model.bert import bert_inputs, drop_padded  # noqa: F401 - part of this module's API (tests, docs)
+from largelm.model.parallel_forward import layout_forward  # noqa: F401 - part of this module's API (reshard)
 from largelm.model.registry import get_arch
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import model_parallel_manual_seed
@@ -166,44 +167,6 @@ def load_native(module: torch.nn.Module, state: dict, what: str) -> None:
     if missing or result.unexpected_keys:
         raise ConversionError(f"{what}: weights do not fit the model: missing {missing[:6]}, unexpected "
                               f"{result.unexpected_keys[:6]}")
-
-
-@torch.no_grad()
-def layout_forward(module: torch.nn.Module, tokens: torch.Tensor, model: ModelConfig):
-    """Full-vocabulary logits [b, s, V_padded] of ``tokens`` [b, s] through this rank's module of a ``model``
-    (its architecture's ``probe`` says how to run it); collective over the model-parallel group. Returned on the
-    rank that holds the last pipeline stage (None elsewhere). BERT gives (logits, binary logits or None) on
-    ``bert_inputs(tokens)``."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    probe = get_arch(model.arch).probe
-    tokens = tokens.long()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp == 1:
-        logits, extra = probe.dense(module, tokens)  # [b, s, V/tp], (BERT: binary logits)
-    else:  # a pipeline stage: hidden [s, b, h] passes between stages
-        stage = parallel_state.get_pipeline_model_parallel_rank()
-        if stage == 0:
-            x = probe.first_stage_input(tokens)
-        else:
-            x = torch.empty(tokens.shape[1], tokens.shape[0], model.hidden_size, dtype=torch.float32)
-            dist.recv(x, src=parallel_state.get_pipeline_model_parallel_prev_rank())
-            x = probe.stage_input(x, tokens)
-        out = module(x)
-        if stage < pp - 1:
-            dist.send(probe.stage_hidden(out).float().contiguous(),
-                      dst=parallel_state.get_pipeline_model_parallel_next_rank())
-            return None
-        logits, extra = probe.last_stage_outputs(out)
-        logits = logits.transpose(0, 1)  # [s, b, V/tp] -> [b, s, V/tp]
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    logits = logits.float().contiguous()
-    if tp > 1:
-        parts = [torch.empty_like(logits) for _ in range(tp)]
-        dist.all_gather(parts, logits, group=parallel_state.get_tensor_model_parallel_group())
-        logits = torch.cat(parts, dim=-1)
-    return probe.finish(logits, extra, tokens)
 
 
 def cut_vocab(logits, vocab_size: int):

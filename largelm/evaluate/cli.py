@@ -25,8 +25,9 @@ from largelm.checkpoint.manager import CheckpointError
 from largelm.cli import positive_int
 from largelm.config import EVAL_TASK_TAG
 from largelm.errors import ConversionError
-from largelm.evaluate.model import load_checkpoint, single_rank
+from largelm.evaluate.model import single_rank
 from largelm.fileio import write_text_atomic
+from largelm.generation.load import load_causal_lm
 from largelm.model.harness import LargelmLM, run_harness
 from largelm.prepare.eval_tasks import make_eval_tasks
 
@@ -73,14 +74,14 @@ def evaluate(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     if not tasks:
         raise ValueError("--tasks names no task")
     with single_rank():
-        loaded = load_checkpoint(args.checkpoint, args.tokenizer, log=log)
-        cfg = loaded.consolidated.model
+        loaded = load_causal_lm(args.checkpoint, tokenizer=args.tokenizer, log=log)
+        cfg = loaded.model
         log(f"model: {loaded.kind} {loaded.path} ({cfg.arch}/{cfg.style}, {cfg.num_layers} layers, hidden "
             f"{cfg.hidden_size}, vocab {cfg.vocab_size}, context {cfg.seq_length})")
-        lm = LargelmLM(loaded.model, loaded.tokenizer, max_length=cfg.seq_length, batch_size=args.batch_size)
+        lm = LargelmLM(loaded.module, loaded.tokenizer, max_length=cfg.seq_length, batch_size=args.batch_size)
         results = run_harness(lm, tasks, args.task_dir, limit=args.limit, log_samples=args.log_samples,
                               bootstrap_iters=args.bootstrap_iters)
-    results["largelm"] = {"checkpoint": str(loaded.path), "kind": loaded.kind, "step": loaded.consolidated.step,
+    results["largelm"] = {"checkpoint": str(loaded.path), "kind": loaded.kind, "step": loaded.step,
                           "task_dir": str(args.task_dir), "tasks": tasks, "limit": args.limit}
     out = args.output or default_output(loaded)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@
 Hugging Face directory (what ``largelm-convert`` reads), or a quantized checkpoint (``tools/quantize.py``). Each
 prompt's text and continuation go to stdout; the speed (new tokens, seconds, tokens/s, cache or not) to stderr.
 ``--interactive`` reads prompts from stdin, one a line, until EOF. Temperature 0 (the default) is greedy; a seed
-makes sampling reproducible (every prompt is sampled with the same seed).
+makes sampling reproducible (every prompt is sampled with the same seed). ``--nproc N`` generates on N
+tensor-parallel ranks (spawned CPU processes, each holding 1/N of the weights; with ``--prompt``): every rank runs
+the same loop on the gathered logits, rank 0's text is printed.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_probability, default=None,
                    help="sample among the most likely tokens holding probability p (nucleus sampling)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="tensor-parallel ranks (spawned CPU processes; with --prompt; default 1)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix for every token (no KV cache)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--tokenizer", type=Path, default=None,
@@ -82,38 +86,71 @@ def _report(text: str, new: int, seconds: float, cache: bool) -> None:
           f"{'KV cache' if cache else 'no cache'}]", file=sys.stderr, flush=True)
 
 
+def _tensor_parallel_rank(rank: int, world_size: int, args) -> tuple[str, int, float, str]:
+    """One of ``--nproc`` spawned ranks (largelm.convert.spawn.run_ranks): its TP shard, the same generation loop."""
+    from largelm.generation.load import load_causal_lm  # lazy (a spawned process)
+    from largelm.parallel import groups  # lazy (a spawned process)
+    from largelm.parallel.cpu_compat import model_parallel_manual_seed  # lazy (a spawned process)
+
+    groups.init_distributed("gloo")
+    try:
+        groups.init_model_parallel(world_size, 1)
+        model_parallel_manual_seed(args.seed)
+        loaded = load_causal_lm(args.checkpoint, _dtype(args), args.tokenizer, tensor_parallel=world_size)
+        return (*_generate_one(loaded, args.prompt, args), _describe(loaded) + f", {world_size} tensor-parallel ranks")
+    finally:
+        groups.destroy()
+
+
+def _dtype(args):
+    import torch  # lazy (usage errors first)
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
+
+def _describe(loaded) -> str:
+    return f"loaded {loaded.describe} ({loaded.model.style} style, {loaded.model.num_layers} layers, " \
+        f"context {loaded.context})"
+
+
 def run(args) -> None:
+    if args.nproc > 1:
+        from largelm.convert.spawn import run_ranks  # lazy (usage errors first)
+
+        text, new, seconds, describe = run_ranks(_tensor_parallel_rank, args.nproc, args)[0]
+        print(describe, file=sys.stderr, flush=True)
+        _report(text, new, seconds, cache=not args.no_cache)
+        return
     # stdout carries only the generated text: what libraries print while loading (DeepSpeed's op builder reports
     # on stdout) goes to stderr
     with contextlib.redirect_stdout(sys.stderr):
-        import torch  # lazy (usage errors first)
-
-        from largelm.generation.load import load_for_generation  # lazy (usage errors first)
+        from largelm.generation.load import load_causal_lm  # lazy (usage errors first)
         from largelm.quant import single_process_parallel_state  # lazy (usage errors first)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     with contextlib.ExitStack() as world:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's comm backend reports its build on stdout
             world.enter_context(single_process_parallel_state(args.seed))
-            loaded = load_for_generation(args.checkpoint, dtype, args.tokenizer)
-        print(f"loaded {loaded.describe} ({loaded.model.style} style, {loaded.model.num_layers} layers, "
-              f"context {loaded.context})", file=sys.stderr, flush=True)
+            loaded = load_causal_lm(args.checkpoint, _dtype(args), args.tokenizer)
+        print(_describe(loaded), file=sys.stderr, flush=True)
         prompts = (line.rstrip("\n") for line in sys.stdin) if args.interactive else [args.prompt]
         for prompt in prompts:
             _report(*_generate_one(loaded, prompt, args), cache=not args.no_cache)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.nproc > 1 and args.interactive:
+        parser.error("--nproc > 1 generates for one --prompt (the spawned ranks read no stdin)")
     from largelm.checkpoint.manager import CheckpointError  # lazy: after the arguments are checked
     from largelm.config import ConfigError  # lazy (usage errors first)
     from largelm.errors import ConversionError  # lazy (usage errors first)
-    from largelm.generation.load import GenerationError  # lazy (usage errors first)
+    from largelm.generation.load import ModelLoadError  # lazy (usage errors first)
     from largelm.quant import QuantizationError  # lazy (usage errors first)
     from largelm.tokenizer import TokenizerError  # lazy (usage errors first)
 
     try:
         run(args)
-    except (GenerationError, ConversionError, CheckpointError, ConfigError, QuantizationError,
+    except (ModelLoadError, ConversionError, CheckpointError, ConfigError, QuantizationError,
             TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

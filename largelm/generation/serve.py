@@ -29,7 +29,7 @@ from largelm.checkpoint.manager import CheckpointError
 from largelm.cli import positive_int
 from largelm.config import ConfigError
 from largelm.errors import ConversionError
-from largelm.generation.load import GenerationError, LoadedModel, load_for_generation
+from largelm.generation.load import LoadedModel, ModelLoadError, load_causal_lm
 from largelm.model.generate import check_sampling, generate_batch
 from largelm.quant import QuantizationError, single_process_parallel_state
 from largelm.tokenizer import TokenizerError
@@ -156,8 +156,8 @@ def main(argv=None) -> int:
     with single_process_parallel_state():
         try:
             with contextlib.redirect_stdout(sys.stderr):
-                loaded = load_for_generation(args.checkpoint, dtype, args.tokenizer)
-        except (GenerationError, ConversionError, CheckpointError, ConfigError, QuantizationError,
+                loaded = load_causal_lm(args.checkpoint, dtype, args.tokenizer)
+        except (ModelLoadError, ConversionError, CheckpointError, ConfigError, QuantizationError,
                 TokenizerError) as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             return 2

@@ -1,5 +1,5 @@
-"""Text generation with a full (TP=1, single-stage) GPTModel: greedy or sampled (temperature, top-k, top-p), with a
-KV cache (megatron-core's ``StaticInferenceContext``) or without one.
+"""Text generation with a single-stage GPTModel (TP=1, or every tensor-parallel rank running the same loop): greedy or
+sampled (temperature, top-k, top-p), with a KV cache (megatron-core's ``StaticInferenceContext``) or without one.
 
 With the cache (``use_cache=True``, the default) the prompts are run once (prefill) and every new token runs the
 model on that one token: megatron's attention keeps each layer's keys/values in the context's buffers
@@ -20,11 +20,18 @@ remaining tokens are fed one per step like generated ones (forced, as megatron's
 row sees exactly the tokens and positions it would alone: no padding enters attention. Row ``i`` samples with its own
 generator seeded ``seed + i`` (row 0 of a batch samples as the prompt alone). Logits of padded vocabulary entries
 (ids >= the tokenizer's vocabulary) are never sampled.
+
+Stopping: a row ends at ``eos_id``, after ``max_new_tokens``, or as soon as ``stop(row, generated ids)`` says so
+(lm-eval's ``until`` strings: ``largelm.model.harness``); the batch ends when every row has.
+
+``forward`` replaces the model by a callable ``tokens [b, s] -> logits [b, s, V]`` (positions 0..s-1), run without
+a cache: a model whose forward is a collective over several ranks (in-training evaluation at TP/PP/ZeRO-3,
+largelm/train/harness_eval.py).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from megatron.core import tensor_parallel
@@ -80,28 +87,38 @@ def _last_logits(model: torch.nn.Module, tokens: torch.Tensor, first_position: i
     """Logits [b, V_padded] after the last of ``tokens`` [b, s] placed at ``first_position``..."""
     positions = torch.arange(first_position, first_position + tokens.size(1), device=tokens.device)
     positions = positions.unsqueeze(0).expand_as(tokens)
-    if inference_context is None:
-        return model(tokens, positions, None)[:, -1]
-    # runtime_gather_output: megatron's inference forward insists on full-vocabulary logits (a no-op at TP=1)
+    # runtime_gather_output: full-vocabulary logits on every tensor-parallel rank (megatron's inference forward
+    # insists on it; a no-op at TP=1), so every rank picks the same token
     return model(tokens, positions, None, inference_context=inference_context, runtime_gather_output=True)[:, -1]
 
 
+# tokens [b, s] -> logits [b, s, V] at positions 0..s-1 (a model run some other way, e.g. as a collective)
+Forward = Callable[[torch.Tensor], torch.Tensor]
+# (row, the row's generated ids so far) -> True: the row is finished (the last id is kept)
+StopRule = Callable[[int, list[int]], bool]
+
+
 @torch.no_grad()
-def generate_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, context: int,
-                   vocab_size: int, temperature: float = 0.0, top_k: Optional[int] = None,
+def generate_batch(model: Optional[torch.nn.Module], prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                   context: int, vocab_size: int, temperature: float = 0.0, top_k: Optional[int] = None,
                    top_p: Optional[float] = None, eos_id: Optional[int] = None, seed: int = 0,
-                   use_cache: bool = True) -> list[list[int]]:
-    """Each prompt's ids + up to ``max_new_tokens`` generated ids (a row stops at ``eos_id``, included).
-    ``temperature`` 0 = greedy; ``context`` = the model's seq_length (see the module docstring)."""
+                   use_cache: bool = True, stop: Optional[StopRule] = None,
+                   forward: Optional[Forward] = None) -> list[list[int]]:
+    """Each prompt's ids + up to ``max_new_tokens`` generated ids (a row stops at ``eos_id``, included, or when
+    ``stop`` says so). ``temperature`` 0 = greedy; ``context`` = the model's seq_length; ``forward``: run this
+    instead of ``model``, without a cache (see the module docstring)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generation needs at least one prompt token per prompt")
     check_sampling(temperature, top_k, top_p)
-    model.eval()  # megatron uses the inference context only outside training mode
-    if not tensor_parallel.get_cuda_rng_tracker().is_initialized():
-        # megatron's attention (which runs the decode steps) forks the model-parallel RNG stream even without
-        # dropout: seed the streams of a process that never did (a tool that only loads weights)
-        model_parallel_manual_seed(seed)
-    device = next(model.parameters()).device
+    if forward is not None:
+        use_cache, device = False, torch.device("cpu")
+    else:
+        model.eval()  # megatron uses the inference context only outside training mode
+        if not tensor_parallel.get_cuda_rng_tracker().is_initialized():
+            # megatron's attention (which runs the decode steps) forks the model-parallel RNG stream even without
+            # dropout: seed the streams of a process that never did (a tool that only loads weights)
+            model_parallel_manual_seed(seed)
+        device = next(model.parameters()).device
     lens = [len(p) for p in prompts]
     batch = len(prompts)
     total = max(lens) + max_new_tokens
@@ -124,7 +141,8 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max
             cached = known
         else:  # no cache, or past the trained positions: the window of the last `context` tokens from position 0
             start = max(0, known - context)
-            logits = _last_logits(model, tokens[:, start:known], 0)
+            window = tokens[:, start:known]
+            logits = forward(window)[:, -1] if forward is not None else _last_logits(model, window, 0)
         logits = logits[:, :vocab_size]
         for i in range(batch):
             if known < lens[i] or done[i]:
@@ -132,7 +150,8 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max
             nxt = pick_next(logits[i], temperature, top_k, top_p, generators[i])
             tokens[i, known] = nxt
             generated[i] += 1
-            done[i] = generated[i] >= max_new_tokens or (eos_id is not None and nxt == eos_id)
+            done[i] = generated[i] >= max_new_tokens or (eos_id is not None and nxt == eos_id) or (
+                stop is not None and stop(i, tokens[i, lens[i]:known + 1].tolist()))
         known += 1
     return [tokens[i, :lens[i] + generated[i]].tolist() for i in range(batch)]
 

@@ -139,7 +139,7 @@ class CausalLMProbe:
     ``transformers`` causal LM. Outputs are logits; ``finish`` turns them into what is compared."""
 
     def dense(self, module: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
-        position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
         return module(tokens, position_ids, None), None  # [b, s, V/tp]
 
     def first_stage_input(self, tokens: torch.Tensor):

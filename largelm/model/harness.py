@@ -1,18 +1,21 @@
 """lm-evaluation-harness on largelm's own model: an ``lm_eval`` LM adapter and the harness run.
 
-``LargelmLM`` wraps a full (TP=1, single-stage) GPTModel and its sentencepiece tokenizer. It is lm-eval's
-``TemplateLM`` (an ``lm_eval.api.model.LM``): lm-eval itself splits (context, continuation) into tokens exactly as
-for its ``hf`` model (trailing context spaces move to the continuation; the pair is encoded whole and split at
-the context's length; an empty context is the prefix token), so a Hugging Face export of the same weights, whose
-tokenizer encodes to the same ids (largelm/convert/hf_tokenizer.py), scores the same. The prefix token is EOS:
+``LargelmLM`` wraps a full (TP=1, single-stage) GPTModel and its sentencepiece tokenizer, or any
+``forward_logprobs`` callable (token ids -> log-probabilities) with that tokenizer: the adapter never knows how the
+model runs (in-training evaluation at TP/PP/ZeRO-3 injects a collective forward, largelm/train/harness_eval.py). It
+is lm-eval's ``TemplateLM`` (an ``lm_eval.api.model.LM``): lm-eval itself splits (context, continuation) into tokens
+exactly as for its ``hf`` model (trailing context spaces move to the continuation; the pair is encoded whole and
+split at the context's length; an empty context is the prefix token), so a Hugging Face export of the same weights,
+whose tokenizer encodes to the same ids (largelm/convert/hf_tokenizer.py), scores the same. The prefix token is EOS:
 the shards separate documents with EOS and never hold BOS. Inputs longer than ``max_length`` (the model's
 ``seq_length``) lose tokens on the left, as in lm-eval's ``hf`` model.
 
 * ``loglikelihood``: sum over the continuation of ``log_softmax(logits)`` in fp32 over the real vocabulary
   (padded vocabulary rows are never a prediction), and whether every continuation token is the argmax.
 * ``loglikelihood_rolling``: lm-eval's disjoint rolling windows of ``max_length`` tokens, each token scored once.
-* ``generate_until``: ``largelm.model.generate.generate_ids`` (greedy unless ``do_sample``), cut at the first
-  stop string.
+* ``generate_until``: ``largelm.model.generate.generate_batch`` over up to ``batch_size`` requests with the same
+  generation arguments (greedy unless ``do_sample``; the KV cache with a model, none with ``forward_logprobs``
+  only); a row stops as soon as its text holds a stop string (``until``), and is cut before it.
 
 ``run_harness`` runs ``lm_eval.simple_evaluate`` on tasks found only under a task directory (lm-eval's own task
 index is not loaded), with the Hugging Face hubs switched off: datasets are local files.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import datasets
 import huggingface_hub
@@ -34,10 +37,13 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from largelm.model.generate import generate_ids
+from largelm.model.generate import generate_batch
 
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0"}
+
+# token ids [b, w] (CPU, long) -> fp32 log-probabilities [b, w, vocab] (CPU) of the next token at every position
+LogprobForward = Callable[[torch.Tensor], torch.Tensor]
 
 
 def offline_hub() -> None:
@@ -52,20 +58,24 @@ def offline_hub() -> None:
 
 
 class LargelmLM(TemplateLM):
-    """lm-eval model over an in-memory largelm GPTModel (TP=1, one stage) and ``largelm.tokenizer.Tokenizer``."""
+    """lm-eval model over an in-memory largelm GPTModel (TP=1, one stage) and ``largelm.tokenizer.Tokenizer``; or,
+    with ``model=None``, over ``forward_logprobs`` alone."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, max_length: int, batch_size: int = 8,
-                 max_gen_toks: int = 256):
+    def __init__(self, model: Optional[torch.nn.Module], tokenizer, *, max_length: int, batch_size: int = 8,
+                 max_gen_toks: int = 256, forward_logprobs: Optional[LogprobForward] = None):
         super().__init__()
         if batch_size < 1 or max_length < 2:
             raise ValueError(f"batch_size must be >= 1 and max_length >= 2 (got {batch_size}, {max_length})")
+        if (model is None) == (forward_logprobs is None):
+            raise ValueError("LargelmLM takes a model or a forward_logprobs callable (one of them)")
         self.model = model
         self.tokenizer = tokenizer
         self.vocab_size = tokenizer.vocab_size
         self.max_length = max_length
         self.batch_size = batch_size
         self.max_gen_toks = max_gen_toks
-        self._device = next(model.parameters()).device
+        self.forward_logprobs = forward_logprobs or self._model_logprobs
+        self._device = next(model.parameters()).device if model is not None else torch.device("cpu")
 
     # --- tokens -------------------------------------------------------------------------------------
     @property
@@ -88,22 +98,26 @@ class LargelmLM(TemplateLM):
 
     # --- scoring ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def token_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        """Per sequence, fp32 log-probabilities [len, vocab] of the next token at every position (one forward of
-        the right-padded batch: causal attention, so padding never reaches a real position)."""
+    def _model_logprobs(self, batch: torch.Tensor) -> torch.Tensor:
+        """``LogprobForward`` of the local model (eval mode for the forward; its mode is put back)."""
         was_training = self.model.training
         self.model.eval()
         try:
-            width = max(len(s) for s in sequences)
-            batch = torch.full((len(sequences), width), self.eot_token_id, dtype=torch.long)
-            for i, seq in enumerate(sequences):
-                batch[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
             batch = batch.to(self._device)
-            positions = torch.arange(width, device=self._device).unsqueeze(0).expand_as(batch)
+            positions = torch.arange(batch.shape[1], device=self._device).unsqueeze(0).expand_as(batch)
             logits = self.model(batch, positions, None)[..., :self.vocab_size].float()
-            logprobs = F.log_softmax(logits, dim=-1).cpu()
+            return F.log_softmax(logits, dim=-1).cpu()
         finally:
             self.model.train(was_training)
+
+    def token_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Per sequence, fp32 log-probabilities [len, vocab] of the next token at every position (one forward of
+        the right-padded batch: causal attention, so padding never reaches a real position)."""
+        width = max(len(s) for s in sequences)
+        batch = torch.full((len(sequences), width), self.eot_token_id, dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            batch[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        logprobs = self.forward_logprobs(batch)
         return [logprobs[i, :len(seq)] for i, seq in enumerate(sequences)]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -145,30 +159,51 @@ class LargelmLM(TemplateLM):
         return totals
 
     # --- generation ---------------------------------------------------------------------------------
+    def _generation_args(self, gen_kwargs: Optional[dict]) -> tuple[tuple[str, ...], int, float, Optional[int]]:
+        """(stop strings, max new tokens, temperature (0: greedy), top_k) of lm-eval's ``gen_kwargs``."""
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.pop("until", None) or [self.tok_decode([self.eot_token_id])]
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+        sample = bool(kwargs.pop("do_sample", False))
+        temperature = float(kwargs.pop("temperature", 1.0)) if sample else 0.0
+        top_k = kwargs.pop("top_k", None)
+        return tuple(s for s in until if s), max_new, temperature, None if top_k is None else int(top_k)
+
+    def _generated_text(self, ids: Sequence[int]) -> str:
+        return self.tok_decode([t for t in ids if t != self.eot_token_id])
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for req in requests:
-            context, gen_kwargs = req.args
-            kwargs = dict(gen_kwargs or {})
-            until = kwargs.pop("until", None) or [self.tok_decode([self.eot_token_id])]
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-            sample = bool(kwargs.pop("do_sample", False))
-            temperature = float(kwargs.pop("temperature", 1.0 if sample else 0.0)) if sample else 0.0
-            ids = self.tok_encode(context)[-self.max_length:] or [self.prefix_token_id]
-            was_training = self.model.training
-            try:
-                generated = generate_ids(self.model, ids, max_new, context=self.max_length,
-                                         vocab_size=self.vocab_size, temperature=temperature,
-                                         top_k=kwargs.pop("top_k", None), eos_id=self.eot_token_id)
-            finally:
-                self.model.train(was_training)
-            text = self.tok_decode([t for t in generated[len(ids):] if t != self.eot_token_id])
-            for stop in until:
-                if stop and stop in text:
-                    text = text.split(stop, 1)[0]
-            out.append(text)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        args = [req.args for req in requests]
+        # requests with the same generation arguments share batches; results go back to the request order
+        by_args: dict[tuple, list[int]] = {}
+        for index, (_, gen_kwargs) in enumerate(args):
+            by_args.setdefault(self._generation_args(gen_kwargs), []).append(index)
+        out: list = [None] * len(requests)
+        for (until, max_new, temperature, top_k), indices in by_args.items():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                prompts = [self.tok_encode(args[i][0])[-self.max_length:] or [self.prefix_token_id] for i in chunk]
+
+                def stop(_row: int, generated: list[int], until=until) -> bool:
+                    text = self._generated_text(generated)
+                    return any(s in text for s in until)
+
+                was_training = self.model is not None and self.model.training
+                try:  # generate_batch puts a model in eval mode
+                    rows = generate_batch(self.model, prompts, max_new, context=self.max_length,
+                                          vocab_size=self.vocab_size, temperature=temperature, top_k=top_k,
+                                          eos_id=self.eot_token_id, stop=stop,
+                                          forward=None if self.model is not None else self.forward_logprobs)
+                finally:
+                    if was_training:
+                        self.model.train()
+                for i, prompt, row in zip(chunk, prompts, rows):
+                    text = self._generated_text(row[len(prompt):])
+                    for s in until:
+                        text = text.split(s, 1)[0]
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", args[i], text)
         return out
 
 

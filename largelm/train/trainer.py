@@ -316,7 +316,7 @@ class Trainer:
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0:
                     self._log_eval()
                 if self.harness is not None and self.harness.due(self.step):
-                    self.harness.run_and_log(self.engine.module, self.step, self.watchdog, self.log)
+                    self.harness.run_and_log(self.engine, self.step, self.watchdog, self.log)
                 interval = self.cfg.checkpoint.save_interval
                 stop = self.stop_requested()
                 if (interval and self.step % interval == 0) or self.step == last_step or stop or save_pending:
