@@ -121,6 +121,10 @@ def matmul_shapes(model_cfg: ModelConfig, tokens: int, tensor_parallel: int = 1,
     vocab = vocab_size or model_cfg.padded_vocab_size(tp)
     shapes = [(tokens, h, (h + 2 * model_cfg.kv_groups * head_dim) // tp), (tokens, h // tp, h),
               (tokens, h, mlp_in // tp), (tokens, model_cfg.ffn_size // tp, h), (tokens, h, vocab // tp)]
+    moe = getattr(model_cfg, "moe", None)
+    if moe is not None:  # an MoE layer's experts: each takes ~tokens x top_k / E of the (gathered) tokens
+        routed = max(1, tokens * moe.top_k // moe.num_experts)
+        shapes[2:4] = [(routed, h, 2 * moe.ffn_size // tp), (routed, moe.ffn_size // tp, h)]
     return shapes
 
 
