@@ -93,3 +93,18 @@ def expert_optimizer_groups() -> Iterator[None]:
         yield
     finally:
         DeepSpeedEngine._configure_optimizer = original
+
+
+def restore_expert_weights(engine) -> bool:
+    """After ``engine.load_checkpoint``: give every rank its own experts back (True when there were any).
+
+    DeepSpeed (without its own MoE modules) writes the module file of each model-parallel rank from data-parallel
+    rank 0 only, so an expert-parallel rank > 0 loads rank 0's experts into its slots; ZeRO then restores the fp32
+    master partitions - every rank's own, experts included - but leaves the model's parameters as loaded until the
+    next step. ``update_lp_params`` copies the masters into the parameters and all-gathers them over each group's
+    (expert-)data-parallel group, as the end of an optimizer step does; the dense parameters are unchanged by it
+    (they were written from these masters)."""
+    if not has_expert_params(engine.module):
+        return False
+    engine.optimizer.update_lp_params()
+    return True
