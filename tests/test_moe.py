@@ -17,6 +17,7 @@ from largelm.model.flops import matmul_parameter_count, moe_matmul_parameter_cou
 from largelm.model.registry import get_arch
 from largelm.parallel import groups
 from largelm.parallel.cpu_compat import model_parallel_manual_seed
+from largelm.parallel.sharding import global_expert_name, local_expert_state_dict
 
 MOE = {"num_experts": 4, "top_k": 2, "ffn_size": 32}
 
@@ -101,6 +102,25 @@ def test_moe_forward_backward_single_rank():
         assert torch.allclose(again["aux_loss"], out["aux_loss"], rtol=1e-5)
     finally:
         groups.destroy()
+
+
+def test_expert_names_map_between_global_and_rank_local():
+    full = {"decoder.layers.0.mlp.router.weight": torch.zeros(4, 2),
+            **{f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc1.weight": torch.full((1,), float(e))
+               for e in range(4)}}
+    rank1 = local_expert_state_dict(full, ep_rank=1, ep_size=2)
+    assert sorted(rank1) == ["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight",
+                             "decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight",
+                             "decoder.layers.0.mlp.router.weight"]
+    assert rank1["decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight"].item() == 3.0  # global expert 3
+    assert {global_expert_name(k, 1, 2): v for k, v in rank1.items()}.keys() <= full.keys()
+    assert local_expert_state_dict(full, 0, 1) is full
+    # experts (routed and shared) are tensor-parallel like the dense MLP: fc1 by rows (SwiGLU stride 2), fc2 by columns
+    for name in ("decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight",
+                 "decoder.layers.0.mlp.shared_experts.linear_fc1.weight"):
+        assert layout.tp_partition(name, gated=True) == (0, 2)
+        assert layout.tp_partition(name.replace("fc1", "fc2"), gated=True) == (1, 1)
+    assert layout.tp_partition("decoder.layers.0.mlp.router.weight", gated=True) is None
 
 
 def test_active_parameter_count_counts_top_k_experts():

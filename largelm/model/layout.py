@@ -59,9 +59,9 @@ def tp_partition(name: str, gated: bool) -> Optional[tuple[int, int]]:
         return 0, 1
     if name.endswith(_COLUMN):
         return 0, 1
-    if name.endswith(_FC1):
-        return 0, 2 if gated else 1
-    if name.endswith(_ROW):
+    if name.endswith(_FC1) or ("experts." in name and name.endswith(".linear_fc1.weight")):
+        return 0, 2 if gated else 1  # MoE: routed and shared experts are tensor-parallel like the dense MLP
+    if name.endswith(_ROW) or ("experts." in name and name.endswith(".linear_fc2.weight")):
         return 1, 1
     return None
 
@@ -170,6 +170,8 @@ def param_shapes(model: ModelConfig, bert: Optional[BertConfig] = None,
     """``gpt_param_shapes`` or ``bert_param_shapes`` by ``model.arch``."""
     if model.arch == "bert":
         return bert_param_shapes(model, bert, vocab_rows)
+    if model.arch == "moe":
+        return moe_param_shapes(model, vocab_rows)
     return gpt_param_shapes(model, vocab_rows)
 
 
