@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import yaml
-from common import shipped_precision
+from common import free_port, shipped_precision
 from report import DATA, REPO, finish_metadata, md_table, run_metadata, write_result
 
 from largelm.config import config_from_dict
@@ -72,7 +72,8 @@ def run(cfg: dict, work: Path, nproc: int) -> dict:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     log = work / f"{cfg['name']}.log"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "largelm.launch", "--config", str(path), "--nproc", str(nproc)],
+    proc = subprocess.run([sys.executable, "-m", "largelm.launch", "--config", str(path), "--nproc", str(nproc),
+                           "--master-port", str(free_port())],
                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"})
     log.write_text(proc.stdout)
