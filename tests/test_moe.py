@@ -9,9 +9,11 @@ import pytest
 import torch
 from mp_utils import free_port, rel_diff, run_ranks
 from tolerances import chain_length, sum_rtol
-from train_utils import config_object
+from train_utils import check_ok, config_object, launch, tiny_config
 
+from largelm.checkpoint.consolidated import load_consolidated
 from largelm.config import ConfigError
+from largelm.convert import api
 from largelm.model import layout
 from largelm.model.flops import matmul_parameter_count, moe_matmul_parameter_count
 from largelm.model.registry import get_arch
@@ -241,3 +243,22 @@ def test_expert_data_parallel_and_tensor_parallel_with_experts():
     results = run_ranks(_train_layouts, 4, layouts, full_weights(), _tokens(), timeout_s=400)
     _assert_layouts_match(results, (1, 1, 2), [(1, 2, 2)])
     _assert_layouts_match(results, (2, 1, 2), [(2, 2, 2)])
+
+
+@pytest.mark.slow
+def test_tensor_parallel_moe_checkpoint_consolidates(tmp_path, tokenizer_path, shard_dir, shard_seq_length):
+    """A TP=2+SP, EP=1 MoE run (shared expert, every other layer MoE) through the real launcher consolidates to full
+    weights whose logits equal the checkpoint's in its own layout (largelm-convert's verification, fp32 tolerance);
+    every expert is there, TP-unsharded."""
+    config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length,
+                         model={"arch": "moe", "style": "llama", "num_layers": 2,
+                                "moe": {**MOE, "shared_expert_ffn_size": 16, "layer_freq": 2}},
+                         parallel={"tensor_parallel": 2, "sequence_parallel": True, "zero_stage": 1},
+                         train={"steps": 2, "grad_accum_steps": 1})
+    check_ok(launch(config, nproc=2, timeout=300))
+    checks = api.consolidate(tmp_path / "ckpt", tmp_path / "hub", log=print)
+    hub = load_consolidated(tmp_path / "hub")
+    assert checks and all(check.ok for check in checks)
+    assert hub.tensors["decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"].shape == (2 * 32, 64)
+    assert hub.tensors["decoder.layers.0.mlp.shared_experts.linear_fc2.weight"].shape == (64, 16)
+    assert "decoder.layers.1.mlp.linear_fc1.weight" in hub.tensors  # the dense layer
