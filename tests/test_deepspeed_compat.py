@@ -134,7 +134,7 @@ def test_every_entry_names_a_test_that_exists():
     assert set(PATCHES) <= set(ALL_PATCHES)
     for patch in ALL_PATCHES:
         assert all(getattr(patch, field).strip() for field in ("target", "replaces", "why", "when", "library")), patch
-        assert patch.scope in {"engine", "checkpoint", "launcher", "process", "model build"}, patch
+        assert patch.scope in {"engine", "engine build", "checkpoint", "launcher", "process", "model build"}, patch
         match = re.fullmatch(r"(tests/[\w/]+\.py)::(test_\w+)", patch.test)
         assert match, f"{patch.name}: {patch.test!r} is not a pytest node id of a test function"
         path = ROOT / match.group(1)

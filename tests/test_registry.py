@@ -20,7 +20,7 @@ PROBE_METHODS = ("dense", "first_stage_input", "stage_input", "stage_hidden", "l
 
 
 def test_unknown_arch_names_model_arch_and_the_known_ones():
-    with pytest.raises(ConfigError, match=r"model.arch='t5' is not a registered architecture \(known: bert, gpt;"):
+    with pytest.raises(ConfigError, match=r"model.arch='t5' is not a registered architecture \(known: bert, gpt, moe;"):
         get_arch("t5")
     assert set(ARCHS) >= {"gpt", "bert"} and get_arch("gpt").name == "gpt"
     with pytest.raises(ValueError, match="already registered"):

@@ -23,6 +23,7 @@ class Layout:
     data_parallel: int
     zero_stage: int  # configured
     engine_zero_stage: int  # what DeepSpeed ran (engine_zero_stage: single-replica runs may run a cheaper one)
+    expert_parallel: int  # MoE: which experts each rank's files hold
     # not part of the layout: the same engine resumes either precision's state (fp32 masters and moments); shown
     precision: str = field(compare=False)
 
@@ -30,11 +31,12 @@ class Layout:
     def of(cls, cfg: Config, world_size: int) -> "Layout":
         p = cfg.parallel
         return cls(p.tensor_parallel, p.pipeline_parallel, cfg.data_parallel_size(world_size), p.zero_stage,
-                   engine_zero_stage(cfg, world_size), "bf16" if is_bf16(cfg) else "fp32")
+                   engine_zero_stage(cfg, world_size), p.expert_parallel, "bf16" if is_bf16(cfg) else "fp32")
 
     def describe(self) -> str:
         engine = "" if self.engine_zero_stage == self.zero_stage else f" (engine runs ZeRO-{self.engine_zero_stage})"
-        return (f"TP={self.tensor_parallel} PP={self.pipeline_parallel} DP={self.data_parallel} "
+        experts = f" EP={self.expert_parallel}" if self.expert_parallel > 1 else ""
+        return (f"TP={self.tensor_parallel} PP={self.pipeline_parallel} DP={self.data_parallel}{experts} "
                 f"ZeRO-{self.zero_stage}{engine} {self.precision}")
 
 

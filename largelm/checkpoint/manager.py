@@ -294,6 +294,9 @@ class CheckpointManager:
                                   f"{str(err).splitlines()[0]}") from None
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {checkpoint.path}")
+        from largelm.parallel.deepspeed_compat.moe import restore_expert_weights  # lazy (preflight: no megatron)
+
+        restore_expert_weights(engine)  # MoE: each expert-parallel rank's own experts, from its ZeRO partitions
         state_file = checkpoint.path / f"trainer_state_rank{_rank():05d}.pt"
         if not state_file.is_file():
             raise CheckpointError(

@@ -16,6 +16,7 @@ from largelm.config.loading import (
     dump_config,
     load_config,
 )
+from largelm.config.moe import MoEConfig, RouterConfig
 from largelm.config.schema import (
     BertConfig,
     CheckpointConfig,
@@ -36,7 +37,7 @@ from largelm.config.schema import (
 __all__ = [
     "BUNDLED_EVAL_TASKS", "EVAL_TASK_TAG", "EvalConfig", "task_names_in",
     "CHECKPOINT_LEGACY_DEFAULTS", "BertConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
-    "DatasetSpec", "DistillConfig", "LoggingConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig",
-    "TokenizerConfig", "TrainConfig", "WandbConfig", "apply_override", "checkpoint_config_from_dict",
+    "DatasetSpec", "DistillConfig", "LoggingConfig", "ModelConfig", "MoEConfig", "OptimizerConfig", "ParallelConfig",
+    "RouterConfig", "TokenizerConfig", "TrainConfig", "WandbConfig", "apply_override", "checkpoint_config_from_dict",
     "config_from_dict", "dump_config", "load_config",
 ]

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from largelm.config.eval import EvalConfig
+from largelm.config.moe import MoEConfig, check_moe
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,8 @@ class ModelConfig(_Section):
     # Which kernel computes causal attention (not part of the shape; largelm/model/attention.py): auto = torch's
     # fused scaled_dot_product_attention on GPU, largelm's batched-matmul attention on CPU; local = megatron's.
     attention: Literal["auto", "sdpa", "bmm", "local"] = "auto"
+    # Mixture-of-experts MLPs; set exactly when arch is "moe"
+    moe: Optional[MoEConfig] = None
 
     @model_validator(mode="after")
     def _check_shape(self) -> "ModelConfig":
@@ -132,6 +135,8 @@ class ParallelConfig(_Section):
     pipeline_parallel: int = Field(default=1, ge=1)
     sequence_parallel: bool = False
     virtual_pipeline: Optional[int] = Field(default=None, ge=1)
+    # Expert parallelism (model.arch: moe): the experts are split over this many data-parallel ranks
+    expert_parallel: int = Field(default=1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 1
     single_replica_zero: Literal["fastest", "as_configured"] = Field(
         default="fastest",
@@ -353,6 +358,7 @@ class Config(_Section):
                 f"it needs model.arch='gpt' and no parallel.virtual_pipeline (got arch={m.arch!r}, "
                 f"virtual_pipeline={p.virtual_pipeline}); evaluate such a run's checkpoints with largelm-eval instead"
             )
+        check_moe(m, p)
         if m.arch == "bert" and m.style != "gpt2":
             raise ValueError("model.style must be 'gpt2' (post-LN-free BERT layout) when model.arch is 'bert'")
         if m.arch != "bert" and self.bert is not None:
@@ -380,4 +386,10 @@ class Config(_Section):
 
     def check_world_size(self, world_size: int) -> None:
         """Validate the layout against the launcher's world size (before any process group starts)."""
-        self.data_parallel_size(world_size)
+        dp = self.data_parallel_size(world_size)
+        ep = self.parallel.expert_parallel
+        if dp % ep:
+            raise ConfigError(
+                f"parallel.expert_parallel={ep} does not divide the data-parallel size {dp} (world size "
+                f"{world_size} / (parallel.tensor_parallel x parallel.pipeline_parallel)): expert-parallel ranks "
+                "are data-parallel ranks")

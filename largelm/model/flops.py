@@ -70,6 +70,8 @@ def flops_per_token(model_cfg: ModelConfig, vocab_size: Optional[int] = None, se
     """
     if model_cfg.arch == "bert":
         return bert_flops_per_token(model_cfg, vocab_size, seq_length, binary_head=binary_head)
+    if model_cfg.arch == "moe":
+        return moe_flops_per_token(model_cfg, vocab_size, seq_length)
     return gpt_flops_per_token(model_cfg, vocab_size, seq_length)
 
 
@@ -119,4 +121,31 @@ def matmul_shapes(model_cfg: ModelConfig, tokens: int, tensor_parallel: int = 1,
     vocab = vocab_size or model_cfg.padded_vocab_size(tp)
     shapes = [(tokens, h, (h + 2 * model_cfg.kv_groups * head_dim) // tp), (tokens, h // tp, h),
               (tokens, h, mlp_in // tp), (tokens, model_cfg.ffn_size // tp, h), (tokens, h, vocab // tp)]
+    moe = getattr(model_cfg, "moe", None)
+    if moe is not None:  # an MoE layer's experts: each takes ~tokens x top_k / E of the (gathered) tokens
+        routed = max(1, tokens * moe.top_k // moe.num_experts)
+        shapes[2:4] = [(routed, h, 2 * moe.ffn_size // tp), (routed, moe.ffn_size // tp, h)]
     return shapes
+
+
+def moe_matmul_parameter_count(model_cfg: ModelConfig, vocab_size: Optional[int] = None) -> int:
+    """Weights *active* per token in an MoE GPT (``model.arch: moe``): attention and dense-layer MLPs as in
+    ``matmul_parameter_count``; in an MoE layer the router (``h x E``), ``top_k`` experts' SwiGLU MLPs
+    (``3 h f_e`` each) and the shared expert's (``3 h f_s``) instead of the dense MLP. Dropped tokens are not
+    discounted (a dropless run drops none)."""
+    moe = model_cfg.moe
+    h = model_cfg.hidden_size
+    dense_mlp = 3 * h * model_cfg.ffn_size  # SwiGLU: gate, up, down (MoE models are llama style)
+    attention = _layer_matmul_parameters(model_cfg) - dense_mlp
+    moe_mlp = h * moe.num_experts + moe.top_k * 3 * h * moe.ffn_size + 3 * h * (moe.shared_expert_ffn_size or 0)
+    layers = sum(attention + (moe_mlp if moe.is_moe_layer(i) else dense_mlp) for i in range(model_cfg.num_layers))
+    vocab = vocab_size or model_cfg.padded_vocab_size()
+    return layers + vocab * h
+
+
+def moe_flops_per_token(model_cfg: ModelConfig, vocab_size: Optional[int] = None,
+                        seq_length: Optional[int] = None) -> float:
+    """MoE GPT training FLOPs per token: ``6 * N_active + 12 * L * h * s`` (``moe_matmul_parameter_count``; the
+    attention term as ``gpt_flops_per_token``)."""
+    s = seq_length or model_cfg.seq_length
+    return 6 * moe_matmul_parameter_count(model_cfg, vocab_size) + 12 * model_cfg.num_layers * model_cfg.hidden_size * s

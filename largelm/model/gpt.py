@@ -10,7 +10,7 @@ gathered. Padded-vocab entries are ordinary (trained-down) logits, as in Megatro
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -47,6 +47,7 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: Optional[int] = None,
+    block_spec: Callable[..., Any] = gpt_block_spec,
     **config_overrides: Any,
 ) -> GPTModel:
     """This rank's GPTModel (its TP shard and, with ``pre_process``/``post_process``, its PP stage).
@@ -56,8 +57,10 @@ def build_gpt_model(
     on ``groups.device()`` (initialised on the CPU when there is no GPU). With sequence parallelism
     the TP gradient all-reduce of norm weights/row-parallel biases is hooked in here.
     ``config_overrides`` go to ``build_transformer_config`` (e.g. activation recompute settings).
+    ``block_spec(model_cfg, config, vp_stage=)`` gives the layers: the dense GPT's, or another architecture's
+    built on GPTModel (the MoE GPT, largelm/model/moe.py).
     """
-    if model_cfg.arch != "gpt":
+    if model_cfg.arch != "gpt" and block_spec is gpt_block_spec:
         raise ConfigError(f"build_gpt_model builds model.arch='gpt', got {model_cfg.arch!r}")
     enable_cpu_compat()  # no-op with CUDA
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -74,7 +77,7 @@ def build_gpt_model(
     config = build_transformer_config(model_cfg, parallel_cfg, dtype, **config_overrides)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=gpt_block_spec(model_cfg, config, vp_stage=vp_stage),
+        transformer_layer_spec=block_spec(model_cfg, config, vp_stage=vp_stage),
         vocab_size=model_cfg.padded_vocab_size(tp),
         max_sequence_length=model_cfg.positions,
         pre_process=pre_process,

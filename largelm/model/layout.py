@@ -59,9 +59,9 @@ def tp_partition(name: str, gated: bool) -> Optional[tuple[int, int]]:
         return 0, 1
     if name.endswith(_COLUMN):
         return 0, 1
-    if name.endswith(_FC1):
-        return 0, 2 if gated else 1
-    if name.endswith(_ROW):
+    if name.endswith(_FC1) or ("experts." in name and name.endswith(".linear_fc1.weight")):
+        return 0, 2 if gated else 1  # MoE: routed and shared experts are tensor-parallel like the dense MLP
+    if name.endswith(_ROW) or ("experts." in name and name.endswith(".linear_fc2.weight")):
         return 1, 1
     return None
 
@@ -107,6 +107,33 @@ def gpt_param_shapes(model: ModelConfig, vocab_rows: Optional[int] = None) -> di
     return shapes
 
 
+def moe_param_shapes(model: ModelConfig, vocab_rows: Optional[int] = None) -> dict[str, tuple[int, ...]]:
+    """Every MoE ``GPTModel`` parameter (``model.arch: moe``; llama style, no biases) at TP=1 and EP=1 - experts
+    numbered globally, ``local_experts.{e}`` for e in 0..num_experts-1 - in megatron's order, with full shapes. The
+    dense layers (``model.moe.is_moe_layer`` False) are the GPT's."""
+    dense = gpt_param_shapes(model, vocab_rows)
+    moe = model.moe
+    h = model.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in dense.items():
+        if ".mlp." not in name:
+            shapes[name] = shape
+            continue
+        layer = int(name.split(".")[2])
+        if not moe.is_moe_layer(layer):
+            shapes[name] = shape
+        elif name.endswith("mlp.linear_fc1.weight"):  # the layer's MLP slot, once: router, experts, shared expert
+            p = f"decoder.layers.{layer}.mlp."
+            shapes[p + "router.weight"] = (moe.num_experts, h)
+            for e in range(moe.num_experts):
+                shapes[p + f"experts.local_experts.{e}.linear_fc1.weight"] = (2 * moe.ffn_size, h)
+                shapes[p + f"experts.local_experts.{e}.linear_fc2.weight"] = (h, moe.ffn_size)
+            if moe.shared_expert_ffn_size is not None:
+                shapes[p + "shared_experts.linear_fc1.weight"] = (2 * moe.shared_expert_ffn_size, h)
+                shapes[p + "shared_experts.linear_fc2.weight"] = (h, moe.shared_expert_ffn_size)
+    return shapes
+
+
 def bert_param_shapes(model: ModelConfig, bert: Optional[BertConfig] = None,
                       vocab_rows: Optional[int] = None) -> dict[str, tuple[int, ...]]:
     """Every megatron ``BertModel`` parameter at TP=1 with its full shape, in the module's order (``vocab_rows`` as
@@ -143,6 +170,8 @@ def param_shapes(model: ModelConfig, bert: Optional[BertConfig] = None,
     """``gpt_param_shapes`` or ``bert_param_shapes`` by ``model.arch``."""
     if model.arch == "bert":
         return bert_param_shapes(model, bert, vocab_rows)
+    if model.arch == "moe":
+        return moe_param_shapes(model, vocab_rows)
     return gpt_param_shapes(model, vocab_rows)
 
 

@@ -23,8 +23,8 @@ from types import ModuleType
 from typing import Any, Callable, Optional
 
 from largelm.config import ConfigError, ModelConfig
-from largelm.model import bert, bert_pipeline, gpt, layout, pipeline
-from largelm.model.flops import bert_flops_per_token, gpt_flops_per_token
+from largelm.model import bert, bert_pipeline, gpt, layout, moe, pipeline
+from largelm.model.flops import bert_flops_per_token, gpt_flops_per_token, moe_flops_per_token
 from largelm.model.hf import bert as hf_bert
 from largelm.model.hf import gpt2 as hf_gpt2
 from largelm.model.hf import llama as hf_llama
@@ -140,4 +140,24 @@ BERT = register_arch(ArchSpec(
     param_shapes=layout.bert_param_shapes, dense_name=layout.bert_model_name, loader_kwargs=bert.bert_loader_kwargs,
     probe=bert.BertProbe(), hf_export=lambda model_cfg: hf_bert,
     hf_imports={"bert": hf_bert, "megatron-bert": hf_bert},
+))
+
+
+# --- MoE GPT (llama-style layers with mixture-of-experts MLPs; largelm/model/moe.py) --------------------------------
+def _no_moe_pipeline(model_cfg, parallel_cfg, _section=None, **_kwargs):
+    raise ConfigError("model.arch='moe' has no pipeline-parallel stages (parallel.pipeline_parallel must be 1)")
+
+
+def _no_moe_hf_export(model_cfg):
+    raise ConfigError("model.arch='moe': Hugging Face export (MixtralForCausalLM) is not implemented yet")
+
+
+MOE = register_arch(ArchSpec(
+    name="moe", config_section=None, section_weight_fields=(), causal_lm=True,
+    build_model=moe.build_moe_model, build_pipeline=_no_moe_pipeline,
+    forward_metrics=moe.moe_forward_metrics, pipeline_micro_batch=gpt.gpt_pipeline_micro_batch,
+    flops_per_token=lambda model_cfg, _section=None: moe_flops_per_token(model_cfg),
+    param_shapes=lambda model_cfg, _section=None, vocab_rows=None: layout.moe_param_shapes(model_cfg, vocab_rows),
+    dense_name=layout.gpt_model_name, loader_kwargs=lambda cfg: {}, probe=gpt.CausalLMProbe(),
+    hf_export=_no_moe_hf_export, hf_imports={},
 ))

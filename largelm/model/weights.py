@@ -9,7 +9,7 @@ import torch
 from megatron.core import parallel_state
 
 from largelm.model.pipeline import GPTPipelineModule
-from largelm.parallel.sharding import shard_state_dict
+from largelm.parallel.sharding import expert_count, local_expert_state_dict, shard_state_dict
 
 
 def _check_covered(where: str, missing: list[str], unexpected: list[str]) -> None:
@@ -28,7 +28,8 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], 
     takes full ``BertModel`` weights): names are mapped with the module's ``full_name_targets`` and a tied word
     embedding is loaded into both the first stage's embedding and the last stage's head. Tensor-parallel
     parameters are cut with ``shard_state_dict`` for TP rank ``tp_rank`` of ``tp_size`` (default: megatron
-    parallel_state). Values are cast to the model's dtype. Every parameter of
+    parallel_state); MoE experts are numbered globally in ``full`` and this expert-parallel rank takes its own
+    (``local_expert_state_dict``). Values are cast to the model's dtype. Every parameter of
     ``model`` must be covered and every key of ``full`` must belong to the model (else ``KeyError``); call it
     *before* wrapping the model in a DeepSpeed engine (ZeRO keeps its own fp32 copy from then on). The padded
     vocabulary size must be the same as the full model's (``make_vocab_size_divisible_by`` x TP divides it).
@@ -37,6 +38,10 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], 
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
     full = {k: v for k, v in full.items() if not k.endswith("_extra_state")}
+    # MoE: this expert-parallel rank's experts, renumbered locally (a no-op without experts or EP)
+    if expert_count(full):
+        full = local_expert_state_dict(full, parallel_state.get_expert_model_parallel_rank(),
+                                       parallel_state.get_expert_model_parallel_world_size())
     if not isinstance(model, GPTPipelineModule):
         result = model.load_state_dict(shard_state_dict(full, model, tp_rank, tp_size), strict=False)
         _check_covered(type(model).__name__, result.missing_keys, result.unexpected_keys)

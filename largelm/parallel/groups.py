@@ -112,8 +112,11 @@ def unlink_deepspeed_shm() -> None:
         pass
 
 
-def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: Optional[int] = None) -> None:
-    """megatron-core parallel_state for TP x PP (x DP = the rest of the world), TP innermost."""
+def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: Optional[int] = None,
+                        expert_parallel: int = 1) -> None:
+    """megatron-core parallel_state for TP x PP (x DP = the rest of the world), TP innermost. ``expert_parallel``
+    (MoE) splits each data-parallel group into expert-parallel groups of that size (consecutive DP ranks, order
+    ``RANK_ORDER``) and expert-data-parallel groups (the ranks holding the same experts)."""
     if not dist.is_initialized():
         raise RuntimeError("init_model_parallel() needs init_distributed() first")
     world = dist.get_world_size()
@@ -126,6 +129,7 @@ def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, virtual_pi
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
+        expert_model_parallel_size=expert_parallel,
         order=RANK_ORDER,
         # Extra gloo copies of the data-parallel groups serve megatron's distributed optimizer,
         # which we do not use (DeepSpeed ZeRO shards the optimizer).

@@ -14,7 +14,8 @@ class Patch:
     version the patch was written for. ``target``: the attribute replaced or wrapped. ``replaces``: what the
     library does there. ``why``: what goes wrong (or costs time) without the patch. ``when``: the runs it applies to
     (ZeRO stage x precision x DP x PP x clipping, or device). ``scope``: who installs it and for how long
-    (``engine``: ``install_deepspeed_compat`` on each new engine; ``process``: once per process; ``checkpoint``,
+    (``engine``: ``install_deepspeed_compat`` on each new engine;
+    ``engine build``: around ``deepspeed.initialize``; ``process``: once per process; ``checkpoint``,
     ``launcher``, ``model build``: a context around that operation). ``test``: the pytest node id that pins it.
     """
 

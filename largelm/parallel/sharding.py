@@ -9,7 +9,12 @@ exactly what a TP=N run initialised from the same full weights holds, and unshar
 
 from __future__ import annotations
 
+import re
+
 import torch
+
+# an MoE expert parameter (megatron's SequentialMLP): ``<layer>.mlp.experts.local_experts.<index>.<rest>``
+EXPERT_NAME = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 
 
 def shard_tensor(full: torch.Tensor, rank: int, size: int, dim: int, stride: int = 1) -> torch.Tensor:
@@ -45,3 +50,39 @@ def shard_state_dict(full: dict[str, torch.Tensor], module: torch.nn.Module, ran
         else:
             out[name] = tensor
     return out
+
+
+def expert_count(names) -> int:
+    """Experts per MoE layer in a state dict's names (1 + the largest expert index; 0 without experts)."""
+    indexes = [int(m.group(2)) for m in map(EXPERT_NAME.match, names) if m]
+    return max(indexes) + 1 if indexes else 0
+
+
+def local_expert_state_dict(full: dict[str, torch.Tensor], ep_rank: int, ep_size: int) -> dict:
+    """Full (EP=1) weights as expert-parallel rank ``ep_rank`` of ``ep_size`` holds them: global expert
+    ``ep_rank * E / ep_size + e`` becomes ``local_experts.e``; other ranks' experts are left out (megatron's
+    contiguous expert assignment). Everything else is kept; a state dict without experts comes back unchanged."""
+    experts = expert_count(full)
+    if ep_size == 1 or experts == 0:
+        return full
+    if experts % ep_size:
+        raise ValueError(f"{experts} experts do not divide over {ep_size} expert-parallel ranks")
+    per_rank = experts // ep_size
+    out = {}
+    for name, tensor in full.items():
+        match = EXPERT_NAME.match(name)
+        if match is None:
+            out[name] = tensor
+            continue
+        local = int(match.group(2)) - ep_rank * per_rank
+        if 0 <= local < per_rank:
+            out[f"{match.group(1)}{local}{match.group(3)}"] = tensor
+    return out
+
+
+def global_expert_name(name: str, ep_rank: int, local_experts: int) -> str:
+    """A rank-local expert parameter name with the global expert index (``local_expert_state_dict`` inverted)."""
+    match = EXPERT_NAME.match(name)
+    if match is None:
+        return name
+    return f"{match.group(1)}{ep_rank * local_experts + int(match.group(2))}{match.group(3)}"

@@ -173,6 +173,9 @@ def _check_checkpoint(cfg: Config, world_size: int, found=_LOOK_UP) -> None:
     for key, default in (("binary_head", True), ("residual_post_layernorm", False)):
         if bert and saved_bert.get(key, default) != bert.get(key):
             mismatches.append(f"bert.{key}: checkpoint {saved_bert.get(key, default)!r} vs config {bert.get(key)!r}")
+    saved_moe, moe = saved["model"].get("moe"), cfg.model.model_dump().get("moe")
+    if saved_moe != moe:  # experts, their sizes and routing: the parameter set and what it computes
+        mismatches.append(f"model.moe: checkpoint {saved_moe!r} vs config {moe!r}")
     if mismatches:  # the model itself differs: no layout change can resume it
         raise ConfigError(f"checkpoint {saved_cfg.parent} does not match this config (the model shape differs; "
                           "a resume may change the parallel layout, not the model):\n  " + "\n  ".join(mismatches))
@@ -188,6 +191,10 @@ def _check_checkpoint(cfg: Config, world_size: int, found=_LOOK_UP) -> None:
         raise ConfigError(f"checkpoint {saved_cfg.parent}: model.seq_length: checkpoint "
                           f"{saved['model'].get('seq_length')!r} vs config {cfg.model.seq_length!r}; a resume in "
                           f"another parallel layout keeps the model and its sequence length:\n  {change}")
+    if cfg.model.arch == "moe":
+        raise ConfigError(f"checkpoint {saved_cfg.parent} was written in another parallel layout:\n  {change}\n"
+                          "resharding a model.arch='moe' checkpoint (experts over other expert-parallel ranks) is "
+                          "not supported yet: run in the checkpoint's layout")
     if not cfg.checkpoint.reshard_on_resume:
         raise ConfigError(f"checkpoint {saved_cfg.parent} was written in another parallel layout:\n  {change}\n"
                           f"resume it resharded with {RESHARD_SETTING} (a CLI override; or set "

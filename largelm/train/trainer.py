@@ -78,7 +78,7 @@ class Trainer:
         groups.init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
         enable_cpu_compat()
         groups.init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
-                                   cfg.parallel.virtual_pipeline)
+                                   cfg.parallel.virtual_pipeline, expert_parallel=cfg.parallel.expert_parallel)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()

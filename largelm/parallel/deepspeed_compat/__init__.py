@@ -117,6 +117,16 @@ PATCHES = (
         test="tests/faults/test_fault_numerics.py::test_every_optimizer_skips_nan_steps",
     ),
     Patch(
+        name="moe_expert_groups", library=_DS, scope="engine build",
+        target="deepspeed.utils.groups expert group registry (megatron's groups as ep_size_<EP>), expert params' "
+               "allreduce/group_name, DeepSpeedEngine._configure_optimizer (has_moe_layers while it runs)",
+        replaces="DeepSpeed's MoE path, taken only for its own deepspeed.moe.layer.MoE modules and its own groups",
+        why="megatron's MoE experts differ across expert-parallel ranks: their gradients must be averaged and their "
+            "ZeRO partitions kept over megatron's expert-data-parallel group, not the data-parallel group",
+        when="model.arch='moe' with parallel.expert_parallel > 1 (largelm.train.engine.initialize_engine)",
+        test="tests/test_moe.py::test_expert_parallel_2_equals_1",
+    ),
+    Patch(
         name="safe_checkpoint_engine", library=_DS, scope="engine",
         target="engine.checkpoint_engine.__class__: TorchCheckpointEngine -> SafeTorchCheckpointEngine",
         replaces="torch.load(weights_only=False) of every checkpoint file; a write error raised mid-save",
