@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from largelm.config.distill import DistillConfig, check_distill_alignment
 from largelm.config.eval import EvalConfig
 
 
@@ -262,19 +263,6 @@ class LoggingConfig(_Section):
     wandb: Optional[WandbConfig] = None
 
 
-class DistillConfig(_Section):
-    """Knowledge distillation (largelm.train.distill): the run's model is the student, trained on
-    ``alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * LM loss``."""
-
-    teacher: str = Field(description="teacher checkpoint: a checkpoint root (its latest) or one step_XXXXXXXX dir")
-    alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the KL term")
-    temperature: float = Field(default=2.0, gt=0)
-    student_init: Literal["random", "every_kth_layer"] = "random"
-    k: int = Field(default=2, ge=1, description="every_kth_layer: student layer i starts from teacher layer i*k")
-    # None: the run's train.precision. The teacher is frozen and in eval mode either way.
-    teacher_precision: Optional[Literal["fp32", "bf16"]] = None
-
-
 class BertConfig(_Section):
     """BERT pretraining objective (``model.arch: bert``); masking runs in the data pipeline
     (largelm.data.bert_masking)."""
@@ -339,12 +327,15 @@ class Config(_Section):
             raise ValueError(
                 f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds train.steps={self.train.steps}"
             )
-        if self.distill is not None and (m.arch != "gpt" or p.pipeline_parallel > 1 or p.tensor_parallel > 1):
+        if self.distill is not None and (m.arch not in ("gpt", "bert") or p.pipeline_parallel > 1
+                                         or p.tensor_parallel > 1):
             raise ValueError(
-                "distill: distillation supports model.arch='gpt' with parallel.tensor_parallel=1 and "
+                "distill: distillation supports model.arch='gpt' or 'bert' with parallel.tensor_parallel=1 and "
                 f"parallel.pipeline_parallel=1 (got arch={m.arch!r}, tensor_parallel={p.tensor_parallel}, "
                 f"pipeline_parallel={p.pipeline_parallel})"
             )
+        if self.distill is not None:
+            check_distill_alignment(self.distill, m, self.train.activation_checkpointing)
         if self.eval is not None and (m.arch != "gpt" or p.model_parallel > 1 or p.zero_stage == 3):
             raise ValueError(
                 "eval: in-training evaluation runs the harness on rank 0's whole model while the other ranks wait, "

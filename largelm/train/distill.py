@@ -25,6 +25,7 @@ from largelm.model.gpt import split_tokens
 from largelm.model.registry import get_arch
 from largelm.model.weights import load_full_state_dict
 from largelm.parallel import groups
+from largelm.train.distill_bert import BertDistillLoss
 from largelm.train.teacher import every_kth_layer_state, teacher_weights
 
 
@@ -72,3 +73,12 @@ class DistillLoss:
         total, kl, lm = distill_loss(student_logits, teacher_logits, labels, self.cfg.distill.alpha,
                                      self.cfg.distill.temperature, self.cfg.model.vocab_size)
         return {"loss": total, "kl": kl, "lm_loss": lm}
+
+
+# ArchSpec.distill_objective -> the loss class that distils it (BERT's: largelm/train/distill_bert.py)
+DISTILL_LOSSES = {"causal_lm": DistillLoss, "masked_lm": BertDistillLoss}
+
+
+def build_distill_loss(cfg: Config, init_student: bool = True):
+    """The distillation loss for the student's architecture (its ``ArchSpec.distill_objective``)."""
+    return DISTILL_LOSSES[get_arch(cfg.model.arch).distill_objective](cfg, init_student=init_student)
