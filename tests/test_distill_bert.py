@@ -82,12 +82,12 @@ def test_bert_loss_parts_match_a_float64_reference():
 
     ps = [torch.softmax(torch.randn(b, heads, seq, seq, generator=g), -1) for _ in range(2)]
     pt = [torch.softmax(torch.randn(b, heads, seq, seq, generator=g), -1) for _ in range(2)]
-    att_ref, pairs = 0.0, sum(int(mask[bi].sum()) ** 2 for bi in range(b)) * heads
+    att_ref, rows = 0.0, int(mask.sum()) * heads
     for x, y in zip(ps, pt):
         for bi in range(b):
             keep = mask[bi].bool()
             diff = (x[bi].double() - y[bi].double())[:, keep][:, :, keep]
-            att_ref += float((diff**2).sum()) / pairs / 2
+            att_ref += float((diff**2).sum()) / rows / 2
     assert abs(attention_alignment(ps, pt, mask).item() - att_ref) <= 4 * EPS32 * seq * seq * b * att_ref
 
 
@@ -150,12 +150,14 @@ def test_config_and_teacher_refusals(tmp_path, tokenizer_path, bert_shards):
         check_teacher(student(), config_from_dict(gpt), path)
 
 
-def _train_and_save_teacher(cfg, root, steps=2) -> dict:
+def train_and_save_teacher(cfg, root, steps=2) -> dict:
     """A real DenseStep trained ``steps`` steps and saved by ``CheckpointManager``; returns its weights."""
     from largelm.checkpoint.manager import CheckpointManager
     from largelm.config import dump_config
+    from largelm.parallel.cpu_compat import model_parallel_manual_seed
     from largelm.train.step import DenseStep
 
+    model_parallel_manual_seed(cfg.train.seed)
     step = DenseStep(cfg, 1)
     batches = _batches(cfg)
     for _ in range(steps):
@@ -179,7 +181,6 @@ def test_bert_distill_steps_in_process(tmp_path, tokenizer_path, bert_shards, mo
     teacher: no dropout here) has KL 0 and no hidden or attention difference; (b) a 2-layer every_kth_layer student
     (k=2) holds teacher layers 0 and 2 and all the other tensors, and a step changes the student, not the teacher,
     with every loss part reported."""
-    from largelm.parallel.cpu_compat import model_parallel_manual_seed
     from largelm.tokenizer import Tokenizer
     from largelm.train.step import build_step
 
@@ -189,8 +190,7 @@ def test_bert_distill_steps_in_process(tmp_path, tokenizer_path, bert_shards, mo
                "every_kth_layer", "k": 1, "teacher_precision": "fp32", "hidden_weight": 1.0,
                "hidden_loss": "cosine+mse", "attention_weight": 1.0, "layer_map": [[0, 0], [3, 3]]}
     with single_rank_parallel_state():
-        model_parallel_manual_seed(1)
-        teacher_state = _train_and_save_teacher(config_from_dict(raw), tmp_path / "teacher")
+        teacher_state = train_and_save_teacher(config_from_dict(raw), tmp_path / "teacher")
 
         same = build_step(config_from_dict({**raw, "distill": distill}), 1)
         batch = next(_batches(same.cfg))
@@ -200,7 +200,7 @@ def test_bert_distill_steps_in_process(tmp_path, tokenizer_path, bert_shards, mo
         # identical weights and inputs: equal up to the order of fp32 reductions
         assert out["kl"].abs() <= 8 * EPS32 * same.cfg.model.vocab_size
         assert out["hidden"].abs() <= 8 * EPS32 * same.cfg.model.hidden_size
-        assert out["attention"].abs() <= (8 * EPS32) ** 2 * n
+        assert out["attention"].abs() <= (8 * EPS32) ** 2 * n  # squared differences of probabilities, n keys
         assert math.isclose(out["loss"].item(), out["kl"].item() + out["hidden"].item() + out["attention"].item(),
                             rel_tol=1e-6, abs_tol=1e-6)
         del same

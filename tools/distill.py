@@ -34,7 +34,7 @@ def build_argv(argv=None) -> list[str]:
     p.add_argument("--teacher-precision", choices=("fp32", "bf16"), default=None)
     p.add_argument("--hidden-weight", type=float, default=None, help="BERT: weight of the hidden-state alignment")
     p.add_argument("--hidden-loss", choices=("cosine", "mse", "cosine+mse"), default=None)
-    p.add_argument("--attention-weight", type=float, default=None, help="BERT: weight of the attention-map MSE")
+    p.add_argument("--attention-weight", type=float, default=None, help="BERT: weight of the attention-map alignment")
     p.add_argument("--layer-map", default=None,
                    help="BERT: every_kth_layer, or [student, teacher] pairs of 0-based layers, e.g. '[[0,1],[1,3]]'")
     p.add_argument("--nproc", type=positive_int, default=1)

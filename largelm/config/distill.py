@@ -27,7 +27,8 @@ class DistillConfig(BaseModel):
     hidden_weight: float = Field(default=0.0, ge=0, description="weight of the hidden-state alignment (BERT)")
     hidden_loss: Literal["cosine", "mse", "cosine+mse"] = Field(
         default="cosine", description="hidden-state alignment: 1 - cosine similarity, MSE, or their sum")
-    attention_weight: float = Field(default=0.0, ge=0, description="weight of the attention-map MSE (BERT)")
+    attention_weight: float = Field(default=0.0, ge=0, description="weight of the attention-map alignment (BERT): "
+                                    "squared differences of the attention probabilities")
     # Which layers are aligned: (student layer, teacher layer) pairs of 0-based layer *outputs*. every_kth_layer:
     # student layer i <-> teacher layer (i + 1) * k - 1 (the last student layer meets teacher layer S*k - 1).
     layer_map: Union[Literal["every_kth_layer"], list[tuple[int, int]]] = "every_kth_layer"

@@ -16,8 +16,9 @@ inputs and
   ``largelm.train.teacher.aligned_layers``), the mean over pairs of: 1 - cosine similarity of the two layer outputs,
   averaged over the non-padded tokens (``cosine``), and/or their squared difference averaged over non-padded tokens
   and the hidden dimension (``mse``);
-* ``attention``: over the same pairs, the squared difference of the attention probabilities [b, heads, q, k],
-  averaged over heads and the (query, key) pairs that are both non-padded, then over pairs.
+* ``attention``: over the same pairs, the squared difference of the attention probabilities [b, heads, q, k]
+  summed over the non-padded keys of a row, averaged over heads and non-padded queries, then over pairs (a sum
+  per row keeps its scale independent of the sequence length: each row is a distribution).
 
 Layer outputs and attention maps are read with forward hooks for the one forward (on each ``TransformerLayer`` and
 on its ``core_attention.attention_dropout``, whose input is megatron's softmax output), removed right after. The
@@ -73,10 +74,10 @@ def hidden_alignment(student: list[torch.Tensor], teacher: list[torch.Tensor], a
 
 def attention_alignment(student: list[torch.Tensor], teacher: list[torch.Tensor],
                         attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over layer pairs of the attention-map MSE (module docstring). Maps [b, heads, q, k]."""
+    """Mean over layer pairs of the attention-map loss (module docstring). Maps [b, heads, q, k]."""
     valid = attention_mask.float()
     pairs = valid[:, None, :, None] * valid[:, None, None, :]  # [b, 1, q, k]: both ends real tokens
-    count = (pairs.sum() * student[0].size(1)).clamp(min=1.0)
+    count = (valid.sum() * student[0].size(1)).clamp(min=1.0)  # rows: real query tokens x heads
     total = torch.zeros((), dtype=torch.float32, device=valid.device)
     for ps, pt in zip(student, teacher):
         total = total + (((ps.float() - pt.float()) ** 2) * pairs).sum() / count
