@@ -43,6 +43,7 @@ def _kl_reference(s, t, labels, temperature, vocab):
     return total / count * temperature**2
 
 
+@pytest.mark.numerics
 def test_bert_loss_parts_match_a_float64_reference():
     g = torch.Generator().manual_seed(0)
     b, seq, vocab, padded, h, heads = 3, 7, 20, 24, 16, 2
@@ -176,6 +177,7 @@ def _batches(cfg):
                              shuffle_buffer=0, seed=0, infinite=True, **arch.loader_kwargs(cfg)))
 
 
+@pytest.mark.numerics
 def test_bert_distill_steps_in_process(tmp_path, tokenizer_path, bert_shards, monkeypatch):
     """Teacher (4 layers, trained 2 steps, saved) -> (a) a 4-layer student initialised from it with k=1 (= the
     teacher: no dropout here) has KL 0 and no hidden or attention difference; (b) a 2-layer every_kth_layer student
