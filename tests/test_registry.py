@@ -13,6 +13,7 @@ from mp_utils import single_rank_parallel_state
 
 from largelm.config import BertConfig, ConfigError, ModelConfig, config_from_dict
 from largelm.model.registry import ARCHS, ArchSpec, get_arch, register_arch
+from largelm.train.distill import DISTILL_LOSSES
 
 TINY = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 200}
 PROBE_METHODS = ("dense", "first_stage_input", "stage_input", "stage_hidden", "last_stage_outputs", "finish",
@@ -39,6 +40,8 @@ def test_each_registered_spec_has_every_field(name):
             assert isinstance(value, (tuple, bool))
         elif field.name == "hf_imports":
             assert value and all(hasattr(m, "from_hf") and hasattr(m, "model_fields") for m in value.values())
+        elif field.name in ("layer_prefix", "distill_objective"):
+            assert isinstance(value, str) and value, field.name
         elif field.name == "probe":
             assert all(callable(getattr(value, m, None)) for m in PROBE_METHODS)
         elif field.name != "name":
@@ -48,6 +51,8 @@ def test_each_registered_spec_has_every_field(name):
     assert all(hasattr(section, f) for f in spec.section_weight_fields)
     shapes = spec.param_shapes(model, section, None)
     assert shapes and all(spec.dense_name(n, model) == n for n in shapes)  # dense names map to themselves
+    assert any(n.startswith(f"{spec.layer_prefix}{TINY['num_layers'] - 1}.") for n in shapes)
+    assert spec.distill_objective in DISTILL_LOSSES
     assert spec.flops_per_token(model, section) > 0
     adapter = spec.hf_export(model)
     assert adapter in spec.hf_imports.values() and adapter.architecture(*([section] if section else []))

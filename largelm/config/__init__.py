@@ -1,5 +1,6 @@
 """One typed config for a whole run, loaded from YAML and validated before any process group starts.
 
+    distill.py  the ``distill:`` section (knowledge distillation)
     schema.py   the sections (pydantic, ``extra="forbid"``) and ``Config`` with the cross-field rules
     loading.py  YAML + overrides -> ``Config``; checkpoint configs; ``dump_config``
 

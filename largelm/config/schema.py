@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from largelm.config.distill import DistillConfig, check_distill_alignment, check_distill_layout
 from largelm.config.eval import EvalConfig
 from largelm.config.moe import MoEConfig, check_moe
 
@@ -267,19 +268,6 @@ class LoggingConfig(_Section):
     wandb: Optional[WandbConfig] = None
 
 
-class DistillConfig(_Section):
-    """Knowledge distillation (largelm.train.distill): the run's model is the student, trained on
-    ``alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * LM loss``."""
-
-    teacher: str = Field(description="teacher checkpoint: a checkpoint root (its latest) or one step_XXXXXXXX dir")
-    alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the KL term")
-    temperature: float = Field(default=2.0, gt=0)
-    student_init: Literal["random", "every_kth_layer"] = "random"
-    k: int = Field(default=2, ge=1, description="every_kth_layer: student layer i starts from teacher layer i*k")
-    # None: the run's train.precision. The teacher is frozen and in eval mode either way.
-    teacher_precision: Optional[Literal["fp32", "bf16"]] = None
-
-
 class BertConfig(_Section):
     """BERT pretraining objective (``model.arch: bert``); masking runs in the data pipeline
     (largelm.data.bert_masking)."""
@@ -344,14 +332,9 @@ class Config(_Section):
             raise ValueError(
                 f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds train.steps={self.train.steps}"
             )
-        if self.distill is not None and (m.arch != "gpt" or p.pipeline_parallel > 1):
-            # any TP/DP/ZeRO: the teacher is built with the run's TP. PP: docs/design.md "Distillation" says why not
-            raise ValueError(
-                "distill: distillation supports model.arch='gpt' with parallel.pipeline_parallel=1 (any "
-                "tensor_parallel, data parallelism and ZeRO stage; the student's pipeline stages would need the "
-                f"teacher's logits on the last stage) (got arch={m.arch!r}, "
-                f"pipeline_parallel={p.pipeline_parallel})"
-            )
+        if self.distill is not None:
+            check_distill_layout(m, p)
+            check_distill_alignment(self.distill, m, self.train.activation_checkpointing)
         if self.eval is not None and (m.arch != "gpt" or p.virtual_pipeline):
             raise ValueError(
                 "eval: in-training evaluation scores next-token predictions of a GPT run through its own stages, so "

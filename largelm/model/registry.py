@@ -61,6 +61,10 @@ class ArchSpec:
     hf_export: Callable[[ModelConfig], ModuleType]
     # Hugging Face ``model_type`` -> the adapter module that imports it
     hf_imports: dict[str, ModuleType]
+    # the dense model's per-layer parameter prefix (``<prefix><index>.``): distillation's every_kth_layer init
+    layer_prefix: str = "decoder.layers."
+    # which distillation loss trains it (largelm.train.distill.DISTILL_LOSSES): "causal_lm" or "masked_lm"
+    distill_objective: str = "causal_lm"
 
     def section(self, owner) -> Any:
         """This architecture's config section of ``owner`` (a Config or a Consolidated model), or None."""
@@ -140,6 +144,7 @@ BERT = register_arch(ArchSpec(
     param_shapes=layout.bert_param_shapes, dense_name=layout.bert_model_name, loader_kwargs=bert.bert_loader_kwargs,
     probe=bert.BertProbe(), hf_export=lambda model_cfg: hf_bert,
     hf_imports={"bert": hf_bert, "megatron-bert": hf_bert},
+    layer_prefix="encoder.layers.", distill_objective="masked_lm",
 ))
 
 

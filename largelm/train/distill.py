@@ -37,6 +37,7 @@ from largelm.model.registry import get_arch
 from largelm.model.weights import load_tp_shard_state_dict
 from largelm.parallel import groups
 from largelm.parallel.vocab_parallel_kl import vocab_parallel_kl
+from largelm.train.distill_bert import BertDistillLoss
 from largelm.train.teacher import every_kth_layer_state, teacher_tp_shard
 
 
@@ -97,3 +98,12 @@ class DistillLoss:
         total, kl, lm = distill_loss(student_logits, teacher_logits, labels, self.cfg.distill.alpha,
                                      self.cfg.distill.temperature, self.cfg.model.vocab_size)
         return {"loss": total, "kl": kl, "lm_loss": lm}
+
+
+# ArchSpec.distill_objective -> the loss class that distils it (BERT's: largelm/train/distill_bert.py)
+DISTILL_LOSSES = {"causal_lm": DistillLoss, "masked_lm": BertDistillLoss}
+
+
+def build_distill_loss(cfg: Config, init_student: bool = True):
+    """The distillation loss for the student's architecture (its ``ArchSpec.distill_objective``)."""
+    return DISTILL_LOSSES[get_arch(cfg.model.arch).distill_objective](cfg, init_student=init_student)

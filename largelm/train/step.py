@@ -6,7 +6,7 @@ is built, how a batch becomes a loss, how the pipeline takes a micro-batch - com
 
 * ``DenseStep``: a whole model per rank (data + tensor parallel, any ZeRO stage); DeepSpeed's engine runs
   forward/backward/step per micro-batch and steps the optimizer at the accumulation boundary. Its training loss is
-  the architecture's ``forward_metrics`` or one it is given (distillation: ``largelm.train.distill.DistillLoss``).
+  the architecture's ``forward_metrics`` or one it is given (distillation: ``largelm.train.distill``).
 * ``PipelineStep``: ``pipeline_parallel > 1``; one pipeline stage per rank under DeepSpeed's PipelineEngine, which
   runs the 1F1B schedule over the step's micro-batches and steps the optimizer (ZeRO 0/1 only). See
   docs/design.md "Parallelism".
@@ -32,7 +32,7 @@ from largelm.model.registry import ArchSpec, get_arch
 from largelm.model.specs import recompute_fields
 from largelm.model.weights import load_full_state_dict, load_tp_shard_state_dict
 from largelm.parallel import groups
-from largelm.train.distill import DistillLoss
+from largelm.train.distill import build_distill_loss
 from largelm.train.engine import initialize_engine
 
 # (model or engine, batch) -> {"loss": scalar carrying the gradient, other scalar metrics}
@@ -185,7 +185,9 @@ def build_step(cfg: Config, world_size: int, init_state_dict: Optional[dict] = N
         return PipelineStep(cfg, world_size, init_state_dict)
     loss = None
     if getattr(cfg, "distill", None) is not None:
-        loss = DistillLoss(cfg, init_student=init_state_dict is None)
+        # the student's starting weights, if distill.student_init asks for them: this rank's TP shard (BERT
+        # distillation runs at TP=1, where the shard is the whole model)
+        loss = build_distill_loss(cfg, init_student=init_state_dict is None)
         step = DenseStep(cfg, world_size, init_state_dict, loss=loss, init_shard=loss.student_init)
         loss.student_init = None  # not kept once the student holds it
         return step

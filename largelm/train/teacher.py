@@ -53,9 +53,10 @@ def preflight_teacher(cfg: Config) -> None:
 
 def check_teacher(cfg: Config, teacher_cfg: Config, path: Path) -> None:
     """The teacher must read the same token ids and cover the student's sequence length."""
-    if teacher_cfg.model.arch != "gpt":
-        raise ConfigError(f"distill.teacher: {path} is a model.arch={teacher_cfg.model.arch!r} checkpoint; "
-                          "distillation supports GPT teachers")
+    if teacher_cfg.model.arch != cfg.model.arch:
+        raise ConfigError(f"distill.teacher: {path} is a model.arch={teacher_cfg.model.arch!r} checkpoint, the "
+                          f"student is model.arch={cfg.model.arch!r}: teacher and student must be the same "
+                          "architecture")
     if teacher_cfg.model.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"distill.teacher: {path} has vocab_size {teacher_cfg.model.vocab_size}, the student "
                           f"{cfg.model.vocab_size}: teacher and student must share the tokenizer")
@@ -77,6 +78,51 @@ def check_teacher(cfg: Config, teacher_cfg: Config, path: Path) -> None:
             raise ConfigError(f"distill.student_init=every_kth_layer: student layer {s.num_layers - 1} would come "
                               f"from teacher layer {(s.num_layers - 1) * k}, but the teacher has {t.num_layers} "
                               f"layers (lower distill.k or model.num_layers)")
+        _check_section_weight_fields(cfg, teacher_cfg)
+    if cfg.distill.aligns_layers:
+        _check_alignment(cfg, teacher_cfg, path)
+
+
+def _check_section_weight_fields(cfg: Config, teacher_cfg: Config) -> None:
+    """every_kth_layer copies every tensor but the skipped layers: the architecture's settings that decide the
+    parameter set (BERT: binary_head, residual_post_layernorm) must be the teacher's."""
+    from largelm.model.registry import get_arch  # lazy (preflight imports no model code unless a run distills)
+
+    arch = get_arch(cfg.model.arch)
+    student, teacher = arch.section(cfg), arch.section(teacher_cfg)
+    diff = [f"{arch.config_section}.{f}: teacher {getattr(teacher, f)!r} vs student {getattr(student, f)!r}"
+            for f in arch.section_weight_fields if getattr(teacher, f) != getattr(student, f)]
+    if diff:
+        raise ConfigError("distill.student_init=every_kth_layer copies the teacher's parameters, so these settings "
+                          "must match the teacher's:\n  " + "\n  ".join(diff))
+
+
+def aligned_layers(cfg: Config) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs of ``distill.layer_map`` (0-based layer outputs)."""
+    d = cfg.distill
+    if isinstance(d.layer_map, list):
+        return [tuple(pair) for pair in d.layer_map]
+    return [(i, (i + 1) * d.k - 1) for i in range(cfg.model.num_layers)]
+
+
+def _check_alignment(cfg: Config, teacher_cfg: Config, path: Path) -> None:
+    """Hidden-state alignment compares vectors (same hidden_size), attention alignment maps (same head count); the
+    layer map must name teacher layers that exist."""
+    t, s, d = teacher_cfg.model, cfg.model, cfg.distill
+    if d.hidden_weight > 0 and t.hidden_size != s.hidden_size:
+        raise ConfigError(f"distill.hidden_weight: hidden-state alignment needs the student's model.hidden_size "
+                          f"({s.hidden_size}) to equal the teacher's ({t.hidden_size}, {path}); no projection is "
+                          "learned")
+    if d.attention_weight > 0 and t.num_attention_heads != s.num_attention_heads:
+        raise ConfigError(f"distill.attention_weight: attention-map alignment needs the student's "
+                          f"model.num_attention_heads ({s.num_attention_heads}) to equal the teacher's "
+                          f"({t.num_attention_heads}, {path})")
+    for student_layer, teacher_layer in aligned_layers(cfg):
+        if teacher_layer >= t.num_layers:
+            how = ("every_kth_layer: (i + 1) * distill.k - 1" if d.layer_map == "every_kth_layer"
+                   else "the explicit map")
+            raise ConfigError(f"distill.layer_map: student layer {student_layer} is aligned with teacher layer "
+                              f"{teacher_layer} ({how}), but the teacher ({path}) has {t.num_layers} layers")
 
 
 def _check_teacher_tokenizer(cfg: Config, teacher_cfg: Config, path: Path) -> None:
@@ -112,15 +158,17 @@ def _check_teacher_tensor_parallel(cfg: Config, teacher_cfg: Config, path: Path)
                           f"{cfg.parallel.tensor_parallel}, but {err}") from None
 
 
-def every_kth_layer_state(teacher_state: dict[str, torch.Tensor], num_layers: int, k: int) -> dict:
-    """Student weights: embeddings, final norm, output layer from the teacher; student layer i = teacher layer i*k."""
+def every_kth_layer_state(teacher_state: dict[str, torch.Tensor], num_layers: int, k: int,
+                          layer_prefix: str = _LAYER_PREFIX) -> dict:
+    """Student weights: everything outside the layers (embeddings, final norm, heads) from the teacher; student
+    layer i = teacher layer i*k. ``layer_prefix``: the architecture's (``ArchSpec.layer_prefix``)."""
     out = {}
     for name, tensor in teacher_state.items():
-        if not name.startswith(_LAYER_PREFIX):
+        if not name.startswith(layer_prefix):
             out[name] = tensor.clone()
             continue
-        index, rest = name[len(_LAYER_PREFIX):].split(".", 1)
+        index, rest = name[len(layer_prefix):].split(".", 1)
         index = int(index)
         if index % k == 0 and index // k < num_layers:
-            out[f"{_LAYER_PREFIX}{index // k}.{rest}"] = tensor.clone()
+            out[f"{layer_prefix}{index // k}.{rest}"] = tensor.clone()
     return out
