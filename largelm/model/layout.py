@@ -167,9 +167,11 @@ def bert_param_shapes(model: ModelConfig, bert: Optional[BertConfig] = None,
 
 def param_shapes(model: ModelConfig, bert: Optional[BertConfig] = None,
                  vocab_rows: Optional[int] = None) -> dict[str, tuple[int, ...]]:
-    """``gpt_param_shapes`` or ``bert_param_shapes`` by ``model.arch``."""
+    """``gpt_param_shapes``, ``moe_param_shapes`` or ``bert_param_shapes`` by ``model.arch``."""
     if model.arch == "bert":
         return bert_param_shapes(model, bert, vocab_rows)
+    if model.arch == "moe":
+        return moe_param_shapes(model, vocab_rows)
     return gpt_param_shapes(model, vocab_rows)
 
 
