@@ -7,8 +7,9 @@ Tolerances: two fp32 forwards of the same weights differ only in rounding (``tol
 logits' reduction chain, the MoE layer's reductions counted: router logits (``hidden``), the top-k softmax
 (``num_experts``), each expert's fc1 (``hidden``) and fc2 (``moe.ffn_size``) and the weighted sum over ``top_k``).
 That bound holds only while both sides route every token to the same experts: a token whose k-th and (k+1)-th
-router logits are closer than their rounding error could pick another expert on one side. The tests check this
-premise on their batch (``min_routing_gap``) instead of hoping for it.
+router logits are closer than the two sides' router logits can differ (``sum_rtol`` of the chain up to the router,
+relative to max(1, max |router logit|): already a bound on the difference of two evaluations) could pick another
+expert on one side. The tests check this premise on their batch (``min_routing_gap``) instead of hoping for it.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def test_moe_exports_as_mixtral_with_equal_logits_and_imports_back_bit_exact(ran
     hf_model = MixtralForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     tokens = verify.fixed_tokens(c.model)
     gap, router_rounding = min_routing_gap(hf_model, tokens)
-    assert gap > 100 * router_rounding, "a near-tie in routing: the parity bound does not apply to this batch"
+    assert gap > router_rounding, "a near-tie in routing: the parity bound does not apply to this batch"
     with torch.no_grad():
         theirs = hf_model(input_ids=tokens).logits.float()
     ours = largelm_logits(model, tokens)
@@ -206,13 +207,14 @@ def _train_ep_rank(rank, world_size, config, port):
         trainer.fit()
         ep_rank = parallel_state.get_expert_model_parallel_rank()
         local = cfg.model.moe.num_experts // cfg.parallel.expert_parallel
-        live = {global_expert_name(name, ep_rank, local): safe_get_full_fp32_param(p).detach().float().clone()
+        live = {global_expert_name(name, ep_rank, local): safe_get_full_fp32_param(p).detach().float().numpy()
                 for name, p in trainer.engine.module.named_parameters()}
         tokens = verify.fixed_tokens(cfg.model)
         trainer.engine.eval()
         with torch.no_grad():
             logits = trainer.engine(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None).float()
-        return {"live": live, "logits": logits[..., :cfg.model.vocab_size].clone()}
+        # numpy: torch tensors would travel back as shared-memory handles of a process that has exited
+        return {"live": live, "logits": logits[..., :cfg.model.vocab_size].numpy()}
     finally:
         trainer.close()
 
@@ -235,7 +237,8 @@ def test_expert_parallel_checkpoint_exports_as_mixtral(tmp_path, tokenizer_path,
 
     c = load_consolidated_from_checkpoint(tmp_path / "ckpt")
     for r, result in enumerate(results):
-        for name, tensor in result["live"].items():
+        for name, array in result["live"].items():
+            tensor = torch.from_numpy(array)
             ours = c.tensors[name] if name in c.tensors else None
             assert ours is not None, name
             rows = min(ours.shape[0], tensor.shape[0])  # vocabulary padding
@@ -244,10 +247,10 @@ def test_expert_parallel_checkpoint_exports_as_mixtral(tmp_path, tokenizer_path,
     hf_model = MixtralForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     tokens = verify.fixed_tokens(c.model)
     gap, router_rounding = min_routing_gap(hf_model, tokens)
-    assert gap > 100 * router_rounding, "a near-tie in routing: the parity bound does not apply to this batch"
+    assert gap > router_rounding, "a near-tie in routing: the parity bound does not apply to this batch"
     with torch.no_grad():
         theirs = hf_model(input_ids=tokens).logits.float()
-    live = results[0]["logits"]
+    live = torch.from_numpy(results[0]["logits"])
     assert max_err(theirs, live) <= moe_logit_tol(c.model, live.abs().max().item())
     generated = hf_model.generate(tokens[:1, :4], max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 8)
