@@ -94,6 +94,21 @@ def largelm_logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)[..., :VOCAB]
 
 
+def test_moe_layout_rules_match_megatron_attributes(rank):
+    """The expert, shared-expert and router tensors split over tensor-parallel ranks as megatron marks them (what
+    the checkpoint reader unshards a TP > 1 MoE checkpoint by), and the layout table's names and shapes."""
+    from largelm.model import layout
+    from largelm.parallel.sharding import tp_layout
+
+    model, c = moe_consolidated(moe={**MOE, "shared_expert_ffn_size": 16, "layer_freq": 2})
+    megatron = tp_layout(model)
+    assert any(".local_experts." in n for n in megatron) and any(".shared_experts." in n for n in megatron)
+    for name, _ in model.named_parameters():
+        assert layout.tp_partition(name, layout.is_gated(c.model)) == megatron.get(name), name
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert shapes == layout.param_shapes(c.model, vocab_rows=c.model.padded_vocab_size(1))
+
+
 @pytest.mark.numerics
 def test_moe_exports_as_mixtral_with_equal_logits_and_imports_back_bit_exact(rank, tmp_path, tokenizer_path):
     from safetensors.torch import load_file
