@@ -54,7 +54,7 @@ def moe_logit_tol(model: ModelConfig, max_abs_logit: float) -> float:
     return fp32_rounding_tol(moe_chain(model), max(1.0, max_abs_logit))
 
 
-def min_routing_gap(hf_model, tokens: torch.Tensor) -> tuple[float, float]:
+def min_routing_gap(hf_model, tokens: torch.Tensor, model: ModelConfig) -> tuple[float, float]:
     """(smallest gap between a token's k-th and (k+1)-th router logit, the rounding bound of a router logit)
     over every MoE layer on ``tokens`` - transformers' router logits."""
     with torch.no_grad():
@@ -65,7 +65,7 @@ def min_routing_gap(hf_model, tokens: torch.Tensor) -> tuple[float, float]:
         top = logits.float().topk(k + 1, dim=-1).values
         gaps.append((top[:, k - 1] - top[:, k]).min().item())
         largest = max(largest, logits.abs().max().item())
-    return min(gaps), sum_rtol(moe_chain(ModelConfig(**TINY_MOE))) * max(1.0, largest)
+    return min(gaps), sum_rtol(moe_chain(model)) * max(1.0, largest)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_moe_exports_as_mixtral_with_equal_logits_and_imports_back_bit_exact(ran
 
     hf_model = MixtralForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     tokens = verify.fixed_tokens(c.model)
-    gap, router_rounding = min_routing_gap(hf_model, tokens)
+    gap, router_rounding = min_routing_gap(hf_model, tokens, c.model)
     assert gap > router_rounding, "a near-tie in routing: the parity bound does not apply to this batch"
     with torch.no_grad():
         theirs = hf_model(input_ids=tokens).logits.float()
@@ -261,7 +261,7 @@ def test_expert_parallel_checkpoint_exports_as_mixtral(tmp_path, tokenizer_path,
 
     hf_model = MixtralForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     tokens = verify.fixed_tokens(c.model)
-    gap, router_rounding = min_routing_gap(hf_model, tokens)
+    gap, router_rounding = min_routing_gap(hf_model, tokens, c.model)
     assert gap > router_rounding, "a near-tie in routing: the parity bound does not apply to this batch"
     with torch.no_grad():
         theirs = hf_model(input_ids=tokens).logits.float()
