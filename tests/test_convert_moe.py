@@ -27,6 +27,7 @@ from largelm.checkpoint.consolidated import Consolidated, load_consolidated, sav
 from largelm.config import ModelConfig, ParallelConfig
 from largelm.convert import api, verify
 from largelm.errors import UnsupportedArchitecture
+from largelm.model.hf import mixtral
 from largelm.model.registry import get_arch
 from largelm.parallel.cpu_compat import model_parallel_manual_seed
 
@@ -185,6 +186,9 @@ def test_transformers_mixtral_imports_and_exports_identically(rank, tmp_path):
     assert checks[0].ok and checks[0].max_abs_logit > 3
     assert hub.model.arch == "moe" and hub.model.tie_embeddings and hub.model.moe.ffn_size == 48
     assert hub.model.moe.router.aux_loss_coeff == 0.02
+    # transformers' in-memory spelling (fused mlp.experts.gate_up_proj / down_proj, mlp.gate) imports the same
+    fused = mixtral.from_hf(hub.model, {k: v.detach() for k, v in model.state_dict().items()})
+    assert sorted(fused) == sorted(hub.tensors) and all(torch.equal(fused[k], hub.tensors[k]) for k in fused)
     api.export_hf(tmp_path / "hub", tmp_path / "hf2", log=lambda *_: None)
     a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
