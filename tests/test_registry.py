@@ -28,7 +28,7 @@ def test_unknown_arch_names_model_arch_and_the_known_ones():
         register_arch(get_arch("gpt"))
 
 
-@pytest.mark.parametrize("name", ["gpt", "bert"])
+@pytest.mark.parametrize("name", ["gpt", "bert", "moe"])
 def test_each_registered_spec_has_every_field(name):
     spec = ARCHS[name]
     assert spec.name == name
@@ -46,7 +46,8 @@ def test_each_registered_spec_has_every_field(name):
             assert all(callable(getattr(value, m, None)) for m in PROBE_METHODS)
         elif field.name != "name":
             assert callable(value), field.name
-    model = ModelConfig(arch=name, **TINY)
+    moe = {"style": "llama", "moe": {"num_experts": 4, "ffn_size": 32}} if name == "moe" else {}
+    model = ModelConfig(arch=name, **TINY, **moe)
     section = BertConfig() if spec.config_section else None
     assert all(hasattr(section, f) for f in spec.section_weight_fields)
     shapes = spec.param_shapes(model, section, None)

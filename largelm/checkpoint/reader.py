@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from largelm.checkpoint.consolidated import Consolidated, strip_vocab_padding
+from largelm.checkpoint.experts import merge_zero12
 from largelm.checkpoint.info import CheckpointInfo, model_state_files, optim_state_files
 from largelm.checkpoint.moments import ADAM_MOMENTS, flat_moments, one_step, zero0_moments
 from largelm.errors import ConversionError
@@ -119,8 +120,8 @@ def read_mp_rank_states(info: CheckpointInfo, mp_rank: int, log=None,
     if stage != info.zero_stage:
         raise ConversionError(f"{optim_files[0]} is a ZeRO-{stage} partition but the checkpoint config says "
                               f"ZeRO-{info.zero_stage}")
-    partitions = optim[0][PARTITION_COUNT]
-    partitions = max(partitions) if isinstance(partitions, list) else int(partitions)
+    counts = optim[0][PARTITION_COUNT]  # per parameter group; expert groups (EP > 1) have fewer (experts.py)
+    partitions = max(counts) if isinstance(counts, list) else int(counts)
     if partitions != len(optim_files):
         raise ConversionError(f"{info.path}: model-parallel rank {mp_rank} has {len(optim_files)} ZeRO partitions but "
                               f"they were written by {partitions} data-parallel ranks")
@@ -145,8 +146,8 @@ def read_mp_rank_states(info: CheckpointInfo, mp_rank: int, log=None,
                 merged = z._get_fp32_state_dict_from_zero3_checkpoint(partitions, flat_groups, zero_model_states,
                                                                       False)
             else:
-                merged = z._get_fp32_state_dict_from_zero2_checkpoint(partitions, flat_groups, zero_model_states,
-                                                                      False, optim[0].get(PARAM_ALIGNMENT_PADDINGS))
+                merged = merge_zero12(z, partitions, counts, flat_groups, zero_model_states,
+                                      [o.get(PARAM_ALIGNMENT_PADDINGS) for o in optim])
             states[name] = {k: v.clone() for k, v in z.to_torch_tensor(merged).items()}
     if log:
         for line in out.getvalue().splitlines():

@@ -4,7 +4,8 @@ Export writes ``config.json`` (the ``transformers`` config class's own serialisa
 (sharded with an index above ``max_shard_size``), ``generation_config.json`` and the tokenizer files
 (hf_tokenizer.py), so ``AutoModelForCausalLM.from_pretrained(dir)`` and ``AutoTokenizer.from_pretrained(dir)``
 load it with no network access. The model class follows the largelm style: gpt2 -> ``GPT2LMHeadModel``,
-llama -> ``LlamaForCausalLM``; ``model.arch: bert`` -> ``BertForPreTraining``/``BertForMaskedLM`` (post-LN) or
+llama -> ``LlamaForCausalLM``; ``model.arch: moe`` -> ``MixtralForCausalLM`` (largelm/model/hf/mixtral.py);
+``model.arch: bert`` -> ``BertForPreTraining``/``BertForMaskedLM`` (post-LN) or
 ``MegatronBertForPreTraining``/``MegatronBertForMaskedLM`` (pre-LN), see largelm/model/hf/bert.py; BERT directories
 load with ``AutoModelForMaskedLM`` and their tokenizer adds ``[CLS] A [SEP] B [SEP]``.
 
@@ -187,7 +188,8 @@ def import_hf(path: Path, base_config: Optional[Config] = None, log=print) -> Co
     found = arch_for_hf_model_type(model_type)
     if found is None:
         raise UnsupportedArchitecture(f"{path}: model_type {model_type!r} has no largelm equivalent (supported: "
-                                      "gpt2 -> style gpt2, llama -> style llama, bert / megatron-bert -> arch bert)")
+                                      "gpt2 -> style gpt2, llama -> style llama, mixtral -> arch moe, "
+                                      "bert / megatron-bert -> arch bert)")
     arch, mapping = found
     fields = mapping.model_fields(hf_cfg)
     positions = fields["max_position_embeddings"]

@@ -193,12 +193,18 @@ def consolidated_logits(c, tokens: torch.Tensor):
     return cut_vocab(logits, c.model.vocab_size)
 
 
+def _checkpoint_parallel(info) -> ParallelConfig:
+    """The layout a checkpoint's forward runs in: its TP x PP, every expert on each rank (the reader joins an
+    expert-parallel checkpoint's experts, largelm/checkpoint/experts.py)."""
+    return info.config.parallel.model_copy(update={"expert_parallel": 1})
+
+
 def _checkpoint_rank(rank: int, world_size: int, step_dir: str, tokens: np.ndarray):
     info = inspect_checkpoint(step_dir, checksums=False)
     groups.init_distributed("gloo")
     try:
         groups.init_model_parallel(info.tensor_parallel, info.pipeline_parallel)
-        model = build_model(info.config.model, info.config.parallel, owner=info.config)
+        model = build_model(info.config.model, _checkpoint_parallel(info), owner=info.config)
         native, _ = read_mp_rank(info, rank)  # one data-parallel replica: rank == model-parallel rank
         load_native(model, native, f"{info.path} model-parallel rank {rank}")
         return to_numpy(layout_forward(model, torch.from_numpy(tokens), info.config.model))
@@ -215,7 +221,7 @@ def checkpoint_logits(info, tokens: torch.Tensor, timeout_s: Optional[float] = N
     vocab = info.config.model.vocab_size
     if info.model_parallel == 1 and not dist.is_initialized():  # one rank: no need for a process
         with _preserved_rng(), single_rank_group():
-            model = build_model(info.config.model, info.config.parallel, owner=info.config)
+            model = build_model(info.config.model, _checkpoint_parallel(info), owner=info.config)
             load_native(model, read_mp_rank(info, 0)[0], f"{info.path}")
             logits = layout_forward(model, tokens, info.config.model)
         return cut_vocab(logits, vocab)

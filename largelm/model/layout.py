@@ -40,8 +40,10 @@ OUTPUT_BIAS = "output_layer.bias"  # BERT's MLM output bias (vocab-parallel)
 VOCAB_PARALLEL = (WORD_EMBEDDINGS, OUTPUT_LAYER, OUTPUT_BIAS)
 
 _COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
-_FC1 = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")
-_ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+# any MLP's: the dense layer's ``mlp.linear_fc1``, an MoE layer's ``mlp.experts.local_experts.<e>.linear_fc1`` and
+# ``mlp.shared_experts.linear_fc1`` (megatron splits experts over the expert tensor-parallel group, = TP, alike)
+_FC1 = ("linear_fc1.weight", "linear_fc1.bias")
+_ROW = ("self_attention.linear_proj.weight", "linear_fc2.weight")
 
 
 def is_gated(model: ModelConfig) -> bool:
@@ -167,7 +169,7 @@ def bert_param_shapes(model: ModelConfig, bert: Optional[BertConfig] = None,
 
 def param_shapes(model: ModelConfig, bert: Optional[BertConfig] = None,
                  vocab_rows: Optional[int] = None) -> dict[str, tuple[int, ...]]:
-    """``gpt_param_shapes`` or ``bert_param_shapes`` by ``model.arch``."""
+    """``gpt_param_shapes``, ``moe_param_shapes`` or ``bert_param_shapes`` by ``model.arch``."""
     if model.arch == "bert":
         return bert_param_shapes(model, bert, vocab_rows)
     if model.arch == "moe":

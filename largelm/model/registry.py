@@ -28,6 +28,7 @@ from largelm.model.flops import bert_flops_per_token, gpt_flops_per_token, moe_f
 from largelm.model.hf import bert as hf_bert
 from largelm.model.hf import gpt2 as hf_gpt2
 from largelm.model.hf import llama as hf_llama
+from largelm.model.hf import mixtral as hf_mixtral
 
 
 @dataclass(frozen=True)
@@ -153,10 +154,6 @@ def _no_moe_pipeline(model_cfg, parallel_cfg, _section=None, **_kwargs):
     raise ConfigError("model.arch='moe' has no pipeline-parallel stages (parallel.pipeline_parallel must be 1)")
 
 
-def _no_moe_hf_export(model_cfg):
-    raise ConfigError("model.arch='moe': Hugging Face export (MixtralForCausalLM) is not implemented yet")
-
-
 MOE = register_arch(ArchSpec(
     name="moe", config_section=None, section_weight_fields=(), causal_lm=True,
     build_model=moe.build_moe_model, build_pipeline=_no_moe_pipeline,
@@ -164,5 +161,5 @@ MOE = register_arch(ArchSpec(
     flops_per_token=lambda model_cfg, _section=None: moe_flops_per_token(model_cfg),
     param_shapes=lambda model_cfg, _section=None, vocab_rows=None: layout.moe_param_shapes(model_cfg, vocab_rows),
     dense_name=layout.gpt_model_name, loader_kwargs=lambda cfg: {}, probe=gpt.CausalLMProbe(),
-    hf_export=_no_moe_hf_export, hf_imports={},
+    hf_export=lambda model_cfg: hf_mixtral, hf_imports={"mixtral": hf_mixtral},
 ))

@@ -4,6 +4,7 @@ and picks the adapter through the architecture registry, largelm/model/registry.
 
     gpt2.py    gpt2 style  <-> GPT2LMHeadModel
     llama.py   llama style <-> LlamaForCausalLM
+    mixtral.py arch moe    <-> MixtralForCausalLM
     bert.py    arch bert   <-> (Megatron)BertForPreTraining / (Megatron)BertForMaskedLM
     common.py  what the GPT imports share;  qkv.py  megatron's fused QKV <-> separate Q, K, V
 """

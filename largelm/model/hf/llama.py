@@ -45,16 +45,10 @@ def hf_config(model, special_ids: dict, dtype: str) -> dict:
 
 
 def to_hf(model, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    nq, ng = model.num_attention_heads, model.kv_groups
-    d = model.hidden_size // nq
     out = {"model.embed_tokens.weight": t["embedding.word_embeddings.weight"]}
     for i in range(model.num_layers):
         p, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        out[h + "input_layernorm.weight"] = t[p + "input_layernorm.weight"]
-        q, k, v = split_qkv(t[p + "self_attention.linear_qkv.weight"], nq, ng, d)
-        out.update({f"{h}self_attn.{name}_proj.weight": w for name, w in (("q", q), ("k", k), ("v", v))})
-        out[h + "self_attn.o_proj.weight"] = t[p + "self_attention.linear_proj.weight"]
-        out[h + "post_attention_layernorm.weight"] = t[p + "pre_mlp_layernorm.weight"]
+        out.update(attention_to_hf(model, t, p, h))
         gate, up = t[p + "mlp.linear_fc1.weight"].chunk(2, dim=0)
         out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
         out[h + "mlp.down_proj.weight"] = t[p + "mlp.linear_fc2.weight"]
@@ -66,10 +60,19 @@ def to_hf(model, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def model_fields(cfg) -> dict:
     """``transformers`` LlamaConfig -> largelm ModelConfig fields (refusing what largelm cannot compute)."""
+    problems = layer_problems(cfg)
+    if problems:
+        raise UnsupportedArchitecture("this Llama model cannot be represented by largelm: " + "; ".join(problems))
+    return dict(shared_model_fields(cfg), ffn_hidden_size=cfg.intermediate_size)
+
+
+def layer_problems(cfg) -> list[str]:
+    """What a llama-family ``transformers`` config (Llama, Mixtral) sets that largelm's llama layers cannot
+    compute (each naming the Hugging Face field)."""
     problems = []
     if cfg.hidden_act != "silu":
         problems.append(f"hidden_act={cfg.hidden_act!r} (largelm's SwiGLU uses silu)")
-    if cfg.attention_bias or cfg.mlp_bias:
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
         problems.append("attention_bias/mlp_bias (largelm's llama style has no biases)")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if head_dim * cfg.num_attention_heads != cfg.hidden_size:
@@ -81,14 +84,18 @@ def model_fields(cfg) -> dict:
         problems.append(f"rope_type={rope_type!r} (only unscaled RoPE is implemented)")
     if (getattr(cfg, "pretraining_tp", 1) or 1) != 1:
         problems.append(f"pretraining_tp={cfg.pretraining_tp}")
-    if problems:
-        raise UnsupportedArchitecture("this Llama model cannot be represented by largelm: " + "; ".join(problems))
+    return problems
+
+
+def shared_model_fields(cfg) -> dict:
+    """The largelm ModelConfig fields of a llama-family ``transformers`` config, but the MLP's."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     kv = cfg.num_key_value_heads or cfg.num_attention_heads
     return dict(style="llama", num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
                 num_attention_heads=cfg.num_attention_heads,
                 num_query_groups=None if kv == cfg.num_attention_heads else kv,
-                ffn_hidden_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+                max_position_embeddings=cfg.max_position_embeddings,
                 vocab_size=cfg.vocab_size, tie_embeddings=bool(cfg.tie_word_embeddings), rotary_base=float(theta),
                 norm_epsilon=cfg.rms_norm_eps, hidden_dropout=0.0,
                 attention_dropout=float(cfg.attention_dropout or 0.0), init_method_std=cfg.initializer_range)
@@ -97,19 +104,36 @@ def model_fields(cfg) -> dict:
 def from_hf(model, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sd = {k: v for k, v in sd.items() if not k.endswith(IGNORED_KEYS)}
     take = Taker(sd, "Llama")
-
-    nq, ng = model.num_attention_heads, model.kv_groups
-    d = model.hidden_size // nq
     out = {"embedding.word_embeddings.weight": take("model.embed_tokens.weight")}
     for i in range(model.num_layers):
         h, p = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[p + "input_layernorm.weight"] = take(h + "input_layernorm.weight")
-        out[p + "self_attention.linear_qkv.weight"] = fuse_qkv(
-            take(h + "self_attn.q_proj.weight"), take(h + "self_attn.k_proj.weight"),
-            take(h + "self_attn.v_proj.weight"), nq, ng, d)
-        out[p + "self_attention.linear_proj.weight"] = take(h + "self_attn.o_proj.weight")
-        out[p + "pre_mlp_layernorm.weight"] = take(h + "post_attention_layernorm.weight")
+        out.update(attention_from_hf(model, take, h, p))
         out[p + "mlp.linear_fc1.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")])
         out[p + "mlp.linear_fc2.weight"] = take(h + "mlp.down_proj.weight")
     out["decoder.final_layernorm.weight"] = take("model.norm.weight")
     return finish_import(out, take, model.tie_embeddings, "embed_tokens")
+
+
+def attention_to_hf(model, t: dict[str, torch.Tensor], p: str, h: str) -> dict[str, torch.Tensor]:
+    """Layer prefix ``p`` (largelm) -> ``h`` (Hugging Face): the two norms and the attention projections, which
+    every llama-family layer (Llama, Mixtral) shares."""
+    nq, ng = model.num_attention_heads, model.kv_groups
+    q, k, v = split_qkv(t[p + "self_attention.linear_qkv.weight"], nq, ng, model.hidden_size // nq)
+    out = {f"{h}self_attn.{name}_proj.weight": w for name, w in (("q", q), ("k", k), ("v", v))}
+    out[h + "input_layernorm.weight"] = t[p + "input_layernorm.weight"]
+    out[h + "self_attn.o_proj.weight"] = t[p + "self_attention.linear_proj.weight"]
+    out[h + "post_attention_layernorm.weight"] = t[p + "pre_mlp_layernorm.weight"]
+    return out
+
+
+def attention_from_hf(model, take: Taker, h: str, p: str) -> dict[str, torch.Tensor]:
+    """``attention_to_hf`` inverted."""
+    nq, ng = model.num_attention_heads, model.kv_groups
+    return {
+        p + "input_layernorm.weight": take(h + "input_layernorm.weight"),
+        p + "self_attention.linear_qkv.weight": fuse_qkv(
+            take(h + "self_attn.q_proj.weight"), take(h + "self_attn.k_proj.weight"),
+            take(h + "self_attn.v_proj.weight"), nq, ng, model.hidden_size // nq),
+        p + "self_attention.linear_proj.weight": take(h + "self_attn.o_proj.weight"),
+        p + "pre_mlp_layernorm.weight": take(h + "post_attention_layernorm.weight"),
+    }
