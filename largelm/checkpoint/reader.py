@@ -247,11 +247,6 @@ def consolidate_states(info: CheckpointInfo, log=print,
     """All ranks' fp32 master weights, and with ``moments`` Adam's ``exp_avg``/``exp_avg_sq`` (same names, shapes
     and vocabulary-padding records as the weights) and Adam's step: ``(weights, {moment: Consolidated}, step)``."""
     cfg = info.config
-    if cfg.model.arch == "moe" and cfg.parallel.expert_parallel > 1:
-        # each expert-data-parallel group's ZeRO partitions hold other experts (not what zero_to_fp32 merges)
-        raise ConversionError(f"{info.path}: consolidating a model.arch='moe' checkpoint written with "
-                              f"parallel.expert_parallel={cfg.parallel.expert_parallel} is not supported yet "
-                              "(expert_parallel=1 checkpoints are)")
     model, tp, pp = cfg.model, info.tensor_parallel, info.pipeline_parallel
     gated = is_gated(model)
     keys = ("fp32", *ADAM_MOMENTS) if moments else ("fp32",)

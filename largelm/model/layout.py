@@ -61,9 +61,9 @@ def tp_partition(name: str, gated: bool) -> Optional[tuple[int, int]]:
         return 0, 1
     if name.endswith(_COLUMN):
         return 0, 1
-    if name.endswith(_FC1) or ("experts." in name and name.endswith(".linear_fc1.weight")):
-        return 0, 2 if gated else 1  # MoE: routed and shared experts are tensor-parallel like the dense MLP
-    if name.endswith(_ROW) or ("experts." in name and name.endswith(".linear_fc2.weight")):
+    if name.endswith(_FC1):
+        return 0, 2 if gated else 1
+    if name.endswith(_ROW):
         return 1, 1
     return None
 
