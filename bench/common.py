@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -333,6 +334,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_training(cfg: Path, nproc: int, log: Path) -> tuple[str, float]:
+    """One ``largelm-launch --config cfg --nproc N`` run (CPU ranks, a free master port): its output (also written
+    to ``log``) and wall seconds; RuntimeError with the log's tail if it fails."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "largelm.launch", "--config", str(cfg), "--nproc", str(nproc),
+                           "--master-port", str(free_port())],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"})
+    log.write_text(proc.stdout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cfg} failed (exit {proc.returncode}); log {log}:\n{proc.stdout[-3000:]}")
+    return proc.stdout, time.perf_counter() - t0
 
 
 

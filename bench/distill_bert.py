@@ -20,14 +20,12 @@ Writes bench/results/distill_bert.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
-from common import free_port, shipped_precision
+from common import launch_training, shipped_precision
 from report import DATA, REPO, finish_metadata, md_table, plt, run_metadata, save_plot, write_result
 
 NAME = "distill_bert"
@@ -73,18 +71,10 @@ def valid_curve(tensorboard: Path) -> dict[int, float]:
 
 
 def run(cfg: Path, nproc: int, log: Path) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "largelm.launch", "--config", str(cfg), "--nproc", str(nproc),
-                           "--master-port", str(free_port())],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"})
-    log.write_text(proc.stdout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cfg} failed (exit {proc.returncode}); log {log}:\n{proc.stdout[-3000:]}")
+    _, seconds = launch_training(cfg, nproc, log)
     curve = valid_curve(Path(yaml.safe_load(cfg.read_text())["logging"]["tensorboard_dir"]))
     last = max(curve)
-    return {"valid_mlm_loss": curve[last], "step": last, "curve": curve, "seconds": time.perf_counter() - t0,
-            "log": str(log)}
+    return {"valid_mlm_loss": curve[last], "step": last, "curve": curve, "seconds": seconds, "log": str(log)}
 
 
 def plot(results: dict) -> None:

@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
-from common import shipped_precision
+from common import launch_training, shipped_precision
 from report import DATA, REPO, finish_metadata, md_table, run_metadata, write_result
 
 VALID = re.compile(r"^step (\d+) valid loss ([0-9.]+) ppl ([0-9.]+)", re.MULTILINE)
@@ -50,16 +48,10 @@ def config(work: Path, name: str, steps: int, layers: int, eval_steps: int, dist
 
 
 def run(cfg: Path, nproc: int, log: Path) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "largelm.launch", "--config", str(cfg), "--nproc", str(nproc)],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"})
-    log.write_text(proc.stdout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cfg} failed (exit {proc.returncode}); log {log}:\n{proc.stdout[-3000:]}")
-    step, loss, ppl = VALID.findall(proc.stdout)[-1]
-    return {"valid_loss": float(loss), "valid_ppl": float(ppl), "step": int(step),
-            "seconds": time.perf_counter() - t0, "log": str(log)}
+    out, seconds = launch_training(cfg, nproc, log)
+    step, loss, ppl = VALID.findall(out)[-1]
+    return {"valid_loss": float(loss), "valid_ppl": float(ppl), "step": int(step), "seconds": seconds,
+            "log": str(log)}
 
 
 def write_results(args, meta: dict, results: dict) -> str:

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
-from common import free_port, shipped_precision
+from common import launch_training, shipped_precision
 from report import DATA, REPO, finish_metadata, md_table, run_metadata, write_result
 
 from largelm.config import config_from_dict
@@ -71,19 +68,12 @@ def run(cfg: dict, work: Path, nproc: int) -> dict:
     path = work / f"{cfg['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     log = work / f"{cfg['name']}.log"
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "largelm.launch", "--config", str(path), "--nproc", str(nproc),
-                           "--master-port", str(free_port())],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"})
-    log.write_text(proc.stdout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{path} failed (exit {proc.returncode}); log {log}:\n{proc.stdout[-3000:]}")
-    step, loss, ppl = VALID.findall(proc.stdout)[-1]
-    rates = [float(r.replace(",", "")) for _, r in TPS.findall(proc.stdout)][1:]
+    out, seconds = launch_training(path, nproc, log)
+    step, loss, ppl = VALID.findall(out)[-1]
+    rates = [float(r.replace(",", "")) for _, r in TPS.findall(out)][1:]
     return {"valid_loss": float(loss), "valid_ppl": float(ppl), "step": int(step),
             "tokens_per_s": statistics.median(rates) if rates else float("nan"),
-            "seconds": time.perf_counter() - t0, "log": str(log)}
+            "seconds": seconds, "log": str(log)}
 
 
 def write_results(args, meta: dict, results: dict) -> str:

@@ -21,14 +21,13 @@ import sys
 import pytest
 import torch
 from mp_utils import single_rank_parallel_state
+from quant_utils import calibration_batches, fresh_model, quant_tiny_config, train_in_process
 from train_utils import REPO, check_ok, launch, tiny_config
 
-from largelm.config import config_from_dict
 from largelm.quant import (
     QuantFormat,
     QuantizationError,
     QuantLinear,
-    build_model,
     load_quantized,
     perplexity,
     quantize_gptq,
@@ -90,40 +89,10 @@ def test_formats_refuse_bad_settings():
 @pytest.fixture(scope="module")
 def trained(tokenizer_path, shard_dir, shard_seq_length, tmp_path_factory):
     """(cfg, fp32 state dict, out dir, fp32 metrics) of a tiny GPT trained 40 AdamW steps in-process."""
-    from largelm.data import build_loader
-    from largelm.model.gpt import gpt_forward_loss
-    from largelm.parallel.cpu_compat import model_parallel_manual_seed
-    from largelm.tokenizer import Tokenizer
-
     tmp = tmp_path_factory.mktemp("quant")
-    raw = __import__("yaml").safe_load(tiny_config(tmp, tokenizer_path, shard_dir, shard_seq_length).read_text())
-    raw["model"]["vocab_size"] = Tokenizer.load(tokenizer_path).vocab_size
-    raw["model"]["ffn_hidden_size"] = 128
-    cfg = config_from_dict(raw)
-    with single_rank_parallel_state():
-        torch.manual_seed(0)
-        model_parallel_manual_seed(0)
-        model = build_model(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-        loader = build_loader(datasets=[(shard_dir / "train", 1.0)], seq_length=shard_seq_length, batch_size=8,
-                              rank=0, world_size=1, num_workers=0, shuffle_buffer=64, seed=0, infinite=True)
-        it = iter(loader)
-        for _ in range(40):
-            _, loss = gpt_forward_loss(model, next(it)["tokens"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        state = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        base = perplexity(model, cfg, batch_size=16)
+    cfg = quant_tiny_config(tmp, tokenizer_path, shard_dir, shard_seq_length)
+    state, base = train_in_process(cfg, shard_dir, shard_seq_length)
     return cfg, state, tmp, base
-
-
-def _fresh(cfg, state):
-    from largelm.model.weights import load_full_state_dict
-
-    model = build_model(cfg)
-    load_full_state_dict(model, state)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +101,12 @@ def exported(trained):
     cfg, state, tmp, base = trained
     out = {}
     with single_rank_parallel_state():
-        save_quantized(_fresh(cfg, state), cfg, tmp / "bf16", method="none", fmt=None)
+        save_quantized(fresh_model(cfg, state), cfg, tmp / "bf16", method="none", fmt=None)
         out["bf16"] = (tmp / "bf16", perplexity(load_quantized(tmp / "bf16")[0], cfg, batch_size=16))
         calib = [b for b in _calibration(cfg)]
         for key, fmt, method in (("int8", QuantFormat(8), "rtn"), ("int4", QuantFormat(4, GROUP), "rtn"),
                                  ("int4-gptq", QuantFormat(4, GROUP), "gptq")):
-            model = _fresh(cfg, state)
+            model = fresh_model(cfg, state)
             quantize_model(model, fmt, method, calib if method == "gptq" else None)
             save_quantized(model, cfg, tmp / key, method=method, fmt=fmt)
             loaded, _ = load_quantized(tmp / key)
@@ -146,11 +115,7 @@ def exported(trained):
 
 
 def _calibration(cfg):
-    from largelm.data import build_loader
-
-    loader = build_loader(datasets=[(s.path, 1.0) for s in cfg.data.train], seq_length=cfg.model.seq_length,
-                          batch_size=16, rank=0, world_size=1, num_workers=0, shuffle_buffer=0, seed=1, infinite=False)
-    return [b["tokens"] for _, b in zip(range(8), loader)]
+    return calibration_batches(cfg, 8, 16)
 
 
 def test_quantized_perplexity_within_bounds(trained, exported):
@@ -172,7 +137,7 @@ def test_quantized_logits_move_by_the_expected_amount(trained, exported):
     tokens = _calibration(cfg)[0][:4]
     ids, _, pos = split_tokens(tokens)
     with single_rank_parallel_state():
-        ref = _fresh(cfg, state)(ids, pos, None)
+        ref = fresh_model(cfg, state)(ids, pos, None)
         diff = {k: (load_quantized(exported[k][0])[0](ids, pos, None) - ref).abs().max().item()
                 for k in ("int8", "int4")}
     assert 0 < diff["int8"] < diff["int4"] < 0.5 * ref.abs().max().item(), diff
@@ -211,7 +176,7 @@ def test_load_and_generate(trained, exported, tokenizer_path):
 def test_int8_forward_matches_dequantized_weights(trained):
     cfg, state, _, _ = trained
     with single_rank_parallel_state():
-        model = _fresh(cfg, state)
+        model = fresh_model(cfg, state)
         quantize_model(model, QuantFormat(8))
         layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
         x = torch.randn(3, 5, layer.in_features)
@@ -230,7 +195,7 @@ def test_int8_forward_matches_dequantized_weights(trained):
 def test_refuses_unsupported(trained):
     cfg, state, _, _ = trained
     with single_rank_parallel_state():
-        model = _fresh(cfg, state)
+        model = fresh_model(cfg, state)
         with pytest.raises(QuantizationError, match="in_features=64 is not divisible by group_size=128"):
             quantize_model(model, QuantFormat(4, 128))
         with pytest.raises(QuantizationError, match="calibration"):
@@ -266,7 +231,7 @@ def test_save_is_atomic(trained, tmp_path, monkeypatch):
     cfg, state, _, _ = trained
     out = tmp_path / "q"
     with single_rank_parallel_state():
-        int8, int4 = _fresh(cfg, state), _fresh(cfg, state)
+        int8, int4 = fresh_model(cfg, state), fresh_model(cfg, state)
         quantize_model(int8, QuantFormat(8))
         quantize_model(int4, QuantFormat(4, GROUP))
         save_quantized(int8, cfg, out, method="rtn", fmt=QuantFormat(8))

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 from mp_utils import single_rank_parallel_state
+from quant_utils import calibration_batches, fresh_model, quant_tiny_config, train_in_process
 from train_utils import tiny_config
 
-from largelm.config import config_from_dict
 from largelm.quant import (
     QuantFormat,
     QuantLinear,
@@ -84,23 +83,8 @@ def test_clip_search_never_worse_per_group(bits, group):
 
 # --- on megatron models -------------------------------------------------------------------------------------------
 
-def _tiny_cfg(tmp_path, tokenizer_path, shard_dir, seq, **model):
-    from largelm.tokenizer import Tokenizer
-
-    raw = yaml.safe_load(tiny_config(tmp_path, tokenizer_path, shard_dir, seq).read_text())
-    raw["model"]["vocab_size"] = Tokenizer.load(tokenizer_path).vocab_size
-    raw["model"]["ffn_hidden_size"] = 128
-    raw["model"].update(model)
-    return config_from_dict(raw)
-
-
 def _calibration(cfg, count=4, seed=1):
-    from largelm.data import build_loader
-
-    loader = build_loader(datasets=[(s.path, 1.0) for s in cfg.data.train], seq_length=cfg.model.seq_length,
-                          batch_size=8, rank=0, world_size=1, num_workers=0, shuffle_buffer=0, seed=seed,
-                          infinite=False)
-    return [b["tokens"] for _, b in zip(range(count), loader)]
+    return calibration_batches(cfg, count, 8, seed)
 
 
 @pytest.mark.parametrize("style,groups,expected_proj,expected_fc2", [
@@ -114,7 +98,7 @@ def test_folds_keep_the_model_function(tmp_path, tokenizer_path, shard_dir, shar
     from largelm.model.gpt import split_tokens
     from largelm.parallel.cpu_compat import model_parallel_manual_seed
 
-    cfg = _tiny_cfg(tmp_path, tokenizer_path, shard_dir, shard_seq_length, style=style, num_query_groups=groups)
+    cfg = quant_tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length, style=style, num_query_groups=groups)
     calib = _calibration(cfg, count=2)
     ids, _, pos = split_tokens(calib[0])
     with single_rank_parallel_state():
@@ -141,36 +125,10 @@ def test_folds_keep_the_model_function(tmp_path, tokenizer_path, shard_dir, shar
 @pytest.fixture(scope="module")
 def trained(tokenizer_path, shard_dir, shard_seq_length, tmp_path_factory):
     """(cfg, fp32 state dict, tmp dir, fp32 validation metrics) of a tiny GPT trained 40 AdamW steps in-process."""
-    from largelm.data import build_loader
-    from largelm.model.gpt import gpt_forward_loss
-    from largelm.parallel.cpu_compat import model_parallel_manual_seed
-
     tmp = tmp_path_factory.mktemp("awq")
-    cfg = _tiny_cfg(tmp, tokenizer_path, shard_dir, shard_seq_length)
-    with single_rank_parallel_state():
-        torch.manual_seed(0)
-        model_parallel_manual_seed(0)
-        model = build_model(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-        loader = build_loader(datasets=[(shard_dir / "train", 1.0)], seq_length=shard_seq_length, batch_size=8,
-                              rank=0, world_size=1, num_workers=0, shuffle_buffer=64, seed=0, infinite=True)
-        it = iter(loader)
-        for _ in range(40):
-            _, loss = gpt_forward_loss(model, next(it)["tokens"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        state = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        base = perplexity(model, cfg, batch_size=16)
+    cfg = quant_tiny_config(tmp, tokenizer_path, shard_dir, shard_seq_length)
+    state, base = train_in_process(cfg, shard_dir, shard_seq_length)
     return cfg, state, tmp, base
-
-
-def _fresh(cfg, state):
-    from largelm.model.weights import load_full_state_dict
-
-    model = build_model(cfg)
-    load_full_state_dict(model, state)
-    return model.eval()
 
 
 def test_awq_int4_perplexity_vs_rtn_and_search_errors(trained):
@@ -178,9 +136,9 @@ def test_awq_int4_perplexity_vs_rtn_and_search_errors(trained):
     calib = _calibration(cfg)
     stats: dict = {}
     with single_rank_parallel_state():
-        rtn = _fresh(cfg, state)
+        rtn = fresh_model(cfg, state)
         quantize_model(rtn, QuantFormat(4, GROUP), "rtn")
-        awq = _fresh(cfg, state)
+        awq = fresh_model(cfg, state)
         quantize_model(awq, QuantFormat(4, GROUP), "awq", calib, stats=stats)
         ppl = {"rtn": perplexity(rtn, cfg, batch_size=16)["ppl"], "awq": perplexity(awq, cfg, batch_size=16)["ppl"]}
     print({"fp32": base["ppl"], **ppl})
@@ -202,7 +160,7 @@ def test_awq_save_load_roundtrip(trained, tmp_path, bits, group):
     fmt = QuantFormat(bits, group)
     ids, _, pos = split_tokens(_calibration(cfg, count=1, seed=7)[0])
     with single_rank_parallel_state():
-        model = _fresh(cfg, state)
+        model = fresh_model(cfg, state)
         quantize_model(model, fmt, "awq", _calibration(cfg, count=2), awq_options={"n_grid": 10})
         save_quantized(model, cfg, tmp_path / "q", method="awq", fmt=fmt)
         loaded, _ = load_quantized(tmp_path / "q")
