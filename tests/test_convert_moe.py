@@ -68,6 +68,19 @@ def min_routing_gap(hf_model, tokens: torch.Tensor, model: ModelConfig) -> tuple
         largest = max(largest, logits.abs().max().item())
     return min(gaps), sum_rtol(moe_chain(model)) * max(1.0, largest)
 
+def mixtral_logits(hf_dir, model_cfg):
+    """(transformers' MixtralForCausalLM from ``hf_dir``, the conversion check's tokens, its fp32 logits); asserts
+    first that no token is near a routing tie (where the parity bound would not apply)."""
+    from transformers import MixtralForCausalLM  # lazy (as the tests below: transformers' import takes seconds)
+
+    hf_model = MixtralForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokens = verify.fixed_tokens(model_cfg)
+    gap, router_rounding = min_routing_gap(hf_model, tokens, model_cfg)
+    assert gap > router_rounding, "a near-tie in routing: the parity bound does not apply to this batch"
+    with torch.no_grad():
+        return hf_model, tokens, hf_model(input_ids=tokens).logits.float()
+
+
 
 @pytest.fixture(scope="module")
 def rank():
@@ -129,12 +142,7 @@ def test_moe_exports_as_mixtral_with_equal_logits_and_imports_back_bit_exact(ran
     assert "model.layers.1.block_sparse_moe.experts.3.w3.weight" in names  # Mixtral's on-disk names
     assert "model.layers.0.block_sparse_moe.gate.weight" in names
 
-    hf_model = MixtralForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    tokens = verify.fixed_tokens(c.model)
-    gap, router_rounding = min_routing_gap(hf_model, tokens, c.model)
-    assert gap > router_rounding, "a near-tie in routing: the parity bound does not apply to this batch"
-    with torch.no_grad():
-        theirs = hf_model(input_ids=tokens).logits.float()
+    hf_model, tokens, theirs = mixtral_logits(tmp_path / "hf", c.model)
     ours = largelm_logits(model, tokens)
     assert theirs.shape == ours.shape
     assert max_err(theirs, ours) <= moe_logit_tol(c.model, ours.abs().max().item())
@@ -243,8 +251,6 @@ def test_expert_parallel_checkpoint_exports_as_mixtral(tmp_path, tokenizer_path,
     """2 steps at EP=2 (DP=2, ZeRO-2: each rank holds 2 of the 4 experts) -> ``largelm-convert export``: every
     expert consolidated from its own rank equals the live fp32 master, transformers' Mixtral logits equal the live
     model's, and it generates."""
-    from transformers import MixtralForCausalLM
-
     model = {k: v for k, v in TINY_MOE.items() if k not in ("vocab_size", "seq_length")}
     config = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length, model=model,
                          parallel={"expert_parallel": 2, "zero_stage": 2}, data={"num_workers": 0},
@@ -263,12 +269,7 @@ def test_expert_parallel_checkpoint_exports_as_mixtral(tmp_path, tokenizer_path,
             rows = min(ours.shape[0], tensor.shape[0])  # vocabulary padding
             assert torch.equal(ours[:rows], tensor[:rows]), f"rank {r}: {name}"
 
-    hf_model = MixtralForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    tokens = verify.fixed_tokens(c.model)
-    gap, router_rounding = min_routing_gap(hf_model, tokens, c.model)
-    assert gap > router_rounding, "a near-tie in routing: the parity bound does not apply to this batch"
-    with torch.no_grad():
-        theirs = hf_model(input_ids=tokens).logits.float()
+    hf_model, tokens, theirs = mixtral_logits(tmp_path / "hf", c.model)
     live = torch.from_numpy(results[0]["logits"])
     assert max_err(theirs, live) <= moe_logit_tol(c.model, live.abs().max().item())
     generated = hf_model.generate(tokens[:1, :4], max_new_tokens=4, do_sample=False)
