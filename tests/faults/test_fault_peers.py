@@ -27,8 +27,10 @@ def _signal_rank_at_step(step: int, rank: int, sig: int, record: dict):
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["killed", "frozen"])
 def test_lost_peer_ends_the_job_and_the_relaunch_resumes(run_config, tmp_path, ledger, how):
+    # the signal follows rank 0's step-5 line through a pipe: on a loaded machine the rank may already be inside the
+    # step-6 save, where checkpoint.save_timeout_s bounds the wait instead of the hang timeout (both 10 s here)
     config = run_config(tmp_path, train={"steps": 12, "hang_timeout_s": 10},
-                        checkpoint={"save_interval": 2, "keep_last": 2})
+                        checkpoint={"save_interval": 2, "keep_last": 2, "save_timeout_s": 10})
     record: dict = {}
     sig = signal.SIGKILL if how == "killed" else signal.SIGSTOP
     with ledger.scenario(f"peer rank {how} (SIG{'KILL' if how == 'killed' else 'STOP'}) mid-run"):
@@ -38,7 +40,9 @@ def test_lost_peer_ends_the_job_and_the_relaunch_resumes(run_config, tmp_path, l
         if how == "killed":  # the survivor sees the broken connection (or, blocked, its watchdog fires)
             assert "lost a peer rank" in first.output or "no progress for" in first.output, first.output[-3000:]
         else:  # a frozen peer keeps its connections: only the survivor's watchdog can tell, and it names it
-            assert "error (rank 0): no progress for" in first.output and "train.hang_timeout_s=10" in first.output
+            assert "error (rank 0): no progress for" in first.output, first.output[-3000:]
+            assert ("train.hang_timeout_s=10" in first.output
+                    or "(limit 10 s) while saving the checkpoint" in first.output), first.output[-3000:]
             assert "Thread " in first.output and "(most recent call first)" in first.output  # the stacks
         assert f"exit {EXIT_LOST_PEER}" in first.output
         resumed = run(config, timeout=240)

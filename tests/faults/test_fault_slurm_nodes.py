@@ -58,7 +58,8 @@ def config_and_reference(tmp_path_factory, tokenizer_path, shard_dir, shard_seq_
     changes the order of reductions inside a matmul, so only then are the losses bit-equal."""
     tmp = tmp_path_factory.mktemp("slurm-nodes")
     config = tiny_config(tmp, tokenizer_path, shard_dir, shard_seq_length, train={"steps": STEPS, "hang_timeout_s": 15},
-                         checkpoint={"dir": str(tmp / "ckpt"), "save_interval": 4, "keep_last": 2})
+                         checkpoint={"dir": str(tmp / "ckpt"), "save_interval": 4, "keep_last": 2,
+                                     "save_timeout_s": 15})  # a freeze landing in a save: bounded alike
     check_ok(launch(config, nproc=2, env={"OMP_NUM_THREADS": "2"}))
     return config, tb_scalars(tmp / "tb")["train/loss"]
 
