@@ -64,3 +64,18 @@ def test_a_model_change_is_refused_even_with_reshard_on_resume(tmp_path, saved):
     with pytest.raises(ConfigError, match=r"model.seq_length: checkpoint 16 vs config 32; a resume in another "
                                           r"parallel layout keeps the model and its sequence length"):
         _check_checkpoint(_config(tmp_path, flag, model={"seq_length": 32}), 1)
+
+
+def test_an_expert_parallel_change_of_an_moe_checkpoint_needs_the_setting(tmp_path, saved):
+    """MoE reshards like the dense model (tests/test_moe_reshard.py): an EP change is a layout change, refused
+    without the setting and allowed with it; ZeRO-3 with EP > 1 stays refused by the config itself."""
+    moe = {"arch": "moe", "style": "llama", "moe": {"num_experts": 4, "top_k": 2, "ffn_size": 32}}
+    saved(_config(tmp_path, model=moe, parallel={"zero_stage": 2, "expert_parallel": 2}), 2)
+    with pytest.raises(ConfigError, match=r"DP=2 EP=2 ZeRO-2 fp32 -> TP=1 PP=1 DP=2 ZeRO-2 fp32 \(2 -> 2 ranks\)"
+                                          r"[\s\S]*checkpoint.reshard_on_resume=true"):
+        _check_checkpoint(_config(tmp_path, model=moe, parallel={"zero_stage": 2}), 2)
+    _check_checkpoint(_config(tmp_path, model=moe, parallel={"zero_stage": 2},
+                              checkpoint={"reshard_on_resume": True}), 2)
+    _check_checkpoint(_config(tmp_path, model=moe, checkpoint={"reshard_on_resume": True}), 1)  # one rank
+    with pytest.raises(ValueError, match=r"parallel.zero_stage=3 with parallel.expert_parallel=2"):
+        _config(tmp_path, model=moe, parallel={"zero_stage": 3, "expert_parallel": 2})

@@ -191,10 +191,6 @@ def _check_checkpoint(cfg: Config, world_size: int, found=_LOOK_UP) -> None:
         raise ConfigError(f"checkpoint {saved_cfg.parent}: model.seq_length: checkpoint "
                           f"{saved['model'].get('seq_length')!r} vs config {cfg.model.seq_length!r}; a resume in "
                           f"another parallel layout keeps the model and its sequence length:\n  {change}")
-    if cfg.model.arch == "moe":
-        raise ConfigError(f"checkpoint {saved_cfg.parent} was written in another parallel layout:\n  {change}\n"
-                          "resharding a model.arch='moe' checkpoint (experts over other expert-parallel ranks) is "
-                          "not supported yet: run in the checkpoint's layout")
     if not cfg.checkpoint.reshard_on_resume:
         raise ConfigError(f"checkpoint {saved_cfg.parent} was written in another parallel layout:\n  {change}\n"
                           f"resume it resharded with {RESHARD_SETTING} (a CLI override; or set "

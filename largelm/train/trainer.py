@@ -210,10 +210,13 @@ class Trainer:
         states are kept only where this rank has a counterpart at the same coordinates (same TP/PP/DP sizes: only
         the ZeRO stage changed); otherwise the fresh seeding of __init__ stands (said so)."""
         info = source.info
-        elastic.load_into_engine(self.engine, self.cfg, source, parallel_state.get_tensor_model_parallel_rank())
+        elastic.load_into_engine(self.engine, self.cfg, source, parallel_state.get_tensor_model_parallel_rank(),
+                                 parallel_state.get_expert_model_parallel_rank())
         first = load_pt(elastic.trainer_state_file(info, 0))
+        # megatron's expert-parallel RNG stream is seeded per expert-parallel rank: an EP change moves it too
         same_ranks = (info.world_size == self.world_size and info.tensor_parallel == self.cfg.parallel.tensor_parallel
-                      and info.pipeline_parallel == self.cfg.parallel.pipeline_parallel)
+                      and info.pipeline_parallel == self.cfg.parallel.pipeline_parallel
+                      and info.config.parallel.expert_parallel == self.cfg.parallel.expert_parallel)
         if same_ranks:
             restore_rng_state(load_pt(elastic.trainer_state_file(info, self.rank))["rng"])
         old_states = [load_pt(elastic.trainer_state_file(info, elastic.old_rank(info, d)))["data"]
