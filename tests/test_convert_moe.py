@@ -281,3 +281,23 @@ def load_consolidated_from_checkpoint(path):
     from largelm.checkpoint.reader import consolidate_checkpoint
 
     return consolidate_checkpoint(inspect_checkpoint(path), log=lambda *_: None)
+
+
+def test_reshard_target_of_a_moe_model_is_expert_parallel_1(rank, tmp_path, tokenizer_path, shard_dir,
+                                                            shard_seq_length):
+    """largelm-convert reshard writes MoE training checkpoints with every expert on each rank: the source's
+    expert_parallel is not carried over, and asking for another is refused naming the way there (elastic resume)."""
+    from largelm.config import load_config
+    from largelm.convert.reshard import target_config
+    from largelm.errors import ConversionError
+
+    model = {k: v for k, v in TINY_MOE.items() if k not in ("vocab_size", "seq_length")}
+    cfg = load_config(tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length, model=model,
+                                  parallel={"expert_parallel": 2, "zero_stage": 2}))
+    _, c = moe_consolidated(seq_length=shard_seq_length)
+    c.config = cfg
+    target = target_config(c, tensor_parallel=1, pipeline_parallel=1, out_root=tmp_path / "out")
+    assert target.parallel.expert_parallel == 1 and target.parallel.zero_stage == 2
+    with pytest.raises(ConversionError, match="expert_parallel=2: the converter writes MoE .*reshard_on_resume"):
+        target_config(c, tensor_parallel=1, pipeline_parallel=1, out_root=tmp_path / "out",
+                      overrides=("parallel.expert_parallel=2",))

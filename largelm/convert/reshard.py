@@ -90,6 +90,8 @@ def target_config(c: Consolidated, *, tensor_parallel: int, pipeline_parallel: i
         parallel["virtual_pipeline"] = None
     if zero_stage is not None:
         parallel["zero_stage"] = zero_stage
+    if c.model.moe is not None:  # written with every expert on each rank (the writer sets up no expert groups)
+        parallel["expert_parallel"] = 1
     data["checkpoint"]["dir"] = str(out_root)
     data["checkpoint"]["resume"] = True
     for item in overrides:
@@ -113,6 +115,10 @@ def target_config(c: Consolidated, *, tensor_parallel: int, pipeline_parallel: i
     if changed:
         raise ConversionError("the target config does not fit the converted weights (check --config/--set): "
                               + "; ".join(changed))
+    if cfg.parallel.expert_parallel > 1:
+        raise ConversionError(f"parallel.expert_parallel={cfg.parallel.expert_parallel}: the converter writes MoE "
+                              "training checkpoints at expert_parallel=1; train on at another expert-parallel size "
+                              "with checkpoint.reshard_on_resume=true (elastic resume moves the experts)")
     check_tensor_parallel(cfg.model, tensor_parallel)
     check_pipeline_parallel(cfg.model, pipeline_parallel)
     return cfg
