@@ -68,13 +68,13 @@ def rel_diff(a: float, b: float) -> float:
 
 
 def assert_steps_match(name: str, per_rank: list[dict], ref: dict, steps: int, loss_rtol: float,
-                       norm_rtol: float) -> None:
+                       norm_rtol: float, ref_name: str = "single rank") -> None:
     """Every rank's loss and gradient norm after each of ``steps`` steps (``losses``/``norms`` lists) equals the
-    single-rank reference run's within the relative tolerances."""
+    reference run's (``ref_name``) within the relative tolerances."""
     for rank, res in enumerate(per_rank):
         for s in range(steps):
             what = f"{name} rank {rank} step {s + 1}"
             assert rel_diff(res["losses"][s], ref["losses"][s]) < loss_rtol, \
-                f"{what}: loss {res['losses'][s]} vs single rank {ref['losses'][s]}"
+                f"{what}: loss {res['losses'][s]} vs {ref_name} {ref['losses'][s]}"
             assert rel_diff(res["norms"][s], ref["norms"][s]) < norm_rtol, \
-                f"{what}: grad norm {res['norms'][s]} vs single rank {ref['norms'][s]}"
+                f"{what}: grad norm {res['norms'][s]} vs {ref_name} {ref['norms'][s]}"

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from mp_utils import free_port, rel_diff, run_ranks
+from mp_utils import assert_steps_match, free_port, run_ranks
 from tolerances import chain_length, sum_rtol
 from train_utils import check_ok, config_object, launch, tiny_config
 
@@ -210,16 +210,9 @@ def _tokens() -> torch.Tensor:
 
 
 def _assert_layouts_match(results: list[dict], reference: tuple, layouts: list[tuple]) -> None:
-    ref = results[0][reference]
-    for layout_key in layouts:
-        for rank, res in enumerate(results):
-            got = res[layout_key]
-            for s in range(STEPS):
-                what = f"TP={layout_key[0]} EP={layout_key[1]} ZeRO-{layout_key[2]} rank {rank} step {s + 1}"
-                assert rel_diff(got["losses"][s], ref["losses"][s]) < PARITY_RTOL, \
-                    f"{what}: loss {got['losses'][s]} vs EP=1 {ref['losses'][s]}"
-                assert rel_diff(got["norms"][s], ref["norms"][s]) < PARITY_RTOL, \
-                    f"{what}: grad norm {got['norms'][s]} vs EP=1 {ref['norms'][s]}"
+    for tp, ep, zero in layouts:
+        assert_steps_match(f"TP={tp} EP={ep} ZeRO-{zero}", [res[(tp, ep, zero)] for res in results],
+                           results[0][reference], STEPS, PARITY_RTOL, PARITY_RTOL, ref_name="EP=1")
 
 
 @pytest.mark.slow
