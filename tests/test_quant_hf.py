@@ -13,12 +13,14 @@ export loads with ``AutoModelForCausalLM.from_pretrained`` and the GPT-2-style e
 (transformers 5.25's ``GPT2PreTrainedModel._init_weights`` reads ``c_proj.weight``, which a quantized layer does not
 have, so its ``from_pretrained`` fails for any GPT-2 GPTQ checkpoint); their logits must match within the same
 tolerance (gptqmodel's CPU kernels dequantize and multiply in the activation dtype, fp32 here), and ``generate`` runs.
-Those tests are skipped where ``gptqmodel`` is not importable (docs/design.md "Quantization" says how to get it).
+``scripts/install.sh`` installs that runtime (pins: scripts/gptq-runtime.txt); where it is absent the runtime tests
+skip, except under ``CI=true``, where they fail.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -287,8 +289,17 @@ def check_runtime_model(model, path: Path, cfg, ids: torch.Tensor, ours: torch.T
 
 
 def _gptqmodel():
-    pytest.importorskip("optimum")
-    return pytest.importorskip("gptqmodel")
+    """gptqmodel (with optimum), which scripts/install.sh installs (scripts/gptq-runtime.txt). Without it the runtime
+    checks skip, except under CI (``CI=true``), where its absence is an install failure, not a reason to skip."""
+    try:
+        import gptqmodel
+        import optimum  # noqa: F401  # lazy (optional runtime: the reference checks above run without it)
+    except ImportError as err:
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail(f"CI runs the GPTQ runtime checks, and it is not importable: {err} (scripts/install.sh, "
+                        "scripts/gptq-runtime.txt)")
+        pytest.skip(f"GPTQ runtime not installed ({err}); scripts/install.sh installs it")
+    return gptqmodel
 
 
 @pytest.mark.slow  # loading gptqmodel and its kernels takes ~30 s
