@@ -8,6 +8,7 @@ Result files, run metadata and statistics: ``bench/report.py``.
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import statistics
@@ -418,3 +419,23 @@ class Cycle:
         t = self.tokens[self.i % len(self.tokens)]
         self.i += 1
         return {"tokens": t}
+
+
+def distill_bench_args(argv, description: str, *, teacher_steps: int, student_steps: int, eval_steps: int,
+                       work_name: str, add_args: Optional[Callable] = None):
+    """The options the distillation benchmarks share (teacher/student steps, alpha, T, eval batches, ranks, work
+    directory; ``add_args(parser)`` adds a benchmark's own) -> (args, the work directory, created)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher-steps", type=int, default=teacher_steps)
+    p.add_argument("--student-steps", type=int, default=student_steps)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--eval-steps", type=int, default=eval_steps)
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--work", default=str(REPO / "runs" / work_name))
+    if add_args is not None:
+        add_args(p)
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    return args, work

@@ -19,13 +19,12 @@ Writes bench/results/distill_bert.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
-from common import launch_training, shipped_precision
+from common import distill_bench_args, launch_training, shipped_precision
 from report import DATA, REPO, finish_metadata, md_table, plt, run_metadata, save_plot, write_result
 
 NAME = "distill_bert"
@@ -118,18 +117,9 @@ def write_results(args, meta: dict, results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher-steps", type=int, default=150)
-    p.add_argument("--student-steps", type=int, default=100)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--eval-steps", type=int, default=8)
-    p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--nproc", type=int, default=1)
-    p.add_argument("--work", default=str(REPO / "runs" / "bench-distill-bert"))
-    args = p.parse_args(argv)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    args, work = distill_bench_args(
+        argv, __doc__, teacher_steps=150, student_steps=100, eval_steps=8, work_name="bench-distill-bert",
+        add_args=lambda p: p.add_argument("--micro-batch-size", type=int, default=8))
 
     meta = run_metadata(config={
         "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "teacher_layers": 4,

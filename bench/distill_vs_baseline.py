@@ -14,14 +14,13 @@ Writes bench/results/distill.md and bench/results/distill.json. Uses LARGELM_BEN
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
 from pathlib import Path
 
 import yaml
-from common import launch_training, shipped_precision
+from common import distill_bench_args, launch_training, shipped_precision
 from report import DATA, REPO, finish_metadata, md_table, run_metadata, write_result
 
 VALID = re.compile(r"^step (\d+) valid loss ([0-9.]+) ppl ([0-9.]+)", re.MULTILINE)
@@ -80,18 +79,9 @@ def write_results(args, meta: dict, results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher-steps", type=int, default=300)
-    p.add_argument("--student-steps", type=int, default=150)
-    p.add_argument("--student-layers", type=int, default=2)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--eval-steps", type=int, default=16)
-    p.add_argument("--nproc", type=int, default=1)
-    p.add_argument("--work", default=str(REPO / "runs" / "bench-distill"))
-    args = p.parse_args(argv)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    args, work = distill_bench_args(
+        argv, __doc__, teacher_steps=300, student_steps=150, eval_steps=16, work_name="bench-distill",
+        add_args=lambda p: p.add_argument("--student-layers", type=int, default=2))
 
     meta = run_metadata(config={
         "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "teacher_layers": 4,
