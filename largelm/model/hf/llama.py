@@ -44,18 +44,26 @@ def hf_config(model, special_ids: dict, dtype: str) -> dict:
     )
 
 
-def to_hf(model, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_hf(model, t: dict[str, torch.Tensor], mlp_to_hf=None) -> dict[str, torch.Tensor]:
+    """largelm -> Hugging Face names for a llama-family model; ``mlp_to_hf(model, t, p, h)`` maps one layer's MLP
+    (default: Llama's dense SwiGLU; Mixtral passes its experts')."""
+    mlp_to_hf = mlp_to_hf or dense_mlp_to_hf
     out = {"model.embed_tokens.weight": t["embedding.word_embeddings.weight"]}
     for i in range(model.num_layers):
         p, h = f"decoder.layers.{i}.", f"model.layers.{i}."
         out.update(attention_to_hf(model, t, p, h))
-        gate, up = t[p + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
-        out[h + "mlp.down_proj.weight"] = t[p + "mlp.linear_fc2.weight"]
+        out.update(mlp_to_hf(model, t, p, h))
     out["model.norm.weight"] = t["decoder.final_layernorm.weight"]
     if not model.tie_embeddings:
         out["lm_head.weight"] = t["output_layer.weight"]
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def dense_mlp_to_hf(model, t: dict[str, torch.Tensor], p: str, h: str) -> dict[str, torch.Tensor]:
+    """One layer's SwiGLU MLP: megatron's fused ``[gate; up]`` fc1 -> gate_proj, up_proj; fc2 -> down_proj."""
+    gate, up = t[p + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+    return {h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up,
+            h + "mlp.down_proj.weight": t[p + "mlp.linear_fc2.weight"]}
 
 
 def model_fields(cfg) -> dict:
@@ -101,17 +109,24 @@ def shared_model_fields(cfg) -> dict:
                 attention_dropout=float(cfg.attention_dropout or 0.0), init_method_std=cfg.initializer_range)
 
 
-def from_hf(model, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_hf(model, sd: dict[str, torch.Tensor], mlp_from_hf=None, family: str = "Llama") -> dict[str, torch.Tensor]:
+    """``to_hf`` inverted; ``mlp_from_hf(model, take, h, p)`` maps one layer's MLP (default: dense SwiGLU)."""
+    mlp_from_hf = mlp_from_hf or dense_mlp_from_hf
     sd = {k: v for k, v in sd.items() if not k.endswith(IGNORED_KEYS)}
-    take = Taker(sd, "Llama")
+    take = Taker(sd, family)
     out = {"embedding.word_embeddings.weight": take("model.embed_tokens.weight")}
     for i in range(model.num_layers):
         h, p = f"model.layers.{i}.", f"decoder.layers.{i}."
         out.update(attention_from_hf(model, take, h, p))
-        out[p + "mlp.linear_fc1.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")])
-        out[p + "mlp.linear_fc2.weight"] = take(h + "mlp.down_proj.weight")
+        out.update(mlp_from_hf(model, take, h, p))
     out["decoder.final_layernorm.weight"] = take("model.norm.weight")
     return finish_import(out, take, model.tie_embeddings, "embed_tokens")
+
+
+def dense_mlp_from_hf(model, take: Taker, h: str, p: str) -> dict[str, torch.Tensor]:
+    """``dense_mlp_to_hf`` inverted."""
+    return {p + "mlp.linear_fc1.weight": torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")]),
+            p + "mlp.linear_fc2.weight": take(h + "mlp.down_proj.weight")}
 
 
 def attention_to_hf(model, t: dict[str, torch.Tensor], p: str, h: str) -> dict[str, torch.Tensor]:

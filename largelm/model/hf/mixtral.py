@@ -28,7 +28,7 @@ import torch
 
 from largelm.errors import UnsupportedArchitecture
 from largelm.model.hf import llama
-from largelm.model.hf.common import Taker, finish_import
+from largelm.model.hf.common import Taker
 
 ARCHITECTURE = "MixtralForCausalLM"
 MODEL_TYPE = "mixtral"
@@ -78,20 +78,18 @@ def hf_config(model, special_ids: dict, dtype: str) -> dict:
 
 def to_hf(model, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     check_exportable(model)
-    out = {"model.embed_tokens.weight": t["embedding.word_embeddings.weight"]}
-    for i in range(model.num_layers):
-        p, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        out.update(llama.attention_to_hf(model, t, p, h))
-        out[h + "block_sparse_moe.gate.weight"] = t[p + "mlp.router.weight"]
-        for e in range(model.moe.num_experts):
-            ours, theirs = f"{p}mlp.experts.local_experts.{e}.", f"{h}block_sparse_moe.experts.{e}."
-            gate, up = t[ours + "linear_fc1.weight"].chunk(2, dim=0)
-            out[theirs + "w1.weight"], out[theirs + "w3.weight"] = gate, up
-            out[theirs + "w2.weight"] = t[ours + "linear_fc2.weight"]
-    out["model.norm.weight"] = t["decoder.final_layernorm.weight"]
-    if not model.tie_embeddings:
-        out["lm_head.weight"] = t["output_layer.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
+    return llama.to_hf(model, t, mlp_to_hf=_experts_to_hf)
+
+
+def _experts_to_hf(model, t: dict[str, torch.Tensor], p: str, h: str) -> dict[str, torch.Tensor]:
+    """One layer's router and experts (each a SwiGLU: fused ``[gate; up]`` fc1 -> w1, w3; fc2 -> w2)."""
+    out = {h + "block_sparse_moe.gate.weight": t[p + "mlp.router.weight"]}
+    for e in range(model.moe.num_experts):
+        ours, theirs = f"{p}mlp.experts.local_experts.{e}.", f"{h}block_sparse_moe.experts.{e}."
+        gate, up = t[ours + "linear_fc1.weight"].chunk(2, dim=0)
+        out[theirs + "w1.weight"], out[theirs + "w3.weight"] = gate, up
+        out[theirs + "w2.weight"] = t[ours + "linear_fc2.weight"]
+    return out
 
 
 def model_fields(cfg) -> dict:
@@ -113,29 +111,27 @@ def model_fields(cfg) -> dict:
 
 def from_hf(model, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sd = {k.replace(".mlp.gate.", ".block_sparse_moe.gate."): v for k, v in sd.items()}
-    take = Taker(sd, "Mixtral")
-    out = {"embedding.word_embeddings.weight": take("model.embed_tokens.weight")}
+    return llama.from_hf(model, sd, mlp_from_hf=_experts_from_hf, family="Mixtral")
+
+
+def _experts_from_hf(model, take: Taker, h: str, p: str) -> dict[str, torch.Tensor]:
+    """``_experts_to_hf`` inverted; also reads transformers' in-memory spelling (one fused [E, 2F, h] tensor)."""
     experts = model.moe.num_experts
-    for i in range(model.num_layers):
-        h, p = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out.update(llama.attention_from_hf(model, take, h, p))
-        out[p + "mlp.router.weight"] = take(h + "block_sparse_moe.gate.weight")
-        fused = h + "mlp.experts.gate_up_proj"  # transformers' in-memory spelling (one [E, 2F, h] tensor)
-        if fused in sd:
-            gate_up, down = take(fused), take(h + "mlp.experts.down_proj")
-            if gate_up.shape[0] != experts or down.shape[0] != experts:
-                raise UnsupportedArchitecture(f"{fused} holds {gate_up.shape[0]} experts, num_local_experts is "
-                                              f"{experts}")
-            fc1 = list(gate_up.unbind(0))
-            fc2 = list(down.unbind(0))
-        else:
-            fc1, fc2 = [], []
-            for e in range(experts):
-                theirs = f"{h}block_sparse_moe.experts.{e}."
-                fc1.append(torch.cat([take(theirs + "w1.weight"), take(theirs + "w3.weight")]))
-                fc2.append(take(theirs + "w2.weight"))
+    out = {p + "mlp.router.weight": take(h + "block_sparse_moe.gate.weight")}
+    fused = h + "mlp.experts.gate_up_proj"
+    if fused in take.sd:
+        gate_up, down = take(fused), take(h + "mlp.experts.down_proj")
+        if gate_up.shape[0] != experts or down.shape[0] != experts:
+            raise UnsupportedArchitecture(f"{fused} holds {gate_up.shape[0]} experts, num_local_experts is "
+                                          f"{experts}")
+        fc1, fc2 = list(gate_up.unbind(0)), list(down.unbind(0))
+    else:
+        fc1, fc2 = [], []
         for e in range(experts):
-            ours = f"{p}mlp.experts.local_experts.{e}."
-            out[ours + "linear_fc1.weight"], out[ours + "linear_fc2.weight"] = fc1[e], fc2[e]
-    out["decoder.final_layernorm.weight"] = take("model.norm.weight")
-    return finish_import(out, take, model.tie_embeddings, "embed_tokens")
+            theirs = f"{h}block_sparse_moe.experts.{e}."
+            fc1.append(torch.cat([take(theirs + "w1.weight"), take(theirs + "w3.weight")]))
+            fc2.append(take(theirs + "w2.weight"))
+    for e in range(experts):
+        ours = f"{p}mlp.experts.local_experts.{e}."
+        out[ours + "linear_fc1.weight"], out[ours + "linear_fc2.weight"] = fc1[e], fc2[e]
+    return out
