@@ -439,3 +439,11 @@ def distill_bench_args(argv, description: str, *, teacher_steps: int, student_st
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     return args, work
+
+
+def distill_bench_metadata(args, **config) -> dict:
+    """``run_metadata`` of a distillation benchmark: the shared options of ``distill_bench_args`` plus ``config``."""
+    return run_metadata(config={
+        "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "teacher_layers": 4, **config,
+        "alpha": args.alpha, "temperature": args.temperature, "nproc": args.nproc, "data": str(DATA),
+        "eval_steps": args.eval_steps, "precision": f"auto (= {shipped_precision()[0]} here)"})

@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from common import distill_bench_args, launch_training, shipped_precision
-from report import DATA, REPO, finish_metadata, md_table, plt, run_metadata, save_plot, write_result
+from common import distill_bench_args, distill_bench_metadata, launch_training, shipped_precision
+from report import DATA, REPO, finish_metadata, md_table, plt, save_plot, write_result
 
 NAME = "distill_bert"
 
@@ -121,11 +121,7 @@ def main(argv=None) -> int:
         argv, __doc__, teacher_steps=150, student_steps=100, eval_steps=8, work_name="bench-distill-bert",
         add_args=lambda p: p.add_argument("--micro-batch-size", type=int, default=8))
 
-    meta = run_metadata(config={
-        "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "teacher_layers": 4,
-        "student_layers": 2, "micro_batch_size": args.micro_batch_size, "alpha": args.alpha,
-        "temperature": args.temperature, "nproc": args.nproc,
-        "data": str(DATA), "eval_steps": args.eval_steps, "precision": f"auto (= {shipped_precision()[0]} here)"})
+    meta = distill_bench_metadata(args, student_layers=2, micro_batch_size=args.micro_batch_size)
     shards = prepare_data(work)
     results = {"teacher": run(config(work, shards, "teacher", args.teacher_steps, 4, args), args.nproc,
                               work / "teacher.log")}

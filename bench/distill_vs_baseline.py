@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from common import distill_bench_args, launch_training, shipped_precision
-from report import DATA, REPO, finish_metadata, md_table, run_metadata, write_result
+from common import distill_bench_args, distill_bench_metadata, launch_training, shipped_precision
+from report import DATA, REPO, finish_metadata, md_table, write_result
 
 VALID = re.compile(r"^step (\d+) valid loss ([0-9.]+) ppl ([0-9.]+)", re.MULTILINE)
 
@@ -83,11 +83,7 @@ def main(argv=None) -> int:
         argv, __doc__, teacher_steps=300, student_steps=150, eval_steps=16, work_name="bench-distill",
         add_args=lambda p: p.add_argument("--student-layers", type=int, default=2))
 
-    meta = run_metadata(config={
-        "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "teacher_layers": 4,
-        "student_layers": args.student_layers, "alpha": args.alpha, "temperature": args.temperature,
-        "nproc": args.nproc, "data": str(DATA), "eval_steps": args.eval_steps,
-        "precision": f"auto (= {shipped_precision()[0]} here)"})
+    meta = distill_bench_metadata(args, student_layers=args.student_layers)
     teacher_ckpt = work / "teacher" / "checkpoints"
     results = {"teacher": run(config(work, "teacher", args.teacher_steps, 4, args.eval_steps), args.nproc,
                               work / "teacher.log")}
