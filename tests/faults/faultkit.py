@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -19,6 +20,8 @@ from typing import Callable, Optional
 
 import yaml
 from train_utils import REPO, free_port, tiny_config
+
+from largelm.checkpoint.manager import Checkpoint, find_latest, verify_checkpoint
 
 RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")
 SAVED = re.compile(r"saved checkpoint \S+step_(\d{8})")
@@ -127,6 +130,40 @@ def run(config: Path, overrides: tuple = (), faults: str = "", kill_when: Option
     log.write_text("".join(lines))
     return Result(proc.returncode, "".join(lines), end - start, killed, killed_after,
                   None if error_at is None else end - error_at)
+
+
+def random_kill_step(lo: int, hi: int) -> tuple[int, int]:
+    """(seed, step): a step in [lo, hi] drawn from ``LARGELM_FAULT_SEED`` (default: the clock), printed so that a
+    failing draw can be replayed."""
+    seed = int(os.environ.get("LARGELM_FAULT_SEED", time.time_ns() % 10**6))
+    step = random.Random(seed).randint(lo, hi)
+    print(f"SIGKILL after the line of step {step} (LARGELM_FAULT_SEED={seed})")
+    return seed, step
+
+
+def sigkill_then_resume(config: Path, kill_step: int, ckpt_root: Path,
+                        resumed_tensorboard: Optional[Path] = None) -> Checkpoint:
+    """SIGKILL the whole job of ``config`` after its line of ``kill_step``; the checkpoint a restart picks must be at
+    least the last one the job said it saved and must verify; then run ``config`` again (``resumed_tensorboard``:
+    log that run there, apart from the killed one's events), which must resume from it. Returns that checkpoint."""
+    killed = run(config, kill_when=lambda line: line.startswith(f"step {kill_step}/"))
+    assert killed.killed and killed.returncode == -9, killed.output[-3000:]
+    latest = find_latest(ckpt_root)  # what a restart will pick: verified by checksum, partial dirs skipped
+    assert latest is not None and latest.step >= max(killed.saved), (latest, killed.saved)
+    verify_checkpoint(latest.path)
+    if resumed_tensorboard is not None:
+        edit_config(config, logging={"tensorboard_dir": str(resumed_tensorboard)})
+    resumed = run(config)
+    resumed.check_ok()
+    assert resumed.resumed_at == latest.step, resumed.output[-3000:]
+    return latest
+
+
+def scalar_differences(got: dict[str, dict[int, float]], expected: dict[str, dict[int, float]], tags,
+                       steps) -> list[str]:
+    """The (tag, step) scalars of ``got`` that are missing or not bit-equal to ``expected``'s (``tb_scalars``)."""
+    return [f"{tag} step {s}: {got.get(tag, {}).get(s)!r} vs {expected[tag][s]!r}" for tag in tags for s in steps
+            if not bitwise_equal(got.get(tag, {}).get(s, float("nan")), expected[tag][s])]
 
 
 def environ_of(pid: int) -> dict[str, str]:

@@ -7,16 +7,19 @@ checkpoint on restart; the student's init from the teacher is overwritten by the
 
 from __future__ import annotations
 
-import os
-import random
-import time
-
 import pytest
 import yaml
-from faultkit import RunConfig, bitwise_equal, edit_config, run, state_differences, tb_scalars
+from faultkit import (
+    RunConfig,
+    random_kill_step,
+    run,
+    scalar_differences,
+    sigkill_then_resume,
+    state_differences,
+    tb_scalars,
+)
 from mp_utils import single_rank_parallel_state
 
-from largelm.checkpoint.manager import find_latest, verify_checkpoint
 from largelm.config import config_from_dict
 from largelm.tokenizer import Tokenizer
 
@@ -55,26 +58,14 @@ def test_sigkill_of_a_bert_distillation_run_resumes_bit_exact(tokenizer_path, be
     run(reference).check_ok()
     expected = tb_scalars(tmp_path / "reference" / "tb")
 
-    seed = int(os.environ.get("LARGELM_FAULT_SEED", time.time_ns() % 10**6))
-    kill_step = random.Random(seed).randint(3, STEPS - 1)  # after the first checkpoint (step 2), before the end
+    seed, kill_step = random_kill_step(3, STEPS - 1)  # after the first checkpoint (step 2), before the end
     with ledger.scenario(f"SIGKILL of a BERT distillation run at step {kill_step} (seed {seed}; 2 ranks, ZeRO-2, "
                          "teacher + hidden/attention alignment)") as sc:
         config = config_for(tmp_path / "killed", **_bert_sections(num_layers=2), distill=distill)
-        killed = run(config, kill_when=lambda line: line.startswith(f"step {kill_step}/"))
-        assert killed.killed and killed.returncode == -9, killed.output[-3000:]
         root = tmp_path / "killed" / "ckpt"
-        latest = find_latest(root)
-        assert latest is not None and latest.step >= max(killed.saved), (latest, killed.saved)
-        verify_checkpoint(latest.path)
-
-        edit_config(config, logging={"tensorboard_dir": str(tmp_path / "killed" / "tb-resumed")})
-        resumed = run(config)
-        resumed.check_ok()
-        assert resumed.resumed_at == latest.step, resumed.output[-3000:]
-        got = tb_scalars(tmp_path / "killed" / "tb-resumed")
-        lost = [f"{tag} step {s}: {got.get(tag, {}).get(s)!r} vs {expected[tag][s]!r}" for tag in TAGS
-                for s in range(latest.step + 1, STEPS + 1)
-                if not bitwise_equal(got.get(tag, {}).get(s, float("nan")), expected[tag][s])]
+        latest = sigkill_then_resume(config, kill_step, root, resumed_tensorboard=tmp_path / "killed" / "tb-resumed")
+        lost = scalar_differences(tb_scalars(tmp_path / "killed" / "tb-resumed"), expected, TAGS,
+                                  range(latest.step + 1, STEPS + 1))
         lost += state_differences(tmp_path / "reference" / "ckpt" / f"step_{STEPS:08d}", root / f"step_{STEPS:08d}")
         sc["data_lost"] = len(lost)
         assert not lost, f"resumed distillation run differs from the uninterrupted one: {lost[:20]}"

@@ -10,14 +10,8 @@ the restored RNG streams.
 
 from __future__ import annotations
 
-import os
-import random
-import time
-
 import pytest
-from faultkit import bitwise_equal, run, state_differences, tb_scalars
-
-from largelm.checkpoint.manager import find_latest, verify_checkpoint
+from faultkit import random_kill_step, run, scalar_differences, sigkill_then_resume, state_differences, tb_scalars
 
 pytestmark = pytest.mark.slow
 
@@ -31,28 +25,16 @@ COMPARED = ("train/loss", "train/aux_loss", "train/z_loss", "train/expert_share_
 
 
 def test_moe_sigkill_at_random_step_resumes_bit_exact(run_config, tmp_path, ledger):
-    seed = int(os.environ.get("LARGELM_FAULT_SEED", time.time_ns() % 10**6))
-    kill_step = random.Random(seed).randint(3, 7)  # after the first checkpoint (step 2), before the end
-    print(f"SIGKILL after the line of step {kill_step} (LARGELM_FAULT_SEED={seed})")
+    seed, kill_step = random_kill_step(3, 7)  # after the first checkpoint (step 2), before the end
     reference = run(run_config(tmp_path / "reference", **MOE_RUN))
     reference.check_ok()
     expected = tb_scalars(tmp_path / "reference" / "tb")
     with ledger.scenario(f"SIGKILL of an MoE job (EP=2) at step {kill_step} (seed {seed}; 2 ranks, ZeRO-2)") as sc:
         config = run_config(tmp_path / "run", **MOE_RUN)
-        killed = run(config, kill_when=lambda line: line.startswith(f"step {kill_step}/"))
-        assert killed.killed and killed.returncode == -9, killed.output[-3000:]
         root = tmp_path / "run" / "ckpt"
-        latest = find_latest(root)
-        assert latest is not None and latest.step >= max(killed.saved), (latest, killed.saved)
-        verify_checkpoint(latest.path)
-
-        resumed = run(config)  # same tensorboard dir: the resumed steps overwrite nothing before latest.step
-        resumed.check_ok()
-        assert resumed.resumed_at == latest.step, resumed.output[-3000:]
-        got = tb_scalars(tmp_path / "run" / "tb")
-        lost = [f"{tag} step {s}: {got[tag].get(s)!r} vs {expected[tag][s]!r}" for tag in COMPARED
-                for s in range(latest.step + 1, 9) if not bitwise_equal(got[tag].get(s, float("nan")),
-                                                                         expected[tag][s])]
+        # same tensorboard dir: the resumed steps overwrite nothing before latest.step
+        latest = sigkill_then_resume(config, kill_step, root)
+        lost = scalar_differences(tb_scalars(tmp_path / "run" / "tb"), expected, COMPARED, range(latest.step + 1, 9))
         lost += state_differences(tmp_path / "reference" / "ckpt" / "step_00000008", root / "step_00000008")
         sc["data_lost"] = len(lost)
         assert not lost, f"resumed MoE run differs from the uninterrupted one: {lost[:20]}"

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +26,11 @@ from faultkit import (
     dir_bytes,
     edit_config,
     first_shards_read,
+    random_kill_step,
     remount,
     rewrite_sample,
     run,
+    sigkill_then_resume,
     state_differences,
     tb_scalars,
     tmpfs,
@@ -52,23 +52,11 @@ def _loss_mismatches(resumed: dict[int, float], reference: dict[int, float], ste
 
 
 def test_sigkill_at_random_step_resumes_bit_exact(reference_fp32, run_config, tmp_path, ledger):
-    seed = int(os.environ.get("LARGELM_FAULT_SEED", time.time_ns() % 10**6))
-    kill_step = random.Random(seed).randint(3, 7)  # after the first checkpoint (step 2), before the end
-    print(f"SIGKILL after the line of step {kill_step} (LARGELM_FAULT_SEED={seed})")
+    seed, kill_step = random_kill_step(3, 7)  # after the first checkpoint (step 2), before the end
     with ledger.scenario(f"SIGKILL of the whole job at step {kill_step} (seed {seed}; 2 ranks, ZeRO-2, fp32)") as sc:
         config = run_config(tmp_path)
-        killed = run(config, kill_when=lambda line: line.startswith(f"step {kill_step}/"))
-        assert killed.killed, killed.output[-3000:]
-        assert killed.returncode == -9
         root = tmp_path / "ckpt"
-        latest = find_latest(root)  # what a restart will pick: verified by checksum, partial dirs skipped
-        assert latest is not None and latest.step >= max(killed.saved), (latest, killed.saved)
-        verify_checkpoint(latest.path)
-
-        edit_config(config, logging={"tensorboard_dir": str(tmp_path / "tb-resumed")})
-        resumed = run(config)
-        resumed.check_ok()
-        assert resumed.resumed_at == latest.step, resumed.output[-3000:]
+        latest = sigkill_then_resume(config, kill_step, root, resumed_tensorboard=tmp_path / "tb-resumed")
         losses = tb_scalars(tmp_path / "tb-resumed")["train/loss"]
         lost = _loss_mismatches(losses, reference_fp32["loss"], range(latest.step + 1, 9))
         lost += state_differences(reference_fp32["ckpt"] / "step_00000008", root / "step_00000008")
