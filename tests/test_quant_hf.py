@@ -114,31 +114,59 @@ def test_packing_matches_the_reference_layout():
     assert pack_rows(torch.full((8, 1), 15, dtype=torch.int32), 4).item() == -1
 
 
-@pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (8, True)])
-def test_codes_dequantize_to_the_layer_largelm_computes(bits, act_order):
-    """gptq_codes -> pack -> reference unpacking reproduces the weight the (act-order) QuantLinear multiplies by."""
+# (bits, group_size, sym, act_order): every combination the format has, on random matrices (cheap)
+UNIT_CASES = [(4, GROUP, True, False), (4, GROUP, True, True), (8, None, True, True), (8, GROUP, True, False),
+              (8, GROUP, True, True), (4, GROUP, False, False), (4, GROUP, False, True), (8, GROUP, False, True),
+              (8, None, False, False), (4, None, True, False), (4, None, False, True)]
+
+
+@pytest.mark.parametrize("bits,group,sym,act_order", UNIT_CASES,
+                         ids=[f"int{b}-g{g or -1}{'' if s else '-asym'}{'-act' if a else ''}"
+                              for b, g, s, a in UNIT_CASES])
+def test_codes_dequantize_to_the_layer_largelm_computes(bits, group, sym, act_order):
+    """gptq_codes -> pack -> reference unpacking reproduces the weight the (act-order) QuantLinear multiplies by;
+    the stored zero points are 2^(bits-1) when symmetric and the per-group ones (>= 1) when not."""
+    from largelm.quant import QuantLinear
+
     g = torch.Generator().manual_seed(1)
     x = torch.randn(512, 64, generator=g) * torch.linspace(0.1, 3.0, 64)  # unequal input scales: a real order
     w = torch.randn(40, 64, generator=g)
-    fmt = QuantFormat(bits, GROUP if bits == 4 else None, sym=True)
+    w[:8] = w[:8].abs()  # non-negative rows: asymmetric zero point 0 without min_zero (v1 cannot store it)
+    fmt = QuantFormat(bits, group, sym, min_zero=1)
     if act_order:
         qw, perm = quantize_gptq_act_order(w, x.T @ x / x.shape[0], fmt)
         assert not torch.equal(perm, torch.arange(64))
         layer = ActOrderQuantLinear(qw, perm, None, False, torch.float32)
     else:
         qw, perm = quantize_rtn(w, fmt), None
-        from largelm.quant import QuantLinear
-
         layer = QuantLinear(qw, None, False, torch.float32)
     c = gptq_codes(layer.quantized(), perm)
     zeros = c["zeros"].T
+    n_groups = 64 // (group or 64)
+    assert zeros.shape == (n_groups, 40) and c["codes"].max() < 2**bits and c["codes"].min() >= 0
+    if sym:
+        assert torch.all(zeros == 2 ** (bits - 1))
+    else:
+        assert int(zeros.min()) >= 1 and len(set(zeros.flatten().tolist())) > 1
     w_ref = reference_dequantize(pack_rows(c["codes"].T.contiguous(), bits), pack_cols(zeros.contiguous() - 1, bits),
                                  c["scales"].T.half(), c["g_idx"], bits).T
     xs = torch.randn(5, 64, generator=g)
     y, _ = layer(xs)
     torch.testing.assert_close(y, xs @ w_ref.T, rtol=1e-5, atol=1e-5)
+    # the quantization error is the format's: half a step per weight, plus |code - zero| <= 2^(bits-1) times the
+    # scale's rounding to fp16 (the codes were chosen with the fp32 scale); GPTQ's error feedback moves some more
+    step = c["scales"][:, c["g_idx"].long()]
+    within = (w_ref - w).abs() <= step * (0.5 + 2.0 ** (bits - 1) * 2.0**-11)
+    assert within.float().mean() > 0.5 if act_order else within.all()
     if act_order:
-        assert len(set(c["g_idx"].tolist())) == (64 // GROUP if bits == 4 else 1)
+        assert len(set(c["g_idx"].tolist())) == n_groups
+
+
+@pytest.mark.parametrize("bits,group,sym", [(8, GROUP, False), (8, GROUP, True), (4, None, False)])
+def test_quantization_config_names_the_format(bits, group, sym):
+    qc = quantization_config(QuantFormat(bits, group, sym), False, 0.01, {"model.layers.0.mlp.up_proj.qweight": 0})
+    assert (qc["bits"], qc["group_size"], qc["sym"]) == (bits, group or -1, sym)
+    assert qc["checkpoint_format"] == "gptq" and qc["block_name_to_quantize"] == "model.layers"
 
 
 def test_asymmetric_zero_point_zero_is_refused():
@@ -188,9 +216,22 @@ def _round_unquantized_to_fp16(model):
                 p.data = p.data.half().float()
 
 
+# end to end (model -> export -> HF class): the original four symmetric cases, int8 with groups, and asymmetric int4
+# and int8 (one model each: the formats' arithmetic is covered on random matrices above)
+EXPORTS = [("gpt2", 4, True, GROUP, True), ("gpt2", 8, False, None, True), ("llama", 4, False, GROUP, True),
+           ("llama", 8, True, None, True), ("llama", 8, False, GROUP, True), ("llama", 4, True, GROUP, False),
+           ("gpt2", 8, True, GROUP, False)]
+
+
+def _export_id(key) -> str:
+    style, bits, act_order, group, sym = key
+    return f"{style}-int{bits}-g{group or -1}{'' if sym else '-asym'}{'-act' if act_order else ''}"
+
+
 @pytest.fixture(scope="module")
 def exports(tokenizer_path, shard_dir, tmp_path_factory):
-    """(style, bits, act_order) -> (export dir, cfg, largelm logits [b, s, V] on the fixed ids, ids)."""
+    """(style, bits, act_order, group_size, sym) -> (export dir, cfg, largelm logits [b, s, V] on the fixed ids,
+    ids)."""
     from largelm.model.gpt import split_tokens
     from largelm.tokenizer import Tokenizer
 
@@ -200,29 +241,29 @@ def exports(tokenizer_path, shard_dir, tmp_path_factory):
     calib = [torch.randint(0, vocab, (4, 33), generator=torch.Generator().manual_seed(i)) for i in range(4)]
     out = {}
     with single_rank_parallel_state():
-        for style, bits, act_order in (("gpt2", 4, True), ("gpt2", 8, False), ("llama", 4, False),
-                                       ("llama", 8, True)):
+        for key in EXPORTS:
+            style, bits, act_order, group, sym = key
             cfg = _config(style, vocab, tokenizer_path, shard_dir)
             torch.manual_seed(0)
             model = build_model(cfg).eval()
-            fmt = QuantFormat(bits, GROUP if bits == 4 else None, sym=True)
+            fmt = QuantFormat(bits, group, sym, min_zero=1)  # as tools/quantize.py --format hf-gptq
             if act_order:
                 quantize_model_act_order(model, fmt, calib)
             else:
                 quantize_model(model, fmt, "gptq", calib)
-            path = _export(model, cfg, tmp / f"{style}-{bits}-{act_order}", fmt, act_order)
+            path = _export(model, cfg, tmp / _export_id(key), fmt, act_order)
             _round_unquantized_to_fp16(model)
             input_ids, _, pos = split_tokens(ids)
             with torch.no_grad():
                 logits = model(input_ids, pos, None)[..., : cfg.model.vocab_size]
-            out[(style, bits, act_order)] = (path, cfg, logits, input_ids)
+            out[key] = (path, cfg, logits, input_ids)
     return out
 
 
 def test_export_layout_and_config(exports):
     from safetensors import safe_open
 
-    path, cfg, _, _ = exports[("gpt2", 4, True)]
+    path, cfg, _, _ = exports[("gpt2", 4, True, GROUP, True)]
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == GROUP
     assert qc["desc_act"] is True and qc["sym"] is True and qc["checkpoint_format"] == "gptq"
@@ -236,12 +277,18 @@ def test_export_layout_and_config(exports):
         assert f.get_tensor("transformer.wte.weight").shape == (cfg.model.vocab_size, h)  # padding rows dropped
     assert "transformer.h.0.attn.c_attn.weight" not in keys and "transformer.h.1.ln_2.bias" in keys
     assert (path / "tokenizer.json").is_file()
-    llama = json.loads((exports[("llama", 8, True)][0] / "config.json").read_text())["quantization_config"]
+    llama = json.loads((exports[("llama", 8, True, None, True)][0] / "config.json").read_text())["quantization_config"]
     assert llama["bits"] == 8 and llama["group_size"] == -1
+    asym = exports[("gpt2", 8, True, GROUP, False)][0]
+    qc = json.loads((asym / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (8, GROUP, False, True)
+    with safe_open(str(asym / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("transformer.h.0.attn.c_attn.qweight").shape == (h * 8 // 32, k3)
+        assert f.get_tensor("transformer.h.0.attn.c_attn.qzeros").shape == (h // GROUP, k3 * 8 // 32)
+        assert f.get_tensor("transformer.h.0.mlp.c_proj.scales").shape == (cfg.model.ffn_size // GROUP, h)
 
 
-@pytest.mark.parametrize("key", [("gpt2", 4, True), ("gpt2", 8, False), ("llama", 4, False), ("llama", 8, True)],
-                         ids=lambda k: f"{k[0]}-int{k[1]}{'-act' if k[2] else ''}")
+@pytest.mark.parametrize("key", EXPORTS, ids=_export_id)
 def test_reference_dequantized_hf_model_matches_largelm(exports, key):
     path, cfg, ours, ids = exports[key]
     model, _ = hf_model_with_dequantized_weights(path)
@@ -292,8 +339,9 @@ def _gptqmodel():
 
 
 @pytest.mark.slow  # loading gptqmodel and its kernels takes ~30 s
-@pytest.mark.parametrize("key", [("llama", 4, False), ("llama", 8, True), ("gpt2", 4, True)],
-                         ids=lambda k: f"{k[0]}-int{k[1]}{'-act' if k[2] else ''}")
+@pytest.mark.parametrize("key", [("llama", 4, False, GROUP, True), ("llama", 8, True, None, True),
+                                 ("gpt2", 4, True, GROUP, True), ("llama", 8, False, GROUP, True),
+                                 ("llama", 4, True, GROUP, False), ("gpt2", 8, True, GROUP, False)], ids=_export_id)
 def test_gptq_runtime_loads_and_generates(exports, key):
     gptqmodel = _gptqmodel()
     from transformers import AutoModelForCausalLM, AutoTokenizer
