@@ -185,6 +185,68 @@ def test_asymmetric_zero_point_zero_is_refused():
             hf_gptq_tensors(model, cfg)
 
 
+@pytest.mark.parametrize("fmt", [QuantFormat(8, GROUP, sym=False), QuantFormat(8, GROUP), QuantFormat(4, None, True)],
+                         ids=lambda f: f.describe())
+def test_largelm_format_roundtrips_the_new_formats(fmt, tmp_path):
+    """largelm's own format (save_quantized / load_quantized) stores grouped and asymmetric int8 and per-channel int4:
+    the loaded model's logits equal the quantized model's bit for bit."""
+    from largelm.quant import QuantLinear, load_quantized, save_quantized
+
+    cfg = _config("gpt2", 1000, Path("unused.model"))
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).unsqueeze(0).expand(2, 16)
+    with single_rank_parallel_state():
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        quantize_model(model, fmt)
+        for p in model.parameters():  # the store is bf16: the same rounded unquantized tensors on both sides
+            p.data = p.data.bfloat16().float()
+        for m in model.modules():
+            if isinstance(m, QuantLinear) and m.bias is not None:
+                m.bias = m.bias.bfloat16().float()
+        save_quantized(model, cfg, tmp_path / "q", method="rtn", fmt=fmt)
+        loaded, _ = load_quantized(tmp_path / "q")
+        with torch.no_grad():
+            ours, theirs = model(ids, pos, None), loaded(ids, pos, None)
+    meta = json.loads((tmp_path / "q" / "quant.json").read_text())
+    assert (meta["bits"], meta["group_size"], meta["sym"]) == (fmt.bits, fmt.group_size, fmt.sym)
+    layer = next(m for m in loaded.modules() if hasattr(m, "qweight"))
+    assert layer.fmt == QuantFormat(fmt.bits, fmt.group_size, fmt.sym)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--bits", "4", "--group-size", "7"), "--group-size 7: int4 needs -1 (per output channel) or an even number"),
+    (("--bits", "8", "--group-size", "1"), "--group-size 1: int8 needs -1"),
+    (("--format", "hf-gptq", "--method", "rtn", "--act-order"), "--act-order needs --method gptq"),
+    (("--format", "hf-gptq", "--method", "awq", "--no-sym"), "--format hf-gptq takes --method rtn or gptq"),
+])
+def test_tool_refuses_bad_format_flags(tmp_path, flags, message):
+    """Usage errors naming the flag, before torch or the checkpoint is loaded (the checkpoint does not exist)."""
+    proc = _quantize_tool("--checkpoint", tmp_path / "none", "--out", tmp_path / "out", *flags)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_tool_format_flags():
+    """--group-size -1 / --sym / --no-sym / --asymmetric -> the QuantFormat; hf-gptq defaults to symmetric and keeps
+    asymmetric zero points storable (min_zero=1)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quantize_tool", REPO / "tools" / "quantize.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def fmt(*flags):
+        return tool.quant_format(tool.parse_args(["--checkpoint", "c", "--out", "o", *flags]))
+
+    assert fmt() == QuantFormat(8, None, True) and fmt("--bits", "4") == QuantFormat(4, 128, False)
+    assert fmt("--bits", "8", "--group-size", "32", "--asymmetric") == QuantFormat(8, 32, False)
+    assert fmt("--bits", "4", "--group-size", "-1", "--sym") == QuantFormat(4, None, True)
+    assert fmt("--format", "hf-gptq", "--bits", "4") == QuantFormat(4, 128, True, min_zero=1)
+    assert fmt("--format", "hf-gptq", "--group-size", "32", "--no-sym") == QuantFormat(8, 32, False, min_zero=1)
+
+
 # --- in-process exports of GPT-2- and Llama-style models ------------------------------------------------------
 
 def _config(style: str, vocab: int, tokenizer_path: Path, shard_dir: Path | None = None):
