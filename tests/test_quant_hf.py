@@ -282,7 +282,7 @@ def _round_unquantized_to_fp16(model):
 # and int8 (one model each: the formats' arithmetic is covered on random matrices above)
 EXPORTS = [("gpt2", 4, True, GROUP, True), ("gpt2", 8, False, None, True), ("llama", 4, False, GROUP, True),
            ("llama", 8, True, None, True), ("llama", 8, False, GROUP, True), ("llama", 4, True, GROUP, False),
-           ("gpt2", 8, True, GROUP, False)]
+           ("llama", 8, True, GROUP, False), ("gpt2", 8, True, GROUP, False)]
 
 
 def _export_id(key) -> str:
@@ -401,9 +401,12 @@ def _gptqmodel():
 
 
 @pytest.mark.slow  # loading gptqmodel and its kernels takes ~30 s
+# asymmetric GPT-2 is not here: transformers 5.25 cannot load any GPT-2 GPTQ checkpoint (see the module docstring),
+# and GPTQModel.load refuses every sym=False v1 checkpoint not written by gptqmodel >= 0.9 (its loader.py), whatever
+# its contents; the asymmetric Llama cases load through transformers and check the same layout
 @pytest.mark.parametrize("key", [("llama", 4, False, GROUP, True), ("llama", 8, True, None, True),
-                                 ("gpt2", 4, True, GROUP, True), ("llama", 8, False, GROUP, True),
-                                 ("llama", 4, True, GROUP, False), ("gpt2", 8, True, GROUP, False)], ids=_export_id)
+                                 ("gpt2", 4, True, GROUP, True), ("llama", 4, True, GROUP, False),
+                                 ("llama", 8, True, GROUP, False)], ids=_export_id)
 def test_gptq_runtime_loads_and_generates(exports, key):
     gptqmodel = _gptqmodel()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -561,7 +564,7 @@ def tp2_pp2_checkpoint(tokenizer_path, shard_dir, shard_seq_length, tmp_path_fac
 
 @pytest.mark.slow
 def test_tool_exports_a_tp2_pp2_checkpoint(tp2_pp2_checkpoint, tmp_path):
-    """tools/quantize.py --format hf-gptq (int4 RTN, group 32) on the TP=2 x PP=2 checkpoint: the directory's
+    """tools/quantize.py --format hf-gptq (int8 RTN, group 32) on the TP=2 x PP=2 checkpoint: the directory's
     reference dequantization equals largelm's quantized model of the same checkpoint; the runtime (if installed)
     loads it and generates; the tool refuses act-order without GPTQ."""
     from largelm.checkpoint.full_weights import load_full_weights
@@ -569,11 +572,12 @@ def test_tool_exports_a_tp2_pp2_checkpoint(tp2_pp2_checkpoint, tmp_path):
     from largelm.model.weights import load_full_state_dict
 
     out = tmp_path / "gptq"
-    proc = _quantize_tool("--checkpoint", tp2_pp2_checkpoint, "--out", out, "--format", "hf-gptq", "--bits", "4",
+    proc = _quantize_tool("--checkpoint", tp2_pp2_checkpoint, "--out", out, "--format", "hf-gptq", "--bits", "8",
                           "--group-size", "32", "--eval-batches", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["format"] == "hf-gptq" and report["bytes"]["quantized"] < report["bytes"]["bf16"]
+    assert (report["bits"], report["group_size"], report["sym"]) == (8, 32, True)
     assert abs(report["ppl_increase_pct"]) < 10
     assert not list(tmp_path.glob(".partial-*"))
 
@@ -583,12 +587,12 @@ def test_tool_exports_a_tp2_pp2_checkpoint(tp2_pp2_checkpoint, tmp_path):
     with single_rank_parallel_state():
         model = build_model(cfg)
         load_full_state_dict(model, state)
-        quantize_model(model.eval(), QuantFormat(4, 32, sym=True))
+        quantize_model(model.eval(), QuantFormat(8, 32, sym=True))
         _round_unquantized_to_fp16(model)
         with torch.no_grad():
             ours = model(input_ids, pos, None)[..., : cfg.model.vocab_size]
     hf, qc = hf_model_with_dequantized_weights(out)
-    assert qc["desc_act"] is False and qc["group_size"] == 32
+    assert qc["desc_act"] is False and (qc["bits"], qc["group_size"], qc["sym"]) == (8, 32, True)
     with torch.no_grad():
         theirs = hf(input_ids).logits
     tol = logit_tol(cfg.model, ours.abs().max().item())
