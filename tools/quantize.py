@@ -163,7 +163,13 @@ def run(args) -> dict:
     )
     from largelm.quant.bert import bert_calibration_forward, bert_tokens_per_s, mlm_perplexity
     from largelm.quant.hf_gptq import quantize_model_act_order
-    from largelm.quant.model import check_supported, compare_tokens_per_s, dir_bytes, gpt_calibration_forward
+    from largelm.quant.model import (
+        check_supported,
+        compare_tokens_per_s,
+        dir_bytes,
+        gpt_calibration_forward,
+        target_layers,
+    )
     from largelm.tokenizer import Tokenizer
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -183,6 +189,8 @@ def run(args) -> dict:
         measure = perplexity if causal else mlm_perplexity
         forward = gpt_calibration_forward if causal else bert_calibration_forward
         model = build_model(cfg, dtype)
+        for name, layer in target_layers(model).items():  # a group size that does not fit fails before the slow work
+            fmt.check(name, tuple(layer.weight.shape))
         load_full_state_dict(model, state)
         model.eval()
         # only generation needs it; loaded before the slow work so that a missing one fails early
