@@ -238,7 +238,7 @@ def run(args) -> dict:
 
 
 def report_markdown(r: dict) -> str:
-    g = (f", group size {r['group_size']}" if r["group_size"] not in (None, -1) else " (per output channel)")
+    g = f", group size {r['group_size']}" if r.get("group_size") not in (None, -1) else " (per output channel)"
     g += "" if r.get("sym") is None else (", symmetric" if r["sym"] else ", asymmetric")
     lines = [
         f"# Quantization report: int{r['bits']}{g}, {r['method'].upper()}"
