@@ -53,22 +53,31 @@ def test_int4_pack_roundtrip():
     assert torch.equal(packed[0, 0], (q[0, 0] | (q[0, 1] << 4)).to(torch.uint8))
 
 
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 16)])
-def test_rtn_error_is_within_half_a_step(bits, group):
+FORMATS = [(8, None, None), (4, 16, None), (8, 16, True), (8, 16, False), (8, None, False), (4, 16, True),
+           (4, None, True)]
+
+
+@pytest.mark.parametrize("bits,group,sym", FORMATS)
+def test_rtn_error_is_within_half_a_step(bits, group, sym):
     w = torch.randn(32, 64)
-    qw = quantize_rtn(w, QuantFormat(bits, group))
+    fmt = QuantFormat(bits, group, sym)
+    qw = quantize_rtn(w, fmt)
     step = qw.scale.repeat_interleave(64 // qw.scale.shape[1], dim=1)
     assert ((qw.dequantize() - w).abs() <= step * 0.5 + 1e-6).all()
-    assert int(qw.q.min()) >= (-128 if bits == 8 else 0) and int(qw.q.max()) <= (127 if bits == 8 else 15)
+    signed = bits == 8 and sym is not False
+    assert int(qw.q.min()) >= (-128 if signed else 0) and int(qw.q.max()) <= (127 if signed else 2**bits - 1)
+    assert (qw.zero is None) == signed and qw.scale.shape == (32, 64 // (group or 64))
+    if fmt.sym and not signed:
+        assert torch.all(qw.zero == 2 ** (bits - 1))
 
 
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 16)])
-def test_gptq_beats_rtn_on_correlated_inputs(bits, group):
+@pytest.mark.parametrize("bits,group,sym", FORMATS)
+def test_gptq_beats_rtn_on_correlated_inputs(bits, group, sym):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 16, generator=g) @ torch.randn(16, 64, generator=g)  # low-rank, correlated inputs
     x += 0.05 * torch.randn(2048, 64, generator=g)
     w = torch.randn(48, 64, generator=g)
-    fmt = QuantFormat(bits, group)
+    fmt = QuantFormat(bits, group, sym)
     h = x.T @ x / x.shape[0]
     err = {name: ((x @ (qw.dequantize() - w).T) ** 2).mean().item()
            for name, qw in (("rtn", quantize_rtn(w, fmt)), ("gptq", quantize_gptq(w, h, fmt)))}
@@ -80,8 +89,42 @@ def test_formats_refuse_bad_settings():
         QuantFormat(3)
     with pytest.raises(QuantizationError, match="even group_size"):
         QuantFormat(4, 7)
-    with pytest.raises(QuantizationError, match="not divisible by group_size=48"):
-        QuantFormat(4, 48).check("layer.x", (8, 64))
+    with pytest.raises(QuantizationError, match="group_size=1"):
+        QuantFormat(8, 1)
+    for bits in (4, 8):
+        with pytest.raises(QuantizationError, match="layer.x: in_features=64 is not divisible by group_size=48"):
+            QuantFormat(bits, 48).check("layer.x", (8, 64))
+    with pytest.raises(QuantizationError, match="layer.y: in_features=63 is odd"):
+        QuantFormat(4).check("layer.y", (8, 63))
+
+
+def test_gptq_chooses_group_parameters_when_it_reaches_the_group():
+    """Group-wise GPTQ: the first group's scale/zero come from the untouched weights (RTN's), later groups' from the
+    weights as the error feedback left them (so they differ from RTN's); per channel: RTN's, from the start."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    w = torch.randn(24, 64, generator=g)
+    h = x.T @ x / x.shape[0]
+    for fmt in (QuantFormat(8, 16, sym=False), QuantFormat(4, 16)):
+        gptq, rtn = quantize_gptq(w, h, fmt, percdamp=0.0), quantize_rtn(w, fmt)
+        assert torch.equal(gptq.zero[:, 0], rtn.zero[:, 0]) and torch.allclose(gptq.scale[:, 0], rtn.scale[:, 0])
+        assert not torch.allclose(gptq.scale[:, 1:], rtn.scale[:, 1:])
+    per_channel = QuantFormat(8, None, sym=False)
+    gptq, rtn = quantize_gptq(w, h, per_channel, percdamp=0.0), quantize_rtn(w, per_channel)
+    assert torch.equal(gptq.zero, rtn.zero) and torch.allclose(gptq.scale, rtn.scale)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_min_zero_keeps_asymmetric_zero_points_storable(bits):
+    """``min_zero=1`` (the GPTQ v1 export): groups of non-negative weights get zero 1 instead of 0, still within
+    half a step (their positive range spread over qmax - 1 steps)."""
+    w = torch.randn(16, 64)
+    w[:4] = w[:4].abs()  # all-positive rows: zero point 0 in every group without min_zero
+    assert int(quantize_rtn(w, QuantFormat(bits, 16, sym=False)).zero[:4].max()) == 0
+    qw = quantize_rtn(w, QuantFormat(bits, 16, sym=False, min_zero=1))
+    assert int(qw.zero.min()) == 1
+    step = qw.scale.repeat_interleave(16, dim=1)
+    assert ((qw.dequantize() - w).abs() <= step * 0.5 * (1 + 1e-5)).all()
 
 
 # --- a trained tiny model -----------------------------------------------------------------------------------------

@@ -36,13 +36,11 @@ from largelm.config import config_from_dict
 from largelm.quant import QuantFormat, QuantizationError, build_model, quantize_model
 from largelm.quant.core import quantize_rtn
 from largelm.quant.hf_gptq import (
-    ActOrderQuantLinear,
     gptq_codes,
     hf_gptq_tensors,
     pack_cols,
     pack_rows,
     quantization_config,
-    quantize_gptq_act_order,
     quantize_model_act_order,
 )
 
@@ -116,33 +114,6 @@ def test_packing_matches_the_reference_layout():
     assert pack_rows(torch.full((8, 1), 15, dtype=torch.int32), 4).item() == -1
 
 
-@pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (8, True)])
-def test_codes_dequantize_to_the_layer_largelm_computes(bits, act_order):
-    """gptq_codes -> pack -> reference unpacking reproduces the weight the (act-order) QuantLinear multiplies by."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(512, 64, generator=g) * torch.linspace(0.1, 3.0, 64)  # unequal input scales: a real order
-    w = torch.randn(40, 64, generator=g)
-    fmt = QuantFormat(bits, GROUP if bits == 4 else None, sym=True)
-    if act_order:
-        qw, perm = quantize_gptq_act_order(w, x.T @ x / x.shape[0], fmt)
-        assert not torch.equal(perm, torch.arange(64))
-        layer = ActOrderQuantLinear(qw, perm, None, False, torch.float32)
-    else:
-        qw, perm = quantize_rtn(w, fmt), None
-        from largelm.quant import QuantLinear
-
-        layer = QuantLinear(qw, None, False, torch.float32)
-    c = gptq_codes(layer.quantized(), perm)
-    zeros = c["zeros"].T
-    w_ref = reference_dequantize(pack_rows(c["codes"].T.contiguous(), bits), pack_cols(zeros.contiguous() - 1, bits),
-                                 c["scales"].T.half(), c["g_idx"], bits).T
-    xs = torch.randn(5, 64, generator=g)
-    y, _ = layer(xs)
-    torch.testing.assert_close(y, xs @ w_ref.T, rtol=1e-5, atol=1e-5)
-    if act_order:
-        assert len(set(c["g_idx"].tolist())) == (64 // GROUP if bits == 4 else 1)
-
-
 def test_asymmetric_zero_point_zero_is_refused():
     w = torch.rand(8, 64)  # all weights >= 0: zero point 0 in every group
     fmt = QuantFormat(4, GROUP)
@@ -190,9 +161,22 @@ def _round_unquantized_to_fp16(model):
                 p.data = p.data.half().float()
 
 
+# end to end (model -> export -> HF class): the original four symmetric cases, int8 with groups, and asymmetric int4
+# and int8 (one model each: the formats' arithmetic is covered on random matrices above)
+EXPORTS = [("gpt2", 4, True, GROUP, True), ("gpt2", 8, False, None, True), ("llama", 4, False, GROUP, True),
+           ("llama", 8, True, None, True), ("llama", 8, False, GROUP, True), ("llama", 4, True, GROUP, False),
+           ("llama", 8, True, GROUP, False), ("gpt2", 8, True, GROUP, False)]
+
+
+def _export_id(key) -> str:
+    style, bits, act_order, group, sym = key
+    return f"{style}-int{bits}-g{group or -1}{'' if sym else '-asym'}{'-act' if act_order else ''}"
+
+
 @pytest.fixture(scope="module")
 def exports(tokenizer_path, shard_dir, tmp_path_factory):
-    """(style, bits, act_order) -> (export dir, cfg, largelm logits [b, s, V] on the fixed ids, ids)."""
+    """(style, bits, act_order, group_size, sym) -> (export dir, cfg, largelm logits [b, s, V] on the fixed ids,
+    ids)."""
     from largelm.model.gpt import split_tokens
     from largelm.tokenizer import Tokenizer
 
@@ -202,29 +186,29 @@ def exports(tokenizer_path, shard_dir, tmp_path_factory):
     calib = [torch.randint(0, vocab, (4, 33), generator=torch.Generator().manual_seed(i)) for i in range(4)]
     out = {}
     with single_rank_parallel_state():
-        for style, bits, act_order in (("gpt2", 4, True), ("gpt2", 8, False), ("llama", 4, False),
-                                       ("llama", 8, True)):
+        for key in EXPORTS:
+            style, bits, act_order, group, sym = key
             cfg = _config(style, vocab, tokenizer_path, shard_dir)
             torch.manual_seed(0)
             model = build_model(cfg).eval()
-            fmt = QuantFormat(bits, GROUP if bits == 4 else None, sym=True)
+            fmt = QuantFormat(bits, group, sym, min_zero=1)  # as tools/quantize.py --format hf-gptq
             if act_order:
                 quantize_model_act_order(model, fmt, calib)
             else:
                 quantize_model(model, fmt, "gptq", calib)
-            path = _export(model, cfg, tmp / f"{style}-{bits}-{act_order}", fmt, act_order)
+            path = _export(model, cfg, tmp / _export_id(key), fmt, act_order)
             _round_unquantized_to_fp16(model)
             input_ids, _, pos = split_tokens(ids)
             with torch.no_grad():
                 logits = model(input_ids, pos, None)[..., : cfg.model.vocab_size]
-            out[(style, bits, act_order)] = (path, cfg, logits, input_ids)
+            out[key] = (path, cfg, logits, input_ids)
     return out
 
 
 def test_export_layout_and_config(exports):
     from safetensors import safe_open
 
-    path, cfg, _, _ = exports[("gpt2", 4, True)]
+    path, cfg, _, _ = exports[("gpt2", 4, True, GROUP, True)]
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == GROUP
     assert qc["desc_act"] is True and qc["sym"] is True and qc["checkpoint_format"] == "gptq"
@@ -238,12 +222,18 @@ def test_export_layout_and_config(exports):
         assert f.get_tensor("transformer.wte.weight").shape == (cfg.model.vocab_size, h)  # padding rows dropped
     assert "transformer.h.0.attn.c_attn.weight" not in keys and "transformer.h.1.ln_2.bias" in keys
     assert (path / "tokenizer.json").is_file()
-    llama = json.loads((exports[("llama", 8, True)][0] / "config.json").read_text())["quantization_config"]
+    llama = json.loads((exports[("llama", 8, True, None, True)][0] / "config.json").read_text())["quantization_config"]
     assert llama["bits"] == 8 and llama["group_size"] == -1
+    asym = exports[("gpt2", 8, True, GROUP, False)][0]
+    qc = json.loads((asym / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (8, GROUP, False, True)
+    with safe_open(str(asym / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("transformer.h.0.attn.c_attn.qweight").shape == (h * 8 // 32, k3)
+        assert f.get_tensor("transformer.h.0.attn.c_attn.qzeros").shape == (h // GROUP, k3 * 8 // 32)
+        assert f.get_tensor("transformer.h.0.mlp.c_proj.scales").shape == (cfg.model.ffn_size // GROUP, h)
 
 
-@pytest.mark.parametrize("key", [("gpt2", 4, True), ("gpt2", 8, False), ("llama", 4, False), ("llama", 8, True)],
-                         ids=lambda k: f"{k[0]}-int{k[1]}{'-act' if k[2] else ''}")
+@pytest.mark.parametrize("key", EXPORTS, ids=_export_id)
 def test_reference_dequantized_hf_model_matches_largelm(exports, key):
     path, cfg, ours, ids = exports[key]
     model, _ = hf_model_with_dequantized_weights(path)
@@ -303,8 +293,12 @@ def _gptqmodel():
 
 
 @pytest.mark.slow  # loading gptqmodel and its kernels takes ~30 s
-@pytest.mark.parametrize("key", [("llama", 4, False), ("llama", 8, True), ("gpt2", 4, True)],
-                         ids=lambda k: f"{k[0]}-int{k[1]}{'-act' if k[2] else ''}")
+# asymmetric GPT-2 is not here: transformers 5.25 cannot load any GPT-2 GPTQ checkpoint (see the module docstring),
+# and GPTQModel.load refuses every sym=False v1 checkpoint not written by gptqmodel >= 0.9 (its loader.py), whatever
+# its contents; the asymmetric Llama cases load through transformers and check the same layout
+@pytest.mark.parametrize("key", [("llama", 4, False, GROUP, True), ("llama", 8, True, None, True),
+                                 ("gpt2", 4, True, GROUP, True), ("llama", 4, True, GROUP, False),
+                                 ("llama", 8, True, GROUP, False)], ids=_export_id)
 def test_gptq_runtime_loads_and_generates(exports, key):
     gptqmodel = _gptqmodel()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -462,7 +456,7 @@ def tp2_pp2_checkpoint(tokenizer_path, shard_dir, shard_seq_length, tmp_path_fac
 
 @pytest.mark.slow
 def test_tool_exports_a_tp2_pp2_checkpoint(tp2_pp2_checkpoint, tmp_path):
-    """tools/quantize.py --format hf-gptq (int4 RTN, group 32) on the TP=2 x PP=2 checkpoint: the directory's
+    """tools/quantize.py --format hf-gptq (int8 RTN, group 32) on the TP=2 x PP=2 checkpoint: the directory's
     reference dequantization equals largelm's quantized model of the same checkpoint; the runtime (if installed)
     loads it and generates; the tool refuses act-order without GPTQ."""
     from largelm.checkpoint.full_weights import load_full_weights
@@ -470,11 +464,12 @@ def test_tool_exports_a_tp2_pp2_checkpoint(tp2_pp2_checkpoint, tmp_path):
     from largelm.model.weights import load_full_state_dict
 
     out = tmp_path / "gptq"
-    proc = _quantize_tool("--checkpoint", tp2_pp2_checkpoint, "--out", out, "--format", "hf-gptq", "--bits", "4",
+    proc = _quantize_tool("--checkpoint", tp2_pp2_checkpoint, "--out", out, "--format", "hf-gptq", "--bits", "8",
                           "--group-size", "32", "--eval-batches", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["format"] == "hf-gptq" and report["bytes"]["quantized"] < report["bytes"]["bf16"]
+    assert (report["bits"], report["group_size"], report["sym"]) == (8, 32, True)
     assert abs(report["ppl_increase_pct"]) < 10
     assert not list(tmp_path.glob(".partial-*"))
 
@@ -484,12 +479,12 @@ def test_tool_exports_a_tp2_pp2_checkpoint(tp2_pp2_checkpoint, tmp_path):
     with single_rank_parallel_state():
         model = build_model(cfg)
         load_full_state_dict(model, state)
-        quantize_model(model.eval(), QuantFormat(4, 32, sym=True))
+        quantize_model(model.eval(), QuantFormat(8, 32, sym=True))
         _round_unquantized_to_fp16(model)
         with torch.no_grad():
             ours = model(input_ids, pos, None)[..., : cfg.model.vocab_size]
     hf, qc = hf_model_with_dequantized_weights(out)
-    assert qc["desc_act"] is False and qc["group_size"] == 32
+    assert qc["desc_act"] is False and (qc["bits"], qc["group_size"], qc["sym"]) == (8, 32, True)
     with torch.no_grad():
         theirs = hf(input_ids).logits
     tol = logit_tol(cfg.model, ours.abs().max().item())

@@ -7,7 +7,9 @@
 
 ``--format hf-gptq`` writes a Hugging Face GPTQ directory (config.json with ``quantization_config``, packed
 ``qweight/qzeros/scales/g_idx`` in model.safetensors, tokenizer files; largelm/quant/hf_gptq.py) instead of
-largelm's own format; int4 is then symmetric (the GPTQ convention serving kernels need), int8 per output channel.
+largelm's own format; symmetric by default there (the GPTQ convention serving kernels need).
+``--bits 4|8`` with ``--group-size N`` (-1: per output channel) and ``--sym``/``--no-sym`` (``--asymmetric``) pick
+the format in both outputs.
 BERT checkpoints are calibrated on masked batches and measured by their masked-LM validation loss.
 
 Reads the checkpoint (a root -> its latest, or one step_XXXXXXXX directory; any TP/PP/ZeRO layout), quantizes the
@@ -36,7 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory of the quantized checkpoint (new, empty, or a "
                    "previous output, which is replaced)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=8)
-    p.add_argument("--group-size", type=positive_int, default=128, help="int4: input columns per scale/zero point")
+    p.add_argument("--group-size", type=group_size_arg, default=None, help="input columns per scale/zero point; "
+                   "-1: one per output channel (default: 128 for int4, -1 for int8)")
+    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetric grid (zero point 2^(bits-1)) or, with --no-sym, a min/max zero point per group "
+                   "(default: symmetric for int8 and for --format hf-gptq, asymmetric for largelm's int4)")
+    p.add_argument("--asymmetric", dest="sym", action="store_false", default=None, help="the same as --no-sym")
     p.add_argument("--method", choices=("rtn", "gptq", "awq"), default="rtn")
     p.add_argument("--format", choices=("largelm", "hf-gptq"), default="largelm",
                    help="largelm: load_quantized's format; hf-gptq: a Hugging Face GPTQ directory")
@@ -54,6 +61,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute dtype for eval and timing")
     p.add_argument("--prompt", default="", help="also generate a greedy sample from this prompt for the report")
     return p.parse_args(argv)
+
+
+def group_size_arg(text: str) -> int:
+    """argparse type: -1 (per output channel) or a count >= 1."""
+    return -1 if text.strip() == "-1" else positive_int(text)
+
+
+def usage_error(args) -> str | None:
+    """What is wrong with the combination of flags (checked before torch and the checkpoint are loaded)."""
+    if args.act_order and (args.method != "gptq" or args.format != "hf-gptq"):
+        return "--act-order needs --method gptq and --format hf-gptq"
+    if args.method == "awq" and args.format == "hf-gptq":
+        # AWQ may keep an explicit per-input-channel scale (after GELU, or with grouped-query attention), which
+        # the GPTQ format has no place for; its own format (quant_method: awq) is not written here
+        return "--format hf-gptq takes --method rtn or gptq (AWQ's results stay in the largelm format)"
+    if args.group_size == 1 or (args.bits == 4 and args.group_size not in (None, -1) and args.group_size % 2):
+        return (f"--group-size {args.group_size}: int{args.bits} needs -1 (per output channel) or "
+                f"{'an even number' if args.bits == 4 else 'a number'} >= 2")
+    return None
+
+
+def quant_format(args):
+    """The ``QuantFormat`` the flags ask for. hf-gptq: symmetric unless --no-sym, asymmetric zero points >= 1 (the
+    GPTQ v1 format stores zero - 1)."""
+    from largelm.quant import QuantFormat  # lazy (usage errors are reported before torch is imported)
+
+    hf = args.format == "hf-gptq"
+    group = args.group_size if args.group_size is not None else (128 if args.bits == 4 else -1)
+    sym = args.sym if args.sym is not None else (True if hf else None)
+    return QuantFormat(args.bits, None if group == -1 else group, sym, min_zero=1 if hf else 0)
 
 
 def calibration_batches(cfg, count: int, batch_size: int):
@@ -116,7 +153,6 @@ def run(args) -> dict:
     from largelm.model.generate import generate
     from largelm.model.weights import load_full_state_dict
     from largelm.quant import (
-        QuantFormat,
         QuantizationError,
         build_model,
         load_quantized,
@@ -127,13 +163,19 @@ def run(args) -> dict:
     )
     from largelm.quant.bert import bert_calibration_forward, bert_tokens_per_s, mlm_perplexity
     from largelm.quant.hf_gptq import quantize_model_act_order
-    from largelm.quant.model import check_supported, compare_tokens_per_s, dir_bytes, gpt_calibration_forward
+    from largelm.quant.model import (
+        check_supported,
+        compare_tokens_per_s,
+        dir_bytes,
+        gpt_calibration_forward,
+        target_layers,
+    )
     from largelm.tokenizer import Tokenizer
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     hf = args.format == "hf-gptq"
-    # the GPTQ format's int4 is symmetric (zero point 8): what serving kernels (Marlin, ExLlama) implement
-    fmt = QuantFormat(args.bits, args.group_size if args.bits == 4 else None, sym=hf and args.bits == 4)
+    # hf-gptq defaults to symmetric (zero point 2^(bits-1)): what serving kernels (Marlin, ExLlama) implement
+    fmt = quant_format(args)
     out = Path(args.out)
     with single_process_parallel_state():
         cfg, state, ckpt_dir = load_full_weights(args.checkpoint)
@@ -147,6 +189,8 @@ def run(args) -> dict:
         measure = perplexity if causal else mlm_perplexity
         forward = gpt_calibration_forward if causal else bert_calibration_forward
         model = build_model(cfg, dtype)
+        for name, layer in target_layers(model).items():  # a group size that does not fit fails before the slow work
+            fmt.check(name, tuple(layer.weight.shape))
         load_full_state_dict(model, state)
         model.eval()
         # only generation needs it; loaded before the slow work so that a missing one fails early
@@ -181,7 +225,7 @@ def run(args) -> dict:
     report = {
         "checkpoint": str(ckpt_dir), "out": str(out), "format": args.format, "arch": cfg.model.arch,
         "method": args.method, "act_order": args.act_order, "bits": args.bits,
-        "group_size": fmt.group_size, "sym": fmt.bits == 8 or fmt.sym, "dtype": args.dtype,
+        "group_size": fmt.group_size or -1, "sym": fmt.sym, "dtype": args.dtype,
         "metric": "valid" if causal else "masked-LM valid",
         "bytes": {"bf16": bf16_bytes, "quantized": sum(f.stat().st_size for f in out.glob("*.safetensors"))},
         "before": before, "after": after,
@@ -194,7 +238,8 @@ def run(args) -> dict:
 
 
 def report_markdown(r: dict) -> str:
-    g = f", group size {r['group_size']}" if r["bits"] == 4 else " (per output channel)"
+    g = f", group size {r['group_size']}" if r.get("group_size") not in (None, -1) else " (per output channel)"
+    g += "" if r.get("sym") is None else (", symmetric" if r["sym"] else ", asymmetric")
     lines = [
         f"# Quantization report: int{r['bits']}{g}, {r['method'].upper()}"
         f"{' (act-order)' if r.get('act_order') else ''}, {r.get('arch', 'gpt').upper()}, format "
@@ -218,14 +263,9 @@ def report_markdown(r: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # a usage error is reported before torch and the checkpoint code are imported (seconds)
-    if args.act_order and (args.method != "gptq" or args.format != "hf-gptq"):
-        print("error: --act-order needs --method gptq and --format hf-gptq", file=sys.stderr)
-        return 2
-    if args.method == "awq" and args.format == "hf-gptq":
-        # AWQ may keep an explicit per-input-channel scale (after GELU, or with grouped-query attention), which
-        # the GPTQ format has no place for; its own format (quant_method: awq) is not written here
-        print("error: --format hf-gptq takes --method rtn or gptq (AWQ's results stay in the largelm format)",
-              file=sys.stderr)
+    problem = usage_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     from largelm.checkpoint.manager import CheckpointError
     from largelm.config import ConfigError

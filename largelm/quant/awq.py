@@ -104,7 +104,7 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, grid: int = 
     per group to minimise that group's output error on inputs ``x`` [n, K] (``r = 1``: unclipped)."""
     x, w = x.float(), w.float()
     n_rows, k = w.shape
-    gs = k if fmt.bits == 8 else fmt.group_size
+    gs = fmt.group_width(k)
     xg = x.reshape(x.shape[0], k // gs, gs)
     out = w.clone()
     for r0 in range(0, n_rows, CLIP_ROW_BATCH):

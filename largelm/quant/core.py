@@ -1,14 +1,19 @@
-"""Weight-only quantization math: round-to-nearest (RTN) and GPTQ, int8 per-channel and int4 group-wise.
+"""Weight-only quantization math: round-to-nearest (RTN) and GPTQ; int8 or int4, per output channel or group-wise
+along the input dimension, symmetric or asymmetric.
 
-Conventions (one per format, shared by quantization, storage and the forward):
+Conventions (one per format, shared by quantization, storage and the forward). ``QuantFormat(bits, group_size,
+sym)``: ``group_size`` input columns share a scale (``None``: one per output row); ``sym`` default: int8
+symmetric, int4 asymmetric.
 
-* **int8, per output channel, symmetric**: ``q`` int8 [N, K], ``scale`` [N]; ``W ~= q * scale``. With bf16/fp16
-  activations the forward uses ATen's kernel ``torch._weight_int8pack_mm`` (what torchao's int8 weight-only path
-  calls on CPU); with fp32 activations it dequantizes (that kernel's fp32 CPU path is far slower).
-* **int4, group-wise along the input dimension, asymmetric**: values 0..15, ``scale`` and ``zero`` [N, K / g];
-  ``W ~= (q - zero) * scale``; ``QuantFormat(sym=True)``: zero fixed at 8 (the GPTQ format's ``sym``).
-  Stored packed two per byte (``pack_int4``: even column in the low nibble).
-  Dequantized on the fly in the forward.
+* **int8 symmetric** (the "signed" layout): ``q`` int8 -128..127 [N, K], ``scale`` [N, groups], no zero point;
+  ``W ~= q * scale``. Per channel, with bf16/fp16 activations, the forward uses ATen's kernel
+  ``torch._weight_int8pack_mm`` (what torchao's int8 weight-only path calls on CPU); otherwise it dequantizes.
+* **everything else** (int4; int8 asymmetric): unsigned codes 0 .. 2^bits - 1, ``scale`` and ``zero`` [N, groups];
+  ``W ~= (q - zero) * scale``. Asymmetric: the zero point from each group's min/max (GPTQ's, torchao's
+  ``ASYMMETRIC``); symmetric int4: zero fixed at 8 (the GPTQ format's ``sym``). int4 is stored packed two per byte
+  (``pack_int4``: even column in the low nibble), int8 as uint8. Dequantized on the fly in the forward.
+  ``min_zero=1`` keeps every asymmetric zero point >= 1 (the GPTQ v1 format stores ``zero - 1``): a group whose
+  range would give zero 0 (all its weights >= 0) gets zero 1 and ``scale = max / (qmax - 1)`` instead.
 
 The quantization parameters and the (de)quantization are torchao's primitives (``choose_qparams_affine``,
 ``quantize_affine``, ``dequantize_affine``); GPTQ's column loop is written here because torchao's GPTQ
@@ -48,53 +53,79 @@ class QuantizationError(ValueError):
 @dataclass(frozen=True)
 class QuantFormat:
     bits: int  # 8 or 4
-    group_size: Optional[int] = None  # int4: input columns per scale/zero; int8: None (one scale per row)
-    # int4 only: symmetric grid (zero point fixed at 8, scale = max|w| / 7.5), the GPTQ format's ``sym=True``
-    # convention that serving kernels (vLLM's Marlin, ExLlama) require; int8 is always symmetric
-    sym: bool = False
+    group_size: Optional[int] = None  # input columns per scale/zero point; None: one per output row (per channel)
+    # None: the default of the bits (int8 symmetric, int4 asymmetric). Symmetric: scale = max|w| / ((qmax - qmin)
+    # / 2) with zero 2^(bits-1) (int8: signed codes, no zero), the GPTQ format's ``sym=True`` convention that serving
+    # kernels (vLLM's Marlin, ExLlama) require
+    sym: Optional[bool] = None
+    min_zero: int = 0  # smallest asymmetric zero point (1: representable in the GPTQ v1 format, which stores zero-1)
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise QuantizationError(f"bits={self.bits}: supported weight formats are int8 and int4")
-        if self.bits == 4 and (not self.group_size or self.group_size < 2 or self.group_size % 2):
-            raise QuantizationError(f"int4 needs an even group_size >= 2, got {self.group_size}")
+        if self.group_size is not None and (self.group_size < 2 or (self.bits == 4 and self.group_size % 2)):
+            raise QuantizationError(f"group_size={self.group_size}: needs None (per channel) or "
+                                    f"{'an even group_size' if self.bits == 4 else 'a group_size'} >= 2")
+        if self.min_zero not in (0, 1):
+            raise QuantizationError(f"min_zero={self.min_zero}: 0 or 1")
+        if self.sym is None:  # frozen dataclass: resolve the default once
+            object.__setattr__(self, "sym", self.bits == 8)
+
+    @property
+    def signed(self) -> bool:
+        """int8 symmetric: signed codes and no zero point (ATen's int8 kernel's layout)."""
+        return self.bits == 8 and self.sym
 
     @property
     def qmin(self) -> int:
-        return -128 if self.bits == 8 else 0
+        return -128 if self.signed else 0
 
     @property
     def qmax(self) -> int:
-        return 127 if self.bits == 8 else 15
+        return 127 if self.signed else 2**self.bits - 1
 
     @property
     def qdtype(self) -> torch.dtype:
-        return torch.int8 if self.bits == 8 else torch.uint8
+        return torch.int8 if self.signed else torch.uint8
+
+    def group_width(self, in_features: int) -> int:
+        return self.group_size or in_features
 
     def block(self, in_features: int) -> tuple[int, int]:
-        return (1, in_features) if self.bits == 8 else (1, self.group_size)
+        return (1, self.group_width(in_features))
+
+    def describe(self) -> str:
+        g = f"group size {self.group_size}" if self.group_size else "per output channel"
+        return f"int{self.bits}, {g}, {'symmetric' if self.sym else 'asymmetric'}"
 
     def check(self, name: str, weight_shape: tuple[int, ...]) -> None:
         if len(weight_shape) != 2:
             raise QuantizationError(f"{name}: weight of shape {tuple(weight_shape)} is not a 2-D linear weight")
-        if self.bits == 4 and weight_shape[1] % self.group_size:
+        if self.group_size and weight_shape[1] % self.group_size:
             raise QuantizationError(f"{name}: in_features={weight_shape[1]} is not divisible by "
                                     f"group_size={self.group_size} (choose a group size that divides it)")
+        if self.bits == 4 and weight_shape[1] % 2:
+            raise QuantizationError(f"{name}: in_features={weight_shape[1]} is odd; int4 packs two columns per byte")
 
 
 def qparams(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(scale [N, groups], zero [N, groups] or None) for weight ``w`` [N, K] (fp32)."""
+    """(scale [N, groups], zero [N, groups] int32, or None for signed int8) for weight ``w`` [N, K] (fp32)."""
     w = w.float()
-    if fmt.bits == 8:
-        scale, _ = choose_qparams_affine(w, MappingType.SYMMETRIC, fmt.block(w.shape[1]), torch.int8,
-                                         quant_min=fmt.qmin, quant_max=fmt.qmax, scale_dtype=torch.float32,
-                                         zero_point_dtype=torch.int8)
-        return scale.reshape(w.shape[0], -1), None
     mapping = MappingType.SYMMETRIC if fmt.sym else MappingType.ASYMMETRIC
-    scale, zero = choose_qparams_affine(w, mapping, fmt.block(w.shape[1]), torch.uint8,
-                                        quant_min=fmt.qmin, quant_max=fmt.qmax, scale_dtype=torch.float32,
-                                        zero_point_dtype=torch.int32)
-    return scale.reshape(w.shape[0], -1), zero.reshape(w.shape[0], -1)
+    scale, zero = choose_qparams_affine(w, mapping, fmt.block(w.shape[1]), fmt.qdtype, quant_min=fmt.qmin,
+                                        quant_max=fmt.qmax, scale_dtype=torch.float32, zero_point_dtype=torch.int32)
+    scale, zero = scale.reshape(w.shape[0], -1), zero.reshape(w.shape[0], -1)
+    if fmt.signed:
+        return scale, None
+    if not fmt.sym and fmt.min_zero > 0:
+        # zero 0 <=> the group's minimum rounds to code 0 (all weights >= 0, up to half a step): zero 1 and the
+        # positive range over the remaining qmax - 1 steps; the codes clamp at 0 (an error under one step)
+        low = zero < fmt.min_zero
+        if low.any():
+            top = w.reshape(w.shape[0], scale.shape[1], -1).amax(-1).clamp_min(torch.finfo(torch.float32).eps)
+            scale = torch.where(low, top / (fmt.qmax - fmt.min_zero), scale)
+            zero = torch.where(low, torch.full_like(zero, fmt.min_zero), zero)
+    return scale, zero
 
 
 def _zero_point(zero: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
@@ -104,7 +135,7 @@ def _zero_point(zero: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tens
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], fmt: QuantFormat,
              block: Optional[tuple[int, int]] = None) -> torch.Tensor:
-    """Integer weights (int8, or uint8 holding 0..15) of ``w`` [N, K] with the given parameters."""
+    """Integer weights (int8, or uint8 holding 0 .. 2^bits - 1) of ``w`` [N, K] with the given parameters."""
     block = block or fmt.block(w.shape[1])
     return quantize_affine(w.float(), block, scale.float(), _zero_point(zero, scale), fmt.qdtype, fmt.qmin, fmt.qmax)
 
@@ -131,9 +162,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class QuantizedWeight:
-    q: torch.Tensor  # int8 [N, K] or uint8 0..15 [N, K] (unpacked)
+    q: torch.Tensor  # int8 [N, K] (signed int8) or uint8 0 .. 2^bits - 1 [N, K] (unpacked)
     scale: torch.Tensor  # [N, groups]
-    zero: Optional[torch.Tensor]  # [N, groups] (int4) or None
+    zero: Optional[torch.Tensor]  # [N, groups], or None (signed int8)
     fmt: QuantFormat
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -152,8 +183,9 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, perc
     onto the not-yet-quantized columns through the inverse Hessian of the layer's inputs, minimising
     ``||X W^T - X Wq^T||^2`` on the calibration inputs. ``hessian`` = ``X^T X / n`` [K, K] (fp32).
 
-    int8: per-row parameters from the original weight (as RTN). int4: each group's parameters are chosen when the
-    loop reaches the group, from the weights as updated so far (GPTQ's "act-order off, static groups off").
+    Per channel: the parameters from the whole weight before the loop (as RTN). Group-wise: each group's scale and
+    zero point are chosen when the loop reaches the group's first column, from the weights as updated so far
+    (GPTQ's reference implementation with static groups off).
     """
     w = w.detach().float().clone()
     n_rows, k = w.shape
@@ -165,13 +197,13 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, perc
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     q = torch.zeros((n_rows, k), dtype=fmt.qdtype)
-    groups = 1 if fmt.bits == 8 else k // fmt.group_size
-    scale = torch.zeros((n_rows, groups))
-    zero = None if fmt.bits == 8 else torch.zeros((n_rows, groups), dtype=torch.int32)
-    if fmt.bits == 8:
-        scale, _ = qparams(w, fmt)
+    gs = fmt.group_width(k)
+    scale = torch.zeros((n_rows, k // gs))
+    zero = None if fmt.signed else torch.zeros((n_rows, k // gs), dtype=torch.int32)
+    if not fmt.group_size:
+        scale, zero = qparams(w, fmt)
     else:  # blocks hold whole groups, so a group's parameters see all updates from earlier columns
-        block_size = fmt.group_size * max(1, block_size // fmt.group_size)
+        block_size = gs * max(1, block_size // gs)
     col_block = (1, 1)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -180,11 +212,12 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, perc
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if fmt.bits == 4 and col % fmt.group_size == 0:
-                g = col // fmt.group_size
-                s, z = qparams(w1[:, i:i + fmt.group_size], fmt)
-                scale[:, g:g + 1], zero[:, g:g + 1] = s, z
-            g = 0 if fmt.bits == 8 else col // fmt.group_size
+            g = col // gs
+            if fmt.group_size and col % gs == 0:
+                s, z = qparams(w1[:, i:i + gs], fmt)
+                scale[:, g:g + 1] = s
+                if zero is not None:
+                    zero[:, g:g + 1] = z
             s_col = scale[:, g:g + 1]
             z_col = None if zero is None else zero[:, g:g + 1]
             column = w1[:, i:i + 1]

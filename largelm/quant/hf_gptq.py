@@ -11,9 +11,11 @@ layer with ``K`` inputs, ``N`` outputs, ``G`` groups, ``b`` bits and ``pf = 32 /
 * dequantized: ``W[k, n] = scales[g_idx[k], n] * (code[k, n] - (zero[g_idx[k], n]))``, ``W`` ``[K, N]``: a
   ``Linear`` weight is ``W.T``, GPT-2's ``Conv1D`` weight is ``W`` itself (the packed layout is the same for both).
 
-largelm's formats map onto it exactly: int4 (``QuantFormat(4, g, sym=True)``: zero 8) -> ``bits 4, group_size g,
-sym``; int8 (per output channel, symmetric, codes -128..127) -> ``bits 8, group_size -1, sym``, codes + 128 and
-zero 128. Asymmetric int4 is written only when no zero point is 0 (v1 cannot store ``0 - 1`` in 4 bits).
+largelm's formats map onto it exactly (``QuantFormat(bits, group_size, sym)`` -> ``bits``, ``group_size`` or -1
+per channel, ``sym``): unsigned codes and zero points as they are (symmetric: zero ``2^(bits-1)``, 8 or 128);
+signed int8 (symmetric, codes -128..127, no zero) as codes + 128 and zero 128. A zero point of 0 cannot be written
+(v1 stores ``0 - 1``, which does not fit ``bits`` bits): the export quantizes asymmetric formats with
+``min_zero=1`` and refuses any layer that still has one.
 Act-order (``desc_act``): GPTQ quantizes the input columns in order of decreasing Hessian diagonal;
 ``ActOrderQuantLinear`` keeps the codes in that order (groups contiguous there) and permutes its input, the export
 writes the codes back in the original order with ``g_idx[perm[j]] = j // g``.
@@ -115,13 +117,12 @@ def gptq_codes(qw: QuantizedWeight, perm: Optional[torch.Tensor]) -> dict[str, t
     ``codes`` int32 [N, K] (unsigned), ``zeros`` int32 [N, G], ``scales`` fp32 [N, G] (fp16 values), ``g_idx``
     int32 [K]."""
     n, k = qw.q.shape
-    if qw.fmt.bits == 8:  # symmetric int8 per row: unsigned codes with zero point 128, one group
+    if qw.fmt.signed:  # symmetric int8: unsigned codes with zero point 128
         codes = qw.q.to(torch.int32) + 128
-        zeros = torch.full((n, 1), 128, dtype=torch.int32)
-        group_of_position = torch.zeros(k, dtype=torch.int32)
+        zeros = torch.full(tuple(qw.scale.shape), 128, dtype=torch.int32)
     else:
         codes, zeros = qw.q.to(torch.int32), qw.zero.to(torch.int32)
-        group_of_position = torch.arange(k, dtype=torch.int32) // qw.fmt.group_size
+    group_of_position = torch.arange(k, dtype=torch.int32) // qw.fmt.group_width(k)
     scales = qw.scale.to(torch.float16).float()
     if perm is None:
         return {"codes": codes, "zeros": zeros, "scales": scales, "g_idx": group_of_position}
@@ -142,8 +143,8 @@ def quantization_config(fmt: QuantFormat, act_order: bool, percdamp: float, tens
     if len(blocks) != 1:
         raise QuantizationError(f"quantized layers in {sorted(blocks)}: expected one layer stack")
     return {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": fmt.bits,
-            "group_size": fmt.group_size if fmt.bits == 4 else -1, "desc_act": act_order,
-            "sym": fmt.bits == 8 or fmt.sym, "static_groups": False, "true_sequential": True, "damp_percent": percdamp,
+            "group_size": fmt.group_size or -1, "desc_act": act_order,
+            "sym": fmt.sym, "static_groups": False, "true_sequential": True, "damp_percent": percdamp,
             "pack_dtype": "int32", "lm_head": False, "block_name_to_quantize": blocks.pop(),
             "meta": {"quantizer": ["largelm"]}}
 
@@ -181,15 +182,25 @@ def hf_gptq_tensors(model: torch.nn.Module, cfg: Config, dtype: torch.dtype = to
               for field, values in fields.items()}
     quantized = sorted(k for k, v in mapped["codes"].items() if v.dtype == torch.int32)
     out = {k: v.to(dtype).contiguous() for k, v in plain.items() if k not in quantized}
+    formats = {(layer.fmt.bits, layer.fmt.group_size, layer.fmt.sym) for layer in layers.values()}
+    if len(formats) != 1:
+        raise QuantizationError(f"quantized layers in several formats {sorted(formats, key=str)}: one "
+                                "quantization_config describes them all")
     bits = next(iter(layers.values())).fmt.bits
+    pf = WORD_BITS // bits
     for key in quantized:
         prefix = key[: -len(".weight")]
         # -> [K, N] / [G, N] / [K]: Conv1D weights are already [in, out]; Linear weights are [out, in]
         codes, zeros, scales = (mapped[f][key] if conv1d else mapped[f][key].T for f in ("codes", "zeros", "scales"))
         g_idx = mapped["g_idx"][key][:, 0] if conv1d else mapped["g_idx"][key][0]
+        if codes.shape[0] % pf or codes.shape[1] % pf:
+            raise QuantizationError(f"{prefix}: {codes.shape[0]} inputs x {codes.shape[1]} outputs: int{bits} GPTQ "
+                                    f"packs {pf} per int32 word along both (qweight, qzeros); both must be "
+                                    f"multiples of {pf}")
         if (zeros < 1).any():
             raise QuantizationError(f"{prefix}: a zero point of 0 cannot be stored in the GPTQ v1 format (it stores "
-                                    "zero - 1); quantize int4 with sym=True")
+                                    "zero - 1); quantize with QuantFormat(min_zero=1) (as tools/quantize.py "
+                                    "--format hf-gptq does) or sym=True")
         out[f"{prefix}.qweight"] = pack_rows(codes, bits)
         out[f"{prefix}.qzeros"] = pack_cols(zeros - 1, bits)
         out[f"{prefix}.scales"] = scales.to(torch.float16).contiguous()

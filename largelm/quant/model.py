@@ -2,11 +2,13 @@
 
 Checkpoint directory (``save_quantized``)::
 
-    model.safetensors    quantized layers: <layer>.qweight (int8 [N, K] | uint8 [N, K/2] packed int4),
-                         <layer>.scale (fp16 [N, groups]), <layer>.zero (int4: uint8 [N, groups]), <layer>.bias,
+    model.safetensors    quantized layers: <layer>.qweight (int8 [N, K] signed | uint8 [N, K] asymmetric int8 |
+                         uint8 [N, K/2] packed int4), <layer>.scale (fp16 [N, groups]), <layer>.zero (int4 and
+                         asymmetric int8: uint8 [N, groups]), <layer>.bias,
                          <layer>.input_scale (AWQ, where not folded: fp32 [K], the input is divided by it);
                          every other tensor (embeddings, norms, output layer) as in GPTModel.state_dict(), bf16
-    quant.json           {"format": "largelm-quant", "version": 1, "bits", "group_size", "method", "layers", ...}
+    quant.json           {"format": "largelm-quant", "version": 1, "bits", "group_size", "sym", "method",
+                         "layers", ...} (no "sym": the bits' default, int8 symmetric / int4 asymmetric)
     config.yaml          the training config of the source checkpoint (model shape, tokenizer)
 
 ``bits=16`` writes the same layout with no quantized layer (the bf16 baseline of the size comparison).
@@ -29,7 +31,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
@@ -40,16 +41,15 @@ from largelm.model.gpt import gpt_forward_loss, split_tokens
 from largelm.model.registry import get_arch
 from largelm.quant.awq import quantize_awq
 from largelm.quant.core import (
-    SCALE_DTYPE,
     QuantFormat,
     QuantizationError,
     QuantizedWeight,
     hessian_accumulator,
-    pack_int4,
     quantize_gptq,
     quantize_rtn,
     unpack_int4,
 )
+from largelm.quant.linear import QuantLinear
 
 FORMAT = "largelm-quant"
 VERSION = 1
@@ -62,67 +62,6 @@ STORE_DTYPE = torch.bfloat16
 # one) is replaced by save_quantized
 OUTPUT_FILES = {WEIGHTS, META, "config.yaml", "report.md", "report.json"}
 METHODS = ("rtn", "gptq", "awq")
-
-
-# --- the forward ----------------------------------------------------------------------------------------------
-
-class QuantLinear(torch.nn.Module):
-    """Drop-in for megatron's Column/RowParallelLinear at TP=1: ``forward(x) -> (y, bias or None)``."""
-
-    def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor], skip_bias_add: bool,
-                 compute_dtype: torch.dtype, input_scale: Optional[torch.Tensor] = None):
-        super().__init__()
-        self.fmt = qw.fmt
-        self.out_features, self.in_features = qw.q.shape
-        self.skip_bias_add = skip_bias_add
-        self.compute_dtype = compute_dtype
-        # clone: fresh, allocator-aligned storage (tensors from safetensors' load_file can sit at unaligned offsets,
-        # on which ATen's int8 kernel crashed)
-        packed = pack_int4(qw.q) if qw.fmt.bits == 4 else qw.q.to(torch.int8).contiguous().clone()
-        self.register_buffer("qweight", packed)
-        self.register_buffer("scale", qw.scale.to(SCALE_DTYPE))
-        self.register_buffer("zero", None if qw.zero is None else qw.zero.to(torch.uint8))
-        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
-        # AWQ's per-input-channel scale where it could not be folded into the previous op (largelm/quant/awq.py)
-        self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().float().clone())
-        # _weight_int8pack_mm wants scales in the activation dtype; convert once
-        self.register_buffer("_scale_rows", qw.scale.reshape(-1).to(SCALE_DTYPE).to(compute_dtype),
-                             persistent=False)
-
-    def quantized(self) -> QuantizedWeight:
-        q = unpack_int4(self.qweight) if self.fmt.bits == 4 else self.qweight
-        return QuantizedWeight(q, self.scale.float(), None if self.zero is None else self.zero.to(torch.int32),
-                               self.fmt)
-
-    def weight_dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.fmt.bits == 8:
-            return (self.qweight.to(dtype) * self._scale_rows.to(dtype).unsqueeze(1))
-        q = unpack_int4(self.qweight).to(dtype)
-        groups = self.scale.shape[1]
-        q = q.view(self.out_features, groups, -1)
-        w = (q - self.zero.to(dtype).unsqueeze(-1)) * self.scale.to(dtype).unsqueeze(-1)
-        return w.view(self.out_features, self.in_features)
-
-    def forward(self, x: torch.Tensor, *_args, **_kwargs):
-        x = x.to(self.compute_dtype)
-        if self.input_scale is not None:
-            x = x / self.input_scale.to(x.dtype)
-        # ATen's int8 weight-only kernel is fast for bf16/fp16 activations; on CPU its fp32 path is ~50x slower
-        # than dequantize + F.linear (measured), so fp32 takes the dequantizing path.
-        if self.fmt.bits == 8 and x.dtype in (torch.bfloat16, torch.float16):
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.qweight,
-                                          self._scale_rows.to(x.dtype))
-            y = y.reshape(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.weight_dequantized(x.dtype))
-        if self.bias is not None and not self.skip_bias_add:
-            return y + self.bias, None
-        return y, (self.bias if self.skip_bias_add else None)
-
-    def extra_repr(self) -> str:
-        g = f", group_size={self.fmt.group_size}" if self.fmt.bits == 4 else ""
-        s = ", input_scale" if self.input_scale is not None else ""
-        return f"in={self.in_features}, out={self.out_features}, int{self.fmt.bits}{g}{s}"
 
 
 # --- what is quantized ----------------------------------------------------------------------------------------
@@ -268,7 +207,8 @@ def save_quantized(model: torch.nn.Module, cfg: Config, out: str | Path, *, meth
             continue
         tensors[key] = value.detach().to(STORE_DTYPE).contiguous()
     meta = {"format": FORMAT, "version": VERSION, "method": method, "bits": fmt.bits if fmt else 16,
-            "group_size": fmt.group_size if fmt else None, "layers": layers, "stored_dtype": "bfloat16",
+            "group_size": fmt.group_size if fmt else None, "sym": fmt.sym if fmt else None, "layers": layers,
+            "stored_dtype": "bfloat16",
             **(extra_meta or {})}
     partial, replaced = out.parent / f".partial-{out.name}", out.parent / f".replaced-{out.name}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,7 +258,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     check_supported(cfg)
     tensors = load_file(str(path / WEIGHTS))
     model = build_model(cfg, dtype)
-    fmt = QuantFormat(meta["bits"], meta["group_size"]) if meta["bits"] in (4, 8) else None
+    fmt = QuantFormat(meta["bits"], meta["group_size"], meta.get("sym")) if meta["bits"] in (4, 8) else None
     targets = target_layers(model)
     if set(meta["layers"]) - set(targets):
         raise QuantizationError(f"{path}: quantized layers {sorted(set(meta['layers']) - set(targets))} do not "
