@@ -10,7 +10,6 @@ over the validation shards masks the same positions and "before" and "after" sco
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Optional
 
@@ -19,6 +18,7 @@ import torch
 from largelm.config import Config, ConfigError
 from largelm.data import build_loader
 from largelm.model.bert import bert_forward_metrics, bert_loader_kwargs
+from largelm.quant.model import token_mean_loss
 
 
 def bert_calibration_forward(model: torch.nn.Module, batch: dict) -> None:
@@ -39,18 +39,13 @@ def mlm_perplexity(model: torch.nn.Module, cfg: Config, batch_size: int = 8,
     if not datasets:
         raise ConfigError("no validation data: the config has no data.valid")
     model.eval()
-    total, tokens = 0.0, 0
-    for i, batch in enumerate(masked_batches(cfg, datasets, batch_size, infinite=False)):
-        if max_batches is not None and i >= max_batches:
-            break
+
+    def summed(batch):  # the loss is a mean over the masked positions: weigh it by their count
         masked = int((batch["mlm_labels"] != -100).sum())
-        metrics = bert_forward_metrics(model, batch, cfg.bert.objective)
-        total += metrics["mlm_loss"].double().item() * masked
-        tokens += masked
-    if tokens == 0:
-        raise ConfigError(f"validation data {datasets} yielded no masked token")
-    loss = total / tokens
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens}
+        return bert_forward_metrics(model, batch, cfg.bert.objective)["mlm_loss"].double().item() * masked, masked
+
+    return token_mean_loss(masked_batches(cfg, datasets, batch_size, infinite=False), summed, max_batches,
+                           f"validation data {datasets} yielded no masked token")
 
 
 @torch.no_grad()

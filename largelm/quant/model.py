@@ -299,15 +299,26 @@ def perplexity(model: torch.nn.Module, cfg: Config, datasets: Optional[list] = N
     loader = build_loader(datasets=datasets, seq_length=cfg.model.seq_length, batch_size=batch_size, rank=0,
                           world_size=1, num_workers=0, shuffle_buffer=0, seed=cfg.data.seed, infinite=False)
     model.eval()
+
+    def summed(batch):
+        per_token, _ = gpt_forward_loss(model, batch["tokens"])
+        return per_token.double().sum().item(), per_token.numel()
+
+    return token_mean_loss(loader, summed, max_batches, f"validation data {datasets} yielded no batch")
+
+
+def token_mean_loss(batches, summed_loss: Callable[[dict], tuple[float, int]], max_batches: Optional[int],
+                    empty: str) -> dict:
+    """``{"loss", "ppl", "tokens"}``: the token-weighted mean loss over (at most ``max_batches`` of) ``batches``;
+    ``summed_loss(batch)`` -> (the batch's summed loss, its token count). ``empty``: the error when no token came."""
     total, tokens = 0.0, 0
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        per_token, _ = gpt_forward_loss(model, batch["tokens"])
-        total += per_token.double().sum().item()
-        tokens += per_token.numel()
+        loss_sum, count = summed_loss(batch)
+        total, tokens = total + loss_sum, tokens + count
     if tokens == 0:
-        raise ConfigError(f"validation data {datasets} yielded no batch")
+        raise ConfigError(empty)
     loss = total / tokens
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens}
 
