@@ -32,6 +32,7 @@ from largelm.checkpoint.moments import ADAM_MOMENTS, flat_moments, one_step, zer
 from largelm.errors import ConversionError
 from largelm.fileio import sha256_file
 from largelm.model.layout import (
+    DISTILL_PROJECTION,
     is_gated,
     mp_rank_coordinates,
     param_shapes,
@@ -225,6 +226,8 @@ def _dense_param_groups(model_state: dict, model, bert=None) -> Optional[list]:
     for name in param_shapes(model, bert):
         tensor = module[name]
         (no_decay if tensor.ndim < 2 or name.endswith(".bias") else decay)[name] = tuple(tensor.shape)
+    for name in (n for n in module if n.startswith(DISTILL_PROJECTION + ".")):  # registered last (distill_bert.py)
+        decay[name] = tuple(module[name].shape)
     optimizer = model_state.get("optimizer") or {}  # FP16_Optimizer nests the torch state dict; ZeRO-0 fp32 not
     groups = optimizer.get("optimizer_state_dict", optimizer).get("param_groups", [])
     if [g.get("name") for g in groups] != ["decay", "no_decay"][: len(groups)]:

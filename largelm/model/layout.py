@@ -38,6 +38,9 @@ POSITION_EMBEDDINGS = "embedding.position_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 OUTPUT_BIAS = "output_layer.bias"  # BERT's MLM output bias (vocab-parallel)
 VOCAB_PARALLEL = (WORD_EMBEDDINGS, OUTPUT_LAYER, OUTPUT_BIAS)
+# BERT distillation's learned hidden-state projection (largelm/train/distill_bert.py): a training-only submodule of
+# the student, in its training checkpoints but not part of the model: ``to_model_names`` drops it
+DISTILL_PROJECTION = "distill_projection"
 
 _COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
 # any MLP's: the dense layer's ``mlp.linear_fc1``, an MoE layer's ``mlp.experts.local_experts.<e>.linear_fc1`` and
@@ -233,10 +236,11 @@ def to_model_names(state: dict, model: ModelConfig) -> dict:
     """Rename a module-native state dict (``GPTModel``/``BertModel`` or pipeline names) to the dense model's names.
 
     Pipeline names that map to the same tensor (the tied embedding's two copies) must be equal; the first wins.
+    A distillation student's ``distill_projection`` (training only) is left out.
     """
     out: dict = {}
     for name, tensor in state.items():
-        if name.endswith("_extra_state"):
+        if name.endswith("_extra_state") or name.startswith(DISTILL_PROJECTION + "."):
             continue
         dense = model_name(name, model)
         if dense in out:
