@@ -66,7 +66,7 @@ def read_mp_rank(info: CheckpointInfo, mp_rank: int, log=None) -> tuple[dict[str
 
 def read_mp_rank_states(info: CheckpointInfo, mp_rank: int, log=None,
                         moments: bool = False) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
-    """Like ``read_mp_rank``, as ``{"fp32": weights}``; with ``moments`` also ``"exp_avg"`` and ``"exp_avg_sq"``
+    """Like ``read_mp_rank``, as ``{"fp32": weights}`` (the model's tensors only: ``_model_only``); with ``moments`` also ``"exp_avg"`` and ``"exp_avg_sq"``
     (Adam's moments, per parameter, merged from the ZeRO partitions by the same zero_to_fp32 merge as the master
     weights: they live in flat partitions of the same layout) and ``"step"`` ({"step": tensor}: Adam's step count).
     """
@@ -78,7 +78,7 @@ def read_mp_rank_states(info: CheckpointInfo, mp_rank: int, log=None,
         states = {"fp32": weights}
         if moments:
             states.update(zero0_moments(info, model_states[0], _dense_param_groups))
-        return states, origin
+        return _model_only(states), origin
     from deepspeed.checkpoint.constants import (
         BASE_OPTIMIZER_STATE,
         BUFFER_NAMES,
@@ -155,7 +155,14 @@ def read_mp_rank_states(info: CheckpointInfo, mp_rank: int, log=None,
             log(f"  [zero_to_fp32 mp_rank {mp_rank:02d}] {line}")
     if moments:
         states["step"] = {"step": one_step(steps, f"{info.path} mp_rank {mp_rank:02d}")}
-    return states, "zero fp32 master"
+    return _model_only(states), "zero fp32 master"
+
+
+def _model_only(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Without a distillation student's training-only ``distill_projection`` (not part of the model: exports,
+    conversions and teacher reads see the model alone)."""
+    return {key: {k: v for k, v in tensors.items() if not k.startswith(DISTILL_PROJECTION + ".")}
+            for key, tensors in states.items()}
 
 
 def _module_weights(info: CheckpointInfo, mp_rank: int, model_state: dict) -> tuple[dict, str]:

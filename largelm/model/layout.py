@@ -39,7 +39,8 @@ OUTPUT_LAYER = "output_layer.weight"
 OUTPUT_BIAS = "output_layer.bias"  # BERT's MLM output bias (vocab-parallel)
 VOCAB_PARALLEL = (WORD_EMBEDDINGS, OUTPUT_LAYER, OUTPUT_BIAS)
 # BERT distillation's learned hidden-state projection (largelm/train/distill_bert.py): a training-only submodule of
-# the student, in its training checkpoints but not part of the model: ``to_model_names`` drops it
+# the student, in its training checkpoints but not part of the model: the checkpoint reader drops it
+# (largelm/checkpoint/reader.py read_mp_rank_states)
 DISTILL_PROJECTION = "distill_projection"
 
 _COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
@@ -236,11 +237,10 @@ def to_model_names(state: dict, model: ModelConfig) -> dict:
     """Rename a module-native state dict (``GPTModel``/``BertModel`` or pipeline names) to the dense model's names.
 
     Pipeline names that map to the same tensor (the tied embedding's two copies) must be equal; the first wins.
-    A distillation student's ``distill_projection`` (training only) is left out.
     """
     out: dict = {}
     for name, tensor in state.items():
-        if name.endswith("_extra_state") or name.startswith(DISTILL_PROJECTION + "."):
+        if name.endswith("_extra_state"):
             continue
         dense = model_name(name, model)
         if dense in out:
