@@ -66,9 +66,10 @@ def read_mp_rank(info: CheckpointInfo, mp_rank: int, log=None) -> tuple[dict[str
 
 def read_mp_rank_states(info: CheckpointInfo, mp_rank: int, log=None,
                         moments: bool = False) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
-    """Like ``read_mp_rank``, as ``{"fp32": weights}`` (the model's tensors only: ``_model_only``); with ``moments`` also ``"exp_avg"`` and ``"exp_avg_sq"``
+    """Like ``read_mp_rank``, as ``{"fp32": weights}``; with ``moments`` also ``"exp_avg"`` and ``"exp_avg_sq"``
     (Adam's moments, per parameter, merged from the ZeRO partitions by the same zero_to_fp32 merge as the master
     weights: they live in flat partitions of the same layout) and ``"step"`` ({"step": tensor}: Adam's step count).
+    The model's tensors only (``_model_only``).
     """
     model_files = model_state_files(info, mp_rank)
     model_states = [load_pt(f) for f in model_files]
