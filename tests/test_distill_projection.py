@@ -3,7 +3,7 @@ largelm/train/distill_bert.py ``attach_hidden_projection``).
 
 * (fast) the hidden-state loss through the projection, and its gradient in W, against a float64 evaluation of the
   formula (student hidden 24 -> teacher hidden 40);
-* (slow) a student of hidden size 32 distilled from a hidden-64 teacher on 2 data-parallel ranks with ZeRO-2: the
+* (slow) a student of hidden size 32 distilled from a hidden-64 teacher on 2 data-parallel ranks with ZeRO-3: the
   loss falls and the projection (a parameter of the student, partitioned by ZeRO like the others) changes; a
   checkpoint after 3 steps resumed in a fresh engine gives bit-identical losses and gradient norms for 2 steps;
   the checkpoint holds the projection, and ``largelm-convert export-hf`` of it gives a ``BertForMaskedLM`` without
@@ -13,6 +13,7 @@ The TP=2 (+SP) runs with the projection: tests/test_distill_bert_tp.py.
 
 from __future__ import annotations
 
+import deepspeed
 import pytest
 import torch
 from mp_utils import run_ranks, single_rank_parallel_state
@@ -62,6 +63,13 @@ def test_projected_hidden_loss_matches_float64():
     assert exact.item() > 0.5  # the projection matters: random states, far from aligned
 
 
+def _projection(step) -> torch.Tensor:
+    """The student's projection weight, gathered from its ZeRO-3 partitions (collective)."""
+    weight = step.engine.module.distill_projection.weight
+    with deepspeed.zero.GatheredParameters([weight], enabled=hasattr(weight, "ds_id")):
+        return weight.detach().clone()
+
+
 def _dp2_rank(rank, world_size, case):
     from largelm.checkpoint.manager import CheckpointManager, find_latest
     from largelm.config import dump_config
@@ -87,13 +95,14 @@ def _dp2_rank(rank, world_size, case):
         torch.manual_seed(cfg.train.seed)
         model_parallel_manual_seed(cfg.train.seed)
         step = build_step(cfg, world_size)
-        projection0 = step.engine.module.distill_projection.weight.detach().clone()
+        projection0 = _projection(step)
         losses, norms = run(step, 0, RESUMED)
-        meta = {"world_size": world_size, "tensor_parallel": 1, "pipeline_parallel": 1, "zero_stage": 2}
+        meta = {"world_size": world_size, "tensor_parallel": 1, "pipeline_parallel": 1,
+                "zero_stage": cfg.parallel.zero_stage}
         manager = CheckpointManager(case["root"], config_yaml=dump_config(cfg), meta=meta)
         manager.save(step.engine, RESUMED, {})
         after, after_norms = run(step, RESUMED, STEPS)
-        moved = (step.engine.module.distill_projection.weight.detach() - projection0).abs().max().item()
+        moved = (_projection(step) - projection0).abs().max().item()
         del step
         torch.manual_seed(123)  # a fresh engine from other random weights: everything must come from the checkpoint
         model_parallel_manual_seed(123)
@@ -120,7 +129,7 @@ def test_projection_trains_resumes_exactly_and_is_not_exported(tmp_path, tokeniz
                                         if k != "distill"})
         save_teacher(teacher_cfg, teacher, random_bert(teacher_cfg, seed=1))
     raw = raw_config(tokenizer_path, teacher, "ref-proj")
-    raw["parallel"]["zero_stage"] = 2
+    raw["parallel"]["zero_stage"] = 3  # the projection is partitioned and gathered for its forward like the rest
     raw["train"].update(micro_batch_size=MICRO // 2, steps=STEPS)
     root = tmp_path / "student"
     per_rank = run_ranks(_dp2_rank, 2, dict(raw=raw, root=str(root), batches=masked_batches(STEPS)), timeout_s=300)
@@ -130,8 +139,9 @@ def test_projection_trains_resumes_exactly_and_is_not_exported(tmp_path, tokeniz
         assert res["resumed"] == res["losses"][RESUMED:], f"rank {rank}: resumed {res['resumed']} vs {res['losses']}"
         assert res["resumed_norms"] == res["norms"][RESUMED:], f"rank {rank}: gradient norms after resume differ"
     saved = next(root.glob("step_*"))
-    module = load_pt(saved / "mp_rank_00_model_states.pt")["module"]
-    assert module["distill_projection.weight"].shape == (64, 32)  # in the checkpoint (exact resume) ...
+    shapes = {k: tuple(v) for group in load_pt(saved / "zero_pp_rank_0_mp_rank_00_model_states.pt")["param_shapes"]
+              for k, v in group.items()}
+    assert shapes["distill_projection.weight"] == (64, 32)  # in the checkpoint (exact resume) ...
     [check] = api.export_hf(root, tmp_path / "hf", log=lambda *_: None)
     assert check.ok, check  # export's check: transformers' logits = the student's
     hf = BertForMaskedLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
