@@ -147,3 +147,18 @@ def test_projection_trains_resumes_exactly_and_is_not_exported(tmp_path, tokeniz
     hf = BertForMaskedLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     assert hf.config.hidden_size == 32
     assert not [k for k in hf.state_dict() if "projection" in k]  # ... not in the exported student
+
+
+def test_elastic_resume_of_a_projection_run_is_refused():
+    """Elastic resume (another layout) rebuilds the engine from the model's resharded tensors, which leave the
+    projection out: refused before any state is written (the check needs only the engine's parameter names)."""
+    from types import SimpleNamespace
+
+    from largelm.checkpoint.elastic import load_into_engine
+    from largelm.errors import ConversionError
+
+    student = torch.nn.Module()
+    student.add_module("distill_projection", torch.nn.Linear(4, 8, bias=False))
+    source = SimpleNamespace(info=SimpleNamespace(path="ckpt/step_00000002"))
+    with pytest.raises(ConversionError, match="elastic resume .* distill.hidden_projection is not supported"):
+        load_into_engine(SimpleNamespace(module=student), None, source, tp_rank=0)
