@@ -247,3 +247,6 @@ def test_distill_cli_builds_the_launch_command():
     rest = argv[argv.index("--") + 1:]
     assert rest == ["distill.teacher=runs/t/checkpoints", "distill.alpha=0.3", "distill.student_init=every_kth_layer",
                     "distill.k=3", "train.steps=5"]
+    bert = build_argv(["--config", "c.yaml", "--teacher", "t", "--hidden-weight", "1", "--hidden-projection"])
+    assert bert[bert.index("--") + 1:] == ["distill.teacher=t", "distill.hidden_weight=1.0",
+                                           "distill.hidden_projection=True"]

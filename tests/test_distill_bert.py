@@ -22,6 +22,7 @@ from mp_utils import single_rank_parallel_state
 from train_utils import REPO, check_ok, free_port, launch, tiny_config
 
 from largelm.config import ConfigError, config_from_dict
+from largelm.model.layout import VOCAB_PARALLEL
 from largelm.model.registry import get_arch
 from largelm.train.distill_bert import attention_alignment, hidden_alignment, masked_kl
 from largelm.train.teacher import aligned_layers, check_teacher, every_kth_layer_state
@@ -51,16 +52,17 @@ def test_bert_loss_parts_match_a_float64_reference():
     labels = torch.randint(0, vocab, (b, seq), generator=g)
     labels[torch.rand(b, seq, generator=g) < 0.6] = -100
     labels[0, 0] = 5
-    kl = masked_kl(s, t, labels, 2.0, vocab)
-    ref = _kl_reference(s, t, labels, 2.0, vocab)
-    # fp32 log-softmax and a sum of `vocab` terms per position, averaged over <= b*seq positions
-    assert abs(kl.item() - ref) <= 4 * EPS32 * (vocab + b * seq) * max(1.0, abs(ref))
     t_pad = t.clone()
     t_pad[..., vocab:] += 50.0  # padded vocabulary entries do not enter the KL
     t_unmasked = t.clone()
     t_unmasked[labels == -100] += torch.randn(int((labels == -100).sum()), padded, generator=g)
-    assert masked_kl(s, t_pad, labels, 2.0, vocab) == kl and masked_kl(s, t_unmasked, labels, 2.0, vocab) == kl
-    assert masked_kl(s, s.clone(), labels, 2.0, vocab).abs() <= 4 * EPS32 * vocab
+    with single_rank_parallel_state():  # the vocabulary-parallel KL's TP group (of one rank here)
+        kl = masked_kl(s, t, labels, 2.0, vocab)
+        ref = _kl_reference(s, t, labels, 2.0, vocab)
+        # fp32 log-softmax and a sum of `vocab` terms per position, averaged over <= b*seq positions
+        assert abs(kl.item() - ref) <= 4 * EPS32 * (vocab + b * seq) * max(1.0, abs(ref))
+        assert masked_kl(s, t_pad, labels, 2.0, vocab) == kl and masked_kl(s, t_unmasked, labels, 2.0, vocab) == kl
+        assert masked_kl(s, s.clone(), labels, 2.0, vocab).abs() <= 4 * EPS32 * vocab
 
     mask = torch.ones(b, seq, dtype=torch.long)
     mask[1, 4:] = 0
@@ -136,8 +138,12 @@ def test_config_and_teacher_refusals(tmp_path, tokenizer_path, bert_shards):
     with pytest.raises(ConfigError, match="distill.attention_weight: layer alignment .* model.arch='bert'"):
         config_from_dict({**gpt, "distill": {"teacher": "t", "attention_weight": 0.5}})
     path = tmp_path / "t" / "step_00000001"
-    with pytest.raises(ConfigError, match="distill.hidden_weight: .*hidden_size \\(32\\) to equal the teacher's"):
+    with pytest.raises(ConfigError, match="distill.hidden_weight: .*hidden_size \\(32\\) to equal the teacher's "
+                                          ".*set distill.hidden_projection true"):
         check_teacher(student(model={"hidden_size": 32}), teacher, path)
+    check_teacher(student(model={"hidden_size": 32, "num_layers": 2}, hidden_projection=True), teacher, path)  # W_h
+    with pytest.raises(ConfigError, match="distill.hidden_projection: .*distill.hidden_weight > 0"):
+        student(hidden_weight=0, hidden_projection=True)
     with pytest.raises(ConfigError, match="distill.attention_weight: .*num_attention_heads \\(2\\)"):
         check_teacher(student(model={"num_attention_heads": 2}, hidden_weight=0, attention_weight=1), teacher, path)
     with pytest.raises(ConfigError, match="student layer 2 is aligned with teacher layer 5 .* has 4 layers"):
@@ -218,6 +224,9 @@ def test_bert_distill_steps_in_process(tmp_path, tokenizer_path, bert_shards, mo
                 index, rest = name[len("encoder.layers."):].split(".", 1)
                 if int(index) % 2 == 0:
                     assert torch.equal(student[f"encoder.layers.{int(index) // 2}.{rest}"], tensor), name
+            elif name in VOCAB_PARALLEL:  # the teacher's real rows; its padding rows are read as zeros (tp_slice)
+                vocab = cfg.model.vocab_size
+                assert torch.equal(student[name][:vocab], tensor[:vocab]) and not student[name][vocab:].any(), name
             else:
                 assert torch.equal(student[name], tensor), name
         teacher = step.loss.teacher

@@ -7,7 +7,8 @@
 
 BERT (masked LM + SOP/NSP): the KL is taken on the masked positions, the hard loss is the MLM (+ pair) loss, and
 ``--hidden-weight`` / ``--attention-weight`` add hidden-state / attention-map alignment over ``--layer-map``
-(largelm/train/distill_bert.py).
+(largelm/train/distill_bert.py); ``--hidden-projection`` learns TinyBERT's W_h for a student of another hidden
+size.
 
 A thin wrapper over ``largelm-launch``: it adds the ``distill`` config section as overrides (``distill.teacher=...``
 etc.; a config may also carry the section itself) and launches the same training path (DeepSpeed engine, launcher,
@@ -34,6 +35,9 @@ def build_argv(argv=None) -> list[str]:
     p.add_argument("--teacher-precision", choices=("fp32", "bf16"), default=None)
     p.add_argument("--hidden-weight", type=float, default=None, help="BERT: weight of the hidden-state alignment")
     p.add_argument("--hidden-loss", choices=("cosine", "mse", "cosine+mse"), default=None)
+    p.add_argument("--hidden-projection", action="store_true", default=None,
+                   help="BERT: align hidden states through a learned projection student -> teacher hidden size "
+                        "(TinyBERT's W_h; needed when they differ)")
     p.add_argument("--attention-weight", type=float, default=None, help="BERT: weight of the attention-map alignment")
     p.add_argument("--layer-map", default=None,
                    help="BERT: every_kth_layer, or [student, teacher] pairs of 0-based layers, e.g. '[[0,1],[1,3]]'")
@@ -46,6 +50,7 @@ def build_argv(argv=None) -> list[str]:
     distill = {"teacher": args.teacher, "alpha": args.alpha, "temperature": args.temperature,
                "student_init": args.student_init, "k": args.k, "teacher_precision": args.teacher_precision,
                "hidden_weight": args.hidden_weight, "hidden_loss": args.hidden_loss,
+               "hidden_projection": args.hidden_projection,
                "attention_weight": args.attention_weight, "layer_map": args.layer_map}
     overrides = [f"distill.{key}={value}" for key, value in distill.items() if value is not None]
     cmd = ["--config", args.config, "--nproc", str(args.nproc), "--launcher", args.launcher, *args.launch_arg]

@@ -34,6 +34,7 @@ from largelm.checkpoint.info import CheckpointInfo, inspect_checkpoint, model_st
 from largelm.checkpoint.reader import consolidate_states, load_pt
 from largelm.config import Config
 from largelm.errors import ConversionError
+from largelm.model.layout import DISTILL_PROJECTION
 from largelm.model.registry import get_arch
 from largelm.parallel.deepspeed_compat.optimizer_state import (
     ADAM_KEYS,
@@ -91,6 +92,10 @@ def local_shard(name: str, param: torch.nn.Parameter, full: dict, cfg: Config, t
 def load_into_engine(engine, cfg: Config, source: ReshardSource, tp_rank: int, ep_rank: int = 0) -> None:
     """Collective-free: give this rank's engine (built from ``init_weights``) the checkpoint's masters, moments,
     Adam step, LR schedule and counters. ``tp_rank``/``ep_rank``: this rank's tensor- and expert-parallel rank."""
+    if any(name.startswith(DISTILL_PROJECTION + ".") for name, _ in engine.module.named_parameters()):
+        raise ConversionError(f"{source.info.path}: elastic resume (another layout) of a distillation run with "
+                              "distill.hidden_projection is not supported (the resharded state holds the model's "
+                              "tensors only); resume in the checkpoint's own layout")
     padded = cfg.model.padded_vocab_size(cfg.parallel.tensor_parallel)
     weights = init_weights(source, cfg)
     moments = {key: source.moments[key].padded_tensors(padded) for key in ADAM_KEYS}

@@ -32,6 +32,7 @@ from largelm.checkpoint.moments import ADAM_MOMENTS, flat_moments, one_step, zer
 from largelm.errors import ConversionError
 from largelm.fileio import sha256_file
 from largelm.model.layout import (
+    DISTILL_PROJECTION,
     is_gated,
     mp_rank_coordinates,
     param_shapes,
@@ -68,6 +69,7 @@ def read_mp_rank_states(info: CheckpointInfo, mp_rank: int, log=None,
     """Like ``read_mp_rank``, as ``{"fp32": weights}``; with ``moments`` also ``"exp_avg"`` and ``"exp_avg_sq"``
     (Adam's moments, per parameter, merged from the ZeRO partitions by the same zero_to_fp32 merge as the master
     weights: they live in flat partitions of the same layout) and ``"step"`` ({"step": tensor}: Adam's step count).
+    The model's tensors only (``_model_only``).
     """
     model_files = model_state_files(info, mp_rank)
     model_states = [load_pt(f) for f in model_files]
@@ -77,7 +79,7 @@ def read_mp_rank_states(info: CheckpointInfo, mp_rank: int, log=None,
         states = {"fp32": weights}
         if moments:
             states.update(zero0_moments(info, model_states[0], _dense_param_groups))
-        return states, origin
+        return _model_only(states), origin
     from deepspeed.checkpoint.constants import (
         BASE_OPTIMIZER_STATE,
         BUFFER_NAMES,
@@ -154,7 +156,14 @@ def read_mp_rank_states(info: CheckpointInfo, mp_rank: int, log=None,
             log(f"  [zero_to_fp32 mp_rank {mp_rank:02d}] {line}")
     if moments:
         states["step"] = {"step": one_step(steps, f"{info.path} mp_rank {mp_rank:02d}")}
-    return states, "zero fp32 master"
+    return _model_only(states), "zero fp32 master"
+
+
+def _model_only(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Without a distillation student's training-only ``distill_projection`` (not part of the model: exports,
+    conversions and teacher reads see the model alone)."""
+    return {key: {k: v for k, v in tensors.items() if not k.startswith(DISTILL_PROJECTION + ".")}
+            for key, tensors in states.items()}
 
 
 def _module_weights(info: CheckpointInfo, mp_rank: int, model_state: dict) -> tuple[dict, str]:
@@ -225,6 +234,8 @@ def _dense_param_groups(model_state: dict, model, bert=None) -> Optional[list]:
     for name in param_shapes(model, bert):
         tensor = module[name]
         (no_decay if tensor.ndim < 2 or name.endswith(".bias") else decay)[name] = tuple(tensor.shape)
+    for name in (n for n in module if n.startswith(DISTILL_PROJECTION + ".")):  # registered last (distill_bert.py)
+        decay[name] = tuple(module[name].shape)
     optimizer = model_state.get("optimizer") or {}  # FP16_Optimizer nests the torch state dict; ZeRO-0 fp32 not
     groups = optimizer.get("optimizer_state_dict", optimizer).get("param_groups", [])
     if [g.get("name") for g in groups] != ["decay", "no_decay"][: len(groups)]:

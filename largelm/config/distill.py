@@ -27,6 +27,10 @@ class DistillConfig(BaseModel):
     hidden_weight: float = Field(default=0.0, ge=0, description="weight of the hidden-state alignment (BERT)")
     hidden_loss: Literal["cosine", "mse", "cosine+mse"] = Field(
         default="cosine", description="hidden-state alignment: 1 - cosine similarity, MSE, or their sum")
+    # TinyBERT's W_h: hidden-state alignment through a learned projection of the student's states to the teacher's
+    # hidden size (needed when they differ; trained with the student, in its checkpoints, not in its export)
+    hidden_projection: bool = Field(default=False, description="hidden-state alignment through a learned "
+                                    "linear projection student hidden -> teacher hidden (BERT, TinyBERT's W_h)")
     attention_weight: float = Field(default=0.0, ge=0, description="weight of the attention-map alignment (BERT): "
                                     "squared differences of the attention probabilities")
     # Which layers are aligned: (student layer, teacher layer) pairs of 0-based layer *outputs*. every_kth_layer:
@@ -44,6 +48,9 @@ class DistillConfig(BaseModel):
             students = [s for s, _ in self.layer_map]
             if len(set(students)) != len(students):
                 raise ValueError("distill.layer_map: a student layer appears twice")
+        if self.hidden_projection and self.hidden_weight == 0:
+            raise ValueError("distill.hidden_projection: the projection is trained by the hidden-state alignment; "
+                             "set distill.hidden_weight > 0 (or hidden_projection false)")
         return self
 
     @property
@@ -53,17 +60,14 @@ class DistillConfig(BaseModel):
 
 
 def check_distill_layout(model, parallel) -> None:
-    """Which students distillation supports: GPT at any tensor parallelism, data parallelism and ZeRO stage (the
-    teacher is built with the run's TP), BERT at TP=1; no pipeline parallelism (the student's last stage would need
-    the teacher's logits: docs/design.md "Distillation")."""
+    """Which students distillation supports: GPT and BERT at any tensor parallelism (with or without sequence
+    parallelism), data parallelism and ZeRO stage (the teacher is built with the run's TP); no pipeline parallelism
+    (the student's last stage would need the teacher's logits: docs/design.md "Distillation")."""
     if model.arch not in ("gpt", "bert") or parallel.pipeline_parallel > 1:
         raise ValueError(
             "distill: distillation supports model.arch='gpt' or 'bert' with parallel.pipeline_parallel=1 (the "
             "student's pipeline stages would need the teacher's logits on the last stage) (got "
             f"arch={model.arch!r}, pipeline_parallel={parallel.pipeline_parallel})")
-    if model.arch == "bert" and parallel.tensor_parallel > 1:
-        raise ValueError("distill: BERT distillation runs at parallel.tensor_parallel=1 (got "
-                         f"{parallel.tensor_parallel}); GPT students may be tensor-parallel")
 
 
 def check_distill_alignment(d: DistillConfig, model, activation_checkpointing: str) -> None:

@@ -38,6 +38,10 @@ POSITION_EMBEDDINGS = "embedding.position_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 OUTPUT_BIAS = "output_layer.bias"  # BERT's MLM output bias (vocab-parallel)
 VOCAB_PARALLEL = (WORD_EMBEDDINGS, OUTPUT_LAYER, OUTPUT_BIAS)
+# BERT distillation's learned hidden-state projection (largelm/train/distill_bert.py): a training-only submodule of
+# the student, in its training checkpoints but not part of the model: the checkpoint reader drops it
+# (largelm/checkpoint/reader.py read_mp_rank_states)
+DISTILL_PROJECTION = "distill_projection"
 
 _COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
 # any MLP's: the dense layer's ``mlp.linear_fc1``, an MoE layer's ``mlp.experts.local_experts.<e>.linear_fc1`` and

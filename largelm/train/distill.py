@@ -27,18 +27,15 @@ trainer logs; ``eval_loss`` stays the plain LM loss, so validation numbers compa
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from largelm.config import Config
-from largelm.hardware import run_precision
 from largelm.model.gpt import split_tokens
 from largelm.model.registry import get_arch
-from largelm.model.weights import load_tp_shard_state_dict
 from largelm.parallel import groups
 from largelm.parallel.vocab_parallel_kl import vocab_parallel_kl
 from largelm.train.distill_bert import BertDistillLoss
-from largelm.train.teacher import every_kth_layer_state, teacher_tp_shard
+from largelm.train.teacher_model import build_teacher_shard
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
@@ -65,27 +62,7 @@ class DistillLoss:
 
     def __init__(self, cfg: Config, init_student: bool = True):
         self.cfg = cfg
-        d = cfg.distill
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        # the teacher pads its vocabulary as the student does, so both logits split the vocabulary alike
-        padded = cfg.model.padded_vocab_size(tp)
-        # only the teacher checkpoint's TP ranks that hold a part of this rank's shard are read
-        teacher_cfg, teacher_state, self.teacher_sources = teacher_tp_shard(
-            cfg, parallel_state.get_tensor_model_parallel_rank(), padded)
-        # the student is built at the same TP with the same padded vocabulary: its shard of teacher layer i*k is
-        # the teacher's shard of that layer
-        self.student_init = (every_kth_layer_state(teacher_state, cfg.model.num_layers, d.k)
-                             if init_student and d.student_init == "every_kth_layer" else None)
-        teacher_model = teacher_cfg.model.model_copy(
-            update={"make_vocab_size_divisible_by": cfg.model.make_vocab_size_divisible_by})
-        teacher_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[d.teacher_precision or run_precision(cfg)]
-        arch = get_arch(teacher_model.arch)
-        # No activation checkpointing: the teacher runs without grad (only the student, built by the step, gets it).
-        self.teacher = arch.build_model(teacher_model, cfg.parallel, *arch.section_args(teacher_cfg),
-                                        dtype=teacher_dtype)
-        load_tp_shard_state_dict(self.teacher, teacher_state)
-        del teacher_state  # only the built shard stays
-        self.teacher.eval().requires_grad_(False)
+        self.teacher, self.student_init, self.teacher_sources = build_teacher_shard(cfg, init_student)
         self.device = groups.device()
 
     def __call__(self, student: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:

@@ -15,7 +15,9 @@ inputs and
 * ``hidden``: over the (student layer, teacher layer) pairs of ``distill.layer_map`` (0-based layer outputs,
   ``largelm.train.teacher.aligned_layers``), the mean over pairs of: 1 - cosine similarity of the two layer outputs,
   averaged over the non-padded tokens (``cosine``), and/or their squared difference averaged over non-padded tokens
-  and the hidden dimension (``mse``);
+  and the hidden dimension (``mse``); with ``distill.hidden_projection`` the student's states first pass through a
+  learned ``W_h`` (TinyBERT: student hidden -> teacher hidden; ``attach_hidden_projection``), which makes
+  different hidden sizes possible;
 * ``attention``: over the same pairs, the squared difference of the attention probabilities [b, heads, q, k]
   summed over the non-padded keys of a row, averaged over heads and non-padded queries, then over pairs (a sum
   per row keeps its scale independent of the sequence length: each row is a distribution).
@@ -24,23 +26,35 @@ Layer outputs and attention maps are read with forward hooks for the one forward
 on its ``core_attention.attention_dropout``, whose input is megatron's softmax output), removed right after. The
 metrics are ``distill/kl``, ``distill/mlm_loss``, ``distill/mlm_acc``, ``distill/<sop|nsp>_loss``/``_acc``,
 ``distill/hidden``, ``distill/attention``; ``eval_loss`` stays the plain BERT loss (largelm/train/step.py).
+
+Tensor parallelism (as GPT distillation, largelm/train/distill.py): the teacher is built at the run's TP in the
+same TP group, each rank holding its shard read per TP rank (``build_teacher_shard``); the MLM logits of both stay
+split over the vocabulary (megatron's ``parallel_output``): the KL is ``vocab_parallel_kl``, the MLM loss
+megatron's vocab-parallel cross entropy. Hidden states are whole on every TP rank, or under sequence parallelism
+this rank's chunk of the sequence, whose sums are reduced over the TP group; attention maps hold this rank's heads,
+whose sum is reduced over the TP group (backward: identity, megatron's ``reduce_from_tensor_model_parallel_region``).
+Every TP rank gets the same loss values.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
 from largelm.config import Config
-from largelm.hardware import run_precision
 from largelm.model.bert import IGNORE_INDEX, bert_metrics_from_logits
-from largelm.model.registry import get_arch
-from largelm.model.weights import load_full_state_dict
+from largelm.model.layout import DISTILL_PROJECTION
 from largelm.parallel import groups
-from largelm.train.teacher import aligned_layers, every_kth_layer_state, teacher_weights
+from largelm.parallel.sequence_parallel import reduce_sequence_parallel_grads_in_backward
+from largelm.parallel.vocab_parallel_kl import vocab_parallel_kl
+from largelm.train.teacher import aligned_layers
+from largelm.train.teacher_model import build_teacher_shard
 
 _INPUTS = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "pair_label")
 
@@ -48,40 +62,54 @@ _INPUTS = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "pair_
 def masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
               vocab_size: int) -> torch.Tensor:
     """T^2 * KL(teacher || student at T) summed over the first ``vocab_size`` entries, averaged over the masked
-    positions (``labels != -100``). Logits [b, s, V] (any padded V >= vocab_size), fp32."""
+    positions (``labels != -100``). Logits [b, s, V/tp]: this TP rank's partition of the padded vocabulary (both
+    alike; megatron's ``parallel_output``), never gathered (``vocab_parallel_kl``: needs megatron's parallel_state);
+    fp32. Every TP rank gets the same value."""
     masked = (labels != IGNORE_INDEX).float()
-    log_p_s = F.log_softmax(student_logits.float()[..., :vocab_size] / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float()[..., :vocab_size] / temperature, dim=-1)
-    per_position = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    per_position = vocab_parallel_kl(student_logits.float() / temperature, teacher_logits.float() / temperature,
+                                     vocab_size)
     return (per_position * masked).sum() / masked.sum().clamp(min=1.0) * temperature**2
 
 
+def _tp_sum(local: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
+    """Sum of a per-rank partial loss over the TP group; backward identity (megatron's
+    ``reduce_from_tensor_model_parallel_region``): each rank's part gets the gradient of the sum."""
+    return reduce_from_tensor_model_parallel_region(local) if tensor_parallel else local
+
+
 def hidden_alignment(student: list[torch.Tensor], teacher: list[torch.Tensor], attention_mask: torch.Tensor,
-                     kind: str) -> torch.Tensor:
+                     kind: str, projection: Optional[torch.nn.Module] = None,
+                     sequence_parallel: bool = False) -> torch.Tensor:
     """Mean over layer pairs of the hidden-state loss (``cosine``, ``mse`` or ``cosine+mse``; module docstring).
-    Hidden states [s, b, h] (megatron's layout), ``attention_mask`` [b, s] with 1 on real tokens."""
+    Hidden states [s, b, h] (megatron's layout), ``attention_mask`` [b, s] with 1 on real tokens. ``projection``:
+    applied to the student's states first (TinyBERT's W_h). ``sequence_parallel``: the states are this TP rank's
+    contiguous chunk of the sequence [s/tp, b, h] (megatron's split); the sums are reduced over the TP group."""
     valid = attention_mask.t().float()  # [s, b]
     count = valid.sum().clamp(min=1.0)
+    if sequence_parallel:
+        valid = valid.chunk(parallel_state.get_tensor_model_parallel_world_size())[
+            parallel_state.get_tensor_model_parallel_rank()]
     total = torch.zeros((), dtype=torch.float32, device=valid.device)
     for hs, ht in zip(student, teacher):
-        hs, ht = hs.float(), ht.float()
+        hs, ht = (projection(hs) if projection is not None else hs).float(), ht.float()
         if "cosine" in kind:
-            total = total + ((1.0 - F.cosine_similarity(hs, ht, dim=-1)) * valid).sum() / count
+            total = total + ((1.0 - F.cosine_similarity(hs, ht, dim=-1)) * valid).sum()
         if "mse" in kind:
-            total = total + (((hs - ht) ** 2).mean(-1) * valid).sum() / count
-    return total / len(student)
+            total = total + (((hs - ht) ** 2).mean(-1) * valid).sum()
+    return _tp_sum(total, sequence_parallel) / count / len(student)
 
 
 def attention_alignment(student: list[torch.Tensor], teacher: list[torch.Tensor],
-                        attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over layer pairs of the attention-map loss (module docstring). Maps [b, heads, q, k]."""
+                        attention_mask: torch.Tensor, tensor_parallel: int = 1) -> torch.Tensor:
+    """Mean over layer pairs of the attention-map loss (module docstring). Maps [b, heads/tp, q, k]: this TP rank's
+    heads (``tensor_parallel`` ranks split them); the sum over heads is reduced over the TP group."""
     valid = attention_mask.float()
     pairs = valid[:, None, :, None] * valid[:, None, None, :]  # [b, 1, q, k]: both ends real tokens
-    count = (valid.sum() * student[0].size(1)).clamp(min=1.0)  # rows: real query tokens x heads
+    count = (valid.sum() * student[0].size(1) * tensor_parallel).clamp(min=1.0)  # real query tokens x all heads
     total = torch.zeros((), dtype=torch.float32, device=valid.device)
     for ps, pt in zip(student, teacher):
-        total = total + (((ps.float() - pt.float()) ** 2) * pairs).sum() / count
-    return total / len(student)
+        total = total + (((ps.float() - pt.float()) ** 2) * pairs).sum()
+    return _tp_sum(total, tensor_parallel > 1) / count / len(student)
 
 
 @contextmanager
@@ -110,33 +138,47 @@ def captured_layers(model: torch.nn.Module, layers: list[int], hidden: bool,
             handle.remove()
 
 
-def frozen_teacher(cfg: Config, teacher_cfg: Config, teacher_state: dict) -> torch.nn.Module:
-    """The teacher module (TP=1, eval mode, no grad) in ``distill.teacher_precision`` (default: the run's)."""
-    teacher_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.distill.teacher_precision
-                                                                     or run_precision(cfg)]
-    arch = get_arch(teacher_cfg.model.arch)
-    # No activation checkpointing: the teacher runs without grad (only the student, built by the step, gets it).
-    teacher = arch.build_model(teacher_cfg.model, cfg.parallel, *arch.section_args(teacher_cfg), dtype=teacher_dtype)
-    load_full_state_dict(teacher, teacher_state)
-    return teacher.eval().requires_grad_(False)
+def attach_hidden_projection(model: torch.nn.Module, cfg: Config, teacher_hidden: int) -> torch.nn.Linear:
+    """TinyBERT's W_h: a learned ``Linear(student hidden -> teacher hidden, no bias)`` registered on the student
+    ``model`` as ``distill_projection`` (``DISTILL_PROJECTION``), so the optimizer, ZeRO partitioning and the
+    checkpoint (exact resume) treat it as any student parameter; the checkpoint readers (export, teacher reads)
+    drop it. Replicated over the TP group: the same seeded start on every rank (``train.seed``); its inputs are
+    the same on every TP rank (so are its gradients), except under sequence parallelism, where each rank sees its
+    chunk of the sequence and the gradients are all-reduced over the TP group (marked ``sequence_parallel``, as
+    megatron's norms)."""
+    hidden = cfg.model.hidden_size
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    projection = torch.nn.Linear(hidden, teacher_hidden, bias=False)
+    with torch.no_grad():  # std 1/sqrt(fan in): unit-scale inputs give unit-scale outputs
+        projection.weight.copy_(torch.randn(teacher_hidden, hidden, generator=generator) / math.sqrt(hidden))
+    projection.to(device=groups.device(), dtype=next(model.parameters()).dtype)
+    if cfg.parallel.sequence_parallel:
+        projection.weight.sequence_parallel = True
+        reduce_sequence_parallel_grads_in_backward(projection)
+    model.add_module(DISTILL_PROJECTION, projection)
+    return projection
 
 
 class BertDistillLoss:
-    """The BERT distillation training loss for ``DenseStep`` (see the module docstring); ``student_init`` as in
-    ``largelm.train.distill.DistillLoss``."""
+    """The BERT distillation training loss for ``DenseStep`` (see the module docstring): a frozen teacher at the
+    run's TP (this rank's shard, ``build_teacher_shard``); ``student_init`` and ``teacher_sources`` as in
+    ``largelm.train.distill.DistillLoss``. With ``distill.hidden_projection``, ``extend_student`` gives the student
+    its projection before the DeepSpeed engine is built."""
 
     metric_prefix = "distill"
 
     def __init__(self, cfg: Config, init_student: bool = True):
         self.cfg = cfg
         d = cfg.distill
-        teacher_cfg, teacher_state = teacher_weights(cfg)
-        self.student_init = (every_kth_layer_state(teacher_state, cfg.model.num_layers, d.k,
-                                                   get_arch(cfg.model.arch).layer_prefix)
-                             if init_student and d.student_init == "every_kth_layer" else None)
-        self.teacher = frozen_teacher(cfg, teacher_cfg, teacher_state)
+        self.teacher, self.student_init, self.teacher_sources = build_teacher_shard(cfg, init_student)
         self.layer_pairs = aligned_layers(cfg) if d.aligns_layers else []
+        self.tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
         self.device = groups.device()
+
+    def extend_student(self, model: torch.nn.Module) -> None:
+        """Called by ``DenseStep`` on the built student (weights loaded, before DeepSpeed wraps it)."""
+        if self.cfg.distill.hidden_projection and self.cfg.distill.hidden_weight > 0:
+            attach_hidden_projection(model, self.cfg, self.teacher.config.hidden_size)
 
     def _run(self, model: torch.nn.Module, batch: dict, layers: list[int]):
         d = self.cfg.distill
@@ -159,11 +201,13 @@ class BertDistillLoss:
         total = d.alpha * kl + (1.0 - d.alpha) * hard.pop("loss")
         out = {"kl": kl.detach(), **hard}
         if d.hidden_weight > 0:
-            hidden = hidden_alignment(s_hidden, t_hidden, batch["attention_mask"], d.hidden_loss)
+            projection = getattr(getattr(student, "module", student), DISTILL_PROJECTION, None)
+            hidden = hidden_alignment(s_hidden, t_hidden, batch["attention_mask"], d.hidden_loss, projection,
+                                      self.cfg.parallel.sequence_parallel)
             total = total + d.hidden_weight * hidden
             out["hidden"] = hidden.detach()
         if d.attention_weight > 0:
-            attention = attention_alignment(s_maps, t_maps, batch["attention_mask"])
+            attention = attention_alignment(s_maps, t_maps, batch["attention_mask"], self.tensor_parallel)
             total = total + d.attention_weight * attention
             out["attention"] = attention.detach()
         return {"loss": total, **out}

@@ -59,6 +59,8 @@ class DenseStep:
             load_full_state_dict(model, init_state_dict)
         elif init_shard is not None:
             load_tp_shard_state_dict(model, init_shard)
+        if hasattr(loss, "extend_student"):  # training-only student modules (BERT distillation's projection)
+            loss.extend_student(model)
         self.engine = initialize_engine(cfg, model, world_size, mpu=groups.DeepSpeedMPU())
         self.device = groups.device()
         self.loss = loss or self.arch_loss  # distillation's, or the architecture's own
@@ -185,8 +187,7 @@ def build_step(cfg: Config, world_size: int, init_state_dict: Optional[dict] = N
         return PipelineStep(cfg, world_size, init_state_dict)
     loss = None
     if getattr(cfg, "distill", None) is not None:
-        # the student's starting weights, if distill.student_init asks for them: this rank's TP shard (BERT
-        # distillation runs at TP=1, where the shard is the whole model)
+        # the student's starting weights, if distill.student_init asks for them: this rank's TP shard
         loss = build_distill_loss(cfg, init_student=init_state_dict is None)
         step = DenseStep(cfg, world_size, init_state_dict, loss=loss, init_shard=loss.student_init)
         loss.student_init = None  # not kept once the student holds it

@@ -1,5 +1,5 @@
 """The distillation teacher: checks that its checkpoint fits the student (run by preflight, before any process
-group, so it imports no model code) and loading its weights: all of them, or one TP rank's shard."""
+group, so it imports no model code) and loading one TP rank's shard of its weights."""
 
 from __future__ import annotations
 
@@ -8,12 +8,7 @@ from pathlib import Path
 
 import torch
 
-from largelm.checkpoint.full_weights import (
-    checkpoint_config,
-    load_full_weights,
-    load_tp_shard_weights,
-    resolve_checkpoint,
-)
+from largelm.checkpoint.full_weights import checkpoint_config, load_tp_shard_weights, resolve_checkpoint
 from largelm.checkpoint.manager import MANIFEST, CheckpointError, read_manifest
 from largelm.config import Config, ConfigError
 from largelm.errors import ConversionError
@@ -21,14 +16,6 @@ from largelm.fileio import sha256_file
 from largelm.model.layout import check_tensor_parallel
 
 _LAYER_PREFIX = "decoder.layers."
-
-
-def teacher_weights(cfg: Config) -> tuple[Config, dict]:
-    """The teacher's config and full (TP=1) weights, checked against the student's config. Any layout the teacher
-    was trained in (load_full_weights joins its shards); each rank holds the whole teacher."""
-    teacher_cfg, state, path = load_full_weights(cfg.distill.teacher)
-    check_teacher(cfg, teacher_cfg, path)
-    return teacher_cfg, state
 
 
 def teacher_tp_shard(cfg: Config, tp_rank: int, padded_vocab: int) -> tuple[Config, dict, list[int]]:
@@ -106,13 +93,13 @@ def aligned_layers(cfg: Config) -> list[tuple[int, int]]:
 
 
 def _check_alignment(cfg: Config, teacher_cfg: Config, path: Path) -> None:
-    """Hidden-state alignment compares vectors (same hidden_size), attention alignment maps (same head count); the
-    layer map must name teacher layers that exist."""
+    """Hidden-state alignment compares vectors (same hidden_size, or through ``distill.hidden_projection``),
+    attention alignment maps (same head count); the layer map must name teacher layers that exist."""
     t, s, d = teacher_cfg.model, cfg.model, cfg.distill
-    if d.hidden_weight > 0 and t.hidden_size != s.hidden_size:
+    if d.hidden_weight > 0 and t.hidden_size != s.hidden_size and not d.hidden_projection:
         raise ConfigError(f"distill.hidden_weight: hidden-state alignment needs the student's model.hidden_size "
-                          f"({s.hidden_size}) to equal the teacher's ({t.hidden_size}, {path}); no projection is "
-                          "learned")
+                          f"({s.hidden_size}) to equal the teacher's ({t.hidden_size}, {path}), or a learned "
+                          "projection between them: set distill.hidden_projection true (TinyBERT's W_h)")
     if d.attention_weight > 0 and t.num_attention_heads != s.num_attention_heads:
         raise ConfigError(f"distill.attention_weight: attention-map alignment needs the student's "
                           f"model.num_attention_heads ({s.num_attention_heads}) to equal the teacher's "
