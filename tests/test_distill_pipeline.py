@@ -297,3 +297,21 @@ def test_config_refuses_bert_virtual_pipeline_and_indivisible_teacher(tmp_path, 
                                           r"by the run's parallel\.pipeline_parallel=2"):
         check_teacher(student, teacher, tmp_path / "t")
     check_teacher(config_from_dict(raw), teacher, tmp_path / "t")  # PP=1: any layer count
+
+
+def test_teacher_activation_wire_view_is_bit_exact():
+    """The teacher's activation crosses stages as an integer view of the same bits (fp32 -> int32, bf16 -> int16):
+    not floating point (DeepSpeed passes it without a gradient), and viewed back it is bit-identical; a view that
+    arrives as the wrong type is refused."""
+    from largelm.model.pipeline_distill import from_wire, to_wire
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, wire in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+        hidden = (torch.randn(8, 2, 16, generator=g) * 100).to(dtype)
+        hidden[0, 0, :3] = torch.tensor([float("inf"), -0.0, float("nan")], dtype=dtype)
+        bits = to_wire(hidden)
+        assert bits.dtype == wire and not bits.is_floating_point() and bits.shape == hidden.shape
+        back = from_wire(bits.clone(), dtype)
+        assert torch.equal(back.view(wire), hidden.view(wire))  # every bit, NaN and -0.0 included
+    with pytest.raises(TypeError, match="expected the torch.bfloat16 view torch.int16"):
+        from_wire(to_wire(torch.zeros(2)), torch.bfloat16)
