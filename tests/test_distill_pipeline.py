@@ -20,12 +20,16 @@ wrong stage mapping, a missing teacher layer or a dropped micro-batch moves them
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import yaml
 from mp_utils import rel_diff, run_ranks, single_rank_parallel_state
 from tolerances import chain_length, sum_rtol
-from train_utils import tiny_config
+from train_utils import REPO, check_ok, free_port, tiny_config
 
 from largelm.config import ConfigError, config_from_dict
 
@@ -274,6 +278,30 @@ def test_tp2_pp2_student_matches_pp1(setup):
     res = [r["tp2xpp2"] for r in per_rank]
     _check_parity("TP=2xPP=2", res, refs["tp2"], sum(v.numel() for v in case["teacher"].values()))
     assert [r["teacher_sources"] for r in res] == [[0], [1], [0], [1]]  # megatron order: TP fastest
+
+
+@pytest.mark.slow
+def test_distill_tool_with_pp2_student(setup, tmp_path):
+    """``tools/distill.py --nproc 2 -- parallel.pipeline_parallel=2`` end to end (launcher, trainer, logging,
+    validation, checkpoint): teacher trained at PP=2, student started from every 2nd teacher layer; the step lines
+    carry both loss parts and the validation loss, and a PP=2 student checkpoint is saved."""
+    case, _ = setup
+    raw = {**case["raw"], "train": {**case["raw"]["train"], "steps": 2, "log_interval": 1, "eval_interval": 2,
+                                    "eval_steps": 1},
+           "checkpoint": {**case["raw"]["checkpoint"], "dir": str(tmp_path / "ckpt")}}
+    config = tmp_path / "student.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "distill.py"), "--config", str(config), "--teacher",
+         f"{case['root']}/pp2", "--student-init", "every_kth_layer", "--k", "2", "--nproc", "2",
+         "--master-port", str(free_port()), "--", "parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    out = check_ok(proc)
+    assert " kl " in out and " lm_loss " in out and "valid loss" in out, out[-3000:]
+    saved = next((tmp_path / "ckpt").glob("step_*"))
+    assert yaml.safe_load((saved / "config.yaml").read_text())["parallel"]["pipeline_parallel"] == 2
+    assert (saved / "layer_04-model_00-model_states.pt").is_file()
 
 
 def test_config_refuses_bert_virtual_pipeline_and_indivisible_teacher(tmp_path, tokenizer_path, shard_dir):
