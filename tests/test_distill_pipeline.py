@@ -283,8 +283,9 @@ def test_tp2_pp2_student_matches_pp1(setup):
 @pytest.mark.slow
 def test_distill_tool_with_pp2_student(setup, tmp_path):
     """``tools/distill.py --nproc 2 -- parallel.pipeline_parallel=2`` end to end (launcher, trainer, logging,
-    validation, checkpoint): teacher trained at PP=2, student started from every 2nd teacher layer; the step lines
-    carry both loss parts and the validation loss, and a PP=2 student checkpoint is saved."""
+    validation, checkpoint): teacher trained at PP=2, run in bf16 (its activation crosses as a uint8 view), student
+    (fp32) started from every 2nd teacher layer; the step lines carry both loss parts and the validation loss, and a
+    PP=2 student checkpoint is saved."""
     case, _ = setup
     raw = {**case["raw"], "train": {**case["raw"]["train"], "steps": 2, "log_interval": 1, "eval_interval": 2,
                                     "eval_steps": 1},
@@ -293,7 +294,8 @@ def test_distill_tool_with_pp2_student(setup, tmp_path):
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "distill.py"), "--config", str(config), "--teacher",
-         f"{case['root']}/pp2", "--student-init", "every_kth_layer", "--k", "2", "--nproc", "2",
+         f"{case['root']}/pp2", "--student-init", "every_kth_layer", "--k", "2", "--teacher-precision", "bf16",
+         "--nproc", "2",
          "--master-port", str(free_port()), "--", "parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
         env={**os.environ, "DS_ACCELERATOR": "cpu"})
@@ -328,18 +330,18 @@ def test_config_refuses_bert_virtual_pipeline_and_indivisible_teacher(tmp_path, 
 
 
 def test_teacher_activation_wire_view_is_bit_exact():
-    """The teacher's activation crosses stages as an integer view of the same bits (fp32 -> int32, bf16 -> int16):
-    not floating point (DeepSpeed passes it without a gradient), and viewed back it is bit-identical; a view that
-    arrives as the wrong type is refused."""
+    """The teacher's activation crosses stages as an integer view of the same bits (fp32 -> int32, bf16 -> uint8:
+    NCCL has no int16): not floating point (DeepSpeed passes it without a gradient), and viewed back it is
+    bit-identical; a view that arrives as the wrong type is refused."""
     from largelm.model.pipeline_distill import from_wire, to_wire
 
     g = torch.Generator().manual_seed(0)
-    for dtype, wire in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+    for dtype, wire, width in ((torch.float32, torch.int32, 16), (torch.bfloat16, torch.uint8, 32)):
         hidden = (torch.randn(8, 2, 16, generator=g) * 100).to(dtype)
         hidden[0, 0, :3] = torch.tensor([float("inf"), -0.0, float("nan")], dtype=dtype)
         bits = to_wire(hidden)
-        assert bits.dtype == wire and not bits.is_floating_point() and bits.shape == hidden.shape
+        assert bits.dtype == wire and not bits.is_floating_point() and bits.shape == (8, 2, width)
         back = from_wire(bits.clone(), dtype)
-        assert torch.equal(back.view(wire), hidden.view(wire))  # every bit, NaN and -0.0 included
-    with pytest.raises(TypeError, match="expected the torch.bfloat16 view torch.int16"):
+        assert back.shape == hidden.shape and torch.equal(back.view(wire), hidden.view(wire))  # every bit
+    with pytest.raises(TypeError, match="expected the torch.bfloat16 view torch.uint8"):
         from_wire(to_wire(torch.zeros(2)), torch.bfloat16)

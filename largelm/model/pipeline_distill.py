@@ -14,10 +14,11 @@ the same tokens), the last stage returns ``(student_logits, teacher_logits)`` ([
 engine.py) treats every floating-point tensor of an activation tuple as one that carries a gradient: the receiver
 sets ``requires_grad`` on it, the backward pass wants a gradient for each floating-point output, and the gradient
 send/receive buffers are sized from them; integer tensors are passed along without gradients (how it carries
-attention masks). The teacher's hidden state has no gradient, so it is sent as ``hidden.view(int32)`` (fp32; int16
-for bf16: the same bits, no copy) and viewed back on receipt (``to_wire``/``from_wire``, the only place this
-happens). With tensor parallelism DeepSpeed sends the student's activation partitioned over the TP group
-(``pipe_partitioned``); the teacher's tail element is sent whole.
+attention masks). The teacher's hidden state has no gradient, so it is sent as an integer view of the same bits (no
+copy) and viewed back on receipt (``to_wire``/``from_wire``, the only place this happens): ``int32`` for fp32;
+``uint8`` for bf16/fp16 (the last dimension doubles), since NCCL has no 16-bit integer type (torch's
+``ncclDataType`` map: int8, uint8, int32, int64 and the float types). With tensor parallelism DeepSpeed sends the
+student's activation partitioned over the TP group (``pipe_partitioned``); the teacher's tail element is sent whole.
 
 Both tuples have the same structure in training and evaluation (DeepSpeed sends the tensor metadata once, at the
 first send), so the teacher also runs during evaluation, where the loss ignores it.
@@ -31,12 +32,13 @@ import torch
 
 from largelm.model.pipeline import GPTPipelineModule
 
-# the integer type of the same width that carries a teacher activation of each dtype between stages
-_WIRE_DTYPES = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+# the integer type (one NCCL and gloo both send) whose view carries a teacher activation of each dtype between stages
+_WIRE_DTYPES = {torch.float32: torch.int32, torch.bfloat16: torch.uint8, torch.float16: torch.uint8}
 
 
 def to_wire(hidden: torch.Tensor) -> torch.Tensor:
-    """The teacher's activation as the integer bit view DeepSpeed passes along without a gradient."""
+    """The teacher's activation as the integer bit view DeepSpeed passes along without a gradient (uint8 views of
+    16-bit floats have twice the last dimension)."""
     return hidden.contiguous().view(_WIRE_DTYPES[hidden.dtype])
 
 

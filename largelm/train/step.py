@@ -9,7 +9,8 @@ is built, how a batch becomes a loss, how the pipeline takes a micro-batch - com
   the architecture's ``forward_metrics`` or one it is given (distillation: ``largelm.train.distill``).
 * ``PipelineStep``: ``pipeline_parallel > 1``; one pipeline stage per rank under DeepSpeed's PipelineEngine, which
   runs the 1F1B schedule over the step's micro-batches and steps the optimizer (ZeRO 0/1 only). See
-  docs/design.md "Parallelism".
+  docs/design.md "Parallelism". With a ``distill`` section the stage is the student's with the teacher's stage
+  beside it (largelm/train/distill_pipeline.py).
 
 Both return the same quantity from ``train_step``: this data-parallel replica's mean loss over the step's
 micro-batches (the trainer averages it over data-parallel ranks), and ``engine.get_global_grad_norm()`` is the
@@ -100,7 +101,8 @@ class PipelineStep:
     Every rank of a pipeline reads the same micro-batches (its data-parallel rank's); DeepSpeed feeds the inputs to
     the first stage and the labels to the last. ``train_step`` runs one ``train_batch`` (``grad_accum_steps``
     micro-batches through the 1F1B schedule, tied-gradient and data-parallel all-reduce, optimizer step). A stage
-    whose loss records metrics (``loss_fn.records``, named by the module's ``metric_names``; BERT's) has the last
+    whose loss records metrics (``loss_fn.records``, named by the module's ``metric_names``; BERT's, distillation's:
+    the loss may name fewer for validation, ``eval_metric_names``, and its own ``metric_prefix``) has the last
     stage's means broadcast over the pipeline, so every rank returns the loss and leaves the metrics.
     """
 
