@@ -2,14 +2,16 @@
 distill_pipeline.py, largelm/model/pipeline_distill.py).
 
 * PP=2 student + PP=2 teacher (teachers trained at PP=2 and at TP=2) on 2 ranks, and TP=2 x PP=2 (teacher trained
-  at TP=2; and with sequence parallelism, teacher trained at PP=2) on 4 ranks, train exactly like the PP=1 (dense, ``DenseStep`` + ``DistillLoss``) pair from the same
-  starting weights on the same micro-batches: per-step loss, ``distill/kl``, ``distill/lm_loss`` and global
-  gradient norm. Each rank holds only its stage's TP shard of the teacher; validation is the plain LM loss.
+  at TP=2; and with sequence parallelism, teacher trained at PP=2) on 4 ranks, train exactly like the PP=1 (dense,
+  ``DenseStep`` + ``DistillLoss``) pair from the same starting weights on the same micro-batches: per-step loss,
+  ``distill/kl``, ``distill/lm_loss`` and global gradient norm. Each rank holds only its stage's TP shard of the
+  teacher; validation is the plain LM loss.
 * The PP=2 student's checkpoint holds only student parameters (its layer files, the optimizer's parameters), and a
   student resumed from it takes the next step exactly as the run that continued.
 * ``student_init: every_kth_layer`` at PP=2: each stage's student layers are the teacher's layers i*k.
+* ``tools/distill.py`` end to end at PP=2 with a bf16 teacher (its activation crosses as a uint8 view).
 * (fast) BERT at PP>1, a virtual pipeline, and a teacher whose layers do not split over PP are refused, naming the
-  field.
+  field; the teacher activation's integer view is bit-exact.
 
 Tolerances (tests/tolerances.py): the layouts differ only in summation order (pipeline stages, micro-batch sums, the
 TP split of matmuls and of the vocab-parallel softmax/KL), so every compared value may differ by ``sum_rtol`` of one
