@@ -143,9 +143,25 @@ def _train(cfg, world_size, case, ckpt: str | None = None) -> dict:
     out["valid_metrics"] = sorted(step.last_eval_metrics)
     if cfg.parallel.pipeline_parallel > 1:
         out.update(_stage_facts(step))
+        out["layout_forward_loss"] = _layout_forward_loss(step, cfg, case["tokens"][STEPS, 0])
     if ckpt is not None:
         out.update(_save_and_resume(cfg, world_size, case, step, ckpt))
     return out
+
+
+def _layout_forward_loss(step, cfg, tokens) -> float | None:
+    """The LM loss of ``tokens`` from ``layout_forward`` (what in-training lm-eval runs: the student's stages
+    alone, full-vocabulary logits on the last stage); None on other stages."""
+    import torch.nn.functional as F
+
+    from largelm.model.parallel_forward import layout_forward
+
+    with torch.no_grad():
+        logits = layout_forward(step.engine.module, tokens[:, :-1], cfg.model,
+                                sequence_parallel=cfg.parallel.sequence_parallel)
+    if logits is None:
+        return None
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)).item()
 
 
 def _micro(case, s: int) -> list[dict]:
@@ -236,6 +252,8 @@ def _check_parity(name, per_rank, ref, teacher_numel_full):
                 assert rel_diff(res[key][s], ref[key][s]) < RTOL, \
                     f"{name} rank {rank} step {s + 1}: {key} {res[key][s]} vs PP=1 {ref[key][s]} (rtol {RTOL:.1e})"
         assert rel_diff(res["valid"], ref["valid"]) < RTOL, f"{name} rank {rank}: validation loss"
+        if res["layout_forward_loss"] is not None:  # the student alone through layout_forward: the same LM loss
+            assert rel_diff(res["layout_forward_loss"], ref["valid"]) < RTOL, f"{name} rank {rank}: layout_forward"
         assert res["metric_names"] == ["distill/kl", "distill/lm_loss"] == ref["metric_names"]
         assert res["valid_metrics"] == [] == ref["valid_metrics"]  # validation: the plain LM loss, as PP=1
         assert not res["teacher_in_student"] and not res["teacher_trains"], f"{name} rank {rank}"

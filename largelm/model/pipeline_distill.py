@@ -77,6 +77,11 @@ class DistillGPTPipelineModule(GPTPipelineModule):
     def is_last_stage(self) -> bool:
         return self.stage_id == self.num_stages - 1
 
+    def model_forward(self, inputs):
+        """The student's stage alone (``GPTPipelineModule``'s forward: hidden or logits, no teacher): what runs the
+        student outside the training schedule (in-training lm-eval, ``largelm.model.parallel_forward``)."""
+        return super().forward(inputs)
+
     def forward(self, inputs):
         if self.teacher is None:
             raise RuntimeError("DistillGPTPipelineModule: no teacher attached (attach_teacher)")
