@@ -71,8 +71,9 @@ def test_config_refuses_unsupported_layouts(tmp_path, tokenizer_path, shard_dir,
     raw["distill"] = {"teacher": str(tmp_path / "t"), "alpha": 0.5}
     config_from_dict(raw)
     config_from_dict({**raw, "parallel": {"tensor_parallel": 2, "zero_stage": 3}})  # sharded teacher and student
-    with pytest.raises(ConfigError, match=r"distill: distillation supports .*parallel\.pipeline_parallel=1"):
-        config_from_dict({**raw, "parallel": {"pipeline_parallel": 2, "zero_stage": 1}})
+    config_from_dict({**raw, "parallel": {"pipeline_parallel": 2, "zero_stage": 1}})  # teacher pipelined alongside
+    with pytest.raises(ConfigError, match=r"distill: distillation supports model\.arch='gpt' or 'bert'"):
+        config_from_dict({**raw, "model": {**raw["model"], "arch": "moe"}})
     with pytest.raises(ConfigError, match="distill.alpha"):
         config_from_dict({**raw, "distill": {"teacher": "x", "alpha": 1.5}})
     with pytest.raises(ConfigError, match="distill.student_init"):

@@ -12,7 +12,7 @@ checkpoint's TP ranks that hold a part of it only (distillation teachers at the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -68,16 +68,17 @@ def load_full_weights(path: str | Path, dtype: Optional[torch.dtype] = torch.flo
 
 
 def load_tp_shard_weights(path: str | Path, tp_rank: int, tp: int, padded_vocab: int,
-                          dtype: Optional[torch.dtype] = torch.float32) -> tuple[Config, dict, Path, list[int]]:
+                          dtype: Optional[torch.dtype] = torch.float32,
+                          keep: Optional[Callable[[str], bool]] = None) -> tuple[Config, dict, Path, list[int]]:
     """``(config, shard, step_dir, source TP ranks read)``: TP rank ``tp_rank`` of ``tp``'s part of the checkpoint's
     weights (GPTModel names; fp32 masters merged over ZeRO partitions and pipeline stages; the vocabulary tensors
     cut from ``padded_vocab`` rows), whatever TP the checkpoint was trained at, read from the checkpoint's TP ranks
     that hold a part of it only (largelm/checkpoint/tp_slice.py). The config's ``parallel`` is TP=``tp``, PP=1,
-    without sequence parallelism."""
+    without sequence parallelism. ``keep``: only the weights whose names it accepts (``read_tp_slice``)."""
     ckpt_dir = resolve_checkpoint(path)
     try:
         info = inspect_checkpoint(ckpt_dir, checksums=False)
-        shard, sources = read_tp_slice(info, tp_rank, tp, padded_vocab, log=lambda _: None)
+        shard, sources = read_tp_slice(info, tp_rank, tp, padded_vocab, log=lambda _: None, keep=keep)
     except ConversionError as err:
         raise CheckpointError(f"could not read TP rank {tp_rank} of {tp} from DeepSpeed checkpoint {ckpt_dir}: "
                               f"{err}") from err

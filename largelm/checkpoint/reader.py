@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -287,20 +287,23 @@ def consolidate_states(info: CheckpointInfo, log=print,
     return consolidated, moment_states, step
 
 
-def tp_rank_weights(info: CheckpointInfo, tp_rank: int, log=print) -> tuple[dict[str, torch.Tensor], str]:
+def tp_rank_weights(info: CheckpointInfo, tp_rank: int, log=print,
+                    keep: Optional[Callable[[str], bool]] = None) -> tuple[dict[str, torch.Tensor], str]:
     """TP rank ``tp_rank``'s fp32 weights as the checkpoint holds them (its shard of each tensor-parallel tensor at
     the checkpoint's TP and padded vocabulary, the replicated tensors whole), every pipeline stage merged, under
     ``GPTModel``/``BertModel`` names; and where they came from. Reads only that TP rank's files (all its stages'
-    model states and ZeRO partitions): 1/TP of the checkpoint (tp_slice.py cuts other TPs' shards from these)."""
+    model states and ZeRO partitions): 1/TP of the checkpoint (tp_slice.py cuts other TPs' shards from these).
+    ``keep``: only the names it accepts are kept, dropped as each model-parallel rank's file is read (a pipelined
+    distillation teacher's stage keeps its own layers: the peak is one source stage plus what is kept)."""
     if not 0 <= tp_rank < info.tensor_parallel:
         raise ConversionError(f"{info.path}: TP rank {tp_rank} out of range (the checkpoint has TP="
                               f"{info.tensor_parallel})")
-    merged, origins, _ = _read_tp_rank(info, tp_rank, ("fp32",), log)
+    merged, origins, _ = _read_tp_rank(info, tp_rank, ("fp32",), log, keep)
     return merged["fp32"], ", ".join(sorted(origins))
 
 
-def _read_tp_rank(info: CheckpointInfo, tp_rank: int, keys: tuple[str, ...],
-                  log) -> tuple[dict[str, dict[str, torch.Tensor]], set, set]:
+def _read_tp_rank(info: CheckpointInfo, tp_rank: int, keys: tuple[str, ...], log,
+                  keep: Optional[Callable[[str], bool]] = None) -> tuple[dict[str, dict[str, torch.Tensor]], set, set]:
     """The model-parallel ranks of ``tp_rank`` (one per pipeline stage) merged: ``({key: {model name: tensor}},
     weight origins, Adam steps)``; ``keys`` "fp32" and with Adam's moments ``ADAM_MOMENTS``."""
     model, tp = info.config.model, info.tensor_parallel
@@ -316,6 +319,8 @@ def _read_tp_rank(info: CheckpointInfo, tp_rank: int, keys: tuple[str, ...],
             steps.add(float(native["step"]["step"]))
         for key in keys:
             for name, tensor in to_model_names(native[key], model).items():
+                if keep is not None and not keep(name):
+                    continue
                 if name in merged[key]:  # the tied embedding on the first and the last stage
                     _check_replica(name, merged[key][name], tensor, f"pipeline stages (TP rank {tp_rank})", log)
                     continue

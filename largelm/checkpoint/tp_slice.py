@@ -16,7 +16,7 @@ TP=1 teacher, which is the whole model: nothing smaller exists on disk).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -76,17 +76,19 @@ def _assemble(pieces: list[tuple], shards: dict[int, dict[str, torch.Tensor]], n
     return torch.cat(parts, dim=dim).contiguous()
 
 
-def read_tp_slice(info: CheckpointInfo, rank: int, tp: int, padded_vocab: int,
-                  log=print) -> tuple[dict[str, torch.Tensor], list[int]]:
+def read_tp_slice(info: CheckpointInfo, rank: int, tp: int, padded_vocab: int, log=print,
+                  keep: Optional[Callable[[str], bool]] = None) -> tuple[dict[str, torch.Tensor], list[int]]:
     """``(weights, source TP ranks read)``: target rank ``rank`` of ``tp``'s shard of every weight (fp32 masters
     where they exist, all pipeline stages and ZeRO partitions merged; ``GPTModel``/``BertModel`` names), the
-    vocabulary tensors cut from a padded vocabulary of ``padded_vocab`` rows (padding rows zero)."""
+    vocabulary tensors cut from a padded vocabulary of ``padded_vocab`` rows (padding rows zero). ``keep``: only the
+    weights whose names it accepts (e.g. one pipeline stage's), the others dropped while the sources are read."""
     cfg, source_tp = info.config, info.tensor_parallel
     model = cfg.model
     check_tensor_parallel(model, tp)
     gated, vocab = is_gated(model), model.vocab_size
     source_padded = model.padded_vocab_size(source_tp)
-    shapes = param_shapes(model, cfg.bert, vocab_rows=padded_vocab)
+    shapes = {name: shape for name, shape in param_shapes(model, cfg.bert, vocab_rows=padded_vocab).items()
+              if keep is None or keep(name)}
     recipes = {}
     for name, shape in shapes.items():
         layout = tp_partition(name, gated)
@@ -97,7 +99,7 @@ def read_tp_slice(info: CheckpointInfo, rank: int, tp: int, padded_vocab: int,
         else:
             recipes[name] = slice_pieces(shape[layout[0]], layout, source_tp, tp, rank)
     needed = sorted({p[0] for pieces in recipes.values() for p in pieces if p[0] != "zeros"} or {0})
-    shards = {j: tp_rank_weights(info, j, log=log)[0] for j in needed}
+    shards = {j: tp_rank_weights(info, j, log=log, keep=keep)[0] for j in needed}
     first = shards[needed[0]]
     out = {}
     for name in shapes:

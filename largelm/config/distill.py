@@ -61,13 +61,19 @@ class DistillConfig(BaseModel):
 
 def check_distill_layout(model, parallel) -> None:
     """Which students distillation supports: GPT and BERT at any tensor parallelism (with or without sequence
-    parallelism), data parallelism and ZeRO stage (the teacher is built with the run's TP); no pipeline parallelism
-    (the student's last stage would need the teacher's logits: docs/design.md "Distillation")."""
-    if model.arch not in ("gpt", "bert") or parallel.pipeline_parallel > 1:
+    parallelism), data parallelism and ZeRO stage (the teacher is built with the run's TP); GPT also at pipeline
+    parallelism (the teacher is pipelined alongside at the same PP, its layers split over the stages; no virtual
+    pipeline; the pipeline path's ZeRO 0/1) (docs/design.md "Distillation")."""
+    if model.arch not in ("gpt", "bert"):
+        raise ValueError(f"distill: distillation supports model.arch='gpt' or 'bert' (got arch={model.arch!r})")
+    if model.arch == "bert" and parallel.pipeline_parallel > 1:
         raise ValueError(
-            "distill: distillation supports model.arch='gpt' or 'bert' with parallel.pipeline_parallel=1 (the "
-            "student's pipeline stages would need the teacher's logits on the last stage) (got "
-            f"arch={model.arch!r}, pipeline_parallel={parallel.pipeline_parallel})")
+            f"distill: BERT distillation runs at parallel.pipeline_parallel=1 (got {parallel.pipeline_parallel}): "
+            "it aligns hidden states and attention maps of any (student layer, teacher layer) pair of "
+            "distill.layer_map, which may sit on different pipeline stages; GPT students may be pipeline-parallel")
+    if parallel.pipeline_parallel > 1 and parallel.virtual_pipeline is not None:
+        raise ValueError(f"distill: parallel.virtual_pipeline={parallel.virtual_pipeline} is not supported with "
+                         "distillation (the teacher is pipelined stage by stage with the student); leave it unset")
 
 
 def check_distill_alignment(d: DistillConfig, model, activation_checkpointing: str) -> None:

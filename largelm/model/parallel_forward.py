@@ -45,7 +45,9 @@ def layout_forward(module: torch.nn.Module, tokens: torch.Tensor, model: ModelCo
             x = torch.empty(local, tokens.shape[0], model.hidden_size, dtype=torch.float32, device=tokens.device)
             dist.recv(x, src=parallel_state.get_pipeline_model_parallel_prev_rank())
             x = probe.stage_input(x.to(_stage_dtype(module)), tokens)
-        out = module(x)
+        # a stage whose forward carries more than the model (distillation's student: the teacher's stage beside it)
+        # gives its model-only forward as ``model_forward``
+        out = getattr(module, "model_forward", module)(x)
         if stage < pp - 1:
             dist.send(probe.stage_hidden(out).float().contiguous(),
                       dst=parallel_state.get_pipeline_model_parallel_next_rank())

@@ -198,6 +198,10 @@ class GPTPipelineModule(PipelineModule):
             targets.append((self.tied_output_index, "word_embeddings.weight"))  # the last stage's tied copy
         return targets
 
+    def holds(self, name: str) -> bool:
+        """Whether this stage holds (a copy of) the full model's parameter ``name``."""
+        return any(self.stage_layer(index) is not None for index, _ in self.full_name_targets(name))
+
     def stage_layer(self, index: int) -> Optional[torch.nn.Module]:
         """This rank's module for pipeline layer ``index`` (None if another stage holds it). For the tied
         layers this is the tied module (first stage: ``EmbeddingPipe``, last stage: ``OutputEmbeddingPipe``)."""
@@ -209,8 +213,11 @@ class GPTPipelineModule(PipelineModule):
 
 
 def build_gpt_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, vocab_size: Optional[int] = None,
-                       dtype: torch.dtype = torch.float32, activation_checkpointing: str = "none") -> GPTPipelineModule:
-    """This rank's pipeline stage of the GPT. Needs ``init_model_parallel`` (megatron parallel_state, TP x PP)."""
+                       dtype: torch.dtype = torch.float32, activation_checkpointing: str = "none",
+                       module_cls: type = GPTPipelineModule) -> GPTPipelineModule:
+    """This rank's pipeline stage of the GPT. Needs ``init_model_parallel`` (megatron parallel_state, TP x PP).
+    ``module_cls``: a ``GPTPipelineModule`` subclass to build (distillation's student,
+    largelm/model/pipeline_distill.py)."""
     if model_cfg.arch != "gpt":
         raise ConfigError(f"build_gpt_pipeline builds model.arch='gpt', got {model_cfg.arch!r}")
     enable_cpu_compat()
@@ -232,8 +239,8 @@ def build_gpt_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
     # no_grad: the constructor broadcasts the tied weight in place, which autograd would otherwise record on the
     # parameter (torch warns at the first backward that it cannot differentiate c10d::broadcast_).
     with torch.no_grad():
-        module = GPTPipelineModule(layers=layers, loss_fn=lm_loss_from_logits, topology=topology,
-                                   partition_method="type:TransformerLayerPipe", activation_checkpoint_interval=0)
+        module = module_cls(layers=layers, loss_fn=lm_loss_from_logits, topology=topology,
+                            partition_method="type:TransformerLayerPipe", activation_checkpoint_interval=0)
     module.num_transformer_layers, module.tied = L, tied
     return finish_stage(module, config, dtype)
 

@@ -3,7 +3,7 @@ for a pipeline stage only its own layers (names mapped by the stage module)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -46,8 +46,16 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], 
         result = model.load_state_dict(shard_state_dict(full, model, tp_rank, tp_size), strict=False)
         _check_covered(type(model).__name__, result.missing_keys, result.unexpected_keys)
         return
+    _load_stage_layers(model, full, lambda wanted, layer: shard_state_dict(wanted, layer, tp_rank, tp_size))
+
+
+def _load_stage_layers(model: GPTPipelineModule, state: dict[str, torch.Tensor],
+                       cut: Callable[[dict, torch.nn.Module], dict]) -> None:
+    """Load ``state`` (``GPTModel``/``BertModel`` names; keys of other stages' layers are skipped) into this
+    stage's layers, each layer's part passed through ``cut`` (e.g. this rank's TP shard); every parameter of the
+    stage must be covered."""
     per_layer: dict[int, dict[str, torch.Tensor]] = {}
-    for name, tensor in full.items():
+    for name, tensor in state.items():
         for index, key in model.full_name_targets(name):
             if model.stage_layer(index) is not None:
                 per_layer.setdefault(index, {})[key] = tensor
@@ -58,13 +66,18 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], 
         if index == model.tied_output_index and model.tied and model.stage_layer(0) is layer:
             continue  # one stage holds both ends of the tie: one module, loaded as layer 0
         wanted = per_layer.get(index, {})
-        result = layer.load_state_dict(shard_state_dict(wanted, layer, tp_rank, tp_size), strict=False)
+        result = layer.load_state_dict(cut(wanted, layer), strict=False)
         _check_covered(f"pipeline layer {index}", result.missing_keys, result.unexpected_keys)
 
 
 def load_tp_shard_state_dict(model: torch.nn.Module, shard: dict[str, torch.Tensor]) -> None:
     """Load weights that are already this rank's tensor-parallel shard (a checkpoint of the same TP, read per TP
-    rank) into a dense ``GPTModel``, in place; the same coverage check as ``load_full_state_dict``."""
+    rank) into a dense ``GPTModel`` or a pipeline stage (``GPTPipelineModule``: names mapped as in
+    ``load_full_state_dict``, a tied word embedding into both ends; ``shard`` may hold only this stage's weights),
+    in place; the same coverage check as ``load_full_state_dict``."""
     shard = {k: v for k, v in shard.items() if not k.endswith("_extra_state")}
+    if isinstance(model, GPTPipelineModule):
+        _load_stage_layers(model, shard, lambda wanted, _layer: wanted)
+        return
     result = model.load_state_dict(shard, strict=False)
     _check_covered(type(model).__name__, result.missing_keys, result.unexpected_keys)

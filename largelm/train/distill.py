@@ -12,7 +12,8 @@ independent of T. Under tensor parallelism both logits stay split over the vocab
 ``largelm.parallel.vocab_parallel_kl`` (TP all-reduces of the max, the sum of exponentials and the per-token KL)
 and CE megatron's ``vocab_parallel_cross_entropy``; the full vocabulary is never gathered.
 
-The teacher is built with the run's tensor parallelism (same TP group as the student, PP=1) and each rank holds
+The teacher is built with the run's tensor parallelism (same TP group as the student, PP=1; a pipeline-parallel
+student pipelines its teacher alongside: largelm/train/distill_pipeline.py) and each rank holds
 only its TP shard of it, read from the teacher checkpoint's TP ranks that hold a part of it, whatever layout the
 teacher was trained in (``teacher_tp_shard``); ``student_init: every_kth_layer`` starts the student's shard from
 that teacher shard. See docs/design.md "Distillation".
@@ -41,8 +42,9 @@ from largelm.train.teacher_model import build_teacher_shard
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
                  temperature: float, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(total, kl, lm)``; logits: this TP rank's vocabulary partition [b, s, V/TP] of the padded vocabulary (the
-    same padding for student and teacher; needs megatron's parallel_state), labels [b, s]. Computed in fp32; every
-    TP rank gets the same values."""
+    same padding for student and teacher; needs megatron's parallel_state), labels [b, s] (any token layout works,
+    e.g. the pipeline's [s, b, V/TP] with [s, b] labels: both parts average over all tokens). Computed in fp32;
+    every TP rank gets the same values."""
     s = student_logits.float()
     kl = vocab_parallel_kl(s / temperature, teacher_logits.float() / temperature, vocab_size).mean()
     # megatron's cross entropy works in place on its (fp32) input: give it its own copy of the caller's logits

@@ -9,7 +9,8 @@ is built, how a batch becomes a loss, how the pipeline takes a micro-batch - com
   the architecture's ``forward_metrics`` or one it is given (distillation: ``largelm.train.distill``).
 * ``PipelineStep``: ``pipeline_parallel > 1``; one pipeline stage per rank under DeepSpeed's PipelineEngine, which
   runs the 1F1B schedule over the step's micro-batches and steps the optimizer (ZeRO 0/1 only). See
-  docs/design.md "Parallelism".
+  docs/design.md "Parallelism". With a ``distill`` section the stage is the student's with the teacher's stage
+  beside it (largelm/train/distill_pipeline.py).
 
 Both return the same quantity from ``train_step``: this data-parallel replica's mean loss over the step's
 micro-batches (the trainer averages it over data-parallel ranks), and ``engine.get_global_grad_norm()`` is the
@@ -33,6 +34,7 @@ from largelm.model.specs import recompute_fields
 from largelm.model.weights import load_full_state_dict, load_tp_shard_state_dict
 from largelm.parallel import groups
 from largelm.train.distill import build_distill_loss
+from largelm.train.distill_pipeline import build_distill_pipeline
 from largelm.train.engine import initialize_engine
 
 # (model or engine, batch) -> {"loss": scalar carrying the gradient, other scalar metrics}
@@ -101,22 +103,30 @@ class PipelineStep:
     Every rank of a pipeline reads the same micro-batches (its data-parallel rank's); DeepSpeed feeds the inputs to
     the first stage and the labels to the last. ``train_step`` runs one ``train_batch`` (``grad_accum_steps``
     micro-batches through the 1F1B schedule, tied-gradient and data-parallel all-reduce, optimizer step). A stage
-    whose loss records metrics (``loss_fn.records``, named by the module's ``metric_names``; BERT's) has the last
+    whose loss records metrics (``loss_fn.records``, named by the module's ``metric_names``; BERT's, distillation's:
+    the loss may name fewer for validation, ``eval_metric_names``, and its own ``metric_prefix``) has the last
     stage's means broadcast over the pipeline, so every rank returns the loss and leaves the metrics.
     """
 
-    def __init__(self, cfg: Config, world_size: int, init_state_dict: Optional[dict] = None):
+    def __init__(self, cfg: Config, world_size: int, init_state_dict: Optional[dict] = None,
+                 module: Optional[torch.nn.Module] = None):
+        """``module``: this rank's stage, already built (distillation's student,
+        largelm/train/distill_pipeline.py), instead of the architecture's ``build_pipeline``."""
         self.cfg = cfg
         self.arch: ArchSpec = get_arch(cfg.model.arch)
-        module = self.arch.build_pipeline(cfg.model, cfg.parallel, *self.arch.section_args(cfg),
-                                          dtype=model_dtype(cfg),
-                                          activation_checkpointing=cfg.train.activation_checkpointing)
+        if module is None:
+            module = self.arch.build_pipeline(cfg.model, cfg.parallel, *self.arch.section_args(cfg),
+                                              dtype=model_dtype(cfg),
+                                              activation_checkpointing=cfg.train.activation_checkpointing)
         if init_state_dict is not None:  # full (TP=1) dense-model weights
             load_full_state_dict(module, init_state_dict)
             with torch.no_grad():  # no-op when loaded right; cheap insurance that the tied copies agree
                 module._synchronize_tied_weights()
         self.metric_names: Optional[list[str]] = getattr(module, "metric_names", None)
         self.loss_fn = module.loss_fn
+        # validation may record fewer metrics than training (distillation: the plain LM loss only)
+        self.eval_metric_names = getattr(self.loss_fn, "eval_metric_names", self.metric_names)
+        self.metric_prefix = getattr(self.loss_fn, "metric_prefix", "train")
         # mpu=None: DeepSpeed takes the module's pipeline grid as its mpu (checked against megatron's groups).
         self.engine = initialize_engine(cfg, module, world_size, mpu=None)
         self.device = groups.device()
@@ -133,15 +143,15 @@ class PipelineStep:
                        group=self.engine.grid.get_pipe_parallel_group())
         return values
 
-    def _recorded_means(self) -> dict[str, torch.Tensor]:
+    def _recorded_means(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Means over the micro-batches the last stage just ran, broadcast to every stage of this pipeline."""
-        values = torch.zeros(len(self.metric_names), dtype=torch.float32, device=self.device)
+        values = torch.zeros(len(names), dtype=torch.float32, device=self.device)
         if self.engine.is_last_stage():
             records = self.loss_fn.records
-            values = torch.stack([torch.stack([r[k] for r in records]).mean() for k in self.metric_names])
+            values = torch.stack([torch.stack([r[k].float() for r in records]).mean() for k in names])
             values = values.to(self.device)
         self.loss_fn.records = []
-        return dict(zip(self.metric_names, self._broadcast_from_last_stage(values)))
+        return dict(zip(names, self._broadcast_from_last_stage(values)))
 
     def train_step(self, batches: Iterator[dict]) -> torch.Tensor:
         """One optimizer step; returns this data-parallel replica's mean loss over the micro-batches (on every
@@ -154,8 +164,8 @@ class PipelineStep:
             # replica's own mean (DeepSpeed broadcasts it from the last stage), the same quantity DenseStep returns
             # (the trainer does the DP average).
             return self.engine.dp_group_loss.detach().float()
-        means = self._recorded_means()
-        self.last_metrics = named("train", means)
+        means = self._recorded_means(self.metric_names)
+        self.last_metrics = named(self.metric_prefix, means)
         return means["loss"]
 
     @torch.no_grad()
@@ -166,7 +176,7 @@ class PipelineStep:
         outputs = self.engine.eval_batch(self._micro_batches(iter([batch]), 1), num_micro_batches=1,
                                          reduce_output=None, bcast_loss=False)
         if self.metric_names:
-            means = self._recorded_means()
+            means = self._recorded_means(self.eval_metric_names)
             self.last_eval_metrics = named("valid", means)
             return means["loss"]
         loss = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -181,12 +191,17 @@ def build_step(cfg: Config, world_size: int, init_state_dict: Optional[dict] = N
     ``init_state_dict``: full (TP=1) dense-model weights (``GPTModel``; ``BertModel`` for arch bert) to start from
     instead of the random initialisation; each rank loads its shard before the engine is built (used by the
     parity tests; e.g. converted weights). With a ``distill`` section the step trains against the teacher
-    (largelm/train/distill.py), which is built first and may give the student's starting weights.
+    (largelm/train/distill.py; pipelined with the student at PP > 1: largelm/train/distill_pipeline.py), which is
+    built first and may give the student's starting weights.
     """
+    distills = getattr(cfg, "distill", None) is not None
     if cfg.parallel.pipeline_parallel > 1:
-        return PipelineStep(cfg, world_size, init_state_dict)
+        # distillation: the student's stage with the teacher's stage beside it (and the student's starting weights,
+        # if distill.student_init asks for them, this stage's TP shard)
+        module = build_distill_pipeline(cfg, init_student=init_state_dict is None) if distills else None
+        return PipelineStep(cfg, world_size, init_state_dict, module=module)
     loss = None
-    if getattr(cfg, "distill", None) is not None:
+    if distills:
         # the student's starting weights, if distill.student_init asks for them: this rank's TP shard
         loss = build_distill_loss(cfg, init_student=init_state_dict is None)
         step = DenseStep(cfg, world_size, init_state_dict, loss=loss, init_shard=loss.student_init)

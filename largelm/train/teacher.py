@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -18,24 +19,32 @@ from largelm.model.layout import check_tensor_parallel
 _LAYER_PREFIX = "decoder.layers."
 
 
-def teacher_tp_shard(cfg: Config, tp_rank: int, padded_vocab: int) -> tuple[Config, dict, list[int]]:
+def teacher_tp_shard(cfg: Config, tp_rank: int, padded_vocab: int,
+                     keep: Optional[Callable[[str], bool]] = None) -> tuple[Config, dict, list[int]]:
     """The teacher's config, TP rank ``tp_rank``'s shard of its weights at the run's ``parallel.tensor_parallel``
     (vocabulary tensors cut from ``padded_vocab`` rows) and the teacher checkpoint's TP ranks read for it: any
-    layout the teacher was trained in, without reading the whole teacher (unless it was trained at TP=1)."""
+    layout the teacher was trained in, without reading the whole teacher (unless it was trained at TP=1).
+    ``keep``: only the weights whose (``GPTModel``) names it accepts, e.g. one pipeline stage's."""
     teacher_cfg, shard, path, sources = load_tp_shard_weights(cfg.distill.teacher, tp_rank,
-                                                              cfg.parallel.tensor_parallel, padded_vocab)
+                                                              cfg.parallel.tensor_parallel, padded_vocab, keep=keep)
     check_teacher(cfg, teacher_cfg, path)
     return teacher_cfg, shard, sources
 
 
 def preflight_teacher(cfg: Config) -> None:
     """Before any process group: the teacher checkpoint resolves, has a config, and fits the student."""
+    teacher_config(cfg)
+
+
+def teacher_config(cfg: Config) -> Config:
+    """The teacher checkpoint's config (reading no weights), checked against the student's."""
     try:
         path = resolve_checkpoint(cfg.distill.teacher)
         teacher_cfg = checkpoint_config(path)
     except CheckpointError as err:
         raise ConfigError(f"distill.teacher: {err}") from None
     check_teacher(cfg, teacher_cfg, path)
+    return teacher_cfg
 
 
 def check_teacher(cfg: Config, teacher_cfg: Config, path: Path) -> None:
@@ -49,6 +58,11 @@ def check_teacher(cfg: Config, teacher_cfg: Config, path: Path) -> None:
                           f"{cfg.model.vocab_size}: teacher and student must share the tokenizer")
     _check_teacher_tokenizer(cfg, teacher_cfg, path)
     _check_teacher_tensor_parallel(cfg, teacher_cfg, path)
+    pp = cfg.parallel.pipeline_parallel
+    if pp > 1 and teacher_cfg.model.num_layers % pp:
+        raise ConfigError(f"distill.teacher: {path} has model.num_layers={teacher_cfg.model.num_layers}, which is not "
+                          f"divisible by the run's parallel.pipeline_parallel={pp}: the teacher is pipelined with the "
+                          "student, each stage holding num_layers / pipeline_parallel of its layers")
     if teacher_cfg.model.positions < cfg.model.seq_length:
         raise ConfigError(f"distill.teacher: {path} handles {teacher_cfg.model.positions} positions, the student's "
                           f"model.seq_length is {cfg.model.seq_length}")
@@ -145,17 +159,26 @@ def _check_teacher_tensor_parallel(cfg: Config, teacher_cfg: Config, path: Path)
                           f"{cfg.parallel.tensor_parallel}, but {err}") from None
 
 
+def every_kth_layer_name(teacher_name: str, num_layers: int, k: int,
+                         layer_prefix: str = _LAYER_PREFIX) -> Optional[str]:
+    """The student parameter that teacher parameter ``teacher_name`` starts (``every_kth_layer``), or None: names
+    outside the layers map to themselves, teacher layer i*k to student layer i, other layers to nothing."""
+    if not teacher_name.startswith(layer_prefix):
+        return teacher_name
+    index, rest = teacher_name[len(layer_prefix):].split(".", 1)
+    index = int(index)
+    if index % k == 0 and index // k < num_layers:
+        return f"{layer_prefix}{index // k}.{rest}"
+    return None
+
+
 def every_kth_layer_state(teacher_state: dict[str, torch.Tensor], num_layers: int, k: int,
                           layer_prefix: str = _LAYER_PREFIX) -> dict:
     """Student weights: everything outside the layers (embeddings, final norm, heads) from the teacher; student
     layer i = teacher layer i*k. ``layer_prefix``: the architecture's (``ArchSpec.layer_prefix``)."""
     out = {}
     for name, tensor in teacher_state.items():
-        if not name.startswith(layer_prefix):
-            out[name] = tensor.clone()
-            continue
-        index, rest = name[len(layer_prefix):].split(".", 1)
-        index = int(index)
-        if index % k == 0 and index // k < num_layers:
-            out[f"{layer_prefix}{index // k}.{rest}"] = tensor.clone()
+        student_name = every_kth_layer_name(name, num_layers, k, layer_prefix)
+        if student_name is not None:
+            out[student_name] = tensor.clone()
     return out

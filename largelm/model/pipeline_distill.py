@@ -1,0 +1,98 @@
+"""A GPT pipeline stage that runs a frozen teacher's matching stage beside it (distillation with a pipeline-parallel
+student; the loss is largelm/train/distill_pipeline.py's).
+
+The teacher is a second ``GPTPipelineModule`` of the same topology (same TP, PP and DP; its own layers split over the
+stages as the student's are), so every rank holds only its stage's TP shard of the teacher. It is kept outside the
+student's module tree (``TeacherHolder``), so DeepSpeed's optimizer, ZeRO partitions, gradient all-reduces and
+checkpoint files never see it; the engine's ``train()``/``eval()`` do not reach it either (it stays in eval mode).
+
+Per micro-batch, stage ``p`` runs the teacher's stage ``p`` (no grad) and the student's stage ``p``, and hands
+``(student_hidden, teacher_hidden)`` to the next stage; the first stage takes ``(input_ids,)`` (both embeddings read
+the same tokens), the last stage returns ``(student_logits, teacher_logits)`` ([s, b, V/TP] each) to the loss.
+
+**Why the teacher's activation crosses as an integer view.** DeepSpeed's PipelineEngine (0.19.8, runtime/pipe/
+engine.py) treats every floating-point tensor of an activation tuple as one that carries a gradient: the receiver
+sets ``requires_grad`` on it, the backward pass wants a gradient for each floating-point output, and the gradient
+send/receive buffers are sized from them; integer tensors are passed along without gradients (how it carries
+attention masks). The teacher's hidden state has no gradient, so it is sent as an integer view of the same bits (no
+copy) and viewed back on receipt (``to_wire``/``from_wire``, the only place this happens): ``int32`` for fp32;
+``uint8`` for bf16/fp16 (the last dimension doubles), since NCCL has no 16-bit integer type (torch's
+``ncclDataType`` map: int8, uint8, int32, int64 and the float types). With tensor parallelism DeepSpeed sends the
+student's activation partitioned over the TP group (``pipe_partitioned``); the teacher's tail element is sent whole.
+
+Both tuples have the same structure in training and evaluation (DeepSpeed sends the tensor metadata once, at the
+first send), so the teacher also runs during evaluation, where the loss ignores it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from largelm.model.pipeline import GPTPipelineModule
+
+# the integer type (one NCCL and gloo both send) whose view carries a teacher activation of each dtype between stages
+_WIRE_DTYPES = {torch.float32: torch.int32, torch.bfloat16: torch.uint8, torch.float16: torch.uint8}
+
+
+def to_wire(hidden: torch.Tensor) -> torch.Tensor:
+    """The teacher's activation as the integer bit view DeepSpeed passes along without a gradient (uint8 views of
+    16-bit floats have twice the last dimension)."""
+    return hidden.contiguous().view(_WIRE_DTYPES[hidden.dtype])
+
+
+def from_wire(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``to_wire`` undone: the same bits as ``dtype``."""
+    if bits.dtype != _WIRE_DTYPES[dtype]:
+        raise TypeError(f"teacher activation arrived as {bits.dtype}, expected the {dtype} view "
+                        f"{_WIRE_DTYPES[dtype]}")
+    return bits.view(dtype)
+
+
+class TeacherHolder:
+    """Holds the teacher's stage outside the student's module tree (a plain object: ``nn.Module`` does not register
+    its attributes as submodules or parameters)."""
+
+    def __init__(self, module: GPTPipelineModule, dtype: torch.dtype):
+        self.module = module.eval().requires_grad_(False)
+        self.dtype = dtype
+
+
+class DistillGPTPipelineModule(GPTPipelineModule):
+    """The student's pipeline stage; ``attach_teacher`` before the first forward."""
+
+    teacher: Optional[TeacherHolder] = None
+
+    def attach_teacher(self, teacher: GPTPipelineModule, dtype: torch.dtype) -> None:
+        if (teacher._local_start == 0) != self.is_first_stage or teacher.num_stages != self.num_stages:
+            raise ValueError("the teacher's pipeline stages must be the student's (same pipeline_parallel)")
+        self.teacher = TeacherHolder(teacher, dtype)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self._local_start == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage_id == self.num_stages - 1
+
+    def model_forward(self, inputs):
+        """The student's stage alone (``GPTPipelineModule``'s forward: hidden or logits, no teacher): what runs the
+        student outside the training schedule (in-training lm-eval, ``largelm.model.parallel_forward``)."""
+        return super().forward(inputs)
+
+    def forward(self, inputs):
+        if self.teacher is None:
+            raise RuntimeError("DistillGPTPipelineModule: no teacher attached (attach_teacher)")
+        if self.is_first_stage:
+            student_in = teacher_in = inputs  # (input_ids,) for both embeddings
+        else:
+            student_in, bits = inputs
+            teacher_in = from_wire(bits, self.teacher.dtype)
+        with torch.no_grad():
+            teacher_out = self.teacher.module(teacher_in)
+        student_out = super().forward(student_in)
+        if self.is_last_stage:
+            return student_out, teacher_out
+        return student_out, to_wire(teacher_out)
