@@ -342,7 +342,7 @@ def test_config_refuses_bert_virtual_pipeline_and_indivisible_teacher(tmp_path, 
     student = config_from_dict({**raw, "parallel": pp2})  # GPT at PP=2: accepted
     bert = {**raw, "model": {**raw["model"], "arch": "bert"}, "parallel": pp2}
     with pytest.raises(ConfigError, match=r"distill: BERT distillation runs at parallel\.pipeline_parallel=1 "
-                                          r"\(got 2\): its loss holds the whole teacher"):
+                                          r"\(got 2\): it aligns hidden states and attention maps"):
         config_from_dict(bert)
     with pytest.raises(ConfigError, match=r"parallel\.virtual_pipeline=2 is not supported with distillation"):
         config_from_dict({**raw, "model": {**raw["model"], "num_layers": 4},
