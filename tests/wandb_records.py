@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,9 +102,18 @@ def read_run(run_dir: Path) -> WandbRun:
     return run
 
 
-def offline_runs(wandb_dir: Path) -> list[WandbRun]:
-    """Every offline run under ``<dir>/wandb``, oldest first (the directory names start with the start time)."""
-    return [read_run(d) for d in sorted((Path(wandb_dir) / "wandb").glob("offline-run-*"))]
+def offline_runs(wandb_dir: Path, timeout_s: float = 60.0) -> list[WandbRun]:
+    """Every offline run under ``<dir>/wandb``, oldest first (the directory names start with the start time), each
+    finished. wandb-core, a separate process, writes a run's log through a buffer that it flushes when it closes the
+    run's stream, and ``finish()`` only publishes that request (``service.inform_finish``, not awaited), so the
+flush can come after it returned (seen on a loaded machine: a log still empty); so this
+    waits, at most ``timeout_s``, until every log holds its exit record, and returns what is there by then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = [read_run(d) for d in sorted((Path(wandb_dir) / "wandb").glob("offline-run-*"))]
+        if all(r.exit_code is not None for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
 
 
 def scalars(runs: list[WandbRun]) -> dict[str, dict[int, float]]:
