@@ -106,8 +106,8 @@ def offline_runs(wandb_dir: Path, timeout_s: float = 60.0) -> list[WandbRun]:
     """Every offline run under ``<dir>/wandb``, oldest first (the directory names start with the start time), each
     finished. wandb-core, a separate process, writes a run's log through a buffer that it flushes when it closes the
     run's stream, and ``finish()`` only publishes that request (``service.inform_finish``, not awaited), so the
-flush can come after it returned (seen on a loaded machine: a log still empty); so this
-    waits, at most ``timeout_s``, until every log holds its exit record, and returns what is there by then."""
+    flush can come after it returned (seen on a loaded machine: a log still empty); so this waits, at most
+    ``timeout_s``, until every log holds its exit record, and returns what is there by then."""
     deadline = time.monotonic() + timeout_s
     while True:
         runs = [read_run(d) for d in sorted((Path(wandb_dir) / "wandb").glob("offline-run-*"))]
