@@ -15,9 +15,17 @@ only by fp32 summation order. This pins that down through the real step driver (
 * the loss the trainer logs (DP mean of each replica's mean over micro-batches) and DeepSpeed's global gradient norm
   after each of 2 optimizer steps equal ZeRO-0's within ``sum_rtol`` of one step's reduction chain
   (tests/tolerances.py; the stages differ in summation order only: ZeRO-2/3 reduce-scatter gradients into
-  partitions and sum the norm over them). Dropout (0.1 hidden and attention) stays on: the stages draw the same
-  dropout masks - the torch CPU generator and megatron's RNG tracker are seeded identically and ZeRO's parameter
-  gathering draws no random numbers - so any RNG difference would show as a loss difference of ~1e-2.
+  partitions and sum the norm over them). Dropout (0.1 hidden and attention) stays on: the masks come from the
+  default CPU generator and megatron's RNG tracker streams, which ``model_parallel_manual_seed`` seeds (as the
+  trainer does) identically for every stage, and ZeRO-3's parameter gathering draws no random numbers, so the stages
+  draw the same masks. Seeding the ZeRO-3 run with seed + 1 instead moves its step-1 loss by 0.04 (BERT) to 0.12
+  (GPT), measured, and fails this test.
+
+Measured (x86 CPU, fp32): step-1 losses bit-identical in all three stages; ZeRO-2 and ZeRO-3 gradient norms agree
+to ~1e-7 relative. ZeRO-0's norm is 2.8e-6 to 5e-6 lower than theirs, always in the same direction: largelm's
+``zero0_grad_norm`` patch takes it from DeepSpeed's ``clip_grad_norm_``, which sums ``p.grad.float().norm()`` in
+fp32, and torch's fp32 CPU norm is biased low by a length-dependent amount (-3e-6 relative at 4e5 elements, -8e-5 at
+4e6; DeepSpeed's ZeRO-1/2/3 accumulate the norm in float64). At these sizes that stays inside ``RTOL``.
 """
 
 from __future__ import annotations
