@@ -10,8 +10,8 @@ distill_pipeline.py, largelm/model/pipeline_distill.py).
   student resumed from it takes the next step exactly as the run that continued.
 * ``student_init: every_kth_layer`` at PP=2: each stage's student layers are the teacher's layers i*k.
 * ``tools/distill.py`` end to end at PP=2 with a bf16 teacher (its activation crosses as a uint8 view).
-* (fast) BERT at PP>1, a virtual pipeline, and a teacher whose layers do not split over PP are refused, naming the
-  field; the teacher activation's integer view is bit-exact.
+* (fast) BERT layer alignment at PP>1, a virtual pipeline, and a teacher whose layers do not split over PP are
+  refused, naming the field; the teacher activation's integer view is bit-exact.
 
 Tolerances (tests/tolerances.py): the layouts differ only in summation order (pipeline stages, micro-batch sums, the
 TP split of matmuls and of the vocab-parallel softmax/KL), so every compared value may differ by ``sum_rtol`` of one
@@ -331,8 +331,8 @@ def test_distill_tool_with_pp2_student(setup, tmp_path):
     assert (saved / "layer_04-model_00-model_states.pt").is_file()
 
 
-def test_config_refuses_bert_virtual_pipeline_and_indivisible_teacher(tmp_path, tokenizer_path, shard_dir):
-    """BERT students stay at PP=1 (the error says why); no virtual pipeline with distillation; a teacher whose layers
+def test_config_refuses_bert_alignment_virtual_pipeline_and_indivisible_teacher(tmp_path, tokenizer_path, shard_dir):
+    """BERT students at PP=2 without layer alignment (alignment is refused, naming the field); no virtual pipeline with distillation; a teacher whose layers
     do not split over the run's PP is refused by the teacher check (preflight, before any process group)."""
     from largelm.train.teacher import check_teacher
 
@@ -341,9 +341,10 @@ def test_config_refuses_bert_virtual_pipeline_and_indivisible_teacher(tmp_path, 
     pp2 = {"pipeline_parallel": 2, "zero_stage": 1}
     student = config_from_dict({**raw, "parallel": pp2})  # GPT at PP=2: accepted
     bert = {**raw, "model": {**raw["model"], "arch": "bert"}, "parallel": pp2}
-    with pytest.raises(ConfigError, match=r"distill: BERT distillation runs at parallel\.pipeline_parallel=1 "
-                                          r"\(got 2\): it aligns hidden states and attention maps"):
-        config_from_dict(bert)
+    config_from_dict(bert)  # BERT at PP=2: logit distillation accepted (tests/test_distill_bert_pipeline.py)
+    with pytest.raises(ConfigError, match=r"distill\.attention_weight: layer alignment \(hidden states, attention "
+                                          r"maps\) is not implemented at parallel\.pipeline_parallel=2"):
+        config_from_dict({**bert, "distill": {**bert["distill"], "attention_weight": 1.0}})
     with pytest.raises(ConfigError, match=r"parallel\.virtual_pipeline=2 is not supported with distillation"):
         config_from_dict({**raw, "model": {**raw["model"], "num_layers": 4},
                           "parallel": {**pp2, "virtual_pipeline": 2}})

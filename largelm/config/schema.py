@@ -333,7 +333,7 @@ class Config(_Section):
                 f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds train.steps={self.train.steps}"
             )
         if self.distill is not None:
-            check_distill_layout(m, p)
+            check_distill_layout(m, p, self.distill)
             check_distill_alignment(self.distill, m, self.train.activation_checkpointing)
         if self.eval is not None and (m.arch != "gpt" or p.virtual_pipeline):
             raise ValueError(

@@ -235,8 +235,11 @@ class BertPipelineModule(GPTPipelineModule):
 
 def build_bert_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, bert_cfg: Optional[BertConfig] = None,
                         *, vocab_size: Optional[int] = None, dtype: torch.dtype = torch.float32,
-                        activation_checkpointing: str = "none") -> BertPipelineModule:
-    """This rank's pipeline stage of BERT. Needs ``init_model_parallel`` (megatron parallel_state, TP x PP)."""
+                        activation_checkpointing: str = "none",
+                        module_cls: type = BertPipelineModule) -> BertPipelineModule:
+    """This rank's pipeline stage of BERT. Needs ``init_model_parallel`` (megatron parallel_state, TP x PP).
+    ``module_cls``: a ``BertPipelineModule`` subclass to build (distillation's student,
+    largelm/model/pipeline_distill.py)."""
     if model_cfg.arch != "bert":
         raise ConfigError(f"build_bert_pipeline builds model.arch='bert', got {model_cfg.arch!r}")
     bert_cfg = bert_cfg or BertConfig()
@@ -261,8 +264,8 @@ def build_bert_pipeline(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, be
     loss = BertPipelineLoss(bert_cfg.objective)
     # no_grad: the constructor broadcasts the tied weight in place (see build_gpt_pipeline)
     with torch.no_grad(), bert_norms(config.sequence_parallel):
-        module = BertPipelineModule(layers=layers, loss_fn=loss, topology=topology,
-                                    partition_method="type:BertLayerPipe", activation_checkpoint_interval=0)
+        module = module_cls(layers=layers, loss_fn=loss, topology=topology, partition_method="type:BertLayerPipe",
+                            activation_checkpoint_interval=0)
     module.num_transformer_layers, module.tied, module.binary_head = L, tied, bert_cfg.binary_head
     module.metric_names = ["loss", "mlm_loss", "mlm_acc"] + (
         [f"{bert_cfg.objective}_loss", f"{bert_cfg.objective}_acc"] if bert_cfg.binary_head else [])

@@ -1,14 +1,16 @@
-"""A GPT pipeline stage that runs a frozen teacher's matching stage beside it (distillation with a pipeline-parallel
-student; the loss is largelm/train/distill_pipeline.py's).
+"""A GPT or BERT pipeline stage that runs a frozen teacher's matching stage beside it (distillation with a
+pipeline-parallel student; the loss is largelm/train/distill_pipeline.py's).
 
-The teacher is a second ``GPTPipelineModule`` of the same topology (same TP, PP and DP; its own layers split over the
-stages as the student's are), so every rank holds only its stage's TP shard of the teacher. It is kept outside the
-student's module tree (``TeacherHolder``), so DeepSpeed's optimizer, ZeRO partitions, gradient all-reduces and
-checkpoint files never see it; the engine's ``train()``/``eval()`` do not reach it either (it stays in eval mode).
+The teacher is a second pipeline module of the same architecture and topology (same TP, PP and DP; its own layers
+split over the stages as the student's are), so every rank holds only its stage's TP shard of the teacher. It is
+kept outside the student's module tree (``TeacherHolder``), so DeepSpeed's optimizer, ZeRO partitions, gradient
+all-reduces and checkpoint files never see it; the engine's ``train()``/``eval()`` do not reach it either (it stays
+in eval mode).
 
 Per micro-batch, stage ``p`` runs the teacher's stage ``p`` (no grad) and the student's stage ``p``, and hands
-``(student_hidden, teacher_hidden)`` to the next stage; the first stage takes ``(input_ids,)`` (both embeddings read
-the same tokens), the last stage returns ``(student_logits, teacher_logits)`` ([s, b, V/TP] each) to the loss.
+the student's activation with the teacher's appended to the next stage; the first stage's inputs feed both
+embeddings, the last stage returns both logits ([s, b, V/TP] each) to the loss (per architecture:
+``DistillGPTPipelineModule``, ``DistillBertPipelineModule``).
 
 **Why the teacher's activation crosses as an integer view.** DeepSpeed's PipelineEngine (0.19.8, runtime/pipe/
 engine.py) treats every floating-point tensor of an activation tuple as one that carries a gradient: the receiver
@@ -30,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from largelm.model.bert_pipeline import BertPipelineModule
 from largelm.model.pipeline import GPTPipelineModule
 
 # the integer type (one NCCL and gloo both send) whose view carries a teacher activation of each dtype between stages
@@ -59,8 +62,10 @@ class TeacherHolder:
         self.dtype = dtype
 
 
-class DistillGPTPipelineModule(GPTPipelineModule):
-    """The student's pipeline stage; ``attach_teacher`` before the first forward."""
+class DistillStage:
+    """The teacher-beside-student forward of a pipeline stage, mixed into an architecture's pipeline module (which
+    supplies the student's own ``forward``); ``attach_teacher`` before the first forward. What crosses the stages is
+    the architecture's: ``_wire_split``/``_wire_join`` (between stages), ``_last_outputs`` (to the loss)."""
 
     teacher: Optional[TeacherHolder] = None
 
@@ -78,21 +83,55 @@ class DistillGPTPipelineModule(GPTPipelineModule):
         return self.stage_id == self.num_stages - 1
 
     def model_forward(self, inputs):
-        """The student's stage alone (``GPTPipelineModule``'s forward: hidden or logits, no teacher): what runs the
-        student outside the training schedule (in-training lm-eval, ``largelm.model.parallel_forward``)."""
+        """The student's stage alone (the architecture module's forward, no teacher): what runs the student outside
+        the training schedule (in-training lm-eval, ``largelm.model.parallel_forward``)."""
         return super().forward(inputs)
 
     def forward(self, inputs):
         if self.teacher is None:
-            raise RuntimeError("DistillGPTPipelineModule: no teacher attached (attach_teacher)")
+            raise RuntimeError(f"{type(self).__name__}: no teacher attached (attach_teacher)")
         if self.is_first_stage:
-            student_in = teacher_in = inputs  # (input_ids,) for both embeddings
+            student_in = teacher_in = inputs  # the first stage's inputs feed both embeddings
         else:
-            student_in, bits = inputs
-            teacher_in = from_wire(bits, self.teacher.dtype)
+            student_in, teacher_in = self._wire_split(inputs)
         with torch.no_grad():
             teacher_out = self.teacher.module(teacher_in)
         student_out = super().forward(student_in)
         if self.is_last_stage:
-            return student_out, teacher_out
+            return self._last_outputs(student_out, teacher_out)
+        return self._wire_join(student_out, teacher_out)
+
+
+class DistillGPTPipelineModule(DistillStage, GPTPipelineModule):
+    """The GPT student's stage: ``(student_hidden, teacher_bits)`` between stages (the first takes
+    ``(input_ids,)``), ``(student_logits, teacher_logits)`` to ``PipelineDistillLoss``."""
+
+    def _wire_split(self, inputs):
+        student_hidden, bits = inputs
+        return student_hidden, from_wire(bits, self.teacher.dtype)
+
+    def _wire_join(self, student_out, teacher_out):
         return student_out, to_wire(teacher_out)
+
+    def _last_outputs(self, student_out, teacher_out):
+        return student_out, teacher_out
+
+
+class DistillBertPipelineModule(DistillStage, BertPipelineModule):
+    """The BERT student's stage: the first takes ``(input_ids, attention_mask, token_type_ids)`` (both embeddings
+    read them), ``(student_hidden, attention_mask, teacher_bits)`` cross the stages (BERT's own ``(hidden,
+    attention_mask)`` with the teacher's hidden appended; the integer padding mask serves both encoders), and the
+    last stage hands ``(student_logits, student_binary_logits, teacher_logits)`` ([s, b, V/TP]; the binary logits
+    [b, 2] or None) to ``BertPipelineDistillLoss``."""
+
+    def _wire_split(self, inputs):
+        student_hidden, attention_mask, bits = inputs
+        return (student_hidden, attention_mask), (from_wire(bits, self.teacher.dtype), attention_mask)
+
+    def _wire_join(self, student_out, teacher_out):
+        student_hidden, attention_mask = student_out
+        return student_hidden, attention_mask, to_wire(teacher_out[0])
+
+    def _last_outputs(self, student_out, teacher_out):
+        student_logits, student_binary = student_out
+        return student_logits, student_binary, teacher_out[0]

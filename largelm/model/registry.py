@@ -11,7 +11,7 @@ Builder signatures (``section`` is the architecture's own config section, ``conf
 
 * ``build_model(model_cfg, parallel_cfg, section, *, dtype, **transformer_config_overrides)`` -> this rank's dense
   module (its TP shard; megatron parallel_state must be initialised);
-* ``build_pipeline(model_cfg, parallel_cfg, section, *, dtype, activation_checkpointing)`` -> this rank's
+* ``build_pipeline(model_cfg, parallel_cfg, section, *, dtype, activation_checkpointing[, module_cls])`` -> this rank's
   DeepSpeed ``PipelineModule`` stage. Its ``loss_fn`` may keep per-micro-batch metrics (``records``, named by the
   module's ``metric_names``, first ``"loss"``): the pipeline step driver then reports them like the dense path.
 """
@@ -109,9 +109,9 @@ def _gpt_model(model_cfg, parallel_cfg, _section=None, *, dtype, **overrides):
     return gpt.build_gpt_model(model_cfg, parallel_cfg, vocab_size=model_cfg.vocab_size, dtype=dtype, **overrides)
 
 
-def _gpt_pipeline(model_cfg, parallel_cfg, _section=None, *, dtype, activation_checkpointing="none"):
+def _gpt_pipeline(model_cfg, parallel_cfg, _section=None, *, dtype, activation_checkpointing="none", **kwargs):
     return pipeline.build_gpt_pipeline(model_cfg, parallel_cfg, vocab_size=model_cfg.vocab_size, dtype=dtype,
-                                       activation_checkpointing=activation_checkpointing)
+                                       activation_checkpointing=activation_checkpointing, **kwargs)
 
 
 GPT = register_arch(ArchSpec(
@@ -132,9 +132,9 @@ def _bert_model(model_cfg, parallel_cfg, section=None, *, dtype, **overrides):
                                  **overrides)
 
 
-def _bert_pipeline(model_cfg, parallel_cfg, section=None, *, dtype, activation_checkpointing="none"):
+def _bert_pipeline(model_cfg, parallel_cfg, section=None, *, dtype, activation_checkpointing="none", **kwargs):
     return bert_pipeline.build_bert_pipeline(model_cfg, parallel_cfg, section, vocab_size=model_cfg.vocab_size,
-                                             dtype=dtype, activation_checkpointing=activation_checkpointing)
+                                             dtype=dtype, activation_checkpointing=activation_checkpointing, **kwargs)
 
 
 BERT = register_arch(ArchSpec(

@@ -71,6 +71,23 @@ def masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     return (per_position * masked).sum() / masked.sum().clamp(min=1.0) * temperature**2
 
 
+def logit_distill_loss(student_logits: torch.Tensor, student_binary: Optional[torch.Tensor],
+                       teacher_logits: torch.Tensor, mlm_labels: torch.Tensor, pair_label: Optional[torch.Tensor],
+                       cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``alpha * T^2 * KL_masked + (1 - alpha) * (MLM + pair loss)`` and the detached metrics (``kl``,
+    ``mlm_loss``, ``mlm_acc``, ``<sop|nsp>_loss``/``_acc``): the logit part of the loss, without the layer
+    alignment. Logits [b, s, V/tp] (this TP rank's vocabulary partition), binary logits [b, 2] or None; shared by
+    ``BertDistillLoss`` and the pipeline's last stage (largelm/train/distill_pipeline.py)."""
+    d = cfg.distill
+    # The KL first: megatron's vocab-parallel cross entropy (in bert_metrics_from_logits) works in place on the
+    # fp32 logits it is given.
+    kl = masked_kl(student_logits, teacher_logits, mlm_labels, d.temperature, cfg.model.vocab_size)
+    pair: Optional[torch.Tensor] = pair_label if student_binary is not None else None
+    hard = bert_metrics_from_logits(student_logits, student_binary, mlm_labels, pair, cfg.bert.objective)
+    total = d.alpha * kl + (1.0 - d.alpha) * hard.pop("loss")
+    return total, {"kl": kl.detach(), **hard}
+
+
 def _tp_sum(local: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
     """Sum of a per-rank partial loss over the TP group; backward identity (megatron's
     ``reduce_from_tensor_model_parallel_region``): each rank's part gets the gradient of the sum."""
@@ -193,13 +210,8 @@ class BertDistillLoss:
         with torch.no_grad():
             t_logits, _, t_hidden, t_maps = self._run(self.teacher, batch, [t for _, t in self.layer_pairs])
         s_logits, s_binary, s_hidden, s_maps = self._run(student, batch, [s for s, _ in self.layer_pairs])
-        # The KL first: megatron's vocab-parallel cross entropy (in bert_metrics_from_logits) works in place on
-        # the fp32 logits it is given.
-        kl = masked_kl(s_logits, t_logits, batch["mlm_labels"], d.temperature, self.cfg.model.vocab_size)
-        pair_label: Optional[torch.Tensor] = batch["pair_label"] if s_binary is not None else None
-        hard = bert_metrics_from_logits(s_logits, s_binary, batch["mlm_labels"], pair_label, self.cfg.bert.objective)
-        total = d.alpha * kl + (1.0 - d.alpha) * hard.pop("loss")
-        out = {"kl": kl.detach(), **hard}
+        total, out = logit_distill_loss(s_logits, s_binary, t_logits, batch["mlm_labels"], batch.get("pair_label"),
+                                        self.cfg)
         if d.hidden_weight > 0:
             projection = getattr(getattr(student, "module", student), DISTILL_PROJECTION, None)
             hidden = hidden_alignment(s_hidden, t_hidden, batch["attention_mask"], d.hidden_loss, projection,

@@ -1,4 +1,4 @@
-"""Knowledge distillation with a pipeline-parallel GPT student (``parallel.pipeline_parallel > 1``).
+"""Knowledge distillation with a pipeline-parallel GPT or BERT student (``parallel.pipeline_parallel > 1``).
 
 The teacher is pipelined alongside the student at the same PP (largelm/model/pipeline_distill.py): stage p of the
 student's pipeline also runs stage p of the teacher, built from the teacher checkpoint's config with the run's
@@ -15,6 +15,13 @@ it records ``loss``/``kl``/``lm_loss`` per micro-batch, which ``PipelineStep`` b
 reports as ``distill/kl``, ``distill/lm_loss`` (the dense distillation path's names). In evaluation the loss is the
 plain LM loss (the teacher still runs: the tuple crossing the stages must keep its structure), so validation
 compares with a run without a teacher.
+
+BERT (``BertPipelineDistillLoss``): the last stage gets ``(student_logits, student_binary_logits, teacher_logits)``
+and computes ``largelm.train.distill_bert.logit_distill_loss`` (T^2 x KL on the masked positions + (1 - alpha) x
+(MLM + SOP/NSP), the dense BERT distillation's function, on the logits transposed to its [b, s] order), recording
+``kl``, ``mlm_loss``, ``mlm_acc``, ``<sop|nsp>_loss``/``_acc`` (``distill/...``, the dense path's names); validation
+is the plain BERT loss and metrics (``valid/...``, as ``DenseStep.eval_loss``). Hidden-state and attention-map
+alignment is not implemented at PP > 1 (refused by the config check, largelm/config/distill.py).
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ from megatron.core import parallel_state
 
 from largelm.config import Config, ConfigError
 from largelm.hardware import model_dtype, run_precision
-from largelm.model.pipeline import build_gpt_pipeline, lm_loss_from_logits
-from largelm.model.pipeline_distill import DistillGPTPipelineModule
+from largelm.model.bert import bert_metrics_from_logits
+from largelm.model.pipeline import lm_loss_from_logits
+from largelm.model.pipeline_distill import DistillBertPipelineModule, DistillGPTPipelineModule, DistillStage
 from largelm.model.registry import get_arch
 from largelm.model.weights import load_tp_shard_state_dict
 from largelm.train.distill import distill_loss
+from largelm.train.distill_bert import logit_distill_loss
 from largelm.train.teacher import every_kth_layer_name, every_kth_layer_state, teacher_config, teacher_tp_shard
 
 
@@ -57,22 +66,59 @@ class PipelineDistillLoss:
         return total
 
 
-def build_distill_pipeline(cfg: Config, init_student: bool = True) -> DistillGPTPipelineModule:
-    """This rank's stage of the student (``loss_fn``: ``PipelineDistillLoss``, ``metric_names`` set for
-    ``PipelineStep``) with its teacher stage attached; with ``init_student`` and ``distill.student_init:
-    every_kth_layer`` the student stage starts from the teacher's layers. All ranks call it (the pipeline modules
-    create process groups). ``module.teacher_sources``: the teacher checkpoint's TP ranks read."""
-    if cfg.model.arch != "gpt":
-        raise ConfigError(f"distill: pipeline-parallel distillation is implemented for model.arch='gpt' students "
-                          f"(got {cfg.model.arch!r})")
+class BertPipelineDistillLoss:
+    """The BERT student pipeline's ``loss_fn`` (last stage): ``logit_distill_loss`` while the module trains, the
+    plain BERT loss in evaluation; appends each micro-batch's detached metrics to ``records``."""
+
+    metric_prefix = "distill"
+
+    def __init__(self, module: torch.nn.Module, cfg: Config):
+        self.module, self.cfg = module, cfg
+        pair = [f"{cfg.bert.objective}_loss", f"{cfg.bert.objective}_acc"] if cfg.bert.binary_head else []
+        self.metric_names = ["loss", "kl", "mlm_loss", "mlm_acc"] + pair
+        self.eval_metric_names = ["loss", "mlm_loss", "mlm_acc"] + pair  # BERT's own (valid/...), as DenseStep
+        self.records: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, outputs, labels) -> torch.Tensor:
+        student_logits, student_binary, teacher_logits = outputs  # [s, b, V/TP]
+        mlm_labels, pair_label = labels  # [b, s], [b]
+        # [b, s] order, as the dense path's (and BertPipelineLoss's) logits: the same sums in the same order
+        student_logits = student_logits.transpose(0, 1).contiguous()
+        if not self.module.training:
+            out = bert_metrics_from_logits(student_logits, student_binary, mlm_labels,
+                                           pair_label if student_binary is not None else None, self.cfg.bert.objective)
+            self.records.append({k: v.detach().float() for k, v in out.items()})
+            return out["loss"]
+        total, parts = logit_distill_loss(student_logits, student_binary, teacher_logits.transpose(0, 1).contiguous(),
+                                          mlm_labels, pair_label, self.cfg)
+        self.records.append({"loss": total.detach(), **{k: v.float() for k, v in parts.items()}})
+        return total
+
+
+_STAGES = {"gpt": (DistillGPTPipelineModule, PipelineDistillLoss), "bert": (DistillBertPipelineModule,
+                                                                          BertPipelineDistillLoss)}
+
+
+def build_distill_pipeline(cfg: Config, init_student: bool = True) -> DistillStage:
+    """This rank's stage of the student (``loss_fn``: ``PipelineDistillLoss`` or ``BertPipelineDistillLoss``,
+    ``metric_names`` set for ``PipelineStep``) with its teacher stage attached; with ``init_student`` and
+    ``distill.student_init: every_kth_layer`` the student stage starts from the teacher's layers. All ranks call it
+    (the pipeline modules create process groups). ``module.teacher_sources``: the teacher checkpoint's TP ranks
+    read."""
+    if cfg.model.arch not in _STAGES:
+        raise ConfigError(f"distill: pipeline-parallel distillation is implemented for model.arch 'gpt' and 'bert' "
+                          f"students (got {cfg.model.arch!r})")
+    module_cls, loss_cls = _STAGES[cfg.model.arch]
     d = cfg.distill
     teacher_cfg = teacher_config(cfg)  # checked before any weight is read (layers divisible by PP, TP, tokenizer)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     padded = cfg.model.padded_vocab_size(tp)
     # the student first: its random initialisation is what a run without a teacher draws from the same seed
-    student = build_gpt_pipeline(cfg.model, cfg.parallel, vocab_size=cfg.model.vocab_size, dtype=model_dtype(cfg),
-                                 activation_checkpointing=cfg.train.activation_checkpointing,
-                                 module_cls=DistillGPTPipelineModule)
+    student_arch = get_arch(cfg.model.arch)
+    student = student_arch.build_pipeline(cfg.model, cfg.parallel, *student_arch.section_args(cfg),
+                                          dtype=model_dtype(cfg),
+                                          activation_checkpointing=cfg.train.activation_checkpointing,
+                                          module_cls=module_cls)
     teacher_model = teacher_cfg.model.model_copy(
         update={"make_vocab_size_divisible_by": cfg.model.make_vocab_size_divisible_by})
     teacher_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[d.teacher_precision or run_precision(cfg)]
@@ -99,7 +145,7 @@ def build_distill_pipeline(cfg: Config, init_student: bool = True) -> DistillGPT
             student._synchronize_tied_weights()
     del state
     student.attach_teacher(teacher, teacher_dtype)
-    student.loss_fn = PipelineDistillLoss(student, cfg)
-    student.metric_names = PipelineDistillLoss.metric_names
+    student.loss_fn = loss_cls(student, cfg)
+    student.metric_names = student.loss_fn.metric_names
     student.teacher_sources = sources
     return student
