@@ -5,19 +5,24 @@ One 4-layer BERT teacher (random weights) saved by a real engine at TP=1, PP=1; 
 weights trained 3 optimizer steps (2 micro-batches each, grad clipping 1.0 so the gradient norm feeds the update) on
 the same explicit masked batches (padding, SOP), KL on the masked positions + (1 - alpha) x (MLM + SOP):
 
-* PP=2 student + PP=2 teacher (each stage runs its half of the teacher; the teacher's hidden state crosses the
-  stages as an integer view beside the student's hidden state and the padding mask) on 2 ranks vs the PP=1 pair
-  (``DenseStep`` + ``BertDistillLoss``) from the same weights: per step the total loss, ``distill/kl``,
+* PP=2 student + PP=2 teacher, KL + MLM + SOP (each stage runs its half of the teacher; the teacher's hidden state
+  crosses the stages as an integer view beside the student's hidden state and the padding mask) on 2 ranks vs the
+  PP=1 pair (``DenseStep`` + ``BertDistillLoss``) from the same weights: per step the total loss, ``distill/kl``,
   ``distill/mlm_loss``, ``distill/sop_loss`` and the global gradient norm; the same metric names; validation is
   the plain BERT loss with BERT's ``valid/`` metrics, as at PP=1.
 * The PP=2 student's checkpoint layer files hold exactly the student's parameters (no teacher tensor).
 * ``student_init: every_kth_layer`` at PP=2: each stage's student layers are the teacher's layers i*k, the last
   stage's heads the teacher's.
-* (fast) layer alignment at PP>1 is refused, naming the field.
+* With hidden-state (cosine + MSE) and attention-map alignment on (every_kth_layer: one aligned pair on each stage,
+  the first stage's part entering the backward through its output): the same per-step values plus
+  ``distill/hidden`` and ``distill/attention`` (summed over the stages) equal the PP=1 pair's; dropping the first
+  stage's backward attachment fails the test.
+* (fast) an explicit layer pair across stages and ``hidden_projection`` at PP>1 are refused, naming the field.
 
 Tolerance (tests/tolerances.py, as tests/test_distill_bert_tp.py): the layouts differ in summation order only (the
 pipeline's micro-batch and stage sums), so each value is within ``sum_rtol`` of one step's reduction chain (teacher
-and student layers, BERT's LM head, the 1024-way softmax, the step's tokens, forward and backward).
+and student layers, BERT's LM head, the 1024-way softmax, the step's tokens, forward and backward). Measured worst:
+4.3e-7 (of 3.7e-5); rolling the teacher's hidden state by one position on receipt fails the test.
 """
 
 from __future__ import annotations
@@ -40,7 +45,11 @@ from largelm.config import ConfigError, config_from_dict
 
 PARTS = ("kl", "mlm_loss", "sop_loss")
 METRICS = ("losses", "norms", *PARTS)
+ALIGN_METRICS = (*METRICS, "hidden", "attention")
 NO_ALIGNMENT = {"hidden_weight": 0.0, "attention_weight": 0.0, "hidden_loss": "cosine"}
+# hidden states (cosine + MSE) and attention maps of every_kth_layer: student layer i <-> teacher layer 2i + 1, one
+# pair per stage at PP=2 (the first stage's part enters the backward through its output)
+ALIGNMENT = {"hidden_weight": 1.0, "attention_weight": 1.0, "hidden_loss": "cosine+mse"}
 
 
 def _cfg(case, pp: int, **distill):
@@ -50,18 +59,19 @@ def _cfg(case, pp: int, **distill):
 
 
 def _train(cfg, case, ckpt: str | None = None) -> dict:
+    parts = PARTS + (("hidden", "attention") if cfg.distill.aligns_layers else ())
     from largelm.parallel.cpu_compat import model_parallel_manual_seed
     from largelm.train.step import build_step
 
     torch.manual_seed(cfg.train.seed)
     model_parallel_manual_seed(cfg.train.seed)
     step = build_step(cfg, torch.distributed.get_world_size(), init_state_dict=case["student"])
-    out: dict = {k: [] for k in METRICS}
+    out: dict = {k: [] for k in ("losses", "norms", *parts)}
     batches = case["batches"]
     for s in range(STEPS):
         out["losses"].append(step.train_step(iter(batches[s * ACCUM:(s + 1) * ACCUM])).item())
         out["norms"].append(float(step.engine.get_global_grad_norm()))
-        for part in PARTS:
+        for part in parts:
             out[part].append(step.last_metrics[f"distill/{part}"])
     out["metric_names"] = sorted(step.last_metrics)
     out["valid"] = step.eval_loss(batches[-1]).item()
@@ -98,6 +108,7 @@ def _pp2_rank(rank, world_size, case):
     try:
         groups.init_model_parallel(1, 2)
         out = _train(_cfg(case, 2), case, ckpt=case["ckpt"])
+        out["aligned"] = _train(_cfg(case, 2, **ALIGNMENT), case)
         module = build_distill_pipeline(_cfg(case, 2, student_init="every_kth_layer", k=2))
         teacher, errs = case["teacher_state"], {}
         for index in range(module._local_start, module._local_stop):
@@ -130,6 +141,7 @@ def test_pp2_bert_pair_equals_pp1_pair(tmp_path, tokenizer_path, monkeypatch):
         save_teacher(teacher_cfg, teacher, case["teacher_state"])
         case["student"] = random_bert(_cfg(case, 1), seed=2)
         ref = _train(_cfg(case, 1), case)
+        ref_aligned = _train(_cfg(case, 1, **ALIGNMENT), case)
     per_rank = run_ranks(_pp2_rank, 2, case, timeout_s=300)
     print("\nPP=2: worst rel diff vs PP=1 " + " ".join(
         f"{k} {max(rel_diff(r[k][s], ref[k][s]) for r in per_rank for s in range(STEPS)):.1e}" for k in METRICS))
@@ -146,6 +158,18 @@ def test_pp2_bert_pair_equals_pp1_pair(tmp_path, tokenizer_path, monkeypatch):
         for name, value in ref["valid_metrics"].items():
             assert rel_diff(res["valid_metrics"][name], value) < RTOL, f"rank {rank}: {name}"
         assert all(e == 0.0 for e in res["init_errs"].values()), f"rank {rank}: every_kth_layer {res['init_errs']}"
+    aligned = [r["aligned"] for r in per_rank]
+    print("PP=2 with alignment: worst rel diff vs PP=1 " + " ".join(
+        f"{k} {max(rel_diff(r[k][s], ref_aligned[k][s]) for r in aligned for s in range(STEPS)):.1e}"
+        for k in ALIGN_METRICS))
+    for rank, res in enumerate(aligned):
+        for key in ALIGN_METRICS:
+            for s in range(STEPS):
+                assert rel_diff(res[key][s], ref_aligned[key][s]) < RTOL, \
+                    f"aligned rank {rank} step {s + 1}: {key} {res[key][s]} vs PP=1 {ref_aligned[key][s]}"
+        assert res["metric_names"] == ref_aligned["metric_names"]
+        assert rel_diff(res["valid"], ref_aligned["valid"]) < RTOL
+    assert ref_aligned["hidden"][0] > 0.05 and ref_aligned["attention"][0] > 1e-3, ref_aligned
     assert sorted(r["stage"] for r in per_rank) == [0, 1]
     assert len(per_rank[0]["init_errs"]) + len(per_rank[1]["init_errs"]) == 5  # 2 layers + 3 heads checked
     assert ref["kl"][0] > 0.05 and ref["norms"][0] > 1.0, ref  # a real KL; clipping was active
@@ -158,12 +182,20 @@ def test_pp2_bert_pair_equals_pp1_pair(tmp_path, tokenizer_path, monkeypatch):
     assert saved == sum(v.numel() for v in case["student"].values()), files
 
 
-def test_config_refuses_layer_alignment_at_pp(tmp_path, tokenizer_path):
-    """Hidden-state / attention-map alignment at PP>1 is refused naming the field; logit distillation is accepted."""
+def test_config_refuses_pairs_on_different_stages(tmp_path, tokenizer_path):
+    """At PP=2 each aligned (student, teacher) layer pair must sit on one stage: every_kth_layer does; an explicit
+    pair across stages is refused with the teacher's config, naming distill.layer_map; hidden_projection is refused."""
+    from largelm.train.teacher import check_teacher
+
     case = dict(tokenizer=str(tokenizer_path), teacher=str(tmp_path / "t"))
-    _cfg(case, 2)  # KL + MLM/SOP at PP=2: accepted
-    for field in ("hidden_weight", "attention_weight"):
-        with pytest.raises(ConfigError, match=rf"distill\.{field}: layer alignment .* is not implemented at "
-                                              r"parallel\.pipeline_parallel=2"):
-            _cfg(case, 2, **{field: 1.0})
-    _cfg(case, 1, hidden_weight=1.0, attention_weight=1.0)  # PP=1: alignment works
+    teacher = config_from_dict({k: v for k, v in raw_config(tokenizer_path, case["teacher"], "ref",
+                                                            TEACHER_LAYERS).items() if k != "distill"})
+    check_teacher(_cfg(case, 2, **ALIGNMENT), teacher, tmp_path / "t")  # pairs (0, 1), (1, 3): one stage each
+    check_teacher(_cfg(case, 2, **ALIGNMENT, layer_map=[[0, 0], [1, 2]]), teacher, tmp_path / "t")
+    with pytest.raises(ConfigError, match=r"distill\.layer_map: student layer 0 \(pipeline stage 0\) is aligned "
+                                          r"with teacher layer 3 \(stage 1\) at parallel\.pipeline_parallel=2"):
+        check_teacher(_cfg(case, 2, **ALIGNMENT, layer_map=[[0, 3]]), teacher, tmp_path / "t")
+    check_teacher(_cfg(case, 1, **ALIGNMENT, layer_map=[[0, 3]]), teacher, tmp_path / "t")  # PP=1: any pair
+    with pytest.raises(ConfigError, match=r"distill\.hidden_projection: .* not supported at "
+                                          r"parallel\.pipeline_parallel=2"):
+        _cfg(case, 2, **ALIGNMENT, hidden_projection=True)

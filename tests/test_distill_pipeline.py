@@ -10,7 +10,7 @@ distill_pipeline.py, largelm/model/pipeline_distill.py).
   student resumed from it takes the next step exactly as the run that continued.
 * ``student_init: every_kth_layer`` at PP=2: each stage's student layers are the teacher's layers i*k.
 * ``tools/distill.py`` end to end at PP=2 with a bf16 teacher (its activation crosses as a uint8 view).
-* (fast) BERT layer alignment at PP>1, a virtual pipeline, and a teacher whose layers do not split over PP are
+* (fast) BERT's hidden_projection at PP>1, a virtual pipeline, and a teacher whose layers do not split over PP are
   refused, naming the field; the teacher activation's integer view is bit-exact.
 
 Tolerances (tests/tolerances.py): the layouts differ only in summation order (pipeline stages, micro-batch sums, the
@@ -331,9 +331,11 @@ def test_distill_tool_with_pp2_student(setup, tmp_path):
     assert (saved / "layer_04-model_00-model_states.pt").is_file()
 
 
-def test_config_refuses_bert_alignment_virtual_pipeline_and_indivisible_teacher(tmp_path, tokenizer_path, shard_dir):
-    """BERT students at PP=2 without layer alignment (alignment is refused, naming the field); no virtual pipeline with distillation; a teacher whose layers
-    do not split over the run's PP is refused by the teacher check (preflight, before any process group)."""
+def test_config_refuses_bert_projection_virtual_pipeline_and_indivisible_teacher(tmp_path, tokenizer_path, shard_dir):
+    """BERT students at PP=2 (with layer alignment, but not through a learned projection: refused, naming the field;
+    layer pairs on different stages: tests/test_distill_bert_pipeline.py); no virtual pipeline with distillation; a
+    teacher whose layers do not split over the run's PP is refused by the teacher check (preflight, before any
+    process group)."""
     from largelm.train.teacher import check_teacher
 
     raw = _raw(tmp_path, tokenizer_path, shard_dir, num_layers=2)
@@ -342,9 +344,10 @@ def test_config_refuses_bert_alignment_virtual_pipeline_and_indivisible_teacher(
     student = config_from_dict({**raw, "parallel": pp2})  # GPT at PP=2: accepted
     bert = {**raw, "model": {**raw["model"], "arch": "bert"}, "parallel": pp2}
     config_from_dict(bert)  # BERT at PP=2: logit distillation accepted (tests/test_distill_bert_pipeline.py)
-    with pytest.raises(ConfigError, match=r"distill\.attention_weight: layer alignment \(hidden states, attention "
-                                          r"maps\) is not implemented at parallel\.pipeline_parallel=2"):
-        config_from_dict({**bert, "distill": {**bert["distill"], "attention_weight": 1.0}})
+    config_from_dict({**bert, "distill": {**bert["distill"], "attention_weight": 1.0}})  # alignment accepted
+    with pytest.raises(ConfigError, match=r"distill\.hidden_projection: the learned projection is not supported at "
+                                          r"parallel\.pipeline_parallel=2"):
+        config_from_dict({**bert, "distill": {**bert["distill"], "hidden_weight": 1.0, "hidden_projection": True}})
     with pytest.raises(ConfigError, match=r"parallel\.virtual_pipeline=2 is not supported with distillation"):
         config_from_dict({**raw, "model": {**raw["model"], "num_layers": 4},
                           "parallel": {**pp2, "virtual_pipeline": 2}})

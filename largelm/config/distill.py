@@ -63,16 +63,15 @@ def check_distill_layout(model, parallel, d: Optional[DistillConfig] = None) -> 
     """Which students distillation supports: GPT and BERT at any tensor parallelism (with or without sequence
     parallelism), data parallelism and ZeRO stage (the teacher is built with the run's TP); both also at pipeline
     parallelism (the teacher is pipelined alongside at the same PP, its layers split over the stages; no virtual
-    pipeline; the pipeline path's ZeRO 0/1), BERT there without layer alignment (docs/design.md "Distillation")."""
+    pipeline; the pipeline path's ZeRO 0/1; BERT's layer alignment without ``hidden_projection``, each aligned pair on
+    one stage: checked with the teacher, largelm/train/teacher.py) (docs/design.md "Distillation")."""
     if model.arch not in ("gpt", "bert"):
         raise ValueError(f"distill: distillation supports model.arch='gpt' or 'bert' (got arch={model.arch!r})")
-    if model.arch == "bert" and parallel.pipeline_parallel > 1 and d is not None and d.aligns_layers:
-        field = "distill.hidden_weight" if d.hidden_weight > 0 else "distill.attention_weight"
+    if parallel.pipeline_parallel > 1 and d is not None and d.hidden_projection:
         raise ValueError(
-            f"{field}: layer alignment (hidden states, attention maps) is not implemented at "
-            f"parallel.pipeline_parallel={parallel.pipeline_parallel}: the aligned layers sit on the pipeline's "
-            "stages, and only the last stage computes the loss; distill at pipeline_parallel 1 or set "
-            "distill.hidden_weight and distill.attention_weight to 0 (logit distillation: KL + MLM/SOP)")
+            f"distill.hidden_projection: the learned projection is not supported at parallel.pipeline_parallel="
+            f"{parallel.pipeline_parallel} (one projection would serve aligned layers on several stages); align "
+            "equal hidden sizes without it, or distill at pipeline_parallel 1")
     if parallel.pipeline_parallel > 1 and parallel.virtual_pipeline is not None:
         raise ValueError(f"distill: parallel.virtual_pipeline={parallel.virtual_pipeline} is not supported with "
                          "distillation (the teacher is pipelined stage by stage with the student); leave it unset")

@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from largelm.model.bert_pipeline import BertPipelineModule
 from largelm.model.pipeline import GPTPipelineModule
@@ -94,12 +95,17 @@ class DistillStage:
             student_in = teacher_in = inputs  # the first stage's inputs feed both embeddings
         else:
             student_in, teacher_in = self._wire_split(inputs)
-        with torch.no_grad():
-            teacher_out = self.teacher.module(teacher_in)
-        student_out = super().forward(student_in)
+        student_out, teacher_out = self._run_stages(student_in, teacher_in)
         if self.is_last_stage:
             return self._last_outputs(student_out, teacher_out)
         return self._wire_join(student_out, teacher_out)
+
+
+    def _run_stages(self, student_in, teacher_in):
+        """The teacher's stage (no grad), then the student's: their outputs."""
+        with torch.no_grad():
+            teacher_out = self.teacher.module(teacher_in)
+        return super().forward(student_in), teacher_out
 
 
 class DistillGPTPipelineModule(DistillStage, GPTPipelineModule):
@@ -123,6 +129,22 @@ class DistillBertPipelineModule(DistillStage, BertPipelineModule):
     attention_mask)`` with the teacher's hidden appended; the integer padding mask serves both encoders), and the
     last stage hands ``(student_logits, student_binary_logits, teacher_logits)`` ([s, b, V/TP]; the binary logits
     [b, 2] or None) to ``BertPipelineDistillLoss``."""
+
+    # Layer alignment on this stage (hidden states, attention maps; set by largelm/train/distill_pipeline.py, None
+    # without): ``captured(student_stage, teacher_stage)`` hooks the stage's aligned layers for the forwards run
+    # inside, ``loss(captured, attention_mask)`` is the stage's part of the alignment loss, scaled for the backward.
+    stage_alignment = None
+
+    def _run_stages(self, student_in, teacher_in):
+        if self.stage_alignment is None or not self.training:
+            return super()._run_stages(student_in, teacher_in)
+        with self.stage_alignment.captured(self, self.teacher.module) as captured:
+            student_out, teacher_out = super()._run_stages(student_in, teacher_in)
+        aux = self.stage_alignment.loss(captured, student_in[1])  # the padding mask: the stage's input either way
+        # The loss only the last stage sees: this stage's alignment part enters the backward through the stage's
+        # output (megatron's MoE aux-loss trick: identity forward; backward adds d aux to the output's gradient
+        # path, aux's own gradient being 1, its 1/grad_accum scale already in aux).
+        return (MoEAuxLossAutoScaler.apply(student_out[0], aux), *student_out[1:]), teacher_out
 
     def _wire_split(self, inputs):
         student_hidden, attention_mask, bits = inputs

@@ -136,11 +136,19 @@ def captured_layers(model: torch.nn.Module, layers: list[int], hidden: bool,
 
     ``model``: a ``BertModel`` or a wrapper of one (a DeepSpeed engine: its ``.module``)."""
     bert = getattr(model, "module", model)
+    with captured_modules({index: bert.encoder.layers[index] for index in layers}, hidden, attention) as captured:
+        yield captured
+
+
+@contextmanager
+def captured_modules(layers: dict[int, torch.nn.Module], hidden: bool,
+                     attention: bool) -> Iterator[tuple[dict, dict]]:
+    """``captured_layers`` for given megatron ``TransformerLayer`` modules ({layer index: module}; a pipeline
+    stage's layers, largelm/train/distill_pipeline_align.py)."""
     outputs: dict[int, torch.Tensor] = {}
     maps: dict[int, torch.Tensor] = {}
     handles = []
-    for index in layers:
-        layer = bert.encoder.layers[index]
+    for index, layer in layers.items():
         if hidden:
             handles.append(layer.register_forward_hook(
                 lambda _m, _i, out, index=index: outputs.__setitem__(index, out[0] if isinstance(out, tuple)

@@ -21,7 +21,7 @@ and computes ``largelm.train.distill_bert.logit_distill_loss`` (T^2 x KL on the 
 (MLM + SOP/NSP), the dense BERT distillation's function, on the logits transposed to its [b, s] order), recording
 ``kl``, ``mlm_loss``, ``mlm_acc``, ``<sop|nsp>_loss``/``_acc`` (``distill/...``, the dense path's names); validation
 is the plain BERT loss and metrics (``valid/...``, as ``DenseStep.eval_loss``). Hidden-state and attention-map
-alignment is not implemented at PP > 1 (refused by the config check, largelm/config/distill.py).
+alignment: on the stages holding the aligned layers (largelm/train/distill_pipeline_align.py).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from largelm.model.registry import get_arch
 from largelm.model.weights import load_tp_shard_state_dict
 from largelm.train.distill import distill_loss
 from largelm.train.distill_bert import logit_distill_loss
+from largelm.train.distill_pipeline_align import StageAlignment
 from largelm.train.teacher import every_kth_layer_name, every_kth_layer_state, teacher_config, teacher_tp_shard
 
 
@@ -145,6 +146,8 @@ def build_distill_pipeline(cfg: Config, init_student: bool = True) -> DistillSta
             student._synchronize_tied_weights()
     del state
     student.attach_teacher(teacher, teacher_dtype)
+    if d.aligns_layers:  # BERT (the config check refuses alignment for other students)
+        student.stage_alignment = StageAlignment(cfg, student, teacher)
     student.loss_fn = loss_cls(student, cfg)
     student.metric_names = student.loss_fn.metric_names
     student.teacher_sources = sources

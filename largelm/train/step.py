@@ -105,7 +105,9 @@ class PipelineStep:
     micro-batches through the 1F1B schedule, tied-gradient and data-parallel all-reduce, optimizer step). A stage
     whose loss records metrics (``loss_fn.records``, named by the module's ``metric_names``; BERT's, distillation's:
     the loss may name fewer for validation, ``eval_metric_names``, and its own ``metric_prefix``) has the last
-    stage's means broadcast over the pipeline, so every rank returns the loss and leaves the metrics.
+    stage's means broadcast over the pipeline, so every rank returns the loss and leaves the metrics. Loss parts
+    computed on every stage (the module's ``stage_alignment``: BERT distillation's layer alignment) are averaged
+    per stage, summed over the pipeline, reported under their names and added, weighted, to the loss.
     """
 
     def __init__(self, cfg: Config, world_size: int, init_state_dict: Optional[dict] = None,
@@ -127,6 +129,8 @@ class PipelineStep:
         # validation may record fewer metrics than training (distillation: the plain LM loss only)
         self.eval_metric_names = getattr(self.loss_fn, "eval_metric_names", self.metric_names)
         self.metric_prefix = getattr(self.loss_fn, "metric_prefix", "train")
+        # loss parts computed on every stage (BERT distillation's layer alignment, distill_pipeline_align.py)
+        self.stage_parts = getattr(module, "stage_alignment", None)
         # mpu=None: DeepSpeed takes the module's pipeline grid as its mpu (checked against megatron's groups).
         self.engine = initialize_engine(cfg, module, world_size, mpu=None)
         self.device = groups.device()
@@ -143,6 +147,12 @@ class PipelineStep:
                        group=self.engine.grid.get_pipe_parallel_group())
         return values
 
+    def _summed_over_stages(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each stage's means of the stage parts (``stage_parts.names``), summed over this pipeline's stages."""
+        values = values.to(self.device)
+        dist.all_reduce(values, group=self.engine.grid.get_pipe_parallel_group())
+        return dict(zip(self.stage_parts.names, values))
+
     def _recorded_means(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Means over the micro-batches the last stage just ran, broadcast to every stage of this pipeline."""
         values = torch.zeros(len(names), dtype=torch.float32, device=self.device)
@@ -158,6 +168,8 @@ class PipelineStep:
         stage)."""
         if self.metric_names:
             self.loss_fn.records = []
+        if self.stage_parts is not None:
+            self.stage_parts.records = []
         self.engine.train_batch(self._micro_batches(batches, self.cfg.train.grad_accum_steps))
         if not self.metric_names:
             # train_batch's return value is already averaged over data-parallel ranks; dp_group_loss is this
@@ -165,6 +177,10 @@ class PipelineStep:
             # (the trainer does the DP average).
             return self.engine.dp_group_loss.detach().float()
         means = self._recorded_means(self.metric_names)
+        if self.stage_parts is not None:
+            parts = self._summed_over_stages(self.stage_parts.step_means())
+            means["loss"] = means["loss"] + sum(self.stage_parts.weights[k] * v for k, v in parts.items())
+            means.update(parts)
         self.last_metrics = named(self.metric_prefix, means)
         return means["loss"]
 

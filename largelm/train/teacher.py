@@ -124,6 +124,13 @@ def _check_alignment(cfg: Config, teacher_cfg: Config, path: Path) -> None:
                    else "the explicit map")
             raise ConfigError(f"distill.layer_map: student layer {student_layer} is aligned with teacher layer "
                               f"{teacher_layer} ({how}), but the teacher ({path}) has {t.num_layers} layers")
+        pp = cfg.parallel.pipeline_parallel
+        student_stage, teacher_stage = student_layer // (s.num_layers // pp), teacher_layer // (t.num_layers // pp)
+        if student_stage != teacher_stage:  # layer counts divisible by pp: checked before
+            raise ConfigError(f"distill.layer_map: student layer {student_layer} (pipeline stage {student_stage}) is "
+                              f"aligned with teacher layer {teacher_layer} (stage {teacher_stage}) at "
+                              f"parallel.pipeline_parallel={pp}: each aligned pair must sit on one stage (it is "
+                              "computed there); pair layers of the same stage, e.g. layer_map every_kth_layer")
 
 
 def _check_teacher_tokenizer(cfg: Config, teacher_cfg: Config, path: Path) -> None:
