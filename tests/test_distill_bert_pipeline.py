@@ -17,12 +17,14 @@ the same explicit masked batches (padding, SOP), KL on the masked positions + (1
   the first stage's part entering the backward through its output): the same per-step values plus
   ``distill/hidden`` and ``distill/attention`` (summed over the stages) equal the PP=1 pair's; dropping the first
   stage's backward attachment fails the test.
+* TP=2 x PP=2 (and with sequence parallelism) on 4 ranks, alignment on: the same values as the PP=1 pair.
 * (fast) an explicit layer pair across stages and ``hidden_projection`` at PP>1 are refused, naming the field.
 
 Tolerance (tests/tolerances.py, as tests/test_distill_bert_tp.py): the layouts differ in summation order only (the
 pipeline's micro-batch and stage sums), so each value is within ``sum_rtol`` of one step's reduction chain (teacher
 and student layers, BERT's LM head, the 1024-way softmax, the step's tokens, forward and backward). Measured worst:
-4.3e-7 (of 3.7e-5); rolling the teacher's hidden state by one position on receipt fails the test.
+1.0e-6 (gradient norm, TP=2xPP=2+SP; of 3.7e-5); rolling the teacher's hidden state by one position on receipt
+fails the test.
 """
 
 from __future__ import annotations
@@ -52,9 +54,10 @@ NO_ALIGNMENT = {"hidden_weight": 0.0, "attention_weight": 0.0, "hidden_loss": "c
 ALIGNMENT = {"hidden_weight": 1.0, "attention_weight": 1.0, "hidden_loss": "cosine+mse"}
 
 
-def _cfg(case, pp: int, **distill):
+def _cfg(case, pp: int, tp: int = 1, sp: bool = False, **distill):
     raw = raw_config(case["tokenizer"], case["teacher"], "ref", **{**NO_ALIGNMENT, **distill})
-    raw["parallel"] = {**raw["parallel"], "pipeline_parallel": pp, "zero_stage": 1}
+    raw["parallel"] = {**raw["parallel"], "tensor_parallel": tp, "sequence_parallel": sp, "pipeline_parallel": pp,
+                       "zero_stage": 1}
     return config_from_dict(raw)
 
 
@@ -127,14 +130,15 @@ def _pp2_rank(rank, world_size, case):
         groups.destroy()
 
 
-@pytest.mark.slow
-@pytest.mark.numerics
-def test_pp2_bert_pair_equals_pp1_pair(tmp_path, tokenizer_path, monkeypatch):
-    monkeypatch.setenv("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it (normally set by the launcher)
-    teacher = str(tmp_path / "teacher")
-    case = dict(tokenizer=str(tokenizer_path), teacher=teacher, batches=masked_batches(STEPS + 1),
-                ckpt=str(tmp_path / "ckpt"))
-    with single_rank_parallel_state():
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_path):
+    """The saved teacher, the student's starting weights, the batches, and the PP=1 runs without and with
+    alignment."""
+    tmp = tmp_path_factory.mktemp("distill_bert_pipeline")
+    teacher = str(tmp / "teacher")
+    case = dict(tokenizer=str(tokenizer_path), teacher=teacher, batches=masked_batches(STEPS + 1))
+    with single_rank_parallel_state(), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it (normally set by the launcher)
         teacher_cfg = config_from_dict({k: v for k, v in raw_config(tokenizer_path, teacher, "ref",
                                                                     TEACHER_LAYERS).items() if k != "distill"})
         case["teacher_state"] = random_bert(teacher_cfg, seed=1)
@@ -142,6 +146,28 @@ def test_pp2_bert_pair_equals_pp1_pair(tmp_path, tokenizer_path, monkeypatch):
         case["student"] = random_bert(_cfg(case, 1), seed=2)
         ref = _train(_cfg(case, 1), case)
         ref_aligned = _train(_cfg(case, 1, **ALIGNMENT), case)
+    return case, ref, ref_aligned
+
+
+def _check_aligned(name, aligned, ref_aligned):
+    print(f"{name} with alignment: worst rel diff vs PP=1 " + " ".join(
+        f"{k} {max(rel_diff(r[k][s], ref_aligned[k][s]) for r in aligned for s in range(STEPS)):.1e}"
+        for k in ALIGN_METRICS))
+    for rank, res in enumerate(aligned):
+        for key in ALIGN_METRICS:
+            for s in range(STEPS):
+                assert rel_diff(res[key][s], ref_aligned[key][s]) < RTOL, \
+                    f"{name} aligned rank {rank} step {s + 1}: {key} {res[key][s]} vs PP=1 {ref_aligned[key][s]}"
+        assert res["metric_names"] == ref_aligned["metric_names"]
+        assert rel_diff(res["valid"], ref_aligned["valid"]) < RTOL
+    assert ref_aligned["hidden"][0] > 0.05 and ref_aligned["attention"][0] > 1e-3, ref_aligned
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+def test_pp2_bert_pair_equals_pp1_pair(setup, tmp_path):
+    case, ref, ref_aligned = setup
+    case = {**case, "ckpt": str(tmp_path / "ckpt")}
     per_rank = run_ranks(_pp2_rank, 2, case, timeout_s=300)
     print("\nPP=2: worst rel diff vs PP=1 " + " ".join(
         f"{k} {max(rel_diff(r[k][s], ref[k][s]) for r in per_rank for s in range(STEPS)):.1e}" for k in METRICS))
@@ -158,18 +184,7 @@ def test_pp2_bert_pair_equals_pp1_pair(tmp_path, tokenizer_path, monkeypatch):
         for name, value in ref["valid_metrics"].items():
             assert rel_diff(res["valid_metrics"][name], value) < RTOL, f"rank {rank}: {name}"
         assert all(e == 0.0 for e in res["init_errs"].values()), f"rank {rank}: every_kth_layer {res['init_errs']}"
-    aligned = [r["aligned"] for r in per_rank]
-    print("PP=2 with alignment: worst rel diff vs PP=1 " + " ".join(
-        f"{k} {max(rel_diff(r[k][s], ref_aligned[k][s]) for r in aligned for s in range(STEPS)):.1e}"
-        for k in ALIGN_METRICS))
-    for rank, res in enumerate(aligned):
-        for key in ALIGN_METRICS:
-            for s in range(STEPS):
-                assert rel_diff(res[key][s], ref_aligned[key][s]) < RTOL, \
-                    f"aligned rank {rank} step {s + 1}: {key} {res[key][s]} vs PP=1 {ref_aligned[key][s]}"
-        assert res["metric_names"] == ref_aligned["metric_names"]
-        assert rel_diff(res["valid"], ref_aligned["valid"]) < RTOL
-    assert ref_aligned["hidden"][0] > 0.05 and ref_aligned["attention"][0] > 1e-3, ref_aligned
+    _check_aligned("PP=2", [r["aligned"] for r in per_rank], ref_aligned)
     assert sorted(r["stage"] for r in per_rank) == [0, 1]
     assert len(per_rank[0]["init_errs"]) + len(per_rank[1]["init_errs"]) == 5  # 2 layers + 3 heads checked
     assert ref["kl"][0] > 0.05 and ref["norms"][0] > 1.0, ref  # a real KL; clipping was active
@@ -180,6 +195,35 @@ def test_pp2_bert_pair_equals_pp1_pair(tmp_path, tokenizer_path, monkeypatch):
     assert sorted(files) == [f"layer_{i:02d}-model_00-model_states.pt" for i in (0, 1, 2, 3, 4, 6)], sorted(files)
     saved = sum(n for per_layer in files.values() for n in per_layer.values())
     assert saved == sum(v.numel() for v in case["student"].values()), files
+
+
+def _tp2xpp2_rank(rank, world_size, case):
+    from megatron.core import parallel_state
+
+    from largelm.parallel import groups
+
+    groups.init_distributed()
+    try:
+        out = {}
+        for sp in (False, True):
+            groups.init_model_parallel(2, 2)
+            out[sp] = _train(_cfg(case, 2, tp=2, sp=sp, **ALIGNMENT), case)
+            parallel_state.destroy_model_parallel()
+        return out
+    finally:
+        groups.destroy()
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+def test_tp2_pp2_bert_pair_with_alignment_equals_pp1_pair(setup):
+    """TP=2 x PP=2 on 4 ranks, alignment on: the student's activation crosses TP-partitioned, the padding mask and
+    the teacher's view whole; attention maps hold each rank's heads (TP-reduced sums); and with sequence parallelism
+    (no partitioning; hidden states [s/TP, b, h], their alignment sums TP-reduced)."""
+    case, _, ref_aligned = setup
+    per_rank = run_ranks(_tp2xpp2_rank, 4, case, timeout_s=300)
+    _check_aligned("TP=2xPP=2", [r[False] for r in per_rank], ref_aligned)
+    _check_aligned("TP=2xPP=2+SP", [r[True] for r in per_rank], ref_aligned)
 
 
 def test_config_refuses_pairs_on_different_stages(tmp_path, tokenizer_path):
