@@ -100,7 +100,6 @@ class DistillStage:
             return self._last_outputs(student_out, teacher_out)
         return self._wire_join(student_out, teacher_out)
 
-
     def _run_stages(self, student_in, teacher_in):
         """The teacher's stage (no grad), then the student's: their outputs."""
         with torch.no_grad():
@@ -143,7 +142,8 @@ class DistillBertPipelineModule(DistillStage, BertPipelineModule):
         aux = self.stage_alignment.loss(captured, student_in[1])  # the padding mask: the stage's input either way
         # The loss only the last stage sees: this stage's alignment part enters the backward through the stage's
         # output (megatron's MoE aux-loss trick: identity forward; backward adds d aux to the output's gradient
-        # path, aux's own gradient being 1, its 1/grad_accum scale already in aux).
+        # path, aux's own gradient being megatron's main_loss_backward_scale, left at its default 1 - only megatron's
+        # MoE schedules set it, and MoE students are not distilled -; the 1/grad_accum scale is already in aux).
         return (MoEAuxLossAutoScaler.apply(student_out[0], aux), *student_out[1:]), teacher_out
 
     def _wire_split(self, inputs):
