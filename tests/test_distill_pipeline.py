@@ -30,13 +30,13 @@ import sys
 import pytest
 import torch
 import yaml
+from distill_utils import VOCAB, random_gpt_state, write_teachers
 from mp_utils import rel_diff, run_ranks, single_rank_parallel_state
 from tolerances import chain_length, sum_rtol
 from train_utils import REPO, check_ok, free_port, tiny_config
 
 from largelm.config import ConfigError, config_from_dict
 
-VOCAB = 1000  # the test tokenizer's; padded to 1024 at TP=1 and TP=2 (make_vocab_size_divisible_by 64)
 TEACHER_LAYOUTS = {"pp2": (1, 2), "tp2": (2, 1)}  # (tensor, pipeline parallel) the teachers were trained at
 STEPS, GRAD_ACCUM, MICRO = 3, 2, 2
 SEQ = 32
@@ -56,46 +56,6 @@ def _raw(tmp, tokenizer_path, shard_dir, **model) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def _random_state(model_cfg, seed: int) -> dict[str, torch.Tensor]:
-    """Full TP=1 weights, N(0, 0.2^2) (norm gains 1 + that), padding rows zero: every tensor matters."""
-    from largelm.model.layout import gpt_param_shapes
-
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in gpt_param_shapes(model_cfg, vocab_rows=model_cfg.padded_vocab_size(2)).items():
-        value = torch.randn(shape, generator=g) * 0.2
-        if "layernorm.weight" in name:
-            value += 1.0
-        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            value[VOCAB:] = 0.0
-        state[name] = value
-    return state
-
-
-def _write_teachers(rank, world_size, raw, root, state):
-    """Save ``state`` as a training checkpoint of each layout in ``TEACHER_LAYOUTS`` (a real engine, ZeRO-1)."""
-    from megatron.core import parallel_state
-
-    from largelm.checkpoint.manager import CheckpointManager
-    from largelm.config import dump_config
-    from largelm.parallel import groups
-    from largelm.train.step import build_step
-
-    groups.init_distributed()
-    try:
-        for layout, (tp, pp) in TEACHER_LAYOUTS.items():
-            groups.init_model_parallel(tp, pp)
-            cfg = config_from_dict({**raw, "parallel": {"tensor_parallel": tp, "pipeline_parallel": pp,
-                                                        "zero_stage": 1}})
-            step = build_step(cfg, world_size, init_state_dict=state)
-            meta = {"world_size": world_size, "tensor_parallel": tp, "pipeline_parallel": pp, "zero_stage": 1}
-            CheckpointManager(f"{root}/{layout}", config_yaml=dump_config(cfg), meta=meta).save(step.engine, 1, {})
-            del step
-            parallel_state.destroy_model_parallel()
-    finally:
-        groups.destroy()
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer_path, shard_dir):
     """Teachers (4 layers) trained at PP=2 and TP=2, the 2-layer student's raw config and starting weights, the
@@ -103,10 +63,10 @@ def setup(tmp_path_factory, tokenizer_path, shard_dir):
     tmp = tmp_path_factory.mktemp("pipeline_distill")
     (tmp / "t").mkdir()
     teacher_raw = _raw(tmp / "t", tokenizer_path, shard_dir, num_layers=4)
-    teacher_state = _random_state(config_from_dict(teacher_raw).model, seed=1)
-    run_ranks(_write_teachers, 2, teacher_raw, str(tmp / "teachers"), teacher_state, timeout_s=300)
+    teacher_state = random_gpt_state(config_from_dict(teacher_raw).model, seed=1)
+    run_ranks(write_teachers, 2, teacher_raw, str(tmp / "teachers"), teacher_state, TEACHER_LAYOUTS, timeout_s=300)
     raw = _raw(tmp, tokenizer_path, shard_dir, num_layers=2)
-    case = dict(raw=raw, root=str(tmp / "teachers"), student=_random_state(config_from_dict(raw).model, seed=2),
+    case = dict(raw=raw, root=str(tmp / "teachers"), student=random_gpt_state(config_from_dict(raw).model, seed=2),
                 tokens=torch.randint(0, VOCAB, (STEPS + 1, GRAD_ACCUM, MICRO, SEQ + 1),
                                      generator=torch.Generator().manual_seed(3)),
                 teacher=teacher_state)

@@ -25,13 +25,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from distill_utils import VOCAB, random_gpt_state, write_teachers
 from mp_utils import run_ranks, single_rank_parallel_state
 from tolerances import K_F64, U32, f64_bound, max_err
 from train_utils import REPO, check_ok, free_port, tiny_config
 
 from largelm.config import config_from_dict
 
-VOCAB = 1000  # the test tokenizer's; padded to 1024 at TP=1 and TP=2 (make_vocab_size_divisible_by 64)
 TEMPERATURE, ALPHA = 2.0, 0.6
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}  # the teachers' training layouts (tensor, pipeline parallel)
 
@@ -101,47 +101,6 @@ def _raw(tmp, tokenizer_path, shard_dir, seq, **model) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def _random_state(model_cfg, seed: int) -> dict[str, torch.Tensor]:
-    """Full TP=1 weights, N(0, 0.2^2) (norm gains 1 + that), vocabulary rows padded with zeros to 1024: large
-    enough that every tensor matters for the logits (megatron's 0.02 init gives near-uniform ones)."""
-    from largelm.model.layout import gpt_param_shapes
-
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in gpt_param_shapes(model_cfg, vocab_rows=model_cfg.padded_vocab_size(2)).items():
-        value = torch.randn(shape, generator=g) * 0.2
-        if "layernorm.weight" in name:
-            value += 1.0
-        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            value[VOCAB:] = 0.0
-        state[name] = value
-    return state
-
-
-def _write_teachers(rank, world_size, raw, root, state):
-    """Save ``state`` as a training checkpoint of each layout in ``LAYOUTS`` (a real engine, ZeRO-1, fp32)."""
-    from megatron.core import parallel_state
-
-    from largelm.checkpoint.manager import CheckpointManager
-    from largelm.config import dump_config
-    from largelm.parallel import groups
-    from largelm.train.step import build_step
-
-    groups.init_distributed()
-    try:
-        for layout, (tp, pp) in LAYOUTS.items():
-            groups.init_model_parallel(tp, pp)
-            cfg = config_from_dict({**raw, "parallel": {"tensor_parallel": tp, "pipeline_parallel": pp,
-                                                        "zero_stage": 1}})
-            step = build_step(cfg, world_size, init_state_dict=state)
-            meta = {"world_size": world_size, "tensor_parallel": tp, "pipeline_parallel": pp, "zero_stage": 1}
-            CheckpointManager(f"{root}/{layout}", config_yaml=dump_config(cfg), meta=meta).save(step.engine, 1, {})
-            del step
-            parallel_state.destroy_model_parallel()
-    finally:
-        groups.destroy()
-
-
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, tokenizer_path, shard_dir, shard_seq_length):
     """``(root, teacher weights, student raw config)``: a 4-layer teacher saved as trained at TP=2 and at PP=2
@@ -149,8 +108,8 @@ def teachers(tmp_path_factory, tokenizer_path, shard_dir, shard_seq_length):
     tmp = tmp_path_factory.mktemp("sharded_teachers")
     (tmp / "t").mkdir()
     teacher_raw = _raw(tmp / "t", tokenizer_path, shard_dir, shard_seq_length, num_layers=4, vocab_size=VOCAB)
-    state = _random_state(config_from_dict(teacher_raw).model, seed=1)
-    run_ranks(_write_teachers, 2, teacher_raw, str(tmp / "teachers"), state, timeout_s=300)
+    state = random_gpt_state(config_from_dict(teacher_raw).model, seed=1)
+    run_ranks(write_teachers, 2, teacher_raw, str(tmp / "teachers"), state, LAYOUTS, timeout_s=300)
     return tmp / "teachers", state, _raw(tmp, tokenizer_path, shard_dir, shard_seq_length, num_layers=2,
                                          vocab_size=VOCAB)
 
@@ -276,7 +235,7 @@ def test_tp2_pair_equals_tp1_pair_for_teachers_trained_at_tp2_and_pp2(teachers):
     from largelm.train.distill import DistillLoss
 
     root, teacher_weights, raw = teachers
-    student_weights = _random_state(config_from_dict(raw).model, seed=2)
+    student_weights = random_gpt_state(config_from_dict(raw).model, seed=2)
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, VOCAB, (2, raw["model"]["seq_length"] + 1), generator=g)
     refs = {}
