@@ -39,14 +39,19 @@ def single_rank_parallel_state(tensor_parallel: int = 1, pipeline_parallel: int 
 
 
 @torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Add N(0, 0.2^2) noise to every parameter (in place; returns ``model``). Megatron's 0.02-std init gives
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Add N(0, std^2) noise to every parameter (in place; returns ``model``). Megatron's 0.02-std init gives
     near-uniform logits, where a wrong weight mapping could hide inside the tolerance; large random weights make
     every tensor matter."""
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
-        p.add_(torch.randn(p.shape, generator=g) * 0.2)
+        p.add_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``model``'s state dict without Transformer Engine's ``_extra_state`` entries."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
 def _one_thread(rank: int, world_size: int, fn: Callable, *args: Any) -> Any:

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from mp_utils import assert_steps_match, rel_diff, run_ranks, single_rank_parallel_state
+from mp_utils import assert_steps_match, randomize, rel_diff, run_ranks, single_rank_parallel_state, weights_of
 from tolerances import UBF16, chain_length, sum_rtol
 
 VOCAB = 1000  # padded to 1024 under TP=1 (x64) and TP=2 (x128): the same shapes in every layout
@@ -164,11 +164,8 @@ def _initial_weights(style: str) -> dict:
 
     model_parallel_manual_seed(3)
     model = build_gpt_model(ModelConfig(**MODEL, **STYLES[style]), ParallelConfig(), vocab_size=VOCAB)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():  # larger than init-scale weights: logits far from uniform, every tensor matters
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    # larger than init-scale weights: logits far from uniform, every tensor matters
+    return weights_of(randomize(model, seed=4, std=0.05))
 
 
 @pytest.fixture(scope="module")

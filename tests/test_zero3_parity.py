@@ -34,7 +34,7 @@ import hashlib
 
 import pytest
 import torch
-from mp_utils import rel_diff, run_ranks, single_rank_parallel_state
+from mp_utils import assert_steps_match, randomize, run_ranks, single_rank_parallel_state, weights_of
 from test_bert import make_batch
 from tolerances import chain_length, sum_rtol
 
@@ -134,11 +134,7 @@ def _full_weights(arch: str) -> dict:
     model_parallel_manual_seed(3)
     spec = get_arch(arch)
     model = spec.build_model(cfg.model, cfg.parallel, *spec.section_args(cfg), dtype=torch.float32)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    return weights_of(randomize(model, seed=4, std=0.05))
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +174,5 @@ def test_zero3_starts_from_the_same_weights_and_partitions_them(runs, name):
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("zero", [2, 3])
 def test_zero_stage_trains_like_zero0(runs, name, zero):
-    ref = runs[0][(name, 0)]
-    for rank, res in enumerate(runs):
-        got = res[(name, zero)]
-        for s in range(STEPS):
-            what = f"{name} ZeRO-{zero} rank {rank} step {s + 1}"
-            assert rel_diff(got["losses"][s], ref["losses"][s]) < RTOL, \
-                f"{what}: loss {got['losses'][s]} vs ZeRO-0 {ref['losses'][s]}"
-            assert rel_diff(got["norms"][s], ref["norms"][s]) < RTOL, \
-                f"{what}: grad norm {got['norms'][s]} vs ZeRO-0 {ref['norms'][s]}"
+    assert_steps_match(f"{name} ZeRO-{zero}", [res[(name, zero)] for res in runs], runs[0][(name, 0)], STEPS,
+                       RTOL, RTOL, ref_name="ZeRO-0")
