@@ -22,6 +22,7 @@ from mp_utils import single_rank_parallel_state
 from train_utils import REPO, check_ok, free_port, launch, tiny_config
 
 from largelm.config import ConfigError, config_from_dict
+from largelm.convert import api
 from largelm.model.layout import VOCAB_PARALLEL
 from largelm.model.registry import get_arch
 from largelm.train.distill_bert import attention_alignment, hidden_alignment, masked_kl
@@ -254,7 +255,8 @@ def test_bert_distill_steps_in_process(tmp_path, tokenizer_path, bert_shards, mo
 def test_bert_distill_tool_end_to_end_and_export(tmp_path, tokenizer_path, bert_shards):
     """tools/distill.py: a BERT teacher trained here (1 rank) -> a 2-layer student (2 ranks DP, ZeRO-1, hidden and
     attention alignment) -> loss parts in the step lines and tensorboard -> largelm-convert export-hf of the
-    student opens as BertForMaskedLM and predicts what the student predicts."""
+    student opens as BertForMaskedLM and predicts what the student predicts; and the same tool with a PP=2 student
+    (the teacher pipelined beside it, alignment per stage) trains and its checkpoint exports."""
     teacher_dir = tmp_path / "teacher"
     teacher_dir.mkdir()
     common = dict(bert={"objective": "sop", "residual_post_layernorm": True}, parallel={"zero_stage": 1})
@@ -274,6 +276,23 @@ def test_bert_distill_tool_end_to_end_and_export(tmp_path, tokenizer_path, bert_
         env={**os.environ, "DS_ACCELERATOR": "cpu"})
     out = check_ok(proc)
     assert " kl " in out and " mlm_loss " in out and " hidden " in out, out[-3000:]
+    # the same student pipeline-parallel (PP=2 on the 2 ranks, the teacher pipelined beside it), from the tool
+    pp_dir = tmp_path / "pp"
+    pp_dir.mkdir()
+    pp_student = tiny_config(pp_dir, tokenizer_path, bert_shards, 64, model={**model, "num_layers": 2},
+                             train={"steps": 2, "log_interval": 1, "grad_accum_steps": 2},
+                             checkpoint={"dir": str(pp_dir / "ckpt"), "save_interval": 2, "keep_last": 1}, **common)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "distill.py"), "--config", str(pp_student), "--teacher",
+         str(teacher_dir / "ckpt"), "--student-init", "every_kth_layer", "--k", "2", "--hidden-weight", "1",
+         "--attention-weight", "1", "--nproc", "2", "--master-port", str(free_port()), "--",
+         "parallel.pipeline_parallel=2"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    pp_out = check_ok(proc)
+    assert "step 2/2" in pp_out and " kl " in pp_out and " hidden " in pp_out, pp_out[-3000:]
+    [pp_check] = api.export_hf(pp_dir / "ckpt", pp_dir / "hf", log=lambda *_: None)
+    assert pp_check.ok, pp_check  # a PP=2 student checkpoint exports (consolidated on the way)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tmp_path / "tb"))
@@ -284,7 +303,7 @@ def test_bert_distill_tool_end_to_end_and_export(tmp_path, tokenizer_path, bert_
 
     from transformers import BertForMaskedLM
 
-    from largelm.convert import api, verify
+    from largelm.convert import verify
 
     [check] = api.export_hf(tmp_path / "ckpt", tmp_path / "hf", log=lambda *_: None)
     assert check.ok, check  # export's own check: transformers' logits = the student's (fp32 rounding)
