@@ -1,10 +1,15 @@
 """Helpers shared by the sharded-distillation tests (tests/test_distill_sharded.py, tests/test_distill_pipeline.py):
-random full GPT weights large enough that every tensor matters, and teacher checkpoints written in given layouts by
-a real engine."""
+random full GPT weights large enough that every tensor matters, teacher checkpoints written in given layouts by a
+real engine, and a run of tools/distill.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
+from train_utils import REPO, check_ok, free_port
 
 from largelm.config import config_from_dict
 
@@ -51,3 +56,14 @@ def write_teachers(rank, world_size, raw, root, state, layouts: dict[str, tuple[
             parallel_state.destroy_model_parallel()
     finally:
         groups.destroy()
+
+
+def run_distill_tool(config, teacher, *args: str, overrides: tuple = (), nproc: int = 2, timeout: float = 600) -> str:
+    """``tools/distill.py --config config --teacher teacher *args --nproc nproc -- *overrides`` on CPU ranks; its
+    output, after checking it succeeded (train_utils.check_ok)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "distill.py"), "--config", str(config), "--teacher", str(teacher),
+         *args, "--nproc", str(nproc), "--master-port", str(free_port()), *(("--", *overrides) if overrides else ())],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    return check_ok(proc)

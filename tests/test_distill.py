@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,8 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from distill_utils import run_distill_tool
 from mp_utils import single_rank_parallel_state
-from train_utils import REPO, check_ok, free_port, launch, tiny_config
+from train_utils import REPO, check_ok, launch, tiny_config
 
 from largelm.config import ConfigError, config_from_dict
 from largelm.train.distill import distill_loss
@@ -217,13 +217,8 @@ def test_distill_tool_through_launcher(tmp_path, tokenizer_path, shard_dir, shar
     check_ok(launch(teacher, nproc=1))
     student = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length,
                           train={"steps": 2, "log_interval": 2, "precision": "bf16"})  # bf16: slow without AVX512_BF16
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "distill.py"), "--config", str(student), "--teacher",
-         str(teacher_dir / "ckpt"), "--alpha", "0.5", "--temperature", "2", "--student-init", "every_kth_layer",
-         "--k", "2", "--nproc", "2", "--master-port", str(free_port())],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
-        env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
-    out = check_ok(proc)
+    out = run_distill_tool(student, teacher_dir / "ckpt", "--alpha", "0.5", "--temperature", "2", "--student-init",
+                           "every_kth_layer", "--k", "2", timeout=900)
     assert " kl " in out and " lm_loss " in out, out[-3000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

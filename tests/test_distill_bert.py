@@ -11,15 +11,13 @@ opened by transformers' ``BertForMaskedLM``.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
+from distill_utils import run_distill_tool
 from mp_utils import single_rank_parallel_state
-from train_utils import REPO, check_ok, free_port, launch, tiny_config
+from train_utils import check_ok, launch, tiny_config
 
 from largelm.config import ConfigError, config_from_dict
 from largelm.convert import api
@@ -267,14 +265,8 @@ def test_bert_distill_tool_end_to_end_and_export(tmp_path, tokenizer_path, bert_
     student = tiny_config(tmp_path, tokenizer_path, bert_shards, 64, model={**model, "num_layers": 2},
                           train={"steps": 3, "log_interval": 1, "grad_accum_steps": 1},
                           checkpoint={"dir": str(tmp_path / "ckpt"), "save_interval": 3, "keep_last": 1}, **common)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "distill.py"), "--config", str(student), "--teacher",
-         str(teacher_dir / "ckpt"), "--alpha", "0.5", "--temperature", "2", "--student-init", "every_kth_layer",
-         "--k", "2", "--hidden-weight", "1", "--attention-weight", "1", "--nproc", "2",
-         "--master-port", str(free_port())],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-        env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    out = check_ok(proc)
+    out = run_distill_tool(student, teacher_dir / "ckpt", "--alpha", "0.5", "--temperature", "2", "--student-init",
+                           "every_kth_layer", "--k", "2", "--hidden-weight", "1", "--attention-weight", "1")
     assert " kl " in out and " mlm_loss " in out and " hidden " in out, out[-3000:]
     # the same student pipeline-parallel (PP=2 on the 2 ranks, the teacher pipelined beside it), from the tool
     pp_dir = tmp_path / "pp"
@@ -282,14 +274,9 @@ def test_bert_distill_tool_end_to_end_and_export(tmp_path, tokenizer_path, bert_
     pp_student = tiny_config(pp_dir, tokenizer_path, bert_shards, 64, model={**model, "num_layers": 2},
                              train={"steps": 2, "log_interval": 1, "grad_accum_steps": 2},
                              checkpoint={"dir": str(pp_dir / "ckpt"), "save_interval": 2, "keep_last": 1}, **common)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "distill.py"), "--config", str(pp_student), "--teacher",
-         str(teacher_dir / "ckpt"), "--student-init", "every_kth_layer", "--k", "2", "--hidden-weight", "1",
-         "--attention-weight", "1", "--nproc", "2", "--master-port", str(free_port()), "--",
-         "parallel.pipeline_parallel=2"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-        env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    pp_out = check_ok(proc)
+    pp_out = run_distill_tool(pp_student, teacher_dir / "ckpt", "--student-init", "every_kth_layer", "--k", "2",
+                              "--hidden-weight", "1", "--attention-weight", "1",
+                              overrides=("parallel.pipeline_parallel=2",))
     assert "step 2/2" in pp_out and " kl " in pp_out and " hidden " in pp_out, pp_out[-3000:]
     [pp_check] = api.export_hf(pp_dir / "ckpt", pp_dir / "hf", log=lambda *_: None)
     assert pp_check.ok, pp_check  # a PP=2 student checkpoint exports (consolidated on the way)

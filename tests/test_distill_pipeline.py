@@ -23,17 +23,13 @@ loss by 5e-5 and fails the test.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
-from distill_utils import VOCAB, random_gpt_state, write_teachers
+from distill_utils import VOCAB, random_gpt_state, run_distill_tool, write_teachers
 from mp_utils import rel_diff, run_ranks, single_rank_parallel_state
 from tolerances import chain_length, sum_rtol
-from train_utils import REPO, check_ok, free_port, tiny_config
+from train_utils import tiny_config
 
 from largelm.config import ConfigError, config_from_dict
 
@@ -277,14 +273,9 @@ def test_distill_tool_with_pp2_student(setup, tmp_path):
            "checkpoint": {**case["raw"]["checkpoint"], "dir": str(tmp_path / "ckpt")}}
     config = tmp_path / "student.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "distill.py"), "--config", str(config), "--teacher",
-         f"{case['root']}/pp2", "--student-init", "every_kth_layer", "--k", "2", "--teacher-precision", "bf16",
-         "--nproc", "2",
-         "--master-port", str(free_port()), "--", "parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-        env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    out = check_ok(proc)
+    out = run_distill_tool(config, f"{case['root']}/pp2", "--student-init", "every_kth_layer", "--k", "2",
+                           "--teacher-precision", "bf16",
+                           overrides=("parallel.pipeline_parallel=2", "parallel.zero_stage=1"))
     assert " kl " in out and " lm_loss " in out and "valid loss" in out, out[-3000:]
     saved = next((tmp_path / "ckpt").glob("step_*"))
     assert yaml.safe_load((saved / "config.yaml").read_text())["parallel"]["pipeline_parallel"] == 2

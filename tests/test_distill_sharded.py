@@ -17,18 +17,14 @@ errors, ``_loss_bounds``): tensor parallelism only changes summation order.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from distill_utils import VOCAB, random_gpt_state, write_teachers
+from distill_utils import VOCAB, random_gpt_state, run_distill_tool, write_teachers
 from mp_utils import run_ranks, single_rank_parallel_state
 from tolerances import K_F64, U32, f64_bound, max_err
-from train_utils import REPO, check_ok, free_port, tiny_config
+from train_utils import tiny_config
 
 from largelm.config import config_from_dict
 
@@ -276,13 +272,8 @@ def test_distill_tool_with_tp2_teacher_and_tp2_student(teachers, tmp_path, token
     student = tiny_config(tmp_path, tokenizer_path, shard_dir, shard_seq_length,
                           model={"tie_embeddings": False, "num_layers": 2},
                           train={"steps": 2, "log_interval": 1, "grad_accum_steps": 1})
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "distill.py"), "--config", str(student), "--teacher",
-         str(root / "tp2"), "--student-init", "every_kth_layer", "--k", "2", "--nproc", "2",
-         "--master-port", str(free_port()), "--", "parallel.tensor_parallel=2", "parallel.zero_stage=1"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-        env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    out = check_ok(proc)
+    out = run_distill_tool(student, root / "tp2", "--student-init", "every_kth_layer", "--k", "2",
+                           overrides=("parallel.tensor_parallel=2", "parallel.zero_stage=1"))
     assert " kl " in out and " lm_loss " in out, out[-3000:]
     saved = next((tmp_path / "ckpt").glob("step_*"))
     assert yaml.safe_load((saved / "config.yaml").read_text())["parallel"]["tensor_parallel"] == 2
