@@ -30,7 +30,7 @@ import torch
 from megatron.core import parallel_state
 
 from largelm.config import Config, ConfigError
-from largelm.hardware import model_dtype, run_precision
+from largelm.hardware import model_dtype
 from largelm.model.bert import bert_metrics_from_logits
 from largelm.model.pipeline import lm_loss_from_logits
 from largelm.model.pipeline_distill import DistillBertPipelineModule, DistillGPTPipelineModule, DistillStage
@@ -40,6 +40,7 @@ from largelm.train.distill import distill_loss
 from largelm.train.distill_bert import logit_distill_loss
 from largelm.train.distill_pipeline_align import StageAlignment
 from largelm.train.teacher import every_kth_layer_name, every_kth_layer_state, teacher_config, teacher_tp_shard
+from largelm.train.teacher_model import teacher_build_settings
 
 
 class PipelineDistillLoss:
@@ -120,9 +121,7 @@ def build_distill_pipeline(cfg: Config, init_student: bool = True) -> DistillSta
                                           dtype=model_dtype(cfg),
                                           activation_checkpointing=cfg.train.activation_checkpointing,
                                           module_cls=module_cls)
-    teacher_model = teacher_cfg.model.model_copy(
-        update={"make_vocab_size_divisible_by": cfg.model.make_vocab_size_divisible_by})
-    teacher_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[d.teacher_precision or run_precision(cfg)]
+    teacher_model, teacher_dtype = teacher_build_settings(cfg, teacher_cfg)
     arch = get_arch(teacher_model.arch)
     # no activation checkpointing: the teacher runs without grad
     teacher = arch.build_pipeline(teacher_model, cfg.parallel, *arch.section_args(teacher_cfg), dtype=teacher_dtype)

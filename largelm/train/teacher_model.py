@@ -8,11 +8,21 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 
-from largelm.config import Config
+from largelm.config import Config, ModelConfig
 from largelm.hardware import run_precision
 from largelm.model.registry import get_arch
 from largelm.model.weights import load_tp_shard_state_dict
 from largelm.train.teacher import every_kth_layer_state, teacher_tp_shard
+
+
+def teacher_build_settings(cfg: Config, teacher_cfg: Config) -> tuple[ModelConfig, torch.dtype]:
+    """How the teacher is built beside the student (dense or pipelined): its model section with the student's
+    ``make_vocab_size_divisible_by`` (so both pad the vocabulary alike and split their logits alike under TP), and
+    its dtype (``distill.teacher_precision``, else the run's precision)."""
+    teacher_model = teacher_cfg.model.model_copy(
+        update={"make_vocab_size_divisible_by": cfg.model.make_vocab_size_divisible_by})
+    precision = cfg.distill.teacher_precision or run_precision(cfg)
+    return teacher_model, {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
 def build_teacher_shard(cfg: Config, init_student: bool) -> tuple[torch.nn.Module, Optional[dict], list[int]]:
@@ -30,9 +40,7 @@ def build_teacher_shard(cfg: Config, init_student: bool) -> tuple[torch.nn.Modul
     # teacher's shard of that layer
     student_init = (every_kth_layer_state(teacher_state, cfg.model.num_layers, d.k, arch.layer_prefix)
                     if init_student and d.student_init == "every_kth_layer" else None)
-    teacher_model = teacher_cfg.model.model_copy(
-        update={"make_vocab_size_divisible_by": cfg.model.make_vocab_size_divisible_by})
-    teacher_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[d.teacher_precision or run_precision(cfg)]
+    teacher_model, teacher_dtype = teacher_build_settings(cfg, teacher_cfg)
     # No activation checkpointing: the teacher runs without grad (only the student, built by the step, gets it).
     teacher = arch.build_model(teacher_model, cfg.parallel, *arch.section_args(teacher_cfg), dtype=teacher_dtype)
     load_tp_shard_state_dict(teacher, teacher_state)
